@@ -1,0 +1,1 @@
+"""Photo collections -> FAISS indexes beside an SQLite catalog (see DESIGN.md)."""

@@ -1,0 +1,26 @@
+"""DINOv2 encoder in plain PyTorch: architecture, checkpoints, preprocessing, precision."""
+
+from .config import HUB_REPOS, PRESETS, ViTConfig
+from .encoder import Embeddings, Encoder
+from .errors import CheckpointError, ModelError, PrecisionError, WeightsNotFoundError
+from .load import build_vit, load_vit
+from .precision import PRECISIONS
+from .preprocess import preprocess
+from .vit import DinoVisionTransformer
+
+__all__ = [
+    "HUB_REPOS",
+    "PRECISIONS",
+    "PRESETS",
+    "CheckpointError",
+    "DinoVisionTransformer",
+    "Embeddings",
+    "Encoder",
+    "ModelError",
+    "PrecisionError",
+    "ViTConfig",
+    "WeightsNotFoundError",
+    "build_vit",
+    "load_vit",
+    "preprocess",
+]

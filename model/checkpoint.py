@@ -1,0 +1,273 @@
+"""Reading DINOv2 weights from disk and remapping them to this package's names — in one place.
+
+Sources: Hugging Face folders (`config.json` + `model.safetensors`, sharded with
+`model.safetensors.index.json`, or `pytorch_model.bin`), single `.safetensors` files, and the original
+facebookresearch `.pth` files. Pickles are only ever read with `weights_only=True`.
+
+Our names follow the original layout (fused `attn.qkv`, `ls1.gamma`, `mlp.w12`), so `.pth` files map
+almost one to one and Hugging Face tensors are renamed and fused. References: timm
+`vision_transformer.py` `checkpoint_filter_fn` / `_convert_dinov2`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import HEAD_DIM, ViTConfig, swiglu_hidden
+from .errors import CheckpointError
+
+# Wrappers that training checkpoints put around the backbone's own keys.
+_PREFIXES = ("module.", "backbone.", "dinov2.", "model.", "encoder_model.")
+# Tensors of the released files that inference never uses.
+_IGNORED = re.compile(r"^(mask_token|embeddings\.mask_token|classifier\..*|head\..*|dino_head\..*|ibot_head\..*)$")
+
+
+@dataclass(frozen=True)
+class RawCheckpoint:
+    tensors: dict[str, torch.Tensor]
+    hf_config: dict | None  # contents of config.json when the source had one
+    files: tuple[Path, ...]  # every file read, for fingerprints
+
+
+def read_checkpoint(path: str | Path) -> RawCheckpoint:
+    """Read all tensors (and config.json, if any) from a folder, `.safetensors`, or `.pth`/`.bin` file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"weights not found: {path}")
+    if path.is_dir():
+        return _read_folder(path)
+    return RawCheckpoint(_read_file(path), None, (path,))
+
+
+def _read_folder(folder: Path) -> RawCheckpoint:
+    config_path = folder / "config.json"
+    hf_config = None
+    if config_path.exists():
+        try:
+            hf_config = json.loads(config_path.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{config_path}: unreadable config.json ({e})") from e
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
+        files = tuple(folder / name for name in sorted(set(weight_map.values())))
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{folder}: shards listed in the index are missing: {', '.join(missing)}")
+    else:
+        candidates = [folder / "model.safetensors", folder / "pytorch_model.bin"]
+        candidates += sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.pth"))
+        found = [c for c in candidates if c.exists()]
+        if not found:
+            raise CheckpointError(f"{folder}: no model.safetensors, pytorch_model.bin or .pth file")
+        files = (found[0],)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(_read_file(f))
+    return RawCheckpoint(tensors, hf_config, files)
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only refuses anything that would execute code on load.
+        raise CheckpointError(f"{path}: refused to unpickle (only plain tensors are loaded): {e}") from e
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+    # Training checkpoints nest the weights ("teacher" holds the EMA backbone the paper releases).
+    for key in ("teacher", "model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state dict)")
+    return obj
+
+
+def convert_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename Hugging Face or original DINOv2 tensors to this package's names; fuse q/k/v."""
+    tensors = _strip_prefixes(tensors)
+    if any(k.startswith(("embeddings.", "encoder.layer.")) for k in tensors):
+        return _convert_hf(tensors)
+    return _convert_original(tensors)
+
+
+def _strip_prefixes(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if tensors and all(k.startswith(prefix) for k in tensors):
+                tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
+                changed = True
+    # Classification wrappers keep the backbone under a prefix next to their head.
+    for prefix in ("dinov2.", "backbone."):
+        inner = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if inner:
+            return inner
+    return tensors
+
+
+_HF_RENAMES = [
+    (r"^embeddings\.cls_token$", "cls_token"),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.register_tokens$", "register_tokens"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^encoder\.layer\.(\d+)\.norm([12])\.", r"blocks.\1.norm\2."),
+    (r"^encoder\.layer\.(\d+)\.attention\.(output\.dense|o_proj)\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1$", r"blocks.\1.ls\2.gamma"),
+    (r"^encoder\.layer\.(\d+)\.mlp\.(fc[12])\.", r"blocks.\1.mlp.\2."),
+    (r"^encoder\.layer\.(\d+)\.mlp\.(weights_in)\.", r"blocks.\1.mlp.w12."),
+    (r"^encoder\.layer\.(\d+)\.mlp\.(weights_out|down_proj)\.", r"blocks.\1.mlp.w3."),
+    (r"^layernorm\.", "norm."),
+]
+# Separate q/k/v (old names `attention.attention.query`, new names `attention.q_proj`) and split
+# SwiGLU input projections (`gate_proj`, `up_proj`) are fused into one tensor each.
+_HF_FUSED = re.compile(
+    r"^encoder\.layer\.(\d+)\.(?:attention\.attention\.(query|key|value)|attention\.([qkv])_proj"
+    r"|mlp\.(gate|up)_proj)\.(weight|bias)$"
+)
+_FUSE_ORDER = {"query": 0, "key": 1, "value": 2, "q": 0, "k": 1, "v": 2, "gate": 0, "up": 1}
+
+
+def _convert_hf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    parts: dict[str, dict[int, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        fused = _HF_FUSED.match(key)
+        if fused:
+            layer, qkv_old, qkv_new, swiglu, kind = fused.groups()
+            name = qkv_old or qkv_new or swiglu
+            target = f"blocks.{layer}.{'mlp.w12' if swiglu else 'attn.qkv'}.{kind}"
+            parts.setdefault(target, {})[_FUSE_ORDER[name]] = value
+            continue
+        for pattern, replacement in _HF_RENAMES:
+            new_key, n = re.subn(pattern, replacement, key)
+            if n:
+                out[new_key] = value
+                break
+        else:
+            out[key] = value  # left for strict loading to report (or _IGNORED to drop)
+    for target, pieces in parts.items():
+        expected = 2 if ".mlp." in target else 3
+        if sorted(pieces) != list(range(expected)):
+            raise CheckpointError(f"incomplete projection {target}: found parts {sorted(pieces)} of {expected}")
+        out[target] = torch.cat([pieces[i] for i in range(expected)], dim=0)
+    return out
+
+
+def _convert_original(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in tensors.items():
+        # Chunked FSDP checkpoints: blocks.<chunk>.<global index>.* -> blocks.<global index>.*
+        out[re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key)] = value
+    return out
+
+
+def drop_unused(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove tensors inference never reads (mask token, training heads)."""
+    return {k: v for k, v in tensors.items() if not _IGNORED.match(k)}
+
+
+def config_from_hf(hf_config: dict) -> ViTConfig:
+    """ViTConfig from a transformers `Dinov2Config` / `Dinov2WithRegistersConfig` dict."""
+    model_type = hf_config.get("model_type", "dinov2")
+    if model_type not in ("dinov2", "dinov2_with_registers"):
+        raise CheckpointError(f"config.json describes a {model_type!r} model, not DINOv2")
+    if hf_config.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"unsupported hidden_act {hf_config['hidden_act']!r} (DINOv2 uses exact 'gelu')")
+    dim = hf_config["hidden_size"]
+    ratio = hf_config.get("mlp_ratio", 4)
+    swiglu = bool(hf_config.get("use_swiglu_ffn", False))
+    registers = hf_config.get("num_register_tokens", 0) if model_type == "dinov2_with_registers" else 0
+    patch = hf_config.get("patch_size", 14)
+    return ViTConfig(
+        embed_dim=dim,
+        depth=hf_config["num_hidden_layers"],
+        num_heads=hf_config["num_attention_heads"],
+        patch_size=patch,
+        pos_grid=hf_config.get("image_size", 518) // patch,
+        num_registers=registers,
+        mlp_hidden=swiglu_hidden(dim, ratio) if swiglu else int(dim * ratio),
+        ffn="swiglu" if swiglu else "mlp",
+        layer_norm_eps=hf_config.get("layer_norm_eps", 1e-6),
+        qkv_bias=hf_config.get("qkv_bias", True),
+        interpolate_antialias=model_type == "dinov2_with_registers",
+        in_chans=hf_config.get("num_channels", 3),
+    )
+
+
+def infer_config(tensors: dict[str, torch.Tensor]) -> ViTConfig:
+    """Architecture from converted tensor shapes (no config.json): the `.pth` and bare-safetensors case."""
+    required = ("cls_token", "pos_embed", "patch_embed.proj.weight")
+    missing = [k for k in required if k not in tensors]
+    if missing:
+        raise CheckpointError(f"not a DINOv2 checkpoint: missing {', '.join(missing)}")
+    dim = tensors["cls_token"].shape[-1]
+    patch_w = tensors["patch_embed.proj.weight"]  # (D, C, p, p)
+    n_pos = tensors["pos_embed"].shape[1] - 1
+    grid = math.isqrt(n_pos)
+    if grid * grid != n_pos:
+        raise CheckpointError(f"pos_embed holds {n_pos} patch positions, not a square grid")
+    depth = len({int(m.group(1)) for k in tensors if (m := re.match(r"blocks\.(\d+)\.", k))})
+    if depth == 0:
+        raise CheckpointError("not a DINOv2 checkpoint: no transformer blocks (blocks.N.*)")
+    swiglu = "blocks.0.mlp.w12.weight" in tensors
+    if swiglu:
+        hidden = tensors["blocks.0.mlp.w12.weight"].shape[0] // 2
+    elif "blocks.0.mlp.fc1.weight" in tensors:
+        hidden = tensors["blocks.0.mlp.fc1.weight"].shape[0]
+    else:
+        raise CheckpointError("not a DINOv2 checkpoint: blocks.0 has neither mlp.fc1 nor mlp.w12")
+    registers = tensors["register_tokens"].shape[1] if "register_tokens" in tensors else 0
+    if dim % HEAD_DIM:
+        raise CheckpointError(f"cannot infer the head count of width {dim}; pass a config.json with the weights")
+    return ViTConfig(
+        embed_dim=dim,
+        depth=depth,
+        num_heads=dim // HEAD_DIM,
+        patch_size=patch_w.shape[-1],
+        pos_grid=grid,
+        num_registers=registers,
+        mlp_hidden=hidden,
+        ffn="swiglu" if swiglu else "mlp",
+        qkv_bias="blocks.0.attn.qkv.bias" in tensors,
+        interpolate_antialias=registers > 0,
+        in_chans=patch_w.shape[1],
+    )
+
+
+def check_compatible(expected: dict[str, torch.Size], tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError naming missing/unexpected keys and shape mismatches, if any."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mismatched = [
+        f"{k} {tuple(tensors[k].shape)} != {tuple(shape)}"
+        for k, shape in expected.items()
+        if k in tensors and tensors[k].shape != shape
+    ]
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if names:
+            shown = ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the architecture — " + "; ".join(problems))

@@ -1,0 +1,69 @@
+"""Architecture configuration and the presets that match the released DINOv2 checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+# All released DINOv2 models use 64-dimensional heads; used to infer the head count from tensors.
+HEAD_DIM = 64
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    patch_size: int = 14
+    # Side of the learned position-embedding grid: released weights are trained at 518 px = 37 x 14.
+    pos_grid: int = 37
+    # Extra learned tokens between CLS and the patches ("Vision Transformers Need Registers").
+    num_registers: int = 0
+    # Hidden width of the feed-forward block; for SwiGLU, the width of each of its two halves.
+    mlp_hidden: int = 1536
+    # "mlp": Linear -> exact GELU -> Linear.  "swiglu": fused w12 -> SiLU gate -> w3 (giant only).
+    ffn: str = "mlp"
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    # The reference resamples position embeddings with antialiasing only for the register models
+    # (transformers Dinov2WithRegistersEmbeddings; dinov2 hubconf `interpolate_antialias=True`).
+    interpolate_antialias: bool = False
+    in_chans: int = 3
+
+    def __post_init__(self) -> None:
+        if self.ffn not in ("mlp", "swiglu"):
+            raise ValueError(f"ffn must be 'mlp' or 'swiglu', got {self.ffn!r}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+
+    @property
+    def image_size(self) -> int:
+        """Input side at which position embeddings are used without resampling."""
+        return self.pos_grid * self.patch_size
+
+    def replace(self, **changes) -> "ViTConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def swiglu_hidden(embed_dim: int, mlp_ratio: float = 4.0) -> int:
+    """SwiGLU keeps two thirds of the MLP width, rounded up to a multiple of 8 (dinov2 SwiGLUFFNFused)."""
+    return (int(int(embed_dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8
+
+
+_BASE = {
+    "small": ViTConfig(embed_dim=384, depth=12, num_heads=6, mlp_hidden=1536),
+    "base": ViTConfig(embed_dim=768, depth=12, num_heads=12, mlp_hidden=3072),
+    "large": ViTConfig(embed_dim=1024, depth=24, num_heads=16, mlp_hidden=4096),
+    "giant": ViTConfig(embed_dim=1536, depth=40, num_heads=24, mlp_hidden=swiglu_hidden(1536), ffn="swiglu"),
+}
+
+PRESETS: dict[str, ViTConfig] = {
+    **_BASE,
+    **{f"{name}-reg": cfg.replace(num_registers=4, interpolate_antialias=True) for name, cfg in _BASE.items()},
+}
+
+# Hugging Face Hub repositories holding the official weights of each preset.
+HUB_REPOS: dict[str, str] = {
+    **{name: f"facebook/dinov2-{name}" for name in _BASE},
+    **{f"{name}-reg": f"facebook/dinov2-with-registers-{name}" for name in _BASE},
+}

@@ -1,0 +1,122 @@
+"""`Encoder`: images -> L2-normalized CLS and pooled-patch vectors."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .load import load_vit
+from .precision import apply_precision, compute_dtype, resolve_device, resolve_precision
+from .preprocess import CROP, preprocess
+from .quant import weight_bytes
+from .vit import DinoVisionTransformer
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    cls: np.ndarray  # (B, D) float32, unit norm: final-norm CLS token
+    patch: np.ndarray  # (B, D) float32, unit norm: mean of final-norm patch tokens (registers excluded)
+    tokens: np.ndarray | None = None  # (B, patches, D) float32 final-norm patch tokens, when asked for
+
+
+class Encoder:
+    """Wraps a loaded ViT with its preprocessing and precision.
+
+    >>> enc = Encoder.from_pretrained("small", device="cpu", precision="auto")
+    >>> out = enc.embed([Image.open("a.jpg")])
+    >>> out.cls.shape, out.patch.shape
+    ((1, 384), (1, 384))
+    """
+
+    def __init__(
+        self,
+        vit: DinoVisionTransformer,
+        *,
+        device: str | torch.device = "cpu",
+        precision: str = "auto",
+        mode: str = "crop",
+        size: int = CROP,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.dtype = compute_dtype(self.precision, self.device)
+        self.mode, self.size = mode, size
+        preprocess(Image.new("RGB", (size, size)), mode=mode, size=size)  # validate mode/size now
+        self.vit = apply_precision(vit, self.precision, self.device).eval().requires_grad_(False)
+        self._weights_sha256: str | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        precision: str = "auto",
+        mode: str = "crop",
+        size: int = CROP,
+    ) -> "Encoder":
+        """Load weights (preset name, HF folder, `.safetensors`, `.pth`) and prepare them for `precision`."""
+        resolve_precision(precision, resolve_device(device))  # fail before reading gigabytes
+        return cls(load_vit(source), device=device, precision=precision, mode=mode, size=size)
+
+    @property
+    def dim(self) -> int:
+        return self.vit.config.embed_dim
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return preprocess(images, mode=self.mode, size=self.size)
+
+    @torch.inference_mode()
+    def embed(
+        self, images: Sequence[Image.Image] | torch.Tensor | Image.Image, *, return_tokens: bool = False
+    ) -> Embeddings:
+        """Embed PIL images, or `pixel_values` (B, 3, H, W) already preprocessed."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        if isinstance(images, torch.Tensor):
+            pixel_values = images if images.ndim == 4 else images.unsqueeze(0)
+        elif len(images) and all(isinstance(i, torch.Tensor) for i in images):
+            pixel_values = torch.stack(list(images))
+        else:
+            pixel_values = self.preprocess(images)
+        if self.device.type == "cuda" and pixel_values.device.type == "cpu":
+            pixel_values = pixel_values.pin_memory()  # page-locked, so the copy below overlaps compute
+        pixel_values = pixel_values.to(self.device, self.dtype, non_blocking=True)
+        hidden = self.vit(pixel_values)  # (B, 1 + R + N, D)
+        patches = hidden[:, self.vit.num_prefix_tokens :].float()  # (B, N, D)
+        cls_vec = torch.nn.functional.normalize(hidden[:, 0].float(), dim=-1)
+        patch_vec = torch.nn.functional.normalize(patches.mean(dim=1), dim=-1)
+        return Embeddings(
+            cls=cls_vec.cpu().numpy(),
+            patch=patch_vec.cpu().numpy(),
+            tokens=patches.cpu().numpy() if return_tokens else None,
+        )
+
+    @property
+    def weights_sha256(self) -> str:
+        """sha256 over the weight files read (computed once, on first use)."""
+        if self._weights_sha256 is None:
+            digest = hashlib.sha256()
+            for path in getattr(self.vit, "source_files", ()):
+                with open(path, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(chunk)
+            self._weights_sha256 = digest.hexdigest()
+        return self._weights_sha256
+
+    def manifest(self) -> dict:
+        """What a library records so vectors from another model are never mixed in."""
+        return {
+            "arch": asdict(self.vit.config),
+            "weights_sha256": self.weights_sha256,
+            "preprocess": {"mode": self.mode, "size": self.size},
+            "precision": self.precision,
+            "dim": self.dim,
+            "weight_bytes": weight_bytes(self.vit),
+        }

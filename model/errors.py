@@ -1,0 +1,17 @@
+"""Typed errors raised by the model package; the CLI turns them into one-line messages."""
+
+
+class ModelError(Exception):
+    """Base class for every error the model package raises."""
+
+
+class CheckpointError(ModelError):
+    """A weights file is missing, unreadable, partial, or does not fit the architecture."""
+
+
+class WeightsNotFoundError(ModelError):
+    """A preset's weights are neither cached locally nor downloadable."""
+
+
+class PrecisionError(ModelError):
+    """A precision is unknown or not supported on the requested device."""

@@ -1,0 +1,55 @@
+"""Preset names -> local folders with the official weights, through the Hugging Face cache."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .config import HUB_REPOS
+from .errors import WeightsNotFoundError
+
+log = logging.getLogger(__name__)
+
+# Only what loading reads; the repos also hold a duplicate pytorch_model.bin we never need.
+_PATTERNS = ["config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json"]
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_preset(name: str) -> Path:
+    """Return the cached (or freshly downloaded) snapshot folder of a preset's Hub repo.
+
+    The cache is tried first without touching the network; a download is attempted only when the
+    preset is not cached and `HF_HUB_OFFLINE` is not set.
+    """
+    if name not in HUB_REPOS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(HUB_REPOS)}")
+    from huggingface_hub import snapshot_download
+
+    repo = HUB_REPOS[name]
+    hint = "pass a local copy with --weights PATH (a Hugging Face folder, .safetensors or .pth file)"
+    try:
+        return _complete(Path(snapshot_download(repo, allow_patterns=_PATTERNS, local_files_only=True)), repo)
+    except WeightsNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every cache miss is reported the same way
+        cache_miss = e
+    if _offline():
+        raise WeightsNotFoundError(
+            f"{repo} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; {hint}"
+        ) from cache_miss
+    log.info("downloading %s from the Hugging Face Hub", repo)
+    try:
+        return _complete(Path(snapshot_download(repo, allow_patterns=_PATTERNS)), repo)
+    except Exception as e:  # noqa: BLE001 - network, auth and hub errors all end the same way
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WeightsNotFoundError(f"cannot download {repo} ({reason}); {hint}") from e
+
+
+def _complete(folder: Path, repo: str) -> Path:
+    if not (folder / "model.safetensors").exists() and not (folder / "model.safetensors.index.json").exists():
+        raise WeightsNotFoundError(f"cached snapshot of {repo} at {folder} has no model.safetensors")
+    return folder

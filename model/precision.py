@@ -1,0 +1,65 @@
+"""Precision names -> dtypes and quantized modules, checked against the device."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .errors import PrecisionError
+from .quant import quantize_linears
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8", "int4")
+log = logging.getLogger(__name__)
+_FLOAT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where oneDNN runs bf16 matmuls in hardware (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PrecisionError("device 'cuda' requested but CUDA is not available; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise PrecisionError(f"device {device.type!r} is not supported; use 'cpu' or 'cuda'")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> fp16 on CUDA; bf16 on CPUs with native bf16, else fp32. Other names are validated."""
+    if precision not in PRECISIONS:
+        raise PrecisionError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if device.type == "cuda":
+            return "fp16"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise PrecisionError("bf16 needs an Ampere or newer GPU; use --precision fp16")
+    if precision == "fp16" and device.type == "cpu":
+        log.warning("fp16 on the CPU runs without hardware support and is slow; bf16 or fp32 is faster")
+    return precision
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """Activation dtype. Quantized weights run with fp32 activations on the CPU (accuracy; the
+    int8/int4 kernels are not faster in bf16 there) and bf16 on CUDA (int4 tinygemm layout)."""
+    if precision in _FLOAT:
+        return _FLOAT[precision]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def apply_precision(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
+    """Cast (and for int8/int4 quantize) a float32 model in place for `precision` on `device`."""
+    dtype = compute_dtype(precision, device)
+    model.to(device=device, dtype=dtype)
+    if precision in ("int8", "int4"):
+        blocks = getattr(model, "blocks", model)
+        quantize_linears(blocks, bits=8 if precision == "int8" else 4, compute_dtype=dtype)
+    return model

@@ -1,0 +1,1 @@
+"""Query layer: search, duplicates, and the `dinoseek` command line."""
