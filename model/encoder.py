@@ -48,7 +48,12 @@ class Encoder:
         self.dtype = compute_dtype(self.precision, self.device)
         self.mode, self.size = mode, size
         preprocess(Image.new("RGB", (size, size)), mode=mode, size=size)  # validate mode/size now
-        self.vit = apply_precision(vit, self.precision, self.device).eval().requires_grad_(False)
+        calibration = None
+        if self.precision == "int4":
+            from .gptq import calibration_images
+
+            calibration = preprocess(calibration_images(), mode=mode, size=size)
+        self.vit = apply_precision(vit, self.precision, self.device, calibration).eval().requires_grad_(False)
         self._weights_sha256: str | None = None
 
     @classmethod

@@ -30,7 +30,8 @@ def load_vit(
 
     The module's call on `pixel_values` (B, 3, H, W) returns the final-norm hidden states
     (B, 1 + registers + patches, D) — the reference's `last_hidden_state`. `config` overrides the
-    architecture read from config.json or inferred from the tensors.
+    architecture read from config.json or inferred from the tensors. Layer and softmax scales come
+    folded into the linear layers (`DinoVisionTransformer.fold_scales`).
     """
     path = resolve_source(source)
     raw = read_checkpoint(path)
@@ -43,7 +44,8 @@ def load_vit(
     state = {k: v.to(torch.float32) for k, v in tensors.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.source_files = raw.files  # for weight fingerprints in library manifests
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # Fold in float32, before any cast, so the products are rounded once.
+    return model.fold_scales().to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def build_vit(config: ViTConfig | str, *, device: str | torch.device = "cpu") -> DinoVisionTransformer:

@@ -48,18 +48,28 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """Activation dtype. Quantized weights run with fp32 activations on the CPU (accuracy; the
-    int8/int4 kernels are not faster in bf16 there) and bf16 on CUDA (int4 tinygemm layout)."""
+    """Activation dtype. Quantized weights are dequantized into what `auto` would pick."""
     if precision in _FLOAT:
         return _FLOAT[precision]
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _FLOAT[resolve_precision("auto", device)]
 
 
-def apply_precision(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
-    """Cast (and for int8/int4 quantize) a float32 model in place for `precision` on `device`."""
+def apply_precision(
+    model: nn.Module, precision: str, device: torch.device, calibration: torch.Tensor | None = None
+) -> nn.Module:
+    """Cast (and for int8/int4 quantize) a float32 model in place for `precision` on `device`.
+
+    int4 is calibrated with GPTQ on `calibration` pixel values (default: built-in synthetic
+    images); int8 rounds to nearest per output channel, which already keeps cosine > 0.999.
+    """
     dtype = compute_dtype(precision, device)
-    model.to(device=device, dtype=dtype)
-    if precision in ("int8", "int4"):
-        blocks = getattr(model, "blocks", model)
-        quantize_linears(blocks, bits=8 if precision == "int8" else 4, compute_dtype=dtype)
-    return model
+    if precision == "int4":
+        from .gptq import calibration_images, quantize_vit_int4_gptq
+        from .preprocess import preprocess
+
+        model.to(device=device, dtype=torch.float32)
+        pixels = preprocess(calibration_images()) if calibration is None else calibration
+        quantize_vit_int4_gptq(model, pixels.to(device))
+    elif precision == "int8":
+        quantize_linears(getattr(model, "blocks", model), bits=8, compute_dtype=dtype)
+    return model.to(device=device, dtype=dtype)

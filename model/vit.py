@@ -38,6 +38,12 @@ class DinoVisionTransformer(nn.Module):
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         self.register_load_state_dict_pre_hook(lambda *_: self._pos_cache.clear())
 
+    def fold_scales(self) -> "DinoVisionTransformer":
+        """Fold layer scales and softmax scales into the linear layers (faster inference; see Block)."""
+        for block in self.blocks:
+            block.fold_scales()
+        return self
+
     @property
     def num_prefix_tokens(self) -> int:
         """CLS plus registers: the tokens before the first patch."""

@@ -2,17 +2,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import linear_gelu
+
 
 class Mlp(nn.Module):
-    """Linear -> exact (erf) GELU -> Linear."""
+    """Linear -> exact (erf) GELU -> Linear. `hidden` is everything before the output layer `out`."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
+    @property
+    def out(self) -> nn.Module:
+        return self.fc2
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_gelu(x, self.fc1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.hidden(x))
 
 
 class SwiGLUFFN(nn.Module):
@@ -26,6 +35,13 @@ class SwiGLUFFN(nn.Module):
         self.w12 = nn.Linear(dim, 2 * hidden)
         self.w3 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def out(self) -> nn.Module:
+        return self.w3
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.w12(x).chunk(2, dim=-1)  # each (B, N, hidden)
-        return self.w3(F.silu(gate) * value)
+        return F.silu(gate) * value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w3(self.hidden(x))
