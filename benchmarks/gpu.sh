@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Everything GPU-related in one run, for a lent CUDA machine: the `gpu` tests, then the encoder
+# benchmark (ours vs transformers, fp16 batch 256 for small/base/large, plus bf16/int8/int4 on small).
+# Results go to $OUT (default ./results). Needs torch with CUDA and transformers; no install step.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-results}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python -m pytest -q -m gpu tests 2>&1 | tail -5 | tee "$OUT/gpu-tests.txt"
+python benchmarks/encoder.py --device cuda --presets small base large --batch 256 --precisions fp16 \
+    --warmup 3 --repeats 10 2>&1 | grep -v Warning | tee "$OUT/encoder-cuda-fp16.txt"
+python benchmarks/encoder.py --device cuda --presets small --batch 256 --precisions bf16 int8 int4 \
+    --warmup 3 --repeats 10 2>&1 | grep -v Warning | tee "$OUT/encoder-cuda-small.txt"
