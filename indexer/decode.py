@@ -1,0 +1,165 @@
+"""Robust decoding: bytes on disk -> an upright RGB image small enough to embed, or a typed failure.
+
+Every failure is a `DecodeError` with a status the catalog records; nothing is half-decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import DecodeError
+
+# Formats we decode. Anything else Pillow can identify (PSD, EPS, PDF, FITS, ...) is refused before
+# its pixel data is touched: some of those plugins call out to other programs or parse complex data.
+ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "TIFF", "BMP", "AVIF", "HEIF"})
+# Above this many pixels a header is treated as a decompression bomb (Pillow's own error threshold).
+MAX_PIXELS = 2 * 89_478_485
+FAILURE_STATUSES = ("empty", "unidentified", "unsupported", "truncated", "too-large", "needs-plugin", "unreadable", "changed")
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # never pad a truncated file with grey and call it decoded
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    image: Image.Image  # RGB, upright, possibly reduced by DCT scaling (JPEG draft)
+    width: int  # full-resolution size as stored, before orientation and draft
+    height: int
+    format: str
+    frames: int  # animation / page count; the first frame is the one decoded
+    sha256: str  # of the file's bytes
+    size: int  # bytes
+    mtime_ns: int
+    captured_at: str | None  # EXIF DateTimeOriginal, "YYYY-MM-DD HH:MM:SS"
+    camera: str | None  # EXIF Make + Model
+
+
+def read_image(path: str | os.PathLike | bytes, *, min_side: int = 256, max_pixels: int = MAX_PIXELS) -> DecodedImage:
+    """Decode `path` to RGB with the short side at least `min_side` where the format allows shrinking.
+
+    The file is read once into memory (content hash, and a stat before and after to catch files
+    changed while being read); decoding then happens from that buffer.
+    """
+    try:
+        before = os.stat(path)
+        with open(path, "rb") as f:
+            data = f.read()
+        after = os.stat(path)
+    except OSError as e:
+        raise DecodeError("unreadable", f"{e.strerror or e}") from e
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or len(data) != after.st_size:
+        raise DecodeError("changed", "file changed while it was being read")
+    if not data:
+        raise DecodeError("empty", "zero-byte file")
+    meta = dict(sha256=hashlib.sha256(data).hexdigest(), size=len(data), mtime_ns=after.st_mtime_ns)
+    return _decode(data, min_side, max_pixels, meta)
+
+
+def _decode(data: bytes, min_side: int, max_pixels: int, meta: dict) -> DecodedImage:
+    try:
+        image = _open(data)
+    except UnidentifiedImageError as e:
+        if not (data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS):
+            raise DecodeError("unidentified", "not an image Pillow recognises") from e
+        _register_heif()  # HEIC: Pillow needs the pillow-heif plugin
+        try:
+            image = _open(data)
+        except UnidentifiedImageError as e2:
+            raise DecodeError("unidentified", "unreadable HEIF container") from e2
+    fmt = image.format or "unknown"
+    if fmt not in ALLOWED_FORMATS:
+        raise DecodeError("unsupported", f"format {fmt} is not supported")
+    width, height = image.size
+    if width * height > max_pixels:
+        raise DecodeError("too-large", f"{width}x{height} exceeds the {max_pixels:,}-pixel limit")
+    frames = getattr(image, "n_frames", 1)
+    captured_at, camera = _exif_fields(image)
+    try:
+        if fmt in ("JPEG", "MPO"):
+            # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 while both sides stay >= min_side.
+            image.draft("RGB", (min_side, min_side))
+        image.load()  # first frame only; raises on truncation
+        # HEIF decoders apply the orientation themselves; rotating again would double it.
+        if fmt not in ("HEIF", "AVIF"):
+            image = ImageOps.exif_transpose(image)
+        rgb = to_rgb(image)
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DecodeError("truncated", f"decoding failed: {e}") from e
+    except Image.DecompressionBombError as e:
+        raise DecodeError("too-large", str(e)) from e
+    return DecodedImage(rgb, width, height, fmt, frames, captured_at=captured_at, camera=camera, **meta)
+
+
+def _open(data: bytes) -> Image.Image:
+    """Parse the header only; pixel data is not decoded yet."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DecodeError("too-large", f"image header claims too many pixels ({e})") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DecodeError("unidentified", f"unreadable image header ({e})") from e
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB: high bit depths scaled (not clipped), transparency composited on white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if mode.startswith("I;16"):
+            top = 65535.0
+        else:  # 32-bit int or float: scale to the data's own range
+            low, top = float(array.min()), float(array.max())
+            array = array - low
+            top = max(top - low, 1e-12)
+        grey = np.clip(array * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode == "P" and "transparency" in image.info or mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _exif_fields(image: Image.Image) -> tuple[str | None, str | None]:
+    try:
+        exif = image.getexif()
+    except Exception:  # noqa: BLE001 - corrupt EXIF must not cost the image
+        return None, None
+    camera = " ".join(str(exif.get(tag, "")).strip("\x00 ") for tag in (271, 272)).strip() or None
+    when = None
+    try:
+        raw = exif.get_ifd(0x8769).get(36867) or exif.get(306)  # DateTimeOriginal, else DateTime
+    except Exception:  # noqa: BLE001
+        raw = exif.get(306)
+    if isinstance(raw, str) and len(raw) >= 19 and raw[4] == ":" and raw[7] == ":":
+        when = f"{raw[0:4]}-{raw[5:7]}-{raw[8:10]} {raw[11:19]}"
+    return when, camera
+
+
+def _register_heif() -> None:
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError as e:
+        raise DecodeError("needs-plugin", "HEIC/AVIF image: install pillow-heif to index it") from e
+    register_heif_opener()
+
+
+def display_path(path: bytes | str | Path) -> str:
+    """A printable form of any path, undecodable bytes shown as \\xNN."""
+    raw = os.fsencode(path)
+    return raw.decode("utf-8", errors="backslashreplace")

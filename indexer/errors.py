@@ -1,0 +1,30 @@
+"""Typed errors raised by the indexer; the CLI turns them into one-line messages."""
+
+
+class IndexerError(Exception):
+    """Base class for every error the indexer raises."""
+
+
+class DecodeError(IndexerError):
+    """A file could not be turned into an image; `status` says which kind of failure it was."""
+
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status  # one of decode.FAILURE_STATUSES
+        self.reason = reason
+
+
+class LibraryError(IndexerError):
+    """A library folder is missing, unreadable, or inconsistent beyond automatic repair."""
+
+
+class LibraryLockedError(LibraryError):
+    """Another process is writing to this library."""
+
+
+class ModelMismatchError(LibraryError):
+    """The library was built with another model than the one requested."""
+
+
+class SweepRefusedError(IndexerError):
+    """A run would mark most of the library deleted (unmounted disk?) and was stopped."""

@@ -1,0 +1,119 @@
+"""Decoding: every awkward file ends as an upright RGB image or a typed, recorded failure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from collection import make_collection
+from conftest import synthetic_photo
+from PIL import Image
+
+from indexer.decode import DecodeError, read_image, to_rgb
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    return root, make_collection(root)
+
+
+def test_every_file_decodes_or_fails_with_its_status(collection):
+    root, expected = collection
+    for rel, status in expected.items():
+        if status == "ok":
+            decoded = read_image(root / rel)
+            assert decoded.image.mode == "RGB", rel
+        else:
+            with pytest.raises(DecodeError) as info:
+                read_image(root / rel)
+            assert info.value.status == status, (rel, info.value.reason)
+
+
+def test_exif_orientation_and_metadata(collection):
+    root, _ = collection
+    for orientation, size in ((6, (200, 320)), (3, (320, 200))):
+        decoded = read_image(root / f"camera/rotated{orientation}.jpg", min_side=1000)
+        assert decoded.image.size == size  # 6 = rotated 90 degrees: width and height swap
+        assert (decoded.width, decoded.height) == (320, 200)  # as stored
+        assert decoded.captured_at == "2021-07-04 12:30:00"
+        assert decoded.camera == "Canon EOS 5D"
+    stored = np.asarray(Image.open(root / "camera/rotated3.jpg").convert("RGB"))  # pixels as stored
+    rotated_back = np.asarray(read_image(root / "camera/rotated3.jpg", min_side=1000).image.rotate(180))
+    assert np.array_equal(rotated_back, stored)
+
+
+def test_animation_and_pages_count_frames(collection):
+    root, _ = collection
+    assert read_image(root / "anim/loop.gif").frames == 3
+    tiff = read_image(root / "scans/pages.tiff")
+    assert tiff.frames == 2 and tiff.image.size == (200, 150)
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped(collection):
+    root, _ = collection
+    image = np.asarray(read_image(root / "scans/grey16.png").image)
+    assert image[..., 0].min() == 0 and image[..., 0].max() == 255
+    assert 100 < image[..., 0].mean() < 155  # a ramp, not a white page
+
+
+def test_alpha_composited_on_white(collection):
+    root, _ = collection
+    rgb = np.asarray(read_image(root / "web/alpha.png").image, np.float32)
+    original = np.asarray(synthetic_photo(256, 256, seed=6), np.float32)
+    expected = original * (128 / 255) + 255 * (1 - 128 / 255)
+    assert np.abs(rgb - expected).max() <= 2
+
+
+def test_cmyk_becomes_rgb(collection):
+    root, _ = collection
+    decoded = read_image(root / "print/cmyk.jpg")
+    assert decoded.image.mode == "RGB" and decoded.format == "JPEG"
+
+
+def test_jpeg_draft_shrinks_large_photos(tmp_path):
+    path = tmp_path / "big.jpg"
+    synthetic_photo(4000, 3000, seed=1).save(path, quality=90)
+    decoded = read_image(path, min_side=256)
+    assert decoded.image.size == (500, 375)  # 1/8 DCT scaling keeps the short side >= 256
+    assert (decoded.width, decoded.height) == (4000, 3000)
+    assert read_image(path, min_side=1000).image.size == (2000, 1500)  # 1/4 would leave 750 < 1000
+
+
+def test_hash_and_stat(tmp_path):
+    import hashlib
+
+    path = tmp_path / "a.png"
+    synthetic_photo(50, 40).save(path)
+    decoded = read_image(path)
+    assert decoded.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert decoded.size == path.stat().st_size and decoded.mtime_ns == path.stat().st_mtime_ns
+
+
+def test_permission_denied(tmp_path):
+    import os
+
+    path = tmp_path / "locked.jpg"
+    synthetic_photo(50, 40).save(path)
+    os.chmod(path, 0)
+    if os.access(path, os.R_OK):
+        pytest.skip("running as root: permissions are not enforced")
+    with pytest.raises(DecodeError) as info:
+        read_image(path)
+    assert info.value.status == "unreadable"
+
+
+def test_heic_without_plugin(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # as if not installed
+    path = tmp_path / "phone.heic"
+    path.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
+    with pytest.raises(DecodeError) as info:
+        read_image(path)
+    assert info.value.status == "needs-plugin" and "pillow-heif" in info.value.reason
+
+
+def test_float_and_int32_modes_scale_to_their_range():
+    ramp = np.linspace(-3.0, 5.0, 64 * 32, dtype=np.float32).reshape(32, 64)
+    out = np.asarray(to_rgb(Image.fromarray(ramp, "F")))
+    assert out.min() == 0 and out.max() == 255
