@@ -50,8 +50,9 @@ def resize_for_mode(image: Image.Image, mode: str, size: int) -> Image.Image:
     return image.resize((size, size), Image.Resampling.BICUBIC)
 
 
-def normalize(image: Image.Image) -> np.ndarray:
-    """uint8 RGB -> (3, H, W) float32 scaled to [0, 1] and standardized with ImageNet statistics."""
+def normalize(image: Image.Image | np.ndarray) -> np.ndarray:
+    """uint8 RGB (PIL image or (H, W, 3) array) -> (3, H, W) float32, scaled to [0, 1] and
+    standardized with ImageNet statistics."""
     array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)  # (3, H, W)
     return (array * np.float32(1 / 255) - _MEAN) / _STD
 

@@ -1,0 +1,87 @@
+"""The catalog: SQLAlchemy 2 models. The source of truth for images, their vectors and the model.
+
+Schema changes are Alembic revisions in `migrations/versions`; this module describes the head.
+Image ids double as FAISS ids, so they are never reused (SQLite AUTOINCREMENT): a vector left in a
+stale index can never be mistaken for a newer image.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, BigInteger, DateTime, Integer, LargeBinary, MetaData, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+EMBEDDED = "embedded"
+# Statuses retried on every run: the cause may have gone away (permissions, a copy in progress).
+TRANSIENT = frozenset({"unreadable", "changed"})
+# Other failures are retried only when the file's size or mtime changes.
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention={"ix": "ix_%(table_name)s_%(column_0_name)s", "uq": "uq_%(table_name)s_%(column_0_name)s"})
+
+
+class ImageRow(Base):
+    __tablename__ = "images"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # Path relative to the library root as raw bytes (os.fsencode): lossless for non-UTF-8 names.
+    path: Mapped[bytes] = mapped_column(LargeBinary, unique=True)
+    path_text: Mapped[str] = mapped_column(Text)  # printable form, undecodable bytes as \xNN
+    folder: Mapped[str] = mapped_column(Text, index=True)  # printable parent folder, for filters
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    format: Mapped[str | None] = mapped_column(String(16))
+    frames: Mapped[int | None] = mapped_column(Integer)
+    captured_at: Mapped[str | None] = mapped_column(String(19), index=True)  # "YYYY-MM-DD HH:MM:SS"
+    camera: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # EMBEDDED or a decode failure status
+    reason: Mapped[str | None] = mapped_column(Text)
+    cls: Mapped[bytes | None] = mapped_column(LargeBinary)  # float16 (D,), unit norm
+    patch: Mapped[bytes | None] = mapped_column(LargeBinary)  # float16 (D,), unit norm
+    run_id: Mapped[int | None] = mapped_column(Integer)
+
+
+class RunRow(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    status: Mapped[str] = mapped_column(String(16), default="running")  # running | finished | failed
+    counts: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class ManifestRow(Base):
+    """The one model this library's vectors come from (a single row, id 1)."""
+
+    __tablename__ = "manifest"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class IndexFileRow(Base):
+    """What the last checkpoint of each FAISS file holds, to detect stale or damaged files."""
+
+    __tablename__ = "index_files"
+
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)  # "cls" | "patch"
+    factory: Mapped[str] = mapped_column(Text)  # FAISS factory string the index was built with
+    auto: Mapped[bool] = mapped_column(Integer, default=1)  # chosen by size (rebuilt as it grows)
+    nprobe: Mapped[int | None] = mapped_column(Integer)
+    count: Mapped[int] = mapped_column(BigInteger)
+    dim: Mapped[int] = mapped_column(Integer)
+    checksum: Mapped[str] = mapped_column(String(64))  # sha256 of the file
+    trained_on: Mapped[int] = mapped_column(BigInteger, default=0)  # library size when trained
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

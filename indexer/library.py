@@ -1,0 +1,326 @@
+"""A library folder: catalog (source of truth), FAISS files (derived), model manifest, writer lock."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import create_engine, delete, event, func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from . import migrate
+from .catalog import EMBEDDED, ImageRow, IndexFileRow, ManifestRow, RunRow
+from .errors import LibraryError, LibraryLockedError, ModelMismatchError
+from .store import VectorIndex, auto_factory, build_index, read_index, remove_temp_files, write_atomic
+
+log = logging.getLogger(__name__)
+
+KINDS = ("cls", "patch")
+DEFAULT_FOLDER = ".dinoseek"
+# Manifest fields that define which vectors may share an index (precision alone may differ).
+IDENTITY = ("arch", "weights_sha256", "preprocess", "dim")
+
+
+def vectors_from_blobs(blobs: list[bytes], dim: int) -> np.ndarray:
+    """float16 blobs -> (N, dim) float32."""
+    if not blobs:
+        return np.zeros((0, dim), np.float32)
+    return np.frombuffer(b"".join(blobs), dtype=np.float16).reshape(len(blobs), dim).astype(np.float32)
+
+
+@dataclass
+class Library:
+    root: Path
+    folder: Path
+    engine: Engine
+    writable: bool
+    index_choice: str = "auto"  # "auto" or a FAISS factory string
+    _lock_fd: int | None = None
+    indexes: dict[str, VectorIndex] = field(default_factory=dict)
+
+    # ---- opening and closing -------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        root: str | Path,
+        *,
+        folder: str | Path | None = None,
+        url: str | None = None,
+        write: bool = False,
+        create: bool = False,
+        index: str = "auto",
+    ) -> "Library":
+        """Open (or with create=True, make) the library of photo folder `root`.
+
+        write=True takes the writer lock (a second writer gets LibraryLockedError); readers never
+        block. Pending migrations are applied; temp files of a killed writer are removed.
+        """
+        root = Path(root).resolve()
+        folder = Path(folder).resolve() if folder else root / DEFAULT_FOLDER
+        catalog_file = folder / "catalog.sqlite"
+        if not folder.is_dir() or (url is None and not catalog_file.exists()):
+            if not create:
+                raise LibraryError(f"no library at {folder}; run `dinoseek index {root}` first")
+            folder.mkdir(parents=True, exist_ok=True)
+        lock_fd = _take_lock(folder) if write else None
+        try:
+            engine = _engine(url or f"sqlite:///{catalog_file}")
+            migrate.upgrade(engine, None if url else catalog_file)
+            if write:
+                remove_temp_files(folder)
+        except Exception:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+        return cls(root, folder, engine, write, index, lock_fd)
+
+    def close(self) -> None:
+        self.engine.dispose()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "Library":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def session(self) -> Session:
+        return Session(self.engine)
+
+    # ---- model manifest -------------------------------------------------------------------
+    def manifest(self) -> dict | None:
+        with self.session() as s:
+            row = s.get(ManifestRow, 1)
+            return dict(row.data) if row else None
+
+    def bind_model(self, manifest: dict) -> None:
+        """Record the model on first use; refuse a different one afterwards."""
+        current = self.manifest()
+        if current is None:
+            with self.session() as s, s.begin():
+                s.add(ManifestRow(id=1, data=manifest))
+            return
+        differs = [k for k in IDENTITY if current.get(k) != manifest.get(k)]
+        if differs:
+            raise ModelMismatchError(
+                f"this library was built with another model ({', '.join(differs)} differ); "
+                f"use the same --model/--weights, or a new --library"
+            )
+        if current.get("precision") != manifest.get("precision"):
+            log.warning("library vectors were made at %s, this run uses %s", current.get("precision"), manifest.get("precision"))
+
+    def dim(self) -> int | None:
+        manifest = self.manifest()
+        return manifest["dim"] if manifest else None
+
+    # ---- vectors ------------------------------------------------------------------------------
+    def catalog_vectors(self, kind: str, ids=None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, float32 vectors) of embedded rows, all or the given ids, ordered by id."""
+        column = getattr(ImageRow, kind)
+        query = select(ImageRow.id, column).where(ImageRow.status == EMBEDDED).order_by(ImageRow.id)
+        out_ids, blobs = [], []
+        with self.session() as s:
+            if ids is None:
+                rows = s.execute(query)
+            else:
+                ids = sorted(int(i) for i in ids)
+                rows = [r for start in range(0, len(ids), 500) for r in s.execute(query.where(ImageRow.id.in_(ids[start:start + 500])))]
+            for row_id, blob in rows:
+                out_ids.append(row_id)
+                blobs.append(blob)
+        return np.asarray(out_ids, dtype=np.int64), vectors_from_blobs(blobs, self.dim() or 0)
+
+    def embedded_ids(self) -> np.ndarray:
+        with self.session() as s:
+            return np.asarray(s.scalars(select(ImageRow.id).where(ImageRow.status == EMBEDDED)).all(), dtype=np.int64)
+
+    def index_path(self, kind: str) -> Path:
+        return self.folder / f"{kind}.faiss"
+
+    def load_indexes(self) -> dict[str, VectorIndex]:
+        """Each kind's index, checked against the catalog: damaged ones rebuilt, stale ones reconciled.
+
+        Writers save what they repaired; readers keep the repair in memory.
+        """
+        dim = self.dim()
+        catalog_ids = self.embedded_ids()
+        with self.session() as s:
+            records = {r.kind: r for r in s.scalars(select(IndexFileRow))}
+        for kind in KINDS:
+            record = records.get(kind)
+            loaded = read_index(self.index_path(kind), record.checksum) if record else None
+            if loaded is not None and (loaded.d != dim or loaded.ntotal != record.count):
+                log.warning("%s index does not match its record (dim/count): rebuilding", kind)
+                loaded = None
+            if loaded is None:
+                if record is not None or len(catalog_ids):
+                    log.warning("%s index missing or damaged: rebuilding from the catalog", kind)
+                self.indexes[kind] = self._build(kind, record)
+                if self.writable:
+                    self.save_index(kind)
+                continue
+            index = VectorIndex(loaded, record.factory, bool(record.auto), record.nprobe, record.trained_on)
+            if self._reconcile(kind, index, catalog_ids) and self.writable:
+                self.indexes[kind] = index
+                self.save_index(kind)
+            self.indexes[kind] = index
+        return self.indexes
+
+    def _build(self, kind: str, record: IndexFileRow | None) -> VectorIndex:
+        ids, vectors = self.catalog_vectors(kind)
+        dim = self.dim() or 1
+        if self.index_choice != "auto":
+            factory, auto = self.index_choice, False
+        elif record is not None and not record.auto:
+            factory, auto = record.factory, False
+        else:
+            factory, auto = auto_factory(len(ids), dim), True
+        return build_index(factory, dim, vectors.reshape(-1, dim), ids, auto=auto)
+
+    def _reconcile(self, kind: str, index: VectorIndex, catalog_ids: np.ndarray) -> bool:
+        """Make the index hold exactly the catalog's embedded ids; True if anything changed."""
+        in_index = index.ids()
+        extra = np.setdiff1d(in_index, catalog_ids, assume_unique=True)
+        missing = np.setdiff1d(catalog_ids, in_index, assume_unique=True)
+        if not len(extra) and not len(missing):
+            return False
+        log.info("%s index: reconciling (%d stale, %d missing)", kind, len(extra), len(missing))
+        index.remove(extra)
+        ids, vectors = self.catalog_vectors(kind, missing)
+        index.add(ids, vectors)
+        return True
+
+    def rebuild_if_outgrown(self) -> None:
+        """Rebuild an auto index when the library's size calls for another kind, and an explicit
+        factory that had to start as Flat once there are enough vectors to train it."""
+        for kind, index in list(self.indexes.items()):
+            wanted = auto_factory(index.count, index.dim) if index.auto else self.index_choice
+            if wanted not in ("auto", index.factory) and (index.auto or index.factory == "Flat"):
+                log.info("%s index: %d vectors, switching %s -> %s", kind, index.count, index.factory, wanted)
+                ids, vectors = self.catalog_vectors(kind)
+                self.indexes[kind] = build_index(wanted, index.dim, vectors, ids, auto=True)
+                self.save_index(kind)
+
+    def save_index(self, kind: str) -> None:
+        """Checkpoint one index: atomic file write, then its checksum in the catalog."""
+        if not self.writable:
+            raise LibraryError("library opened read-only")
+        index = self.indexes[kind]
+        checksum = write_atomic(self.index_path(kind), index.serialize())
+        with self.session() as s, s.begin():
+            s.merge(IndexFileRow(kind=kind, factory=index.factory, auto=int(index.auto), nprobe=index.nprobe,
+                                 count=index.count, dim=index.dim, checksum=checksum, trained_on=index.trained_on))
+
+    # ---- reporting ------------------------------------------------------------------------
+    def info(self) -> dict:
+        with self.session() as s:
+            counts = dict(s.execute(select(ImageRow.status, func.count()).group_by(ImageRow.status)).all())
+            errors = [
+                {"path": p, "status": st, "reason": r}
+                for p, st, r in s.execute(
+                    select(ImageRow.path_text, ImageRow.status, ImageRow.reason)
+                    .where(ImageRow.status != EMBEDDED).order_by(ImageRow.path_text)
+                )
+            ]
+            runs = s.scalars(select(RunRow).order_by(RunRow.id.desc()).limit(1)).all()
+            records = {r.kind: r for r in s.scalars(select(IndexFileRow))}
+        indexes = {}
+        for kind in KINDS:
+            path, record = self.index_path(kind), records.get(kind)
+            indexes[kind] = {
+                "factory": record.factory if record else None,
+                "vectors": record.count if record else 0,
+                "nprobe": record.nprobe if record else None,
+                "bytes": path.stat().st_size if path.exists() else 0,
+            }
+        last = runs[0] if runs else None
+        return {
+            "root": str(self.root),
+            "library": str(self.folder),
+            "counts": counts,
+            "total": sum(counts.values()),
+            "errors": errors,
+            "model": self.manifest(),
+            "indexes": indexes,
+            "last_run": None if last is None else {"id": last.id, "status": last.status, "counts": last.counts,
+                                                    "started_at": str(last.started_at), "finished_at": str(last.finished_at)},
+        }
+
+    def verify(self) -> list[str]:
+        """Problems between catalog and index files, without repairing anything (empty list: consistent)."""
+        problems = []
+        catalog_ids = self.embedded_ids()
+        dim = self.dim()
+        with self.session() as s:
+            records = {r.kind: r for r in s.scalars(select(IndexFileRow))}
+            no_vectors = s.scalar(select(func.count()).where(ImageRow.status == EMBEDDED, (ImageRow.cls.is_(None)) | (ImageRow.patch.is_(None))))
+            if no_vectors:
+                problems.append(f"{no_vectors} embedded rows have no vectors")
+            if dim is not None:
+                bad = s.scalar(select(func.count()).where(ImageRow.status == EMBEDDED, func.length(ImageRow.cls) != 2 * dim))
+                if bad:
+                    problems.append(f"{bad} rows have vectors of another dimension than the model's {dim}")
+        for kind in KINDS:
+            record = records.get(kind)
+            if record is None:
+                if len(catalog_ids):
+                    problems.append(f"{kind}: no index file recorded for {len(catalog_ids)} embedded images")
+                continue
+            loaded = read_index(self.index_path(kind), record.checksum)
+            if loaded is None:
+                problems.append(f"{kind}: {self.index_path(kind).name} is missing or fails its checksum")
+                continue
+            ids = VectorIndex(loaded, record.factory, bool(record.auto), record.nprobe, record.trained_on).ids()
+            stale, missing = np.setdiff1d(ids, catalog_ids), np.setdiff1d(catalog_ids, ids)
+            if len(stale):
+                problems.append(f"{kind}: {len(stale)} vectors for images no longer in the catalog")
+            if len(missing):
+                problems.append(f"{kind}: {len(missing)} embedded images missing from the index")
+            if len(ids) != len(np.unique(ids)):
+                problems.append(f"{kind}: duplicate ids in the index")
+        return problems
+
+    def delete_rows(self, session: Session, ids) -> None:
+        ids = list(ids)
+        for start in range(0, len(ids), 500):
+            session.execute(delete(ImageRow).where(ImageRow.id.in_(ids[start:start + 500])))
+        for index in self.indexes.values():
+            index.remove(ids)
+
+
+def _engine(url: str) -> Engine:
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection, _record):
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
+            cursor.execute("PRAGMA synchronous=NORMAL")  # durable across process kills in WAL mode
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+    return engine
+
+
+def _take_lock(folder: Path) -> int:
+    fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise LibraryLockedError(f"{folder} is being indexed by pid {holder}; wait for it to finish") from e
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd

@@ -1,0 +1,283 @@
+"""One indexing run: scan, decide what changed, decode in worker processes, embed, commit in batches.
+
+Crash safety: every batch of rows (with both vectors) is one catalog transaction; FAISS files are
+checkpoints that `Library.load_indexes` reconciles with the catalog, so a run killed at any moment
+leaves a library that opens, verifies after repair, and is completed by re-running.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from sqlalchemy import select, update
+
+from .catalog import EMBEDDED, TRANSIENT, ImageRow, RunRow, utcnow
+from .decode import DecodeError, display_path, read_image
+from .errors import LibraryError, SweepRefusedError
+from .library import Library
+from .scan import ScanEntry, ScanProblem, scan
+
+log = logging.getLogger(__name__)
+
+# A sweep that would delete more than this share of a library stops: the disk is probably unmounted.
+MASS_DELETE_FRACTION = 0.5
+MASS_DELETE_MIN = 20  # small libraries may legitimately lose most files
+
+
+@dataclass
+class Options:
+    workers: int = max(1, (os.cpu_count() or 2) - 1)
+    batch_size: int = 32
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    follow_symlinks: bool = False
+    allow_mass_delete: bool = False
+    checkpoint_seconds: float = 60.0
+
+
+@dataclass
+class Progress:
+    total: int  # files to decode this run
+    done: int = 0
+    counts: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Task:
+    rel: bytes
+    size: int
+    mtime_ns: int
+
+
+def _decode_task(root: bytes, task: Task, min_side: int, mode: str, size: int, moved_hashes: frozenset) -> tuple:
+    """Runs in a worker: ("moved", ...), ("image", ..., uint8 pixels) or ("failed", ...)."""
+    from model.preprocess import resize_for_mode
+
+    path = os.path.join(root, task.rel)
+    try:
+        decoded = read_image(path, min_side=min_side)
+    except DecodeError as e:
+        return ("failed", task, e.status, e.reason, None)
+    meta = {
+        "size": decoded.size, "mtime_ns": decoded.mtime_ns, "sha256": decoded.sha256, "width": decoded.width,
+        "height": decoded.height, "format": decoded.format, "frames": decoded.frames,
+        "captured_at": decoded.captured_at, "camera": decoded.camera,
+    }
+    if decoded.sha256 in moved_hashes:
+        return ("moved", task, None, None, meta)
+    pixels = np.asarray(resize_for_mode(decoded.image, mode, size), dtype=np.uint8)  # (size, size, 3)
+    return ("image", task, None, pixels, meta)
+
+
+def run_index(
+    library: Library,
+    encoder,
+    options: Options = Options(),
+    on_progress: Callable[[Progress], None] | None = None,
+) -> dict:
+    """Bring the library up to date with its root folder; returns the run's counts."""
+    if not library.root.is_dir():
+        raise LibraryError(f"{library.root} is not a folder (unmounted disk?); nothing was changed")
+    library.bind_model(encoder.manifest())
+    library.load_indexes()
+    root = os.fsencode(library.root)
+
+    with library.session() as s:
+        existing = {r.path: r for r in s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns,
+                                                        ImageRow.status, ImageRow.sha256))}
+    seen: set[bytes] = set()
+    tasks: list[Task] = []
+    problems: list[ScanProblem] = []
+    for item in scan(root, include=options.include, exclude=options.exclude,
+                     follow_symlinks=options.follow_symlinks, skip=(os.fsencode(library.folder),)):
+        seen.add(item.rel)
+        if isinstance(item, ScanProblem):
+            if item.rel == b"":
+                raise LibraryError(f"cannot read {library.root}: {item.reason}")
+            row = existing.get(item.rel)
+            if row is None or row.status != item.status:  # already recorded: leave the row alone
+                problems.append(item)
+            continue
+        row = existing.get(item.rel)
+        unchanged = row is not None and (row.size, row.mtime_ns) == (item.size, item.mtime_ns)
+        if unchanged and row.status not in TRANSIENT:
+            continue
+        tasks.append(Task(item.rel, item.size, item.mtime_ns))
+    # Files under a folder that could not be listed still exist as far as we know: keep them.
+    hidden = tuple(p.rel + b"/" for p in problems if p.status == "unreadable")
+    missing = {path: row for path, row in existing.items() if path not in seen and not path.startswith(hidden or (b"\0",))}
+    if (len(missing) > MASS_DELETE_FRACTION * len(existing) and len(missing) >= MASS_DELETE_MIN
+            and not options.allow_mass_delete):
+        raise SweepRefusedError(
+            f"{len(missing)} of {len(existing)} catalogued files are gone from {library.root}; is the disk "
+            f"mounted? Nothing was changed (pass --allow-mass-delete if they really were removed)"
+        )
+    moved_from = {row.sha256: path for path, row in missing.items() if row.status == EMBEDDED and row.sha256}
+
+    with library.session() as s, s.begin():
+        run = RunRow(status="running", counts={})
+        s.add(run)
+        s.flush()
+        run_id = run.id
+    counts = {"scanned": len(seen), "to_decode": len(tasks), "embedded": 0, "failed": 0, "moved": 0, "deleted": 0}
+    progress = Progress(total=len(tasks), counts=counts)
+    writer = _BatchWriter(library, encoder, run_id, existing, counts, options.batch_size)
+    for problem in problems:
+        writer.failure(problem.rel, problem.status, problem.reason, None)
+    last_checkpoint = time.monotonic()
+    try:
+        for kind, task, status, payload, meta in _decoded(root, tasks, encoder, options, frozenset(moved_from)):
+            if kind == "moved":
+                old_path = moved_from.pop(meta["sha256"], None)
+                if old_path is not None:
+                    writer.move(old_path, task.rel, meta)
+                    missing.pop(old_path, None)
+                else:  # a second new copy of one moved file: it needs vectors of its own
+                    kind, task, status, payload, meta = _decode_task(root, task, *_decode_args(encoder, frozenset()))
+            if kind == "image":
+                writer.image(task.rel, payload, meta)
+            elif kind == "failed":
+                writer.failure(task.rel, status, payload, task)
+            progress.done += 1
+            if on_progress:
+                on_progress(progress)
+            if time.monotonic() - last_checkpoint > options.checkpoint_seconds:
+                writer.flush()
+                for index_kind in library.indexes:
+                    library.save_index(index_kind)
+                last_checkpoint = time.monotonic()
+        writer.flush()
+        with library.session() as s, s.begin():
+            ids = [row.id for row in missing.values()]
+            library.delete_rows(s, ids)
+            counts["deleted"] = len(ids)
+        library.rebuild_if_outgrown()
+        for index_kind in library.indexes:
+            library.save_index(index_kind)
+        _finish(library, run_id, "finished", counts)
+    except BaseException:
+        _finish(library, run_id, "failed", counts)
+        raise
+    return counts
+
+
+def _decode_args(encoder, moved: frozenset) -> tuple:
+    """(min_side, mode, size, moved) for `_decode_task`: JPEG draft keeps what the resize needs."""
+    from model.preprocess import RESIZE_SHORT
+
+    return (RESIZE_SHORT if encoder.mode == "crop" else encoder.size, encoder.mode, encoder.size, moved)
+
+
+def _decoded(root: bytes, tasks: list[Task], encoder, options: Options, moved: frozenset) -> Iterator[tuple]:
+    """Decode results as they finish; at most `workers * 4` in flight so memory stays flat."""
+    args = _decode_args(encoder, moved)
+    if options.workers <= 0:
+        for task in tasks:
+            yield _decode_task(root, task, *args)
+        return
+    # fork: workers start instantly and only run Pillow/numpy code (never torch's thread pools).
+    context = multiprocessing.get_context("fork")
+    window = max(options.workers * 4, options.batch_size)
+    with cf.ProcessPoolExecutor(options.workers, mp_context=context) as pool:
+        pending: set[cf.Future] = set()
+        queue = iter(tasks)
+        for task in queue:
+            pending.add(pool.submit(_decode_task, root, task, *args))
+            if len(pending) >= window:
+                break
+        while pending:
+            done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
+                nxt = next(queue, None)
+                if nxt is not None:
+                    pending.add(pool.submit(_decode_task, root, nxt, *args))
+
+
+class _BatchWriter:
+    """Collects decoded images into batches; each flush embeds them and commits one transaction."""
+
+    def __init__(self, library: Library, encoder, run_id: int, existing: dict, counts: dict, batch_size: int) -> None:
+        self.library, self.encoder, self.run_id, self.batch_size = library, encoder, run_id, batch_size
+        self.existing, self.counts = existing, counts
+        self.images: list[tuple[bytes, np.ndarray, dict]] = []
+        self.rows: list[dict] = []  # failure rows waiting for the next commit
+        self.moves: list[tuple[bytes, bytes, dict]] = []
+
+    def image(self, rel: bytes, pixels: np.ndarray, meta: dict) -> None:
+        self.images.append((rel, pixels, meta))
+        if len(self.images) >= self.batch_size:
+            self.flush()
+
+    def failure(self, rel: bytes, status: str, reason: str, task: Task | None) -> None:
+        self.rows.append(_row(rel, status=status, reason=reason, run_id=self.run_id,
+                              size=task.size if task else 0, mtime_ns=task.mtime_ns if task else 0))
+        self.counts["failed"] += 1
+
+    def move(self, old: bytes, new: bytes, meta: dict) -> None:
+        self.moves.append((old, new, meta))
+        self.counts["moved"] += 1
+
+    def flush(self) -> None:
+        if not (self.images or self.rows or self.moves):
+            return
+        new_rows = list(self.rows)
+        if self.images:
+            import torch
+
+            from model.preprocess import normalize
+
+            pixels = np.stack([normalize(p) for _, p, _ in self.images])  # (B, 3, S, S)
+            vectors = self.encoder.embed(torch.from_numpy(pixels))
+            for (rel, _, meta), cls_vec, patch_vec in zip(self.images, vectors.cls, vectors.patch):
+                new_rows.append(_row(rel, status=EMBEDDED, run_id=self.run_id, **meta,
+                                     cls=cls_vec.astype(np.float16).tobytes(), patch=patch_vec.astype(np.float16).tobytes()))
+            self.counts["embedded"] += len(self.images)
+        paths = [r["path"] for r in new_rows] + [new for _, new, _ in self.moves]
+        replaced = [self.existing[p].id for p in paths if p in self.existing]
+        with self.library.session() as s, s.begin():
+            self.library.delete_rows(s, replaced)  # changed files get fresh ids: stale vectors can't linger
+            for old, new, meta in self.moves:
+                s.execute(update(ImageRow).where(ImageRow.path == old).values(
+                    path=new, path_text=display_path(new), folder=_folder(new), size=meta["size"],
+                    mtime_ns=meta["mtime_ns"], run_id=self.run_id))
+            inserted = []
+            for values in new_rows:
+                row = ImageRow(**values)
+                s.add(row)
+                inserted.append(row)
+            s.flush()
+            fresh = [(r.id, r.cls, r.patch) for r in inserted if r.status == EMBEDDED]
+        for p in paths:
+            self.existing.pop(p, None)
+        if fresh:
+            dim = self.encoder.dim
+            ids = np.array([f[0] for f in fresh], dtype=np.int64)
+            for kind, position in (("cls", 1), ("patch", 2)):
+                vecs = np.frombuffer(b"".join(f[position] for f in fresh), np.float16).reshape(-1, dim).astype(np.float32)
+                self.library.indexes[kind].add(ids, vecs)
+        self.images, self.rows, self.moves = [], [], []
+
+
+def _folder(rel: bytes) -> str:
+    return display_path(os.path.dirname(rel))
+
+
+def _row(rel: bytes, **values) -> dict:
+    values.setdefault("sha256", None)
+    return {"path": rel, "path_text": display_path(rel), "folder": _folder(rel), **values}
+
+
+def _finish(library: Library, run_id: int, status: str, counts: dict) -> None:
+    try:
+        with library.session() as s, s.begin():
+            s.execute(update(RunRow).where(RunRow.id == run_id).values(status=status, counts=dict(counts), finished_at=utcnow()))
+    except Exception:  # noqa: BLE001 - never mask the error that ended the run
+        log.exception("could not record the end of run %d", run_id)

@@ -1,0 +1,130 @@
+"""Walking a photo collection: candidate files, losslessly named, loop-safe, problems recorded."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .decode import display_path
+
+IMAGE_EXTENSIONS = frozenset(
+    {b".jpg", b".jpeg", b".jpe", b".jfif", b".png", b".webp", b".gif", b".tif", b".tiff", b".bmp",
+     b".heic", b".heif", b".avif"}
+)
+# Image files we do not decode: recorded as unsupported without being read.
+UNSUPPORTED_EXTENSIONS = frozenset(
+    {b".psd", b".psb", b".eps", b".fits", b".fit", b".svg", b".jxl", b".cr2", b".cr3", b".nef", b".arw", b".dng",
+     b".raf", b".orf", b".rw2", b".pef", b".srw", b".x3f"}
+)
+# Files without any extension are sniffed: exports and phone backups often drop it.
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"II*\x00", b"MM\x00*", b"BM", b"RIFF")
+
+
+@dataclass(frozen=True)
+class ScanEntry:
+    rel: bytes  # path relative to the root, raw bytes
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class ScanProblem:
+    rel: bytes
+    status: str  # "unreadable" | "linked" | "unsupported"
+    reason: str
+
+
+def scan(
+    root: bytes | str | os.PathLike,
+    *,
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+    follow_symlinks: bool = False,
+    skip: tuple[bytes, ...] = (),
+) -> Iterator[ScanEntry | ScanProblem]:
+    """Yield image candidates under root, depth-first in sorted order.
+
+    Hidden files and folders are skipped, as are `skip` folders (the library's own). Symlinks are
+    ignored unless `follow_symlinks`; then each real folder is entered once (loops end) and each
+    real file yielded once — a second path to the same inode (hard or symbolic link) is reported
+    as "linked", so a file can never be its own duplicate.
+    """
+    root_bytes = os.fsencode(root)
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: dict[tuple[int, int], bytes] = {}
+    skip_real = {os.path.realpath(s) for s in skip}
+    stack = [b""]
+    try:
+        st = os.stat(root_bytes)
+        seen_dirs.add((st.st_dev, st.st_ino))
+    except OSError as e:
+        yield ScanProblem(b"", "unreadable", f"library root: {e.strerror}")
+        return
+    while stack:
+        rel_dir = stack.pop()
+        full_dir = os.path.join(root_bytes, rel_dir) if rel_dir else root_bytes
+        try:
+            with os.scandir(full_dir) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            yield ScanProblem(rel_dir, "unreadable", f"folder: {e.strerror or e}")
+            continue
+        subdirs = []
+        for entry in entries:
+            name = entry.name
+            if name.startswith(b"."):
+                continue
+            rel = os.path.join(rel_dir, name) if rel_dir else name
+            try:
+                is_link = entry.is_symlink()
+                if is_link and not follow_symlinks:
+                    continue
+                st = entry.stat(follow_symlinks=True)
+            except OSError as e:
+                if not entry.is_symlink():  # a dangling link is no photo; anything else is a problem
+                    yield ScanProblem(rel, "unreadable", e.strerror or str(e))
+                continue
+            key = (st.st_dev, st.st_ino)
+            if stat.S_ISDIR(st.st_mode):
+                if key in seen_dirs or os.path.realpath(entry.path) in skip_real:
+                    continue
+                seen_dirs.add(key)
+                subdirs.append(rel)
+                continue
+            if not stat.S_ISREG(st.st_mode) or not _included(rel, include, exclude):
+                continue
+            ext = os.path.splitext(rel)[1].lower()
+            if ext in UNSUPPORTED_EXTENSIONS:
+                yield ScanProblem(rel, "unsupported", f"{ext.decode()[1:].upper()} files are not supported")
+                continue
+            if not _is_candidate(ext, entry.path):
+                continue
+            if key in seen_files:
+                yield ScanProblem(rel, "linked", f"same file as {display_path(seen_files[key])}")
+                continue
+            seen_files[key] = rel
+            yield ScanEntry(rel, st.st_size, st.st_mtime_ns)
+        stack.extend(reversed(subdirs))
+
+
+def _included(rel: bytes, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+    text = display_path(rel)
+    if include and not any(fnmatch.fnmatch(text, p) for p in include):
+        return False
+    return not any(fnmatch.fnmatch(text, p) for p in exclude)
+
+
+def _is_candidate(ext: bytes, full: bytes) -> bool:
+    if ext in IMAGE_EXTENSIONS:
+        return True
+    if ext:
+        return False
+    try:
+        with open(full, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return True  # let the decoder record why it cannot be read
+    return head.startswith(_MAGIC) or head[4:8] == b"ftyp"

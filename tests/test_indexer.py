@@ -1,0 +1,254 @@
+"""Indexing a collection: every file accounted for, incremental runs, consistency and repair."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from collection import make_collection
+from conftest import synthetic_photo
+
+from sqlalchemy import update
+
+from indexer.catalog import EMBEDDED, ImageRow, IndexFileRow
+from indexer.errors import LibraryLockedError, ModelMismatchError, SweepRefusedError
+from indexer.library import Library
+from indexer.pipeline import Options, run_index
+from model import Encoder
+
+LINKED_OR_HIDDEN = {".hidden/secret.jpg"}
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_folder):
+    return Encoder.from_pretrained(tiny_folder, precision="fp32")
+
+
+def index(root, encoder, **options):
+    options.setdefault("workers", 0)
+    with Library.open(root, write=True, create=True) as library:
+        return run_index(library, encoder, Options(**options))
+
+
+def rows(root) -> dict[bytes, ImageRow]:
+    with Library.open(root) as library, library.session() as s:
+        return {r.path: r for r in s.query(ImageRow).all()}
+
+
+def check_consistent(root):
+    with Library.open(root) as library:
+        assert library.verify() == []
+        ids = library.embedded_ids()
+        library.load_indexes()
+        for kind in ("cls", "patch"):
+            assert sorted(library.indexes[kind].ids()) == sorted(ids)
+
+
+@pytest.fixture
+def collection(tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    return root, make_collection(root)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_file_embedded_or_recorded(collection, encoder, workers):
+    root, expected = collection
+    counts = index(root, encoder, workers=workers)
+    catalog = rows(root)
+    for rel, status in expected.items():
+        row = catalog[os.fsencode(rel)]
+        assert row.status == (EMBEDDED if status == "ok" else status), (rel, row.reason)
+        if status != "ok":
+            assert row.reason
+    assert os.fsencode(".hidden/secret.jpg") not in catalog  # hidden folders skipped
+    assert not any(p.startswith(b".dinoseek") for p in catalog)
+    assert counts["embedded"] == sum(s == "ok" for s in expected.values())
+    embedded = [r for r in catalog.values() if r.status == EMBEDDED]
+    for row in embedded:
+        cls = np.frombuffer(row.cls, np.float16).astype(np.float32)
+        assert cls.shape == (128,) and abs(np.linalg.norm(cls) - 1) < 2e-3
+    gif = catalog[b"anim/loop.gif"]
+    assert gif.frames == 3 and gif.format == "GIF"
+    rotated = catalog[b"camera/rotated6.jpg"]
+    assert rotated.captured_at == "2021-07-04 12:30:00" and rotated.camera == "Canon EOS 5D"
+    weird = os.fsencode(os.fsdecode(b"odd-\xff\xfe-name.jpg"))
+    assert catalog[weird].path == b"odd-\xff\xfe-name.jpg"  # raw bytes round-trip
+    assert catalog[weird].path_text == "odd-\\xff\\xfe-name.jpg"
+    check_consistent(root)
+
+
+def test_incremental_runs(collection, encoder):
+    root, expected = collection
+    index(root, encoder)
+    before = rows(root)
+    assert index(root, encoder)["embedded"] == 0  # nothing changed: nothing read
+
+    beach = root / "holiday/beach.jpg"
+    synthetic_photo(640, 480, seed=99).save(beach, quality=90)  # content changed
+    os.utime(beach, ns=(before[b"holiday/beach.jpg"].mtime_ns + 10**9,) * 2)
+    counts = index(root, encoder)
+    assert counts["embedded"] == 1 and counts["moved"] == 0
+    after = rows(root)
+    assert after[b"holiday/beach.jpg"].id != before[b"holiday/beach.jpg"].id  # fresh id, fresh vectors
+
+    os.rename(root / "holiday/dune.webp", root / "holiday/dune-renamed.webp")
+    counts = index(root, encoder)
+    assert counts["embedded"] == 0 and counts["moved"] == 1 and counts["deleted"] == 0
+    moved = rows(root)[b"holiday/dune-renamed.webp"]
+    assert moved.id == before[b"holiday/dune.webp"].id  # kept its row and vectors
+
+    (root / "holiday/nested/deep/sunset.png").unlink()
+    counts = index(root, encoder)
+    assert counts["deleted"] == 1 and b"holiday/nested/deep/sunset.png" not in rows(root)
+    check_consistent(root)
+    with Library.open(root) as library:
+        assert before[b"holiday/nested/deep/sunset.png"].id not in library.load_indexes()["cls"].ids()
+
+
+def test_transient_failures_are_retried(collection, encoder):
+    root, _ = collection
+    index(root, encoder)
+    truncated = rows(root)[b"broken/truncated.jpg"]
+    assert index(root, encoder)["to_decode"] == 0  # permanent failures are not retried unchanged
+    synthetic_photo(300, 200, seed=3).save(root / "broken/truncated.jpg", quality=90)  # the copy finished
+    index(root, encoder)
+    fixed = rows(root)[b"broken/truncated.jpg"]
+    assert truncated.status == "truncated" and fixed.status == EMBEDDED
+
+
+def test_second_writer_is_refused(collection, encoder):
+    root, _ = collection
+    with Library.open(root, write=True, create=True):
+        with pytest.raises(LibraryLockedError, match=f"being indexed by pid {os.getpid()}"):
+            Library.open(root, write=True)
+        with Library.open(root) as reader:  # readers are never blocked
+            assert reader.info()["total"] == 0
+
+
+def test_other_model_is_refused(collection, encoder, tmp_path):
+    from conftest import random_hf_model, save_hf
+
+    root, _ = collection
+    index(root, encoder)
+    other = Encoder.from_pretrained(save_hf(random_hf_model(seed=5), tmp_path / "other"), precision="fp32")
+    with pytest.raises(ModelMismatchError, match="weights_sha256"):
+        index(root, other)
+
+
+def test_unmounted_disk_sweep_is_refused(tmp_path, encoder):
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(24):
+        synthetic_photo(64, 48, seed=i).save(root / f"p{i}.png")
+    index(root, encoder)
+    for i in range(20):
+        (root / f"p{i}.png").unlink()
+    with pytest.raises(SweepRefusedError, match="20 of 24 catalogued files are gone"):
+        index(root, encoder)
+    assert len(rows(root)) == 24  # nothing changed
+    assert index(root, encoder, allow_mass_delete=True)["deleted"] == 20
+
+
+def test_corrupt_truncated_and_missing_index_files_are_rebuilt(collection, encoder):
+    root, _ = collection
+    index(root, encoder)
+    folder = root / ".dinoseek"
+    data = bytearray((folder / "cls.faiss").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / "cls.faiss").write_bytes(bytes(data))
+    (folder / "patch.faiss").write_bytes((folder / "patch.faiss").read_bytes()[:100])
+    (folder / ".cls.faiss.999.tmp").write_bytes(b"half a checkpoint")  # a killed writer's leftover
+    with Library.open(root) as library:
+        problems = library.verify()
+    assert any("cls.faiss is missing or fails its checksum" in p for p in problems)
+    assert any("patch.faiss is missing or fails its checksum" in p for p in problems)
+    with Library.open(root, write=True) as library:
+        library.load_indexes()
+    assert not (folder / ".cls.faiss.999.tmp").exists()
+    check_consistent(root)
+    (folder / "cls.faiss").unlink()
+    with Library.open(root, write=True) as library:
+        library.load_indexes()
+    check_consistent(root)
+
+
+def test_stale_index_is_reconciled(collection, encoder):
+    root, _ = collection
+    index(root, encoder)
+    folder = root / ".dinoseek"
+    saved = {k: (folder / f"{k}.faiss").read_bytes() for k in ("cls", "patch")}
+    with Library.open(root) as library, library.session() as s:
+        records = {r.kind: (r.checksum, r.count) for r in s.query(IndexFileRow)}
+    synthetic_photo(200, 100, seed=77).save(root / "new.png")
+    index(root, encoder)
+    # Put the old checkpoint back, as if the run had been killed before saving its indexes.
+    with Library.open(root) as library, library.session() as s, s.begin():
+        for kind, (checksum, count) in records.items():
+            (folder / f"{kind}.faiss").write_bytes(saved[kind])
+            s.execute(update(IndexFileRow).where(IndexFileRow.kind == kind).values(checksum=checksum, count=count))
+    with Library.open(root) as library:
+        assert any("1 embedded images missing from the index" in p for p in library.verify())
+        indexes = library.load_indexes()  # readers reconcile in memory
+        assert sorted(indexes["cls"].ids()) == sorted(library.embedded_ids())
+    with Library.open(root, write=True) as library:
+        library.load_indexes()
+        assert library.verify() == []
+
+
+def test_explicit_factory_and_library_elsewhere(tmp_path, encoder):
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(6):
+        synthetic_photo(80, 60, seed=i).save(root / f"{i}.jpg")
+    folder = tmp_path / "lib"
+    with Library.open(root, folder=folder, write=True, create=True, index="HNSW16") as library:
+        run_index(library, encoder, Options(workers=0))
+    assert not (root / ".dinoseek").exists()
+    with Library.open(root, folder=folder) as library:
+        assert library.info()["indexes"]["cls"]["factory"] == "HNSW16"
+        assert library.verify() == []
+
+
+def test_permission_denied_folder_keeps_its_rows(tmp_path, encoder):
+    root = tmp_path / "photos"
+    (root / "private").mkdir(parents=True)
+    synthetic_photo(80, 60).save(root / "private/a.jpg")
+    synthetic_photo(80, 60, seed=1).save(root / "b.jpg")
+    index(root, encoder)
+    os.chmod(root / "private", 0)
+    try:
+        if os.access(root / "private", os.R_OK):
+            pytest.skip("running as root: permissions are not enforced")
+        counts = index(root, encoder)
+        assert counts["deleted"] == 0
+        assert rows(root)[b"private"].status == "unreadable"
+        assert rows(root)[b"private/a.jpg"].status == EMBEDDED
+    finally:
+        os.chmod(root / "private", 0o755)
+
+
+def test_hard_links_and_followed_symlinks(tmp_path, encoder):
+    root = tmp_path / "photos"
+    (root / "a").mkdir(parents=True)
+    synthetic_photo(80, 60).save(root / "a/x.jpg")
+    os.link(root / "a/x.jpg", root / "a/x-hardlink.jpg")
+    os.symlink(root / "a", root / "a/loop")
+    os.symlink(root / "a/x.jpg", root / "alias.jpg")
+    index(root, encoder, follow_symlinks=True)
+    catalog = rows(root)
+    statuses = sorted(r.status for r in catalog.values())
+    assert statuses == [EMBEDDED, "linked", "linked"]  # one inode, three paths, loop not entered
+
+
+def test_root_missing(tmp_path, encoder):
+    from indexer.errors import LibraryError
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    with Library.open(root, write=True, create=True) as library:
+        shutil.rmtree(root)
+        with pytest.raises(LibraryError, match="not a folder"):
+            run_index(library, encoder, Options(workers=0))
