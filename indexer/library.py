@@ -84,6 +84,7 @@ class Library:
         self.engine.dispose()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
+            _LOCKED_HERE.discard(self.folder)
             self._lock_fd = None
 
     def __enter__(self) -> "Library":
@@ -157,6 +158,9 @@ class Library:
         for kind in KINDS:
             record = records.get(kind)
             loaded = read_index(self.index_path(kind), record.checksum) if record else None
+            if loaded is not None and self.index_choice not in ("auto", record.factory):
+                log.info("%s index: switching %s -> %s", kind, record.factory, self.index_choice)
+                loaded = None
             if loaded is not None and (loaded.d != dim or loaded.ntotal != record.count):
                 log.warning("%s index does not match its record (dim/count): rebuilding", kind)
                 loaded = None
@@ -311,10 +315,17 @@ def _engine(url: str) -> Engine:
     return engine
 
 
+_LOCKED_HERE: set[Path] = set()  # POSIX locks don't conflict within one process: track those ourselves
+
+
 def _take_lock(folder: Path) -> int:
-    fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    if folder in _LOCKED_HERE:
+        raise LibraryLockedError(f"{folder} is being indexed by pid {os.getpid()}; wait for it to finish")
+    fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # A POSIX record lock, not flock: it is not inherited by forked decode workers, so it goes
+        # away with the writer itself even if orphaned workers linger for a moment.
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
@@ -323,4 +334,5 @@ def _take_lock(folder: Path) -> int:
         raise
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _LOCKED_HERE.add(folder)
     return fd

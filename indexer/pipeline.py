@@ -185,7 +185,7 @@ def _decoded(root: bytes, tasks: list[Task], encoder, options: Options, moved: f
     # fork: workers start instantly and only run Pillow/numpy code (never torch's thread pools).
     context = multiprocessing.get_context("fork")
     window = max(options.workers * 4, options.batch_size)
-    with cf.ProcessPoolExecutor(options.workers, mp_context=context) as pool:
+    with cf.ProcessPoolExecutor(options.workers, mp_context=context, initializer=_worker_init) as pool:
         pending: set[cf.Future] = set()
         queue = iter(tasks)
         for task in queue:
@@ -199,6 +199,17 @@ def _decoded(root: bytes, tasks: list[Task], encoder, options: Options, moved: f
                 nxt = next(queue, None)
                 if nxt is not None:
                     pending.add(pool.submit(_decode_task, root, nxt, *args))
+
+
+def _worker_init() -> None:
+    """Decode workers die with the indexer (Linux): a killed run leaves no orphans behind."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class _BatchWriter:

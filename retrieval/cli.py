@@ -122,9 +122,11 @@ def library_options(func):
 @click.option("--exclude", multiple=True, help="Skip paths matching this glob (repeatable).")
 @click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links (loop-safe).")
 @click.option("--allow-mass-delete", is_flag=True, help="Let a run drop more than half of the library.")
+@click.option("--checkpoint-seconds", type=float, default=60.0, show_default=True,
+              help="How often the FAISS files are checkpointed during a run.")
 @_translate_errors
 def index(root, library_dir, url, model_name, weights, device, precision, workers, batch_size, index_choice, mode,
-          include, exclude, follow_symlinks, allow_mass_delete):
+          include, exclude, follow_symlinks, allow_mass_delete, checkpoint_seconds):
     """Index the photos under ROOT: new and changed files are embedded, removed ones dropped.
 
     \b
@@ -140,7 +142,7 @@ def index(root, library_dir, url, model_name, weights, device, precision, worker
     if not root.is_dir():
         raise click.ClickException(f"{root} is not a folder (unmounted disk?)")
     options = Options(batch_size=batch_size, include=include, exclude=exclude, follow_symlinks=follow_symlinks,
-                      allow_mass_delete=allow_mass_delete)
+                      allow_mass_delete=allow_mass_delete, checkpoint_seconds=checkpoint_seconds)
     if workers is not None:
         options.workers = workers
     with Library.open(root, folder=library_dir, url=url, write=True, create=True, index=index_choice) as library:
@@ -223,3 +225,7 @@ def verify(root, library_dir, url, repair):
     if problems:
         raise click.ClickException(f"{len(problems)} problem(s); run `dinoseek verify --repair`")
     click.echo("ok: catalog and indexes agree")
+
+
+if __name__ == "__main__":
+    main()

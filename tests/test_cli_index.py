@@ -1,0 +1,114 @@
+"""`dinoseek index | info | verify` through CliRunner, and real SIGKILLs of `dinoseek index`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from collection import make_collection
+from conftest import synthetic_photo
+
+from indexer.catalog import EMBEDDED, ImageRow
+from indexer.library import Library
+from retrieval.cli import main
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture
+def indexed(tmp_path, tiny_folder):
+    root = tmp_path / "photos"
+    root.mkdir()
+    expected = make_collection(root)
+    result = invoke("index", root, "--weights", tiny_folder, "--precision", "fp32", "--workers", 0)
+    assert result.exit_code == 0, result.output
+    return root, expected, result.output
+
+
+def test_index_info_verify(indexed):
+    root, expected, output = indexed
+    ok = sum(s == "ok" for s in expected.values())
+    assert f"{ok} embedded, 0 moved, 5 failed, 0 removed" in output
+    data = json.loads(invoke("info", root, "--json").output)
+    assert data["counts"][EMBEDDED] == ok and data["counts"]["truncated"] == 1
+    assert data["indexes"]["cls"] == {"factory": "Flat", "vectors": ok, "nprobe": None,
+                                      "bytes": (root / ".dinoseek/cls.faiss").stat().st_size}
+    assert {"path": "broken/bomb.png", "status": "too-large"}.items() <= next(
+        e for e in data["errors"] if e["path"] == "broken/bomb.png").items()
+    assert data["model"]["dim"] == 128 and data["last_run"]["status"] == "finished"
+    text = invoke("info", root).output
+    assert "embedded     " in text and "truncated: broken/truncated.jpg: decoding failed" in text
+    result = invoke("verify", root)
+    assert result.exit_code == 0 and "ok: catalog and indexes agree" in result.output
+
+
+def test_verify_fails_then_repairs(indexed):
+    root, _, _ = indexed
+    (root / ".dinoseek/patch.faiss").write_bytes(b"garbage")
+    result = invoke("verify", root)
+    assert result.exit_code == 1
+    assert "patch: patch.faiss is missing or fails its checksum" in result.output
+    assert result.output.rstrip().endswith("Error: 1 problem(s); run `dinoseek verify --repair`")
+    result = invoke("verify", root, "--repair")
+    assert result.exit_code == 0, result.output
+
+
+def test_cli_errors_are_one_line(tmp_path, indexed, tiny_folder):
+    root, _, _ = indexed
+    result = invoke("info", tmp_path / "elsewhere")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: no library at") and "dinoseek index" in result.output
+    with Library.open(root, write=True):
+        result = invoke("index", root, "--weights", tiny_folder, "--workers", 0)
+    assert result.exit_code == 1 and "is being indexed by pid" in result.output
+    result = invoke("index", root, "--weights", tiny_folder, "--workers", 0, "--index", "IVF-nonsense")
+    assert result.exit_code == 1 and result.output.startswith("Error: ") and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments(tmp_path, tiny_folder):
+    """Kill real `dinoseek index` runs (checkpointing after every batch, so some kills land in index
+    writes); every time the library must open, repair to a verified state, and finish on re-run."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    expected = make_collection(root)
+    for i in range(160):
+        synthetic_photo(360, 270, seed=1000 + i).save(root / "bulk" / f"{i:03d}.jpg" if (root / "bulk").exists()
+                                                      else _mkdir(root / "bulk") / f"{i:03d}.jpg", quality=85)
+    command = [sys.executable, "-m", "retrieval.cli", "index", str(root), "--weights", str(tiny_folder),
+               "--precision", "fp32", "--batch-size", "4", "--workers", "1", "--checkpoint-seconds", "0"]
+    rng = np.random.default_rng(7)
+    for delay in sorted(rng.uniform(2.0, 6.0, 5)):
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        with Library.open(root, write=True) as library:  # opens; repairs what the kill left
+            library.load_indexes()
+            assert library.verify() == []
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with Library.open(root) as library, library.session() as s:
+        catalog = s.query(ImageRow).all()
+        paths = [r.path for r in catalog]
+        assert len(paths) == len(set(paths))
+        embedded = {r.path for r in catalog if r.status == EMBEDDED}
+        decodable = {os.fsencode(p) for p, st in expected.items() if st == "ok"} | {
+            os.fsencode(f"bulk/{i:03d}.jpg") for i in range(160)}
+        assert embedded == decodable
+        assert library.verify() == []
+        assert len(library.load_indexes()["cls"].ids()) == len(decodable)
+
+
+def _mkdir(path):
+    path.mkdir(exist_ok=True)
+    return path
