@@ -74,17 +74,16 @@ class Library:
             migrate.upgrade(engine, None if url else catalog_file)
             if write:
                 remove_temp_files(folder)
-        except Exception:
+        except BaseException:
             if lock_fd is not None:
-                os.close(lock_fd)
+                _release_lock(folder, lock_fd)
             raise
         return cls(root, folder, engine, write, index, lock_fd)
 
     def close(self) -> None:
         self.engine.dispose()
         if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            _LOCKED_HERE.discard(self.folder)
+            _release_lock(self.folder, self._lock_fd)
             self._lock_fd = None
 
     def __enter__(self) -> "Library":
@@ -336,3 +335,8 @@ def _take_lock(folder: Path) -> int:
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     _LOCKED_HERE.add(folder)
     return fd
+
+
+def _release_lock(folder: Path, fd: int) -> None:
+    os.close(fd)
+    _LOCKED_HERE.discard(folder)

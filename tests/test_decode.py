@@ -117,3 +117,24 @@ def test_float_and_int32_modes_scale_to_their_range():
     ramp = np.linspace(-3.0, 5.0, 64 * 32, dtype=np.float32).reshape(32, 64)
     out = np.asarray(to_rgb(Image.fromarray(ramp, "F")))
     assert out.min() == 0 and out.max() == 255
+
+
+@pytest.mark.slow
+def test_draft_decoding_does_not_move_vectors(tmp_path, small_folder):
+    """JPEG DCT downscaling before the resize: cosine >= 0.99 to a full decode (12 MP photos)."""
+    from model import Encoder
+
+    encoder = Encoder.from_pretrained(small_folder, precision="fp32")
+    for mode, size in (("crop", 224), ("full", 224)):
+        drafts, fulls = [], []
+        for seed in range(3):
+            path = tmp_path / f"big{seed}.jpg"
+            synthetic_photo(4000, 3000, seed=seed).save(path, quality=92)
+            decoded = read_image(path, min_side=256 if mode == "crop" else size)
+            assert decoded.image.width < 1000  # the draft really shrank it
+            drafts.append(decoded.image)
+            fulls.append(Image.open(path).convert("RGB"))
+        encoder.mode, encoder.size = mode, size
+        a, b = encoder.embed(drafts), encoder.embed(fulls)
+        assert (a.cls * b.cls).sum(1).min() >= 0.99, mode
+        assert (a.patch * b.patch).sum(1).min() >= 0.99, mode

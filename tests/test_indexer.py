@@ -252,3 +252,15 @@ def test_root_missing(tmp_path, encoder):
         shutil.rmtree(root)
         with pytest.raises(LibraryError, match="not a folder"):
             run_index(library, encoder, Options(workers=0))
+
+
+def test_readers_work_while_a_writer_holds_a_transaction(collection, encoder):
+    root, _ = collection
+    index(root, encoder)
+    with Library.open(root, write=True) as writer, writer.session() as s:
+        s.begin()
+        s.execute(update(ImageRow).values(reason="in flight"))  # uncommitted write, lock held
+        with Library.open(root) as reader:  # WAL: the reader sees the last committed state
+            assert reader.info()["counts"][EMBEDDED] > 0
+            assert reader.verify() == []
+        s.rollback()

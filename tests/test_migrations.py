@@ -1,0 +1,60 @@
+"""The catalog schema comes from Alembic revisions, applied on open with a backup first."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from sqlalchemy import create_engine, inspect
+
+from indexer import migrate
+from indexer.catalog import Base
+from indexer.library import Library
+
+
+def test_new_library_is_at_head(tmp_path):
+    with Library.open(tmp_path, write=True, create=True) as library:
+        assert migrate.upgrade(library.engine, library.folder / "catalog.sqlite") is False  # nothing pending
+    db = sqlite3.connect(tmp_path / ".dinoseek/catalog.sqlite")
+    assert db.execute("select version_num from alembic_version").fetchone() == (migrate.head_revision(),)
+    assert db.execute("pragma journal_mode").fetchone() == ("wal",)
+
+
+def test_revisions_build_the_models_schema(tmp_path):
+    """The migrations and the SQLAlchemy models describe the same tables and columns."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'c.sqlite'}")
+    migrate.upgrade(engine, None)
+    inspector = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        migrated = {c["name"] for c in inspector.get_columns(table.name)}
+        assert migrated == {c.name for c in table.columns}, table.name
+
+
+def test_interrupted_migration_leaves_a_backup_and_reruns(tmp_path, monkeypatch):
+    with Library.open(tmp_path, write=True, create=True):
+        pass
+    catalog = tmp_path / ".dinoseek/catalog.sqlite"
+    db = sqlite3.connect(catalog)
+    db.execute("update alembic_version set version_num = 'older'")  # pretend a newer revision is pending
+    db.commit()
+    db.close()
+    monkeypatch.setattr(migrate.command, "upgrade", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        Library.open(tmp_path, write=True)
+    backup = catalog.with_name("catalog.sqlite.bak-older")
+    assert backup.exists()
+    assert sqlite3.connect(backup).execute("select version_num from alembic_version").fetchone() == ("older",)
+    monkeypatch.undo()
+    db = sqlite3.connect(catalog)  # the interrupted migration changed nothing: restore and re-run
+    db.execute("update alembic_version set version_num = ?", (migrate.head_revision(),))
+    db.commit()
+    with Library.open(tmp_path, write=True) as library:
+        assert library.info()["total"] == 0
+
+
+def test_other_sqlalchemy_url(tmp_path):
+    url = f"sqlite:///{tmp_path / 'elsewhere.sqlite'}"
+    with Library.open(tmp_path, url=url, write=True, create=True) as library:
+        assert library.info()["total"] == 0
+    assert (tmp_path / "elsewhere.sqlite").exists()
+    assert not (tmp_path / ".dinoseek/catalog.sqlite").exists()

@@ -1,0 +1,78 @@
+"""FAISS stores against brute force; index choice by size; atomic checkpoint files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from indexer.store import auto_factory, build_index, read_index, remove_temp_files, write_atomic
+
+
+def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_auto_factory_grows_with_the_library():
+    assert auto_factory(10, 384) == "Flat"
+    assert auto_factory(50_000, 384) == "Flat"
+    assert auto_factory(200_000, 384).startswith("IVF") and auto_factory(200_000, 384).endswith(",SQ8")
+    assert auto_factory(100_000_000, 384) == "IVF32768,PQ96x8"  # nlist ~ 4 sqrt(N), a power of two
+    assert auto_factory(100_000_000, 1536) == "IVF32768,PQ384x8"
+
+
+def test_flat_equals_brute_force_with_catalog_ids():
+    vectors = unit_vectors(500, 32)
+    ids = np.arange(1000, 1500, dtype=np.int64) * 3  # row ids, not positions
+    index = build_index("Flat", 32, vectors, ids, auto=True)
+    queries = unit_vectors(20, 32, seed=1)
+    scores, found = index.search(queries, 5)
+    exact = queries @ vectors.T
+    order = np.argsort(-exact, axis=1)[:, :5]
+    np.testing.assert_array_equal(found, ids[order])
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, order, 1), atol=1e-5)
+
+
+def test_ivf_trained_on_a_sample_reaches_target_recall():
+    # Clustered data, as embeddings are: random centers plus small noise.
+    rng = np.random.default_rng(0)
+    centers = unit_vectors(64, 48, seed=2)
+    vectors = centers[rng.integers(0, 64, 20_000)] + 0.3 * unit_vectors(20_000, 48, seed=3)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = np.arange(20_000, dtype=np.int64) + 1
+    index = build_index("IVF64,SQ8", 48, vectors, ids, auto=False)
+    assert index.nprobe is not None and 1 <= index.nprobe <= 64
+    queries = vectors[rng.choice(20_000, 100, replace=False)]
+    _, found = index.search(queries, 10)
+    truth = np.argsort(-(queries @ vectors.T), axis=1)[:, :10] + 1
+    recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])
+    assert recall >= 0.9
+
+
+def test_untrainable_factory_starts_flat_and_bad_factory_is_a_value_error():
+    index = build_index("IVF256,Flat", 16, unit_vectors(50, 16), np.arange(50), auto=False)
+    assert index.factory == "Flat" and index.count == 50
+    with pytest.raises(ValueError, match="invalid FAISS factory string"):
+        build_index("IVF-nonsense", 16, unit_vectors(5, 16), np.arange(5), auto=False)
+
+
+def test_remove_and_add():
+    index = build_index("Flat", 8, unit_vectors(10, 8), np.arange(10), auto=True)
+    assert index.remove([3, 4, 99]) == 2
+    index.add(np.array([42]), unit_vectors(1, 8))
+    assert sorted(index.ids()) == [0, 1, 2, 5, 6, 7, 8, 9, 42]
+
+
+def test_atomic_checkpoint_round_trip_and_damage(tmp_path):
+    index = build_index("Flat", 8, unit_vectors(10, 8), np.arange(10), auto=True)
+    path = tmp_path / "cls.faiss"
+    checksum = write_atomic(path, index.serialize())
+    loaded = read_index(path, checksum)
+    assert loaded is not None and loaded.ntotal == 10
+    assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
+    assert read_index(path, "0" * 64) is None  # stale record
+    path.write_bytes(path.read_bytes()[:-7])
+    assert read_index(path, checksum) is None  # truncated
+    assert read_index(tmp_path / "gone.faiss", checksum) is None
+    (tmp_path / ".cls.faiss.123.tmp").write_bytes(b"x")
+    assert remove_temp_files(tmp_path) == 1
