@@ -241,12 +241,10 @@ class _BatchWriter:
             return
         new_rows = list(self.rows)
         if self.images:
-            import torch
+            from model.preprocess import normalize_batch
 
-            from model.preprocess import normalize
-
-            pixels = np.stack([normalize(p) for _, p, _ in self.images])  # (B, 3, S, S)
-            vectors = self.encoder.embed(torch.from_numpy(pixels))
+            pixels = normalize_batch(np.stack([p for _, p, _ in self.images]))  # (B, 3, S, S)
+            vectors = self.encoder.embed(pixels)
             for (rel, _, meta), cls_vec, patch_vec in zip(self.images, vectors.cls, vectors.patch):
                 new_rows.append(_row(rel, status=EMBEDDED, run_id=self.run_id, **meta,
                                      cls=cls_vec.astype(np.float16).tobytes(), patch=patch_vec.astype(np.float16).tobytes()))

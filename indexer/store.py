@@ -48,6 +48,7 @@ class VectorIndex:
     auto: bool
     nprobe: int | None
     trained_on: int
+    version: int = 0  # bumped on every add/remove, so a GPU copy is refreshed when stale
 
     @property
     def count(self) -> int:
@@ -62,17 +63,37 @@ class VectorIndex:
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids):
+            self.version += 1
             self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
 
     def remove(self, ids) -> int:
         ids = np.asarray(list(ids), dtype=np.int64)
+        self.version += 1
         return int(self.index.remove_ids(faiss.IDSelectorBatch(ids))) if len(ids) else 0
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the k best inner products; ids are catalog row ids (-1 pads)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        index = self._searchable()
         if self.nprobe:
-            faiss.extract_index_ivf(self.index.index).nprobe = self.nprobe
-        return self.index.search(queries, k)
+            params = faiss.SearchParametersIVF(nprobe=self.nprobe)
+            return index.search(queries, k, params=params)
+        return index.search(queries, k)
+
+    def _searchable(self):
+        """The GPU copy of the index where faiss-gpu and CUDA are present (made once), else itself."""
+        if not gpu_available() or self.count == 0:
+            return self.index
+        cached = getattr(self, "_gpu", None)
+        if cached is None or cached[0] != self.version:
+            try:
+                resources = faiss.StandardGpuResources()
+                cached = (self.version, faiss.index_cpu_to_gpu(resources, 0, self.index), resources)
+            except RuntimeError as e:  # an index type without a GPU implementation (e.g. HNSW)
+                log.info("searching on the CPU: %s", str(e).splitlines()[-1])
+                cached = (self.version, self.index, None)
+            self._gpu = cached
+        return cached[1]
 
     def serialize(self) -> bytes:
         return faiss.serialize_index(self.index).tobytes()

@@ -87,3 +87,11 @@ def test_rejects_non_images():
         preprocess([np.zeros((10, 10, 3), np.uint8)])
     with pytest.raises(ValueError, match="no images"):
         preprocess([])
+
+
+def test_batch_normalization_equals_per_image():
+    from model.preprocess import normalize, normalize_batch, resize_for_mode
+
+    arrays = np.stack([np.asarray(resize_for_mode(synthetic_photo(300, 280, seed=i), "crop", 224)) for i in range(3)])
+    expected = np.stack([normalize(a) for a in arrays])
+    assert np.array_equal(normalize_batch(arrays).numpy(), expected)
