@@ -84,34 +84,34 @@ def measure_decode(paths, workers: int) -> dict:
     return {"full_decode_1p": full, "draft_decode_1p": draft, "decode_limit": limit}
 
 
-def measure_encoder(weights: Path, precision: str, batch: int, repeats: int = 4) -> float:
+def measure_encoder(weights: Path, precision: str, batch: int, device: str, repeats: int = 4) -> float:
     import torch
 
     from model import Encoder
 
-    encoder = Encoder.from_pretrained(weights, precision=precision)
+    encoder = Encoder.from_pretrained(weights, precision=precision, device=device)
     pixels = torch.randn(batch, 3, 224, 224)
-    encoder.embed(pixels)
+    encoder.embed(pixels)  # .embed returns numpy arrays: each call ends synchronized
     start = time.perf_counter()
     for _ in range(repeats):
         encoder.embed(pixels)
     return rate(batch * repeats, time.perf_counter() - start)
 
 
-def end_to_end(root: Path, weights: Path, precision: str, workers: int, batch: int) -> dict:
+def end_to_end(root: Path, weights: Path, precision: str, workers: int, batch: int, device: str) -> dict:
     """Index `root` from scratch in a child process (so peak RSS is per run); time `run_index` only."""
     shutil.rmtree(root / ".dinoseek", ignore_errors=True)
-    command = [sys.executable, __file__, "--child", str(root), str(weights), precision, str(workers), str(batch)]
+    command = [sys.executable, __file__, "--child", str(root), str(weights), precision, str(workers), str(batch), device]
     out = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def child(root: str, weights: str, precision: str, workers: str, batch: str) -> None:
+def child(root: str, weights: str, precision: str, workers: str, batch: str, device: str) -> None:
     from indexer.library import Library
     from indexer.pipeline import Options, run_index
     from model import Encoder
 
-    encoder = Encoder.from_pretrained(weights, precision=precision)
+    encoder = Encoder.from_pretrained(weights, precision=precision, device=device)
     with Library.open(root, write=True, create=True) as library:
         start = time.perf_counter()
         counts = run_index(library, encoder, Options(workers=int(workers), batch_size=int(batch)))
@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--keep", type=Path, help="Reuse/keep the generated collection in this folder.")
     args = parser.parse_args()
 
@@ -145,13 +146,13 @@ def main() -> None:
     if not (weights / "model.safetensors").exists():
         reference_model("small", weights)
     print(f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"ViT-S/14 random weights, {args.precision}, batch {args.batch}, workers {args.workers}, 12 MP JPEGs")
+          f"ViT-S/14 random weights, {args.device}, {args.precision}, batch {args.batch}, workers {args.workers}, 12 MP JPEGs")
     largest = max(args.sizes)
     collection = work / "photos"
     existing = sorted(collection.glob("*.jpg")) if collection.exists() else []
     paths = existing if len(existing) >= largest else make_collection(collection, largest)
     d = measure_decode(paths[: min(args.sizes)], args.workers)
-    e = measure_encoder(weights, args.precision, args.batch)
+    e = measure_encoder(weights, args.precision, args.batch, args.device)
     bound = min(d["decode_limit"], e)
     shared = 1 / (1 / d["decode_limit"] + 1 / e)  # both stages on the same cores at once
     print(f"{'full decode (1 process)':<36}{d['full_decode_1p']:>10.1f} img/s")
@@ -166,7 +167,7 @@ def main() -> None:
             target = root / p.name
             if not target.exists():
                 os.link(p, target)
-        run = end_to_end(root, weights, args.precision, args.workers, args.batch)
+        run = end_to_end(root, weights, args.precision, args.workers, args.batch, args.device)
         speed = size / run["seconds"]
         print(f"{'end to end, ' + str(size) + ' images':<36}{speed:>10.1f} img/s   {speed / bound:.0%} of min(decode, encoder),"
               f" {speed / shared:.0%} of shared bound"
