@@ -138,3 +138,67 @@ def test_draft_decoding_does_not_move_vectors(tmp_path, small_folder):
         a, b = encoder.embed(drafts), encoder.embed(fulls)
         assert (a.cls * b.cls).sum(1).min() >= 0.99, mode
         assert (a.patch * b.patch).sum(1).min() >= 0.99, mode
+
+
+# EXIF orientation -> the transform that makes the stored pixels upright (EXIF 2.32, tag 0x0112).
+UPRIGHT = {
+    1: [],
+    2: [Image.Transpose.FLIP_LEFT_RIGHT],
+    3: [Image.Transpose.ROTATE_180],
+    4: [Image.Transpose.FLIP_TOP_BOTTOM],
+    5: [Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.ROTATE_90],
+    6: [Image.Transpose.ROTATE_270],
+    7: [Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.ROTATE_270],
+    8: [Image.Transpose.ROTATE_90],
+}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_all_exif_orientations(tmp_path, orientation):
+    path = tmp_path / f"o{orientation}.png"  # lossless, so pixels compare exactly
+    stored = synthetic_photo(64, 40, seed=orientation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(path, exif=exif)
+    expected = stored
+    for step in UPRIGHT[orientation]:
+        expected = expected.transpose(step)
+    decoded = read_image(path).image
+    assert decoded.size == expected.size
+    assert np.array_equal(np.asarray(decoded), np.asarray(expected))
+
+
+def test_sixteen_bit_rgb_is_not_clipped(tmp_path):
+    import struct
+    import zlib
+
+    # Pillow writes no 16-bit RGB PNG, so build one: a horizontal ramp 0..65535 in every channel.
+    width, height = 256, 8
+    row = np.repeat(np.linspace(0, 65535, width).astype(">u2")[:, None], 3, axis=1).tobytes()
+    raw = b"".join(b"\x00" + row for _ in range(height))
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    path = tmp_path / "rgb16.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    out = np.asarray(read_image(path).image).astype(int)
+    assert out[0, 0].tolist() == [0, 0, 0] and out[0, -1].tolist() == [255, 255, 255]
+    assert abs(out[0, 128, 0] - 128) <= 2  # mid-grey stays mid-grey
+
+
+@pytest.mark.parametrize("fmt,ext", [("WEBP", "webp"), ("PNG", "png")])
+def test_animated_webp_and_apng_first_frame(tmp_path, fmt, ext):
+    frames = [synthetic_photo(80, 60, seed=s) for s in range(4)]
+    path = tmp_path / f"anim.{ext}"
+    frames[0].save(path, format=fmt, save_all=True, append_images=frames[1:], duration=50, lossless=True)
+    decoded = read_image(path)
+    assert decoded.frames == 4
+    assert np.abs(np.asarray(decoded.image, np.int16) - np.asarray(frames[0], np.int16)).max() <= 1
+
+
+def test_very_long_file_name(tmp_path):
+    path = tmp_path / ("x" * 240 + ".jpg")
+    synthetic_photo(40, 30).save(path)
+    assert read_image(path).image.size == (40, 30)
