@@ -103,11 +103,17 @@ class Library:
 
     def bind_model(self, manifest: dict) -> None:
         """Record the model on first use; refuse a different one afterwards."""
-        current = self.manifest()
-        if current is None:
+        if self.manifest() is None:
             with self.session() as s, s.begin():
                 s.add(ManifestRow(id=1, data=manifest))
             return
+        self.check_model(manifest)
+
+    def check_model(self, manifest: dict) -> None:
+        """Raise ModelMismatchError unless `manifest` makes vectors comparable with this library's."""
+        current = self.manifest()
+        if current is None:
+            raise LibraryError(f"{self.folder} has no vectors yet; run `dinoseek index {self.root}` first")
         differs = [k for k in IDENTITY if current.get(k) != manifest.get(k)]
         if differs:
             raise ModelMismatchError(

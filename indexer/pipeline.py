@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from sqlalchemy import select, update
 
-from .catalog import EMBEDDED, TRANSIENT, ImageRow, RunRow, utcnow
+from .catalog import EMBEDDED, QUARANTINED, TRANSIENT, ImageRow, RunRow, utcnow
 from .decode import DecodeError, display_path, read_image
 from .errors import LibraryError, SweepRefusedError
 from .library import Library
@@ -113,10 +113,12 @@ def run_index(
     # Files under a folder that could not be listed still exist as far as we know: keep them.
     hidden = tuple(p.rel + b"/" for p in problems if p.status == "unreadable")
     missing = {path: row for path, row in existing.items() if path not in seen and not path.startswith(hidden or (b"\0",))}
-    if (len(missing) > MASS_DELETE_FRACTION * len(existing) and len(missing) >= MASS_DELETE_MIN
+    # Files dedup set aside are expected to be gone; they do not count towards the guard.
+    vanished = sum(1 for row in missing.values() if row.status != QUARANTINED)
+    if (vanished > MASS_DELETE_FRACTION * len(existing) and vanished >= MASS_DELETE_MIN
             and not options.allow_mass_delete):
         raise SweepRefusedError(
-            f"{len(missing)} of {len(existing)} catalogued files are gone from {library.root}; is the disk "
+            f"{vanished} of {len(existing)} catalogued files are gone from {library.root}; is the disk "
             f"mounted? Nothing was changed (pass --allow-mass-delete if they really were removed)"
         )
     moved_from = {row.sha256: path for path, row in missing.items() if row.status == EMBEDDED and row.sha256}

@@ -80,6 +80,23 @@ class VectorIndex:
             return index.search(queries, k, params=params)
         return index.search(queries, k)
 
+    def range_search(self, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(lims, scores, ids): every stored vector with inner product >= threshold, per query."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.nprobe:
+            return self.index.range_search(queries, threshold, params=faiss.SearchParametersIVF(nprobe=self.nprobe))
+        return self.index.range_search(queries, threshold)
+
+    def search_subset(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Search among the ids in `allowed` only (FAISS id selector; IVF probes every list it needs)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+        if self.nprobe:
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=faiss.extract_index_ivf(self.index.index).nlist)
+        else:
+            params = faiss.SearchParameters(sel=selector)
+        return self.index.search(queries, k, params=params)
+
     def _searchable(self):
         """The GPU copy of the index where faiss-gpu and CUDA are present (made once), else itself."""
         if not gpu_available() or self.count == 0:

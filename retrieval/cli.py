@@ -11,6 +11,7 @@ import click
 
 from indexer.errors import IndexerError
 from model import PRECISIONS, PRESETS, ModelError
+from retrieval.errors import RetrievalError
 
 
 def _translate_errors(func):
@@ -20,7 +21,7 @@ def _translate_errors(func):
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except (ModelError, IndexerError, ValueError) as e:
+        except (ModelError, IndexerError, RetrievalError, ValueError) as e:
             raise click.ClickException(str(e)) from e
 
     return wrapper
@@ -225,6 +226,211 @@ def verify(root, library_dir, url, repair):
     if problems:
         raise click.ClickException(f"{len(problems)} problem(s); run `dinoseek verify --repair`")
     click.echo("ok: catalog and indexes agree")
+
+
+def filter_options(func):
+    """SQL pre-filters shared by search, similar and dedup."""
+    options = [
+        click.option("--folder", help="Only images under this folder (relative to ROOT)."),
+        click.option("--after", "captured_after", help="Captured on or after this date (YYYY-MM-DD)."),
+        click.option("--before", "captured_before", help="Captured before this date (YYYY-MM-DD)."),
+        click.option("--camera", help="Camera make/model contains this text."),
+        click.option("--min-pixels", type=int, help="At least this many pixels (width x height)."),
+        click.option("--min-bytes", type=int, help="Files of at least this many bytes."),
+        click.option("--max-bytes", type=int, help="Files of at most this many bytes."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _filters(kwargs: dict):
+    from retrieval.api import Filters
+
+    names = ("folder", "captured_after", "captured_before", "camera", "min_pixels", "min_bytes", "max_bytes")
+    return Filters(**{n: kwargs.pop(n) for n in names})
+
+
+def _print_hits(hits, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps([h.to_dict() for h in hits], indent=2))
+        return
+    for hit in hits:
+        click.echo(f"{hit.score:.4f}  {hit.path}")
+
+
+@main.command()
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=".", show_default=True,
+              help="The indexed photo folder.")
+@click.option("--library", "library_dir", type=click.Path(file_okay=False, path_type=Path), help="Library folder.")
+@click.option("--url", help="SQLAlchemy URL of the catalog.")
+@model_options
+@click.option("-k", "--top", "k", type=int, default=10, show_default=True, help="Number of results.")
+@click.option("--kind", type=click.Choice(["cls", "patch", "both"]), default="cls", show_default=True,
+              help="Which vectors to compare: global (cls), pooled patches, or their average.")
+@filter_options
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@_translate_errors
+def search(image, root, library_dir, url, model_name, weights, device, precision, k, kind, as_json, **filters):
+    """Find the photos in the library most similar to IMAGE (any file, indexed or not).
+
+    \b
+    Example:
+      dinoseek search query.jpg --root ~/Pictures --weights ./dinov2-small -k 20 --after 2023-01-01
+    """
+    from retrieval.api import open_library
+
+    with open_library(root, folder=library_dir, url=url, model=None if weights else model_name, weights=weights,
+                      device=device, precision=precision) as lib:
+        hits = lib.search(image, k=k, kind=kind, filters=_filters(filters))
+    _print_hits(hits, as_json)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=".", show_default=True,
+              help="The indexed photo folder.")
+@click.option("--library", "library_dir", type=click.Path(file_okay=False, path_type=Path), help="Library folder.")
+@click.option("--url", help="SQLAlchemy URL of the catalog.")
+@click.option("-k", "--top", "k", type=int, default=10, show_default=True, help="Number of results.")
+@click.option("--kind", type=click.Choice(["cls", "patch", "both"]), default="cls", show_default=True)
+@filter_options
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@_translate_errors
+def similar(path, root, library_dir, url, k, kind, as_json, **filters):
+    """Find the photos most similar to PATH, an image already in the library (no model needed).
+
+    \b
+    Example:
+      dinoseek similar ~/Pictures/2023/IMG_0042.jpg --root ~/Pictures --json
+    """
+    from retrieval.api import open_library
+
+    with open_library(root, folder=library_dir, url=url) as lib:
+        hits = lib.similar(path, k=k, kind=kind, filters=_filters(filters))
+    _print_hits(hits, as_json)
+
+
+@main.command()
+@library_options
+@click.option("--threshold", type=float, default=None, help="Similarity for near duplicates [default: 0.95].")
+@click.option("--kind", type=click.Choice(["cls", "patch"]), default="cls", show_default=True)
+@click.option("--exact", "exact_only", is_flag=True, help="Only byte-identical copies.")
+@click.option("--keep", "keep_order", default="protected,resolution,size,oldest,format", show_default=True,
+              help="Keep rules, in order of priority.")
+@click.option("--protect", multiple=True, help="Folder whose copies are kept first (repeatable).")
+@click.option("--in-folder", "folder", help="Only groups with a member under this folder.")
+@click.option("--action", type=click.Choice(["report", "move", "hardlink", "symlink"]), default="report",
+              show_default=True, help="What --apply does to the copies that are not kept.")
+@click.option("--apply", "do_apply", is_flag=True, help="Carry out the action (default: a dry-run plan only).")
+@click.option("--quarantine", type=click.Path(file_okay=False, path_type=Path),
+              help="Where moved copies go (default: the library's quarantine folder).")
+@click.option("--report", "report_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the groups to a .json, .csv or .html file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@_translate_errors
+def dedup(root, library_dir, url, threshold, kind, exact_only, keep_order, protect, folder, action, do_apply,
+          quarantine, report_file, as_json):
+    """Find duplicate groups; with --action and --apply, set the extra copies aside (undoably).
+
+    Nothing changes on disk without --apply. Applying moves the copies that are not kept into a
+    quarantine folder (paths preserved), or replaces them by links to the kept copy; every step is
+    journaled, and `dinoseek undo` restores them.
+
+    \b
+    Example:
+      dinoseek dedup ~/Pictures --report dups.html
+      dinoseek dedup ~/Pictures --threshold 0.97 --protect originals --action move --apply
+    """
+    from indexer.library import Library
+    from retrieval import actions
+    from retrieval.dedup import DEFAULT_THRESHOLD, find_duplicates
+    from retrieval.report import to_json, write_report
+
+    order = tuple(r.strip() for r in keep_order.split(",") if r.strip())
+    with Library.open(root, folder=library_dir, url=url, write=do_apply) as library:
+        groups = find_duplicates(library, threshold=threshold or DEFAULT_THRESHOLD, kind=kind, exact_only=exact_only,
+                                 order=order, protected=protect, folder=folder)
+        if report_file:
+            write_report(groups, report_file, library.root, action)
+        if as_json:
+            click.echo(to_json(groups, action))
+        else:
+            for number, group in enumerate(groups, 1):
+                click.echo(f"group {number} ({group.kind}, min similarity {group.min_similarity:.3f}): "
+                           f"keep {group.keeper.path} — {group.reason}")
+                for member in group.others:
+                    click.echo(f"    {action if action != 'report' else 'duplicate'}: {member.path}")
+            extra = sum(len(g.others) for g in groups)
+            click.echo(f"{len(groups)} groups, {extra} files {'to act on' if action != 'report' else 'duplicated'}"
+                       + ("" if do_apply or action == "report" else " (dry run: add --apply)"))
+        if do_apply:
+            if action == "report":
+                raise click.ClickException("--apply needs --action move, hardlink or symlink")
+            result = actions.apply(library, groups, action, quarantine)
+            for group, why in result.skipped:
+                click.echo(f"skipped group keeping {group.keeper.path}: {why}", err=True)
+            click.echo(f"{len(result.done)} files {action}d; journal {result.journal} (undo: dinoseek undo)")
+
+
+@main.command()
+@library_options
+@click.option("--journal", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Journal to undo (default: the latest).")
+@_translate_errors
+def undo(root, library_dir, url, journal):
+    """Restore the files a `dedup --apply` set aside, byte for byte.
+
+    \b
+    Example:
+      dinoseek undo ~/Pictures
+    """
+    from indexer.library import Library
+    from retrieval import actions
+
+    with Library.open(root, folder=library_dir, url=url, write=True) as library:
+        restored = actions.undo(library, journal)
+    click.echo(f"restored {len(restored)} files")
+
+
+@main.command()
+@library_options
+@model_options
+@click.option("--sample", type=int, default=50, show_default=True, help="Photos to alter and compare.")
+@click.option("--kind", type=click.Choice(["cls", "patch"]), default="cls", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@_translate_errors
+def calibrate(root, library_dir, url, model_name, weights, device, precision, sample, kind, as_json):
+    """Measure precision/recall of dedup thresholds on altered copies of your own photos.
+
+    \b
+    Example:
+      dinoseek calibrate ~/Pictures --weights ./dinov2-small --sample 100
+    """
+    from indexer.library import Library
+    from model import Encoder
+    from retrieval.calibrate import calibrate as run
+
+    with Library.open(root, folder=library_dir, url=url) as library:
+        manifest = library.manifest() or {}
+        encoder = Encoder.from_pretrained(weights or model_name, device=device, precision=precision,
+                                          **manifest.get("preprocess", {}))
+        table, recommended, used = run(library, encoder, sample=sample, kind=kind)
+    if as_json:
+        click.echo(json.dumps({"photos": used, "recommended": recommended,
+                               "rows": [vars(r) for r in table]}, indent=2))
+        return
+    edits = list(table[0].recall_by_edit)
+    click.echo(f"{used} photos x {len(edits)} edits; recall per edit at each threshold")
+    click.echo(f"{'threshold':>9} {'precision':>9} {'recall':>7}  " + " ".join(f"{e:>12}" for e in edits))
+    for r in table:
+        click.echo(f"{r.threshold:>9.2f} {r.precision:>9.3f} {r.recall:>7.3f}  "
+                   + " ".join(f"{r.recall_by_edit[e]:>12.2f}" for e in edits))
+    if recommended is None:
+        click.echo("no threshold reaches 99% precision on this sample")
+    else:
+        click.echo(f"recommended: dinoseek dedup --threshold {recommended:.2f}")
 
 
 if __name__ == "__main__":

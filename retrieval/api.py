@@ -1,0 +1,290 @@
+"""Query API: similarity search over a library, with metadata filters.
+
+    from retrieval import open_library
+    with open_library("~/Pictures", weights="./dinov2-small") as lib:
+        for hit in lib.search("query.jpg", k=10, folder="2023/"):
+            print(hit.score, hit.path)
+
+Scores are inner products of unit vectors (cosine similarity). Hits come from catalog rows that
+are embedded at query time, so a row deleted by a concurrent run never comes back.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import select
+
+from indexer.catalog import EMBEDDED, ImageRow
+from indexer.decode import DecodeError, read_image
+from indexer.library import KINDS, Library, vectors_from_blobs
+
+from .errors import QueryError
+
+KIND_CHOICES = (*KINDS, "both")
+# Filtered searches over at most this many images are brute force over the catalog's vectors
+# (exact); larger filtered sets go through FAISS with an id selector.
+EXACT_FILTER_LIMIT = 200_000
+
+
+@dataclass(frozen=True)
+class Filters:
+    """SQL pre-filters; each None means "any"."""
+
+    folder: str | None = None  # relative folder prefix, e.g. "2023/holiday"
+    captured_after: str | None = None  # "YYYY-MM-DD[ HH:MM:SS]", inclusive
+    captured_before: str | None = None  # exclusive
+    camera: str | None = None  # substring of "Make Model", case-insensitive
+    min_pixels: int | None = None  # width * height
+    max_pixels: int | None = None
+    min_bytes: int | None = None
+    max_bytes: int | None = None
+
+    def active(self) -> bool:
+        return any(v is not None for v in vars(self).values())
+
+    def where(self, query):
+        """Add these conditions to a select() over ImageRow."""
+        if self.folder is not None:
+            prefix = self.folder.strip("/")
+            if prefix:
+                query = query.where((ImageRow.folder == prefix) | ImageRow.folder.startswith(prefix + "/", autoescape=True))
+        if self.captured_after is not None:
+            query = query.where(ImageRow.captured_at >= self.captured_after)
+        if self.captured_before is not None:
+            query = query.where(ImageRow.captured_at < self.captured_before)
+        if self.camera is not None:
+            query = query.where(ImageRow.camera.icontains(self.camera, autoescape=True))
+        if self.min_pixels is not None:
+            query = query.where(ImageRow.width * ImageRow.height >= self.min_pixels)
+        if self.max_pixels is not None:
+            query = query.where(ImageRow.width * ImageRow.height <= self.max_pixels)
+        if self.min_bytes is not None:
+            query = query.where(ImageRow.size >= self.min_bytes)
+        if self.max_bytes is not None:
+            query = query.where(ImageRow.size <= self.max_bytes)
+        return query
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: int
+    path: str  # printable, relative to the library root
+    score: float
+    raw_path: bytes = field(repr=False)  # exact bytes of the relative path
+    metadata: dict = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "path": self.path, "score": round(self.score, 6), **self.metadata}
+
+
+class LibrarySearch:
+    """Search a library. Image queries need an encoder of the library's model (`encoder=`)."""
+
+    def __init__(self, library: Library, encoder=None) -> None:
+        self.library = library
+        self.encoder = encoder
+        if encoder is not None:
+            library.check_model(encoder.manifest())
+        manifest = library.manifest()
+        if manifest is None:
+            raise QueryError(f"{library.folder} has no vectors yet; run `dinoseek index {library.root}` first")
+        self.dim = manifest["dim"]
+        self.indexes = library.load_indexes()
+
+    def close(self) -> None:
+        self.library.close()
+
+    def __enter__(self) -> "LibrarySearch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- queries -> vectors --------------------------------------------------------------------
+    def vectors_for(self, queries, kind: str) -> np.ndarray:
+        """Unit query vectors (n, D) for paths, PIL images, images as arrays, or vectors.
+
+        For kind "both" each row is [cls, patch] (n, 2D), each half unit-normalized; a D-dim
+        vector given for "both" is used for both halves.
+        """
+        if isinstance(queries, (str, os.PathLike, Image.Image)) or (isinstance(queries, np.ndarray) and queries.ndim == 1):
+            queries = [queries]
+        width = 2 * self.dim if kind == "both" else self.dim
+        if isinstance(queries, np.ndarray) and queries.ndim == 2 and queries.shape[1] in (self.dim, width):
+            return self._normalized(queries, kind)
+        vectors, images, slots = [None] * len(queries), [], []
+        for i, query in enumerate(queries):
+            if isinstance(query, np.ndarray) and query.ndim == 1:
+                if query.shape[0] not in (self.dim, width):
+                    raise QueryError(f"query vector has {query.shape[0]} dimensions, the library {self.dim}")
+                vectors[i] = np.tile(query, width // query.shape[0]) if query.shape[0] != width else query
+            elif isinstance(query, np.ndarray) and query.ndim == 3 and query.dtype == np.uint8:
+                images.append(Image.fromarray(query))
+                slots.append(i)
+            elif isinstance(query, Image.Image):
+                images.append(query)
+                slots.append(i)
+            elif isinstance(query, (str, os.PathLike)):
+                try:
+                    images.append(read_image(query, min_side=256).image)
+                except DecodeError as e:
+                    raise QueryError(f"cannot read query image {query}: {e.reason}") from e
+                slots.append(i)
+            else:
+                raise QueryError(f"unsupported query of type {type(query).__name__}")
+        if images:
+            if self.encoder is None:
+                raise QueryError("image queries need the library's model: pass --model/--weights (encoder=)")
+            embedded = self.encoder.embed(images)
+            chosen = np.hstack((embedded.cls, embedded.patch)) if kind == "both" else getattr(embedded, kind)
+            for slot, vector in zip(slots, chosen):
+                vectors[slot] = vector
+        return self._normalized(np.stack(vectors), kind)
+
+    def _normalized(self, vectors: np.ndarray, kind: str) -> np.ndarray:
+        if kind != "both":
+            return _unit(vectors)
+        if vectors.shape[1] == self.dim:
+            vectors = np.hstack((vectors, vectors))
+        return np.hstack((_unit(vectors[:, : self.dim]), _unit(vectors[:, self.dim :])))
+
+    def row_vector(self, path_or_id, kind: str) -> tuple[int, np.ndarray]:
+        """(id, vector) of an indexed image, by id or path (absolute or relative to the root)."""
+        with self.library.session() as s:
+            query = select(ImageRow.id, ImageRow.cls, ImageRow.patch).where(ImageRow.status == EMBEDDED)
+            if isinstance(path_or_id, (int, np.integer)):
+                row = s.execute(query.where(ImageRow.id == int(path_or_id))).first()
+            else:
+                row = s.execute(query.where(ImageRow.path == self._relative(path_or_id))).first()
+        if row is None:
+            raise QueryError(f"{path_or_id} is not an embedded image of this library")
+        cls, patch = (vectors_from_blobs([b], self.dim)[0] for b in (row.cls, row.patch))
+        vector = {"cls": cls, "patch": patch, "both": np.concatenate((cls, patch))}[kind]
+        return row.id, self._normalized(vector[None], kind)[0]
+
+    def _relative(self, path) -> bytes:
+        raw = os.fsencode(path)
+        root = os.fsencode(self.library.root)
+        if os.path.isabs(raw):
+            raw = os.path.relpath(os.path.realpath(raw) if os.path.exists(raw) else raw, root)
+        return os.path.normpath(raw)
+
+    # ---- search -------------------------------------------------------------------------------
+    def search(self, query, k: int = 10, kind: str = "cls", filters: Filters | None = None, **filter_args) -> list[Hit]:
+        """The k most similar images to one query (path, PIL image, image array, or vector)."""
+        return self.search_batch([query] if not (isinstance(query, np.ndarray) and query.ndim == 2) else query,
+                                 k, kind, filters, **filter_args)[0]
+
+    def similar(self, path_or_id, k: int = 10, kind: str = "cls", filters: Filters | None = None, **filter_args) -> list[Hit]:
+        """Images most similar to an indexed one (itself excluded)."""
+        row_id, vector = self.row_vector(path_or_id, kind)
+        hits = self.search_batch(vector[None], k + 1, kind, filters, **filter_args)[0]
+        return [h for h in hits if h.id != row_id][:k]
+
+    def search_batch(self, queries, k: int = 10, kind: str = "cls", filters: Filters | None = None, **filter_args) -> list[list[Hit]]:
+        """One list of hits per query; queries as for `search`, or an (n, D) array of vectors."""
+        if kind not in KIND_CHOICES:
+            raise ValueError(f"kind must be one of {', '.join(KIND_CHOICES)}, got {kind!r}")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        filters = filters or Filters(**filter_args)
+        vectors = self.vectors_for(queries, kind)
+        scores, ids = self._search_vectors(vectors, k, kind, filters)
+        return self._hits(scores, ids)
+
+    def _search_vectors(self, vectors: np.ndarray, k: int, kind: str, filters: Filters) -> tuple[np.ndarray, np.ndarray]:
+        allowed = self._filtered_ids(filters) if filters.active() else None
+        if kind == "both" or (allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT):
+            return self._exact(vectors, k, kind, allowed)
+        index = self.indexes[kind]
+        if allowed is None:
+            # Over-fetch a little: hits of rows deleted since the index was loaded are dropped later.
+            return index.search(vectors, k)
+        return index.search_subset(vectors, k, allowed)
+
+    def _filtered_ids(self, filters: Filters) -> np.ndarray:
+        with self.library.session() as s:
+            query = filters.where(select(ImageRow.id).where(ImageRow.status == EMBEDDED))
+            return np.asarray(s.scalars(query).all(), dtype=np.int64)
+
+    def _exact(self, vectors: np.ndarray, k: int, kind: str, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Brute force over the catalog's own vectors (the source of truth); "both" averages the
+        CLS and patch similarities."""
+        if kind == "both":
+            ids, cls = self.library.catalog_vectors("cls", allowed)
+            _, patch = self.library.catalog_vectors("patch", allowed)
+            scores = (vectors[:, : self.dim] @ cls.T + vectors[:, self.dim :] @ patch.T) / 2  # (n, N)
+        else:
+            ids, matrix = self.library.catalog_vectors(kind, allowed)
+            scores = vectors @ matrix.T  # (n, N)
+        n = min(k, scores.shape[1])
+        top = np.argpartition(-scores, n - 1, axis=1)[:, :n] if n else np.zeros((len(vectors), 0), int)
+        order = np.take_along_axis(scores, top, 1).argsort(axis=1)[:, ::-1]
+        top = np.take_along_axis(top, order, 1)
+        out_ids = np.full((len(vectors), k), -1, np.int64)
+        out_scores = np.full((len(vectors), k), -np.inf, np.float32)
+        out_ids[:, :n] = ids[top]
+        out_scores[:, :n] = np.take_along_axis(scores, top, 1)
+        return out_scores, out_ids
+
+    def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
+        wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
+        rows = {}
+        with self.library.session() as s:
+            for start in range(0, len(wanted), 500):
+                query = select(ImageRow).where(ImageRow.id.in_(wanted[start:start + 500]), ImageRow.status == EMBEDDED)
+                for row in s.scalars(query):
+                    rows[row.id] = (row.path, row.path_text, _metadata(row))
+        results = []
+        for row_scores, row_ids in zip(scores, ids):
+            hits = []
+            for score, row_id in zip(row_scores, row_ids):
+                if row_id >= 0 and int(row_id) in rows:  # deleted rows never come back
+                    raw, text, meta = rows[int(row_id)]
+                    hits.append(Hit(int(row_id), text, float(score), raw, meta))
+            results.append(hits)
+        return results
+
+
+def _metadata(row: ImageRow) -> dict:
+    return {"width": row.width, "height": row.height, "bytes": row.size, "format": row.format,
+            "captured_at": row.captured_at, "camera": row.camera}
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    if np.any(norms == 0):
+        raise QueryError("a query vector is all zeros")
+    return np.ascontiguousarray(vectors / norms)
+
+
+def open_library(
+    root: str | Path,
+    *,
+    folder: str | Path | None = None,
+    url: str | None = None,
+    model: str | None = None,
+    weights: str | Path | None = None,
+    device: str = "cpu",
+    precision: str = "auto",
+) -> LibrarySearch:
+    """Open a library for searching; `model`/`weights` load an encoder for image queries."""
+    library = Library.open(Path(root).expanduser(), folder=folder, url=url)
+    try:
+        encoder = None
+        if model or weights:
+            from model import Encoder
+
+            preprocess = library.manifest()["preprocess"] if library.manifest() else {"mode": "crop", "size": 224}
+            encoder = Encoder.from_pretrained(weights or model, device=device, precision=precision, **preprocess)
+        return LibrarySearch(library, encoder)
+    except BaseException:
+        library.close()
+        raise

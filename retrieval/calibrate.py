@@ -1,0 +1,89 @@
+"""Threshold calibration on the user's own photos: how similar do altered copies stay?
+
+A sample of indexed photos is copied with the edits duplicates usually carry (resize, JPEG
+re-encode, crop, rotation, colour shift); each copy is embedded and compared with every original.
+Pairs (copy, its original) are positives, (copy, another original) negatives; precision and recall
+of "similarity >= t" are reported per threshold.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageEnhance
+from sqlalchemy import select
+
+from indexer.catalog import EMBEDDED, ImageRow
+from indexer.decode import DecodeError, read_image
+from indexer.library import Library, vectors_from_blobs
+
+
+def _reencode(image: Image.Image, quality: int) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+ALTERATIONS = {
+    "resize-50%": lambda im: im.resize((max(1, im.width // 2), max(1, im.height // 2)), Image.Resampling.LANCZOS),
+    "jpeg-q60": lambda im: _reencode(im, 60),
+    "crop-80%": lambda im: im.crop((im.width // 10, im.height // 10, im.width - im.width // 10, im.height - im.height // 10)),
+    "rotate-90": lambda im: im.transpose(Image.Transpose.ROTATE_90),
+    "colour-shift": lambda im: ImageEnhance.Brightness(ImageEnhance.Color(im).enhance(1.4)).enhance(1.15),
+}
+THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.50, 1.0, 0.02))
+
+
+@dataclass(frozen=True)
+class Row:
+    threshold: float
+    precision: float
+    recall: float
+    recall_by_edit: dict
+
+
+def calibrate(library: Library, encoder, *, sample: int = 50, kind: str = "cls", seed: int = 0,
+              min_precision: float = 0.99) -> tuple[list[Row], float | None, int]:
+    """(table, recommended threshold, photos used). The recommendation is the lowest threshold
+    whose precision reaches `min_precision` (catching the most edited copies without false pairs)."""
+    library.check_model(encoder.manifest())
+    with library.session() as s:
+        rows = s.execute(select(ImageRow.id, ImageRow.path, getattr(ImageRow, kind)).where(ImageRow.status == EMBEDDED)).all()
+    if len(rows) < 2:
+        raise ValueError("calibration needs at least 2 embedded photos in the library")
+    random.Random(seed).shuffle(rows)
+    originals, copies, owners, edits = [], [], [], []
+    for row_id, raw, blob in rows:
+        if len(originals) >= sample:
+            break
+        try:
+            image = read_image(os.path.join(os.fsencode(library.root), raw), min_side=512).image
+        except DecodeError:
+            continue  # gone or changed since indexing: pick another
+        owner = len(originals)
+        originals.append(vectors_from_blobs([blob], library.dim())[0])
+        for name, alter in ALTERATIONS.items():
+            copies.append(alter(image))
+            owners.append(owner)
+            edits.append(name)
+    if len(originals) < 2:
+        raise ValueError("calibration could not read 2 of the library's photos")
+    embedded = np.concatenate([getattr(encoder.embed(copies[i:i + 32]), kind) for i in range(0, len(copies), 32)])
+    sims = embedded @ np.stack(originals).T  # (copies, originals)
+    positive = np.zeros_like(sims, dtype=bool)
+    positive[np.arange(len(owners)), owners] = True
+    table = []
+    for t in THRESHOLDS:
+        predicted = sims >= t
+        tp = int((predicted & positive).sum())
+        fp = int((predicted & ~positive).sum())
+        by_edit = {name: float(np.mean([predicted[i, owners[i]] for i in range(len(owners)) if edits[i] == name]))
+                   for name in ALTERATIONS}
+        table.append(Row(t, tp / (tp + fp) if tp + fp else 1.0, tp / positive.sum(), by_edit))
+    recommended = next((r.threshold for r in table if r.precision >= min_precision), None)
+    return table, recommended, len(originals)

@@ -1,0 +1,113 @@
+"""Duplicate groups over a whole library: identical bytes, and near duplicates by similarity."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import func, select
+
+from indexer.catalog import EMBEDDED, ImageRow
+from indexer.library import Library, vectors_from_blobs
+
+from .grouping import complete_linkage, range_pairs
+from .keep import DEFAULT_ORDER, Member, choose_keeper
+
+DEFAULT_THRESHOLD = 0.95  # cosine of CLS vectors; `dinoseek calibrate` recommends one for a library
+BLOCK = 4096  # query vectors per range-search block
+
+
+@dataclass(frozen=True)
+class Group:
+    kind: str  # "exact" (all bytes identical) or "near"
+    members: list[Member]  # sorted by id
+    min_similarity: float  # lowest pairwise similarity inside the group (1.0 for exact)
+    keeper: Member
+    reason: str  # why the keeper stays
+
+    @property
+    def others(self) -> list[Member]:
+        return [m for m in self.members if m.id != self.keeper.id]
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "min_similarity": round(self.min_similarity, 6),
+            "keep": self.keeper.path,
+            "reason": self.reason,
+            "members": [{"id": m.id, "path": m.path, "bytes": m.size, "width": m.width, "height": m.height,
+                         "format": m.format, "captured_at": m.captured_at, "sha256": m.sha256,
+                         "keep": m.id == self.keeper.id} for m in self.members],
+        }
+
+
+def catalog_blocks(library: Library, kind: str, block: int = BLOCK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, vectors) of embedded rows in id order, `block` at a time (keyset pagination)."""
+    dim = library.dim()
+    column = getattr(ImageRow, kind)
+    last = -1
+    while True:
+        with library.session() as s:
+            rows = s.execute(select(ImageRow.id, column).where(ImageRow.status == EMBEDDED, ImageRow.id > last)
+                             .order_by(ImageRow.id).limit(block)).all()
+        if not rows:
+            return
+        last = rows[-1][0]
+        yield np.array([r[0] for r in rows], dtype=np.int64), vectors_from_blobs([r[1] for r in rows], dim)
+
+
+def find_duplicates(
+    library: Library,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    kind: str = "cls",
+    exact_only: bool = False,
+    order: tuple[str, ...] = DEFAULT_ORDER,
+    protected: tuple[str, ...] = (),
+    block: int = BLOCK,
+    folder: str | None = None,
+) -> list[Group]:
+    """Exact groups (same sha256) and, unless exact_only, near-duplicate groups of embedded images.
+
+    Exact copies have similarity 1 and so land in the same near group; a group is labelled
+    "exact" when all its members share one hash. Truncated or otherwise failed files are never
+    members (only embedded rows are).
+    """
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if exact_only:
+        with library.session() as s:
+            hashes = s.scalars(select(ImageRow.sha256).where(ImageRow.status == EMBEDDED)
+                               .group_by(ImageRow.sha256).having(func.count() > 1)).all()
+            groups = [(sorted(s.scalars(select(ImageRow.id).where(ImageRow.sha256 == h, ImageRow.status == EMBEDDED)).all()), 1.0)
+                      for h in hashes]
+    else:
+        index = library.load_indexes()[kind]
+        groups = complete_linkage(range_pairs(index, catalog_blocks(library, kind, block), threshold))
+    members = _members(library, [i for ids, _ in groups for i in ids])
+    result = []
+    for ids, lowest in groups:
+        group_members = [members[i] for i in ids if i in members]  # rows deleted meanwhile drop out
+        if folder is not None:
+            prefix = folder.strip("/") + "/"
+            if not any(m.path.startswith(prefix) for m in group_members):
+                continue
+        if len(group_members) < 2:
+            continue
+        keeper, reason = choose_keeper(group_members, order, protected)
+        exact = len({m.sha256 for m in group_members}) == 1
+        result.append(Group("exact" if exact else "near", group_members, 1.0 if exact else lowest, keeper, reason))
+    return result
+
+
+def _members(library: Library, ids: list[int]) -> dict[int, Member]:
+    out = {}
+    ids = sorted(set(ids))
+    with library.session() as s:
+        for start in range(0, len(ids), 500):
+            query = select(ImageRow).where(ImageRow.id.in_(ids[start:start + 500]), ImageRow.status == EMBEDDED)
+            for r in s.scalars(query):
+                out[r.id] = Member(r.id, r.path_text, r.path, r.size, r.width or 0, r.height or 0, r.format or "",
+                                   r.captured_at, r.sha256 or "", r.mtime_ns)
+    return out

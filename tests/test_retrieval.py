@@ -1,0 +1,260 @@
+"""Search against brute force, duplicates with keep rules, safe actions with undo, reports."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import synthetic_photo
+from PIL import Image
+from sqlalchemy import delete
+
+from indexer.catalog import EMBEDDED, ImageRow
+from indexer.library import Library
+from indexer.pipeline import Options, run_index
+from model import Encoder
+from retrieval import QueryError
+from retrieval.actions import apply, undo
+from retrieval.api import Filters, LibrarySearch
+from retrieval.dedup import find_duplicates
+from retrieval.errors import JournalError
+from retrieval.report import to_csv, to_html, to_json
+
+THRESHOLD = 0.98  # random-weight test model: distinct photos stay below ~0.96, edited copies above 0.99
+
+
+def _jpeg(image, quality=90):
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def make_library_photos(root):
+    """8 distinct photos plus: an exact copy, a half-size copy, a re-encoded copy (other folder)."""
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    photos = [synthetic_photo(640, 480, seed=i) for i in range(8)]
+    for i, photo in enumerate(photos):
+        folder = "a" if i < 4 else "b"
+        exif = Image.Exif()
+        exif[272] = "EOS R5" if i % 2 else "Pixel 7"
+        exif.get_ifd(0x8769)[36867] = f"202{i % 4}:05:0{i + 1} 10:00:00"
+        photo.save(root / folder / f"p{i}.jpg", quality=92, exif=exif)
+    (root / "b" / "p0-copy.jpg").write_bytes((root / "a" / "p0.jpg").read_bytes())
+    photos[1].resize((320, 240)).save(root / "b" / "p1-small.jpg", quality=92)
+    (root / "b" / "p2-reencoded.jpg").write_bytes(_jpeg(photos[2], quality=60))
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_folder):
+    return Encoder.from_pretrained(tiny_folder, precision="fp32")
+
+
+@pytest.fixture
+def library_root(tmp_path, encoder):
+    root = tmp_path / "photos"
+    make_library_photos(root)
+    with Library.open(root, write=True, create=True) as library:
+        run_index(library, encoder, Options(workers=0))
+    return root
+
+
+def brute_force(root, vector, kind, keep=lambda row: True):
+    with Library.open(root) as library, library.session() as s:
+        rows = [r for r in s.query(ImageRow).filter(ImageRow.status == EMBEDDED) if keep(r)]
+    matrix = np.stack([np.frombuffer(getattr(r, kind), np.float16).astype(np.float32) for r in rows])
+    scores = matrix @ vector
+    order = np.argsort(-scores, kind="stable")
+    return [(rows[i].id, float(scores[i])) for i in order]
+
+
+def assert_same_ranking(hits, expected):
+    """Same scores in the same order, and the same ids except for order among exact ties
+    (the exact copy p0 / p0-copy has identical vectors)."""
+    np.testing.assert_allclose([h.score for h in hits], [s for _, s in expected], atol=1e-5)
+    ours = sorted((round(h.score, 4), h.id) for h in hits)
+    theirs = sorted((round(s, 4), i) for i, s in expected)
+    assert ours == theirs
+
+
+def test_search_equals_brute_force(library_root, encoder):
+    query = synthetic_photo(500, 400, seed=3)
+    vector = encoder.embed([query]).cls[0]
+    with LibrarySearch(Library.open(library_root), encoder) as lib:
+        for q in (query, vector, library_root / "a/p3.jpg"):
+            hits = lib.search(q, k=5)
+            assert_same_ranking(hits, brute_force(library_root, lib.vectors_for(q, "cls")[0], "cls")[:5])
+        patch_hits = lib.search(query, k=3, kind="patch")
+        assert_same_ranking(patch_hits, brute_force(library_root, encoder.embed([query]).patch[0], "patch")[:3])
+        assert hits[0].metadata["width"] == 640 and hits[0].path.startswith(("a/", "b/"))
+
+
+@pytest.mark.parametrize("filters,keep", [
+    (Filters(folder="b"), lambda r: r.folder == "b"),
+    (Filters(camera="eos"), lambda r: r.camera and "EOS" in r.camera),
+    (Filters(captured_after="2021-01-01", captured_before="2023-01-01"), lambda r: r.captured_at and "2021" <= r.captured_at < "2023"),
+    (Filters(min_pixels=300_000), lambda r: r.width * r.height >= 300_000),
+    (Filters(max_bytes=10**9, min_bytes=1), lambda r: True),
+])
+def test_filtered_search_is_exact_over_the_filtered_set(library_root, encoder, filters, keep):
+    vector = encoder.embed([synthetic_photo(300, 300, seed=11)]).cls[0]
+    with LibrarySearch(Library.open(library_root)) as lib:
+        hits = lib.search(vector, k=20, filters=filters)
+        expected = brute_force(library_root, lib.vectors_for(vector, "cls")[0], "cls", keep)
+    assert len(hits) == len(expected) > 0
+    assert_same_ranking(hits, expected)
+
+
+def test_both_kinds_average_the_two_similarities(library_root, encoder):
+    query = synthetic_photo(400, 300, seed=5)
+    out = encoder.embed([query])
+    with LibrarySearch(Library.open(library_root), encoder) as lib:
+        hits = lib.search(query, k=3, kind="both")
+    cls = dict(brute_force(library_root, out.cls[0], "cls"))
+    patch = dict(brute_force(library_root, out.patch[0], "patch"))
+    both = sorted(((cls[i] + patch[i]) / 2, i) for i in cls)[::-1][:3]
+    assert_same_ranking(hits, [(i, s) for s, i in both])
+
+
+def test_similar_excludes_itself_and_finds_copies(library_root):
+    with LibrarySearch(Library.open(library_root)) as lib:
+        hits = lib.similar(library_root / "a/p0.jpg", k=3)
+        assert hits[0].path == "b/p0-copy.jpg" and hits[0].score > 0.999
+        assert all(h.path != "a/p0.jpg" for h in hits)
+        assert lib.similar("a/p1.jpg", k=1)[0].path == "b/p1-small.jpg"
+        with pytest.raises(QueryError, match="not an embedded image"):
+            lib.similar("a/missing.jpg")
+
+
+def test_deleted_rows_never_come_back(library_root, encoder):
+    with LibrarySearch(Library.open(library_root), encoder) as lib:
+        target = lib.similar("a/p0.jpg", k=1)[0]
+        with lib.library.session() as s, s.begin():
+            s.execute(delete(ImageRow).where(ImageRow.id == target.id))  # a concurrent run removed it
+        assert target.id not in [h.id for h in lib.similar("a/p0.jpg", k=5)]
+
+
+def test_query_errors(library_root):
+    with LibrarySearch(Library.open(library_root)) as lib:
+        with pytest.raises(QueryError, match="has 3 dimensions"):
+            lib.search(np.ones(3, np.float32))
+        with pytest.raises(QueryError, match="need the library's model"):
+            lib.search(synthetic_photo(50, 50))
+        with pytest.raises(QueryError, match="cannot read query image"):
+            lib.search(library_root / ".dinoseek" / "lock")
+
+
+def test_batch_search(library_root, encoder):
+    with LibrarySearch(Library.open(library_root), encoder) as lib:
+        vectors = encoder.embed([synthetic_photo(300, 200, seed=s) for s in (1, 2)]).cls
+        batch = lib.search_batch(vectors, k=4)
+        assert batch[1] == lib.search(vectors[1], k=4)
+
+
+def test_groups_keep_rules_and_no_chaining(library_root):
+    with Library.open(library_root) as library:
+        groups = find_duplicates(library, threshold=THRESHOLD)
+        by_keeper = {g.keeper.path: g for g in groups}
+        assert sorted(sorted(m.path for m in g.members) for g in groups) == [
+            ["a/p0.jpg", "b/p0-copy.jpg"], ["a/p1.jpg", "b/p1-small.jpg"], ["a/p2.jpg", "b/p2-reencoded.jpg"]]
+        assert by_keeper["a/p1.jpg"].reason == "highest resolution (640x480)"
+        assert by_keeper["a/p2.jpg"].reason.startswith("largest file")
+        exact = [g for g in groups if g.kind == "exact"]
+        assert len(exact) == 1 and exact[0].min_similarity == 1.0
+        assert exact[0].reason == "all copies equal by the keep rules: shortest path"
+        protected = find_duplicates(library, threshold=THRESHOLD, protected=("b",))
+        assert {g.keeper.path for g in protected} == {"b/p0-copy.jpg", "b/p1-small.jpg", "b/p2-reencoded.jpg"}
+        assert all(g.reason == "in a protected folder" for g in protected)
+        assert [len(g.members) for g in find_duplicates(library, exact_only=True)] == [2]
+        assert len(find_duplicates(library, threshold=THRESHOLD, folder="a")) == 3
+
+
+def tree_hashes(root):
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for f in files:
+            path = os.path.join(folder, f)
+            if not os.path.islink(path):
+                out[os.path.relpath(path, root)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
+
+
+@pytest.mark.parametrize("action", ["move", "hardlink", "symlink"])
+def test_apply_then_undo_restores_byte_identical_files(library_root, action):
+    before = tree_hashes(library_root)
+    with Library.open(library_root, write=True) as library:
+        groups = find_duplicates(library, threshold=THRESHOLD)
+        result = apply(library, groups, action)
+        assert len(result.done) == 3 and not result.skipped
+        for step in result.done:
+            assert step.dst.exists()
+            assert os.path.lexists(step.src) == (action != "move")
+            if action != "move":
+                assert os.path.samefile(step.src, step.keeper)
+        for group in groups:  # one copy always survives, untouched
+            assert (library_root / group.keeper.path).read_bytes()
+        with LibrarySearch(library) as lib:
+            assert "b/p0-copy.jpg" not in [h.path for h in lib.similar("a/p0.jpg", k=5)]
+        restored = undo(library)
+        assert len(restored) == 3
+        with pytest.raises(JournalError, match="already undone"):
+            undo(library, result.journal)
+    assert tree_hashes(library_root) == before
+    assert not any(os.path.islink(library_root / p) for p in before)
+
+
+def test_changed_file_skips_its_group_only(library_root):
+    with Library.open(library_root, write=True) as library:
+        groups = find_duplicates(library, threshold=THRESHOLD)
+        with open(library_root / "b/p1-small.jpg", "ab") as f:
+            f.write(b"edited after the plan")
+        result = apply(library, groups, "move")
+    assert len(result.done) == 2
+    assert len(result.skipped) == 1 and "changed size" in result.skipped[0][1]
+    assert (library_root / "b/p1-small.jpg").exists()
+
+
+def test_quarantine_name_collisions_never_overwrite(library_root):
+    with Library.open(library_root, write=True) as library:
+        groups = find_duplicates(library, threshold=THRESHOLD)
+        quarantine = library.folder / "quarantine"
+        (quarantine / "b").mkdir(parents=True)
+        (quarantine / "b/p0-copy.jpg").write_bytes(b"someone else's file")
+        result = apply(library, groups, "move")
+        assert (quarantine / "b/p0-copy.jpg").read_bytes() == b"someone else's file"
+        assert (quarantine / "b/p0-copy~1.jpg").exists()
+        undo(library, result.journal)
+    assert (library_root / "b/p0-copy.jpg").read_bytes() == (library_root / "a/p0.jpg").read_bytes()
+
+
+def test_undo_after_a_kill_mid_step(library_root):
+    """Kill between the two halves of a move (hard link made, original not yet unlinked), then undo."""
+    before = tree_hashes(library_root)
+    with Library.open(library_root, write=True) as library:
+        groups = find_duplicates(library, threshold=THRESHOLD)
+        result = apply(library, groups[:1], "move")
+        step = result.done[0]
+        lines = result.journal.read_text().splitlines()
+        # Rewrite the journal and the disk as a kill just after os.link() would have left them.
+        result.journal.write_text("\n".join(line for line in lines if '"done"' not in line) + "\n")
+        os.link(step.dst, step.src)
+        assert undo(library, result.journal) == []  # nothing to restore: the original was intact
+        assert not step.dst.exists()
+    assert tree_hashes(library_root) == before
+
+
+def test_reports(library_root):
+    with Library.open(library_root) as library:
+        groups = find_duplicates(library, threshold=THRESHOLD)
+    data = json.loads(to_json(groups))
+    assert data["files_to_act_on"] == 3 and data["groups"][0]["members"][0]["sha256"]
+    rows = to_csv(groups).splitlines()
+    assert rows[0].startswith("group,kind,min_similarity,keep,path") and len(rows) == 7
+    page = to_html(groups, library_root)
+    assert page.count('class="card keep"') == 3 and page.count("data:image/jpeg;base64,") == 6
+    assert "<script" not in page and "http" not in page.split("<body>")[1]  # self-contained
