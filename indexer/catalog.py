@@ -15,7 +15,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 EMBEDDED = "embedded"
 QUARANTINED = "quarantined"  # set aside by `dinoseek dedup --apply`; `undo` makes it embedded again
 # Statuses retried on every run: the cause may have gone away (permissions, a copy in progress).
-TRANSIENT = frozenset({"unreadable", "changed"})
+TRANSIENT = frozenset({"unreadable", "changed", "crashed"})
 # Other failures are retried only when the file's size or mtime changes.
 
 

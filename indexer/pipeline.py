@@ -63,17 +63,19 @@ def _decode_task(root: bytes, task: Task, min_side: int, mode: str, size: int, m
     path = os.path.join(root, task.rel)
     try:
         decoded = read_image(path, min_side=min_side)
+        pixels = None if decoded.sha256 in moved_hashes else np.asarray(resize_for_mode(decoded.image, mode, size), dtype=np.uint8)
     except DecodeError as e:
         return ("failed", task, e.status, e.reason, None)
+    except Exception as e:  # noqa: BLE001 - one bad file must never end the run
+        return ("failed", task, "crashed", f"decoder error: {type(e).__name__}: {e}", None)
     meta = {
         "size": decoded.size, "mtime_ns": decoded.mtime_ns, "sha256": decoded.sha256, "width": decoded.width,
         "height": decoded.height, "format": decoded.format, "frames": decoded.frames,
         "captured_at": decoded.captured_at, "camera": decoded.camera,
     }
-    if decoded.sha256 in moved_hashes:
+    if pixels is None:
         return ("moved", task, None, None, meta)
-    pixels = np.asarray(resize_for_mode(decoded.image, mode, size), dtype=np.uint8)  # (size, size, 3)
-    return ("image", task, None, pixels, meta)
+    return ("image", task, None, pixels, meta)  # pixels: (size, size, 3) uint8
 
 
 def run_index(
@@ -187,20 +189,44 @@ def _decoded(root: bytes, tasks: list[Task], encoder, options: Options, moved: f
     # fork: workers start instantly and only run Pillow/numpy code (never torch's thread pools).
     context = multiprocessing.get_context("fork")
     window = max(options.workers * 4, options.batch_size)
-    with cf.ProcessPoolExecutor(options.workers, mp_context=context, initializer=_worker_init) as pool:
-        pending: set[cf.Future] = set()
-        queue = iter(tasks)
-        for task in queue:
-            pending.add(pool.submit(_decode_task, root, task, *args))
-            if len(pending) >= window:
-                break
-        while pending:
-            done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-            for future in done:
-                yield future.result()
-                nxt = next(queue, None)
-                if nxt is not None:
-                    pending.add(pool.submit(_decode_task, root, nxt, *args))
+    queue = iter(tasks)
+    lost: list[Task] = []  # in flight when a worker died: recorded, never retried in this run
+    while True:
+        pool = cf.ProcessPoolExecutor(options.workers, mp_context=context, initializer=_worker_init)
+        pending: dict[cf.Future, Task] = {}
+        try:
+            for task in queue:
+                pending[pool.submit(_decode_task, root, task, *args)] = task
+                if len(pending) >= window:
+                    break
+            while pending:
+                done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for future in done:
+                    task = pending.pop(future)
+                    try:
+                        result = future.result()
+                    except cf.process.BrokenProcessPool:
+                        lost.append(task)
+                        raise
+                    yield result
+                    nxt = next(queue, None)
+                    if nxt is not None:
+                        try:
+                            pending[pool.submit(_decode_task, root, nxt, *args)] = nxt
+                        except cf.process.BrokenProcessPool:
+                            lost.append(nxt)
+                            raise
+            return
+        except cf.process.BrokenProcessPool:
+            # A worker died (out of memory, a crashing codec): the files in flight are recorded and
+            # the rest of the run goes on in a fresh pool.
+            lost.extend(pending.values())
+            log.warning("a decode worker died; %d files in flight recorded as crashed", len(lost))
+            for task in lost:
+                yield ("failed", task, "crashed", "decoder process died while reading this file", None)
+            lost.clear()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _worker_init() -> None:

@@ -173,7 +173,7 @@ def test_sixteen_bit_rgb_is_not_clipped(tmp_path):
     import zlib
 
     # Pillow writes no 16-bit RGB PNG, so build one: a horizontal ramp 0..65535 in every channel.
-    width, height = 256, 8
+    width, height = 256, 32
     row = np.repeat(np.linspace(0, 65535, width).astype(">u2")[:, None], 3, axis=1).tobytes()
     raw = b"".join(b"\x00" + row for _ in range(height))
 
@@ -196,6 +196,29 @@ def test_animated_webp_and_apng_first_frame(tmp_path, fmt, ext):
     decoded = read_image(path)
     assert decoded.frames == 4
     assert np.abs(np.asarray(decoded.image, np.int16) - np.asarray(frames[0], np.int16)).max() <= 1
+
+
+def test_thin_strips_keep_their_centre(tmp_path):
+    path = tmp_path / "strip.png"
+    Image.fromarray(np.tile(np.arange(30000, dtype=np.uint16) % 256, (2, 1)).astype(np.uint8)).save(path)
+    decoded = read_image(path)
+    assert decoded.image.size == (32, 2) and (decoded.width, decoded.height) == (30000, 2)
+
+
+def test_damaged_multi_frame_files_fail_cleanly(tmp_path):
+    import io
+
+    frames = [synthetic_photo(64, 48, seed=s) for s in range(3)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "TIFF", save_all=True, append_images=frames[1:])
+    data = buffer.getvalue()
+    path = tmp_path / "scan.tif"
+    for n in range(100, len(data), 97):  # every truncation either decodes or is a DecodeError
+        path.write_bytes(data[:n])
+        try:
+            read_image(path)
+        except DecodeError as e:
+            assert e.status in ("truncated", "unidentified")
 
 
 def test_very_long_file_name(tmp_path):

@@ -16,6 +16,7 @@ from indexer.catalog import EMBEDDED, ImageRow, IndexFileRow
 from indexer.errors import LibraryLockedError, ModelMismatchError, SweepRefusedError
 from indexer.library import Library
 from indexer.pipeline import Options, run_index
+from indexer.pipeline import _decode_task as _real_decode_task
 from model import Encoder
 
 LINKED_OR_HIDDEN = {".hidden/secret.jpg"}
@@ -264,3 +265,26 @@ def test_readers_work_while_a_writer_holds_a_transaction(collection, encoder):
             assert reader.info()["counts"][EMBEDDED] > 0
             assert reader.verify() == []
         s.rollback()
+
+
+def _fragile_decode(root_bytes, task, *args):
+    if task.rel == b"holiday/dune.webp":
+        os._exit(1)  # what an OOM kill or a segfaulting codec looks like from outside
+    return _real_decode_task(root_bytes, task, *args)
+
+
+def test_a_dying_decode_worker_is_recorded_and_the_run_goes_on(collection, encoder, monkeypatch):
+    import indexer.pipeline as pipeline
+
+    root, expected = collection
+    monkeypatch.setattr(pipeline, "_decode_task", _fragile_decode)
+    counts = index(root, encoder, workers=2)
+    catalog = rows(root)
+    assert catalog[b"holiday/dune.webp"].status == "crashed"
+    crashed = [p for p, r in catalog.items() if r.status == "crashed"]
+    assert len(crashed) <= 8  # only the files in flight with it (window = workers * 4)
+    assert counts["embedded"] + len(crashed) == sum(s == "ok" for s in expected.values())
+    monkeypatch.undo()
+    index(root, encoder)  # crashed files are retried on the next run
+    assert rows(root)[b"holiday/dune.webp"].status == EMBEDDED
+    check_consistent(root)
