@@ -22,7 +22,7 @@ from .catalog import EMBEDDED, QUARANTINED, TRANSIENT, ImageRow, RunRow, utcnow
 from .decode import DecodeError, display_path, read_image
 from .errors import LibraryError, SweepRefusedError
 from .library import Library
-from .scan import ScanEntry, ScanProblem, scan
+from .scan import ScanProblem, included, scan
 
 log = logging.getLogger(__name__)
 
@@ -94,35 +94,38 @@ def run_index(
     with library.session() as s:
         existing = {r.path: r for r in s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns,
                                                         ImageRow.status, ImageRow.sha256))}
+    retry = TRANSIENT | ({"needs-plugin"} if heif_available() else set())
     seen: set[bytes] = set()
     tasks: list[Task] = []
-    problems: list[ScanProblem] = []
+    problems: list[ScanProblem] = []  # to record (new, or changed since last run)
+    unlisted: list[bytes] = []  # folders that could not be read
     for item in scan(root, include=options.include, exclude=options.exclude,
                      follow_symlinks=options.follow_symlinks, skip=(os.fsencode(library.folder),)):
         seen.add(item.rel)
         if isinstance(item, ScanProblem):
             if item.rel == b"":
                 raise LibraryError(f"cannot read {library.root}: {item.reason}")
+            if item.status == "unreadable":
+                unlisted.append(item.rel + b"/")
             row = existing.get(item.rel)
             if row is None or row.status != item.status:  # already recorded: leave the row alone
                 problems.append(item)
             continue
         row = existing.get(item.rel)
         unchanged = row is not None and (row.size, row.mtime_ns) == (item.size, item.mtime_ns)
-        if unchanged and row.status not in TRANSIENT:
+        if unchanged and row.status not in retry:
             continue
         tasks.append(Task(item.rel, item.size, item.mtime_ns))
-    # Files under a folder that could not be listed still exist as far as we know: keep them.
-    hidden = tuple(p.rel + b"/" for p in problems if p.status == "unreadable")
-    missing = {path: row for path, row in existing.items() if path not in seen and not path.startswith(hidden or (b"\0",))}
-    # Files dedup set aside are expected to be gone; they do not count towards the guard.
-    vanished = sum(1 for row in missing.values() if row.status != QUARANTINED)
-    if (vanished > MASS_DELETE_FRACTION * len(existing) and vanished >= MASS_DELETE_MIN
-            and not options.allow_mass_delete):
-        raise SweepRefusedError(
-            f"{vanished} of {len(existing)} catalogued files are gone from {library.root}; is the disk "
-            f"mounted? Nothing was changed (pass --allow-mass-delete if they really were removed)"
-        )
+    if existing and not seen and not options.allow_mass_delete:
+        raise SweepRefusedError(f"{library.root} is empty but the library knows {len(existing)} files; is the disk "
+                                f"mounted? Nothing was changed (pass --allow-mass-delete if they really were removed)")
+    # Only paths this run looked for can be missing: not those under folders that could not be
+    # listed, nor those the --include/--exclude filters leave out.
+    missing = {
+        path: row for path, row in existing.items()
+        if path not in seen and not path.startswith(tuple(unlisted) or (b"\0",))
+        and included(path, options.include, options.exclude)
+    }
     moved_from = {row.sha256: path for path, row in missing.items() if row.status == EMBEDDED and row.sha256}
 
     with library.session() as s, s.begin():
@@ -158,6 +161,15 @@ def run_index(
                     library.save_index(index_kind)
                 last_checkpoint = time.monotonic()
         writer.flush()
+        # The guard runs after moves were matched: reorganising folders is not a mass deletion.
+        # Files dedup set aside are expected to be gone and do not count towards it.
+        vanished = sum(1 for row in missing.values() if row.status != QUARANTINED)
+        if (vanished > MASS_DELETE_FRACTION * len(existing) and vanished >= MASS_DELETE_MIN
+                and not options.allow_mass_delete):
+            raise SweepRefusedError(
+                f"{vanished} of {len(existing)} catalogued files are gone from {library.root}; is the disk "
+                f"mounted? Nothing was deleted (pass --allow-mass-delete if they really were removed)"
+            )
         with library.session() as s, s.begin():
             ids = [row.id for row in missing.values()]
             library.delete_rows(s, ids)
@@ -170,6 +182,13 @@ def run_index(
         _finish(library, run_id, "failed", counts)
         raise
     return counts
+
+
+def heif_available() -> bool:
+    """Whether HEIC files recorded as needing pillow-heif can be read now."""
+    import importlib.util
+
+    return importlib.util.find_spec("pillow_heif") is not None
 
 
 def _decode_args(encoder, moved: frozenset) -> tuple:

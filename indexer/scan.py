@@ -94,7 +94,7 @@ def scan(
                 seen_dirs.add(key)
                 subdirs.append(rel)
                 continue
-            if not stat.S_ISREG(st.st_mode) or not _included(rel, include, exclude):
+            if not stat.S_ISREG(st.st_mode) or not included(rel, include, exclude):
                 continue
             ext = os.path.splitext(rel)[1].lower()
             if ext in UNSUPPORTED_EXTENSIONS:
@@ -110,7 +110,8 @@ def scan(
         stack.extend(reversed(subdirs))
 
 
-def _included(rel: bytes, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+def included(rel: bytes, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+    """Whether the --include/--exclude globs let this relative path through."""
     text = display_path(rel)
     if include and not any(fnmatch.fnmatch(text, p) for p in include):
         return False

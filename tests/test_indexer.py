@@ -147,10 +147,49 @@ def test_unmounted_disk_sweep_is_refused(tmp_path, encoder):
     index(root, encoder)
     for i in range(20):
         (root / f"p{i}.png").unlink()
-    with pytest.raises(SweepRefusedError, match="20 of 24 catalogued files are gone"):
+    with pytest.raises(SweepRefusedError, match="20 of 24 catalogued files are gone.*Nothing was deleted"):
         index(root, encoder)
-    assert len(rows(root)) == 24  # nothing changed
+    assert len(rows(root)) == 24  # nothing deleted
     assert index(root, encoder, allow_mass_delete=True)["deleted"] == 20
+
+
+def test_reorganising_everything_is_a_move_not_a_mass_deletion(tmp_path, encoder):
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(24):
+        synthetic_photo(64, 48, seed=i).save(root / f"p{i}.png")
+    index(root, encoder)
+    (root / "sorted").mkdir()
+    for i in range(24):
+        os.rename(root / f"p{i}.png", root / "sorted" / f"p{i}.png")
+    counts = index(root, encoder)
+    assert counts["moved"] == 24 and counts["deleted"] == 0 and counts["embedded"] == 0
+
+
+def test_empty_root_never_wipes_a_small_library(tmp_path, encoder):
+    root = tmp_path / "mount"
+    root.mkdir()
+    for i in range(3):
+        synthetic_photo(64, 48, seed=i).save(root / f"p{i}.png")
+    folder = tmp_path / "lib"
+    with Library.open(root, folder=folder, write=True, create=True) as library:
+        run_index(library, encoder, Options(workers=0))
+    for i in range(3):
+        (root / f"p{i}.png").unlink()  # the disk is not mounted: an empty mount point
+    with Library.open(root, folder=folder, write=True) as library:
+        with pytest.raises(SweepRefusedError, match="is empty but the library knows 3 files"):
+            run_index(library, encoder, Options(workers=0))
+
+
+def test_filters_do_not_sweep_what_they_leave_out(tmp_path, encoder):
+    root = tmp_path / "photos"
+    for year in ("2023", "2024"):
+        (root / year).mkdir(parents=True)
+        for i in range(3):
+            synthetic_photo(64, 48, seed=i + int(year)).save(root / year / f"p{i}.png")
+    index(root, encoder)
+    counts = index(root, encoder, include=("2024/*",))
+    assert counts["deleted"] == 0 and len(rows(root)) == 6
 
 
 def test_corrupt_truncated_and_missing_index_files_are_rebuilt(collection, encoder):
@@ -288,3 +327,27 @@ def test_a_dying_decode_worker_is_recorded_and_the_run_goes_on(collection, encod
     index(root, encoder)  # crashed files are retried on the next run
     assert rows(root)[b"holiday/dune.webp"].status == EMBEDDED
     check_consistent(root)
+
+
+def test_unlistable_folder_keeps_its_rows_run_after_run(tmp_path, encoder, monkeypatch):
+    """Permission denied on a folder (simulated, so it also holds when tests run as root)."""
+    import indexer.scan as scan_module
+
+    root = tmp_path / "photos"
+    (root / "private").mkdir(parents=True)
+    synthetic_photo(80, 60).save(root / "private/a.jpg")
+    synthetic_photo(80, 60, seed=1).save(root / "b.jpg")
+    index(root, encoder)
+    real_scandir = os.scandir
+
+    def denied(path):
+        if os.fsencode(path).endswith(b"/private"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(scan_module.os, "scandir", denied)
+    for _ in range(2):  # the second run sees the folder's row already recorded
+        assert index(root, encoder)["deleted"] == 0
+        catalog = rows(root)
+        assert catalog[b"private"].status == "unreadable" and "Permission denied" in catalog[b"private"].reason
+        assert catalog[b"private/a.jpg"].status == EMBEDDED
