@@ -79,10 +79,11 @@ class IndexFileRow(Base):
 
     kind: Mapped[str] = mapped_column(String(8), primary_key=True)  # "cls" | "patch"
     factory: Mapped[str] = mapped_column(Text)  # FAISS factory string the index was built with
-    auto: Mapped[bool] = mapped_column(Integer, default=1)  # chosen by size (rebuilt as it grows)
+    auto: Mapped[bool] = mapped_column(Integer, default=1)  # requested == "auto" (kept for old readers)
+    requested: Mapped[str] = mapped_column(Text, default="auto", server_default="auto")  # "auto" or --index
     nprobe: Mapped[int | None] = mapped_column(Integer)
     count: Mapped[int] = mapped_column(BigInteger)
     dim: Mapped[int] = mapped_column(Integer)
-    checksum: Mapped[str] = mapped_column(String(64))  # sha256 of the file
+    checksum: Mapped[str] = mapped_column(String(64))  # sha256 of the file, which is named after it
     trained_on: Mapped[int] = mapped_column(BigInteger, default=0)  # library size when trained
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

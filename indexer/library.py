@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ class Library:
     folder: Path
     engine: Engine
     writable: bool
-    index_choice: str = "auto"  # "auto" or a FAISS factory string
+    index_choice: str | None = None  # --index: "auto", a FAISS factory string, or None (as before)
     _lock_fd: int | None = None
     indexes: dict[str, VectorIndex] = field(default_factory=dict)
 
@@ -54,7 +55,7 @@ class Library:
         url: str | None = None,
         write: bool = False,
         create: bool = False,
-        index: str = "auto",
+        index: str | None = None,
     ) -> "Library":
         """Open (or with create=True, make) the library of photo folder `root`.
 
@@ -148,8 +149,27 @@ class Library:
         with self.session() as s:
             return np.asarray(s.scalars(select(ImageRow.id).where(ImageRow.status == EMBEDDED)).all(), dtype=np.int64)
 
-    def index_path(self, kind: str) -> Path:
-        return self.folder / f"{kind}.faiss"
+    def index_path(self, kind: str, checksum: str) -> Path:
+        """Checkpoint files are named after their checksum: a new one never replaces the file the
+        catalog points to until the catalog points to the new one (a kill in between is harmless)."""
+        return self.folder / f"{kind}.{checksum[:16]}.faiss"
+
+    def _records(self) -> dict[str, IndexFileRow]:
+        with self.session() as s:
+            return {r.kind: r for r in s.scalars(select(IndexFileRow))}
+
+    def index_file(self, kind: str) -> Path | None:
+        """The checkpoint file the catalog currently points to for `kind`."""
+        record = self._records().get(kind)
+        return self.index_path(kind, record.checksum) if record else None
+
+    def _read(self, kind: str, record: IndexFileRow | None) -> VectorIndex | None:
+        if record is None:
+            return None
+        loaded = read_index(self.index_path(kind, record.checksum), record.checksum)
+        if loaded is None:
+            return None
+        return VectorIndex(loaded, record.factory, record.requested, record.nprobe, record.trained_on)
 
     def load_indexes(self) -> dict[str, VectorIndex]:
         """Each kind's index, checked against the catalog: damaged ones rebuilt, stale ones reconciled.
@@ -158,41 +178,37 @@ class Library:
         """
         dim = self.dim()
         catalog_ids = self.embedded_ids()
-        with self.session() as s:
-            records = {r.kind: r for r in s.scalars(select(IndexFileRow))}
+        records = self._records()
         for kind in KINDS:
             record = records.get(kind)
-            loaded = read_index(self.index_path(kind), record.checksum) if record else None
-            if loaded is not None and self.index_choice not in ("auto", record.factory):
-                log.info("%s index: switching %s -> %s", kind, record.factory, self.index_choice)
-                loaded = None
-            if loaded is not None and (loaded.d != dim or loaded.ntotal != record.count):
+            index = self._read(kind, record)
+            if index is not None and (index.dim != dim or index.count != record.count):
                 log.warning("%s index does not match its record (dim/count): rebuilding", kind)
-                loaded = None
-            if loaded is None:
-                if record is not None or len(catalog_ids):
+                index = None
+            if index is not None and self.index_choice not in (None, index.requested):
+                log.info("%s index: switching %s -> %s", kind, index.requested, self.index_choice)
+                index = None
+            if index is None:
+                if record is not None and self.index_choice in (None, record.requested):
                     log.warning("%s index missing or damaged: rebuilding from the catalog", kind)
                 self.indexes[kind] = self._build(kind, record)
                 if self.writable:
                     self.save_index(kind)
                 continue
-            index = VectorIndex(loaded, record.factory, bool(record.auto), record.nprobe, record.trained_on)
-            if self._reconcile(kind, index, catalog_ids) and self.writable:
-                self.indexes[kind] = index
-                self.save_index(kind)
             self.indexes[kind] = index
+            if self._reconcile(kind, index, catalog_ids) and self.writable:
+                self.save_index(kind)
         return self.indexes
+
+    def _requested(self, record: IndexFileRow | None) -> str:
+        return self.index_choice or (record.requested if record else "auto")
 
     def _build(self, kind: str, record: IndexFileRow | None) -> VectorIndex:
         ids, vectors = self.catalog_vectors(kind)
         dim = self.dim() or 1
-        if self.index_choice != "auto":
-            factory, auto = self.index_choice, False
-        elif record is not None and not record.auto:
-            factory, auto = record.factory, False
-        else:
-            factory, auto = auto_factory(len(ids), dim), True
-        return build_index(factory, dim, vectors.reshape(-1, dim), ids, auto=auto)
+        requested = self._requested(record)
+        factory = auto_factory(len(ids), dim) if requested == "auto" else requested
+        return build_index(factory, dim, vectors.reshape(-1, dim), ids, requested=requested)
 
     def _reconcile(self, kind: str, index: VectorIndex, catalog_ids: np.ndarray) -> bool:
         """Make the index hold exactly the catalog's embedded ids; True if anything changed."""
@@ -208,28 +224,39 @@ class Library:
         return True
 
     def rebuild_if_outgrown(self) -> None:
-        """Rebuild an auto index when the library's size calls for another kind, and an explicit
-        factory that had to start as Flat once there are enough vectors to train it."""
+        """Rebuild where the library's size now calls for another index: an auto index growing into
+        IVF, or a requested factory that had to start as Flat until there was enough to train."""
         for kind, index in list(self.indexes.items()):
-            wanted = auto_factory(index.count, index.dim) if index.auto else self.index_choice
-            if wanted not in ("auto", index.factory) and (index.auto or index.factory == "Flat"):
-                log.info("%s index: %d vectors, switching %s -> %s", kind, index.count, index.factory, wanted)
-                ids, vectors = self.catalog_vectors(kind)
-                self.indexes[kind] = build_index(wanted, index.dim, vectors, ids, auto=True)
+            wanted = auto_factory(index.count, index.dim) if index.requested == "auto" else index.requested
+            if wanted == index.factory:
+                continue
+            ids, vectors = self.catalog_vectors(kind)
+            rebuilt = build_index(wanted, index.dim, vectors, ids, requested=index.requested)
+            if rebuilt.factory != index.factory:
+                log.info("%s index: %d vectors, %s -> %s", kind, index.count, index.factory, rebuilt.factory)
+                self.indexes[kind] = rebuilt
                 self.save_index(kind)
 
     def save_index(self, kind: str) -> None:
-        """Checkpoint one index: atomic file write, then its checksum in the catalog."""
+        """Checkpoint one index: a new file, then the catalog pointing to it, then old files removed."""
         if not self.writable:
             raise LibraryError("library opened read-only")
         index = self.indexes[kind]
-        checksum = write_atomic(self.index_path(kind), index.serialize())
+        data = index.serialize()
+        checksum = hashlib.sha256(data).hexdigest()
+        path = self.index_path(kind, checksum)
+        write_atomic(path, data)
         with self.session() as s, s.begin():
-            s.merge(IndexFileRow(kind=kind, factory=index.factory, auto=int(index.auto), nprobe=index.nprobe,
-                                 count=index.count, dim=index.dim, checksum=checksum, trained_on=index.trained_on))
+            s.merge(IndexFileRow(kind=kind, factory=index.factory, requested=index.requested,
+                                 auto=int(index.requested == "auto"), nprobe=index.nprobe, count=index.count,
+                                 dim=index.dim, checksum=checksum, trained_on=index.trained_on))
+        for old in self.folder.glob(f"{kind}.*.faiss"):
+            if old != path:
+                old.unlink(missing_ok=True)
 
     # ---- reporting ------------------------------------------------------------------------
     def info(self) -> dict:
+        records = self._records()
         with self.session() as s:
             counts = dict(s.execute(select(ImageRow.status, func.count()).group_by(ImageRow.status)).all())
             errors = [
@@ -240,12 +267,13 @@ class Library:
                 )
             ]
             runs = s.scalars(select(RunRow).order_by(RunRow.id.desc()).limit(1)).all()
-            records = {r.kind: r for r in s.scalars(select(IndexFileRow))}
         indexes = {}
         for kind in KINDS:
-            path, record = self.index_path(kind), records.get(kind)
+            record = records.get(kind)
+            path = self.index_path(kind, record.checksum) if record else self.folder / "-"
             indexes[kind] = {
                 "factory": record.factory if record else None,
+                "requested": record.requested if record else None,
                 "vectors": record.count if record else 0,
                 "nprobe": record.nprobe if record else None,
                 "bytes": path.stat().st_size if path.exists() else 0,
@@ -268,8 +296,8 @@ class Library:
         problems = []
         catalog_ids = self.embedded_ids()
         dim = self.dim()
+        records = self._records()
         with self.session() as s:
-            records = {r.kind: r for r in s.scalars(select(IndexFileRow))}
             no_vectors = s.scalar(select(func.count()).where(ImageRow.status == EMBEDDED, (ImageRow.cls.is_(None)) | (ImageRow.patch.is_(None))))
             if no_vectors:
                 problems.append(f"{no_vectors} embedded rows have no vectors")
@@ -283,11 +311,11 @@ class Library:
                 if len(catalog_ids):
                     problems.append(f"{kind}: no index file recorded for {len(catalog_ids)} embedded images")
                 continue
-            loaded = read_index(self.index_path(kind), record.checksum)
-            if loaded is None:
-                problems.append(f"{kind}: {self.index_path(kind).name} is missing or fails its checksum")
+            index = self._read(kind, record)
+            if index is None:
+                problems.append(f"{kind}: {self.index_path(kind, record.checksum).name} is missing or fails its checksum")
                 continue
-            ids = VectorIndex(loaded, record.factory, bool(record.auto), record.nprobe, record.trained_on).ids()
+            ids = index.ids()
             stale, missing = np.setdiff1d(ids, catalog_ids), np.setdiff1d(catalog_ids, ids)
             if len(stale):
                 problems.append(f"{kind}: {len(stale)} vectors for images no longer in the catalog")

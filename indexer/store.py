@@ -44,8 +44,8 @@ class VectorIndex:
     """A FAISS index wrapped in IndexIDMap2, plus how it was built."""
 
     index: faiss.IndexIDMap2
-    factory: str
-    auto: bool
+    factory: str  # what was built
+    requested: str  # "auto" or the factory string asked for (built once there is enough to train)
     nprobe: int | None
     trained_on: int
     version: int = 0  # bumped on every add/remove, so a GPU copy is refreshed when stale
@@ -116,23 +116,28 @@ class VectorIndex:
         return faiss.serialize_index(self.index).tobytes()
 
 
-def build_index(factory: str, dim: int, vectors: np.ndarray, ids: np.ndarray, *, auto: bool) -> VectorIndex:
+def build_index(factory: str, dim: int, vectors: np.ndarray, ids: np.ndarray, *, requested: str) -> VectorIndex:
     """Create, train (on a sample) and fill an index; tune nprobe for IVF indexes."""
     try:
         inner = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise ValueError(f"invalid FAISS factory string {factory!r}: {str(e).splitlines()[-1]}") from e
+    try:  # incremental runs delete vectors of changed and removed files
+        faiss.IndexIDMap2(inner).remove_ids(faiss.IDSelectorBatch(np.zeros(0, dtype=np.int64)))
+    except RuntimeError as e:
+        raise ValueError(f"FAISS index {factory!r} cannot remove vectors, which incremental indexing needs; "
+                         f"use Flat, IVF...,Flat/SQ8/PQ (or auto)") from e
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if not inner.is_trained:
         nlist = faiss.extract_index_ivf(inner).nlist if "IVF" in factory else 0
         if len(vectors) < max(nlist, 1) * 4:
             # Too few vectors to train yet: exact search until the library has grown enough.
             log.info("%s needs %d vectors to train, have %d: using Flat for now", factory, max(nlist, 1) * 4, len(vectors))
-            return build_index("Flat", dim, vectors, ids, auto=auto)
+            return build_index("Flat", dim, vectors, ids, requested=requested)
         sample = vectors[np.random.default_rng(0).choice(len(vectors), min(len(vectors), 256 * max(nlist, 1)), replace=False)]
         inner.train(sample)
     index = faiss.IndexIDMap2(inner)
-    result = VectorIndex(index, factory, auto, None, len(vectors))
+    result = VectorIndex(index, factory, requested, None, len(vectors))
     result.add(ids, vectors)
     if "IVF" in factory:
         result.nprobe = tune_nprobe(result, vectors)
@@ -194,9 +199,9 @@ def read_index(path: Path, checksum: str) -> faiss.IndexIDMap2 | None:
 
 
 def remove_temp_files(folder: Path) -> int:
-    """Delete temp files a killed writer left behind."""
+    """Delete the temp files of index checkpoints a killed writer left behind (only ours)."""
     removed = 0
-    for tmp in folder.glob(".*.tmp"):
+    for tmp in [*folder.glob(".cls.*.faiss.*.tmp"), *folder.glob(".patch.*.faiss.*.tmp")]:
         try:
             tmp.unlink()
             removed += 1

@@ -115,8 +115,9 @@ def library_options(func):
 @model_options
 @click.option("--workers", type=int, default=None, help="Decoding processes (default: CPU cores - 1; 0 = in-process).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per encoder batch.")
-@click.option("--index", "index_choice", default="auto", show_default=True,
-              help="auto (exact, then IVF-SQ8/PQ as the library grows) or a FAISS factory string.")
+@click.option("--index", "index_choice", default=None,
+              help="auto (exact, then IVF-SQ8/PQ as the library grows; the default) or a FAISS factory "
+                   "string; remembered for later runs.")
 @click.option("--mode", type=click.Choice(["crop", "full"]), default="crop", show_default=True,
               help="Preprocessing for new libraries (recorded in the library's model manifest).")
 @click.option("--include", multiple=True, help="Only paths matching this glob (repeatable).")

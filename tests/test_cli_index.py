@@ -40,8 +40,9 @@ def test_index_info_verify(indexed):
     assert f"{ok} embedded, 0 moved, 5 failed, 0 removed" in output
     data = json.loads(invoke("info", root, "--json").output)
     assert data["counts"][EMBEDDED] == ok and data["counts"]["truncated"] == 1
-    assert data["indexes"]["cls"] == {"factory": "Flat", "vectors": ok, "nprobe": None,
-                                      "bytes": (root / ".dinoseek/cls.faiss").stat().st_size}
+    with Library.open(root) as library:
+        size = library.index_file("cls").stat().st_size
+    assert data["indexes"]["cls"] == {"factory": "Flat", "requested": "auto", "vectors": ok, "nprobe": None, "bytes": size}
     assert {"path": "broken/bomb.png", "status": "too-large"}.items() <= next(
         e for e in data["errors"] if e["path"] == "broken/bomb.png").items()
     assert data["model"]["dim"] == 128 and data["last_run"]["status"] == "finished"
@@ -53,10 +54,12 @@ def test_index_info_verify(indexed):
 
 def test_verify_fails_then_repairs(indexed):
     root, _, _ = indexed
-    (root / ".dinoseek/patch.faiss").write_bytes(b"garbage")
+    with Library.open(root) as library:
+        patch_file = library.index_file("patch")
+    patch_file.write_bytes(b"garbage")
     result = invoke("verify", root)
     assert result.exit_code == 1
-    assert "patch: patch.faiss is missing or fails its checksum" in result.output
+    assert f"patch: {patch_file.name} is missing or fails its checksum" in result.output
     assert result.output.rstrip().endswith("Error: 1 problem(s); run `dinoseek verify --repair`")
     result = invoke("verify", root, "--repair")
     assert result.exit_code == 0, result.output

@@ -52,7 +52,7 @@ def test_known_groups_through_faiss_range_search():
     vectors = np.concatenate(vectors)
     ids = np.arange(len(vectors), dtype=np.int64) * 10  # catalog ids are not positions
     assert x @ y >= 0.94 and y @ z >= 0.94 and x @ z < 0.9
-    index = build_index("Flat", d, vectors, ids, auto=True)
+    index = build_index("Flat", d, vectors, ids, requested="auto")
     blocks = [(ids[i:i + 7], vectors[i:i + 7]) for i in range(0, len(ids), 7)]  # small blocks
     groups = complete_linkage(range_pairs(index, blocks, 0.94))
     found = [sorted(int(i) // 10 for i in g) for g, _ in groups]

@@ -196,20 +196,24 @@ def test_corrupt_truncated_and_missing_index_files_are_rebuilt(collection, encod
     root, _ = collection
     index(root, encoder)
     folder = root / ".dinoseek"
-    data = bytearray((folder / "cls.faiss").read_bytes())
+    with Library.open(root) as library:
+        cls_file, patch_file = library.index_file("cls"), library.index_file("patch")
+    data = bytearray(cls_file.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (folder / "cls.faiss").write_bytes(bytes(data))
-    (folder / "patch.faiss").write_bytes((folder / "patch.faiss").read_bytes()[:100])
-    (folder / ".cls.faiss.999.tmp").write_bytes(b"half a checkpoint")  # a killed writer's leftover
+    cls_file.write_bytes(bytes(data))
+    patch_file.write_bytes(patch_file.read_bytes()[:100])
+    leftover = folder / f".{cls_file.name}.999.tmp"
+    leftover.write_bytes(b"half a checkpoint")  # a killed writer's leftover
     with Library.open(root) as library:
         problems = library.verify()
-    assert any("cls.faiss is missing or fails its checksum" in p for p in problems)
-    assert any("patch.faiss is missing or fails its checksum" in p for p in problems)
+    assert any(f"{cls_file.name} is missing or fails its checksum" in p for p in problems)
+    assert any(f"{patch_file.name} is missing or fails its checksum" in p for p in problems)
     with Library.open(root, write=True) as library:
         library.load_indexes()
-    assert not (folder / ".cls.faiss.999.tmp").exists()
+    assert not leftover.exists()
     check_consistent(root)
-    (folder / "cls.faiss").unlink()
+    with Library.open(root) as library:
+        library.index_file("cls").unlink()
     with Library.open(root, write=True) as library:
         library.load_indexes()
     check_consistent(root)
@@ -218,16 +222,15 @@ def test_corrupt_truncated_and_missing_index_files_are_rebuilt(collection, encod
 def test_stale_index_is_reconciled(collection, encoder):
     root, _ = collection
     index(root, encoder)
-    folder = root / ".dinoseek"
-    saved = {k: (folder / f"{k}.faiss").read_bytes() for k in ("cls", "patch")}
     with Library.open(root) as library, library.session() as s:
+        saved = {k: library.index_file(k).read_bytes() for k in ("cls", "patch")}
         records = {r.kind: (r.checksum, r.count) for r in s.query(IndexFileRow)}
     synthetic_photo(200, 100, seed=77).save(root / "new.png")
     index(root, encoder)
     # Put the old checkpoint back, as if the run had been killed before saving its indexes.
     with Library.open(root) as library, library.session() as s, s.begin():
         for kind, (checksum, count) in records.items():
-            (folder / f"{kind}.faiss").write_bytes(saved[kind])
+            library.index_path(kind, checksum).write_bytes(saved[kind])
             s.execute(update(IndexFileRow).where(IndexFileRow.kind == kind).values(checksum=checksum, count=count))
     with Library.open(root) as library:
         assert any("1 embedded images missing from the index" in p for p in library.verify())
@@ -238,18 +241,30 @@ def test_stale_index_is_reconciled(collection, encoder):
         assert library.verify() == []
 
 
-def test_explicit_factory_and_library_elsewhere(tmp_path, encoder):
+def test_explicit_factory_is_remembered_and_built_once_trainable(tmp_path, encoder):
     root = tmp_path / "photos"
     root.mkdir()
     for i in range(6):
         synthetic_photo(80, 60, seed=i).save(root / f"{i}.jpg")
     folder = tmp_path / "lib"
-    with Library.open(root, folder=folder, write=True, create=True, index="HNSW16") as library:
+    with Library.open(root, folder=folder, write=True, create=True, index="IVF4,Flat") as library:
         run_index(library, encoder, Options(workers=0))
     assert not (root / ".dinoseek").exists()
     with Library.open(root, folder=folder) as library:
-        assert library.info()["indexes"]["cls"]["factory"] == "HNSW16"
+        info = library.info()["indexes"]["cls"]
+        assert (info["factory"], info["requested"]) == ("Flat", "IVF4,Flat")  # 6 vectors cannot train 4 lists
         assert library.verify() == []
+    for i in range(6, 20):
+        synthetic_photo(80, 60, seed=i).save(root / f"{i}.jpg")
+    with Library.open(root, folder=folder, write=True) as library:  # no --index: as asked before
+        run_index(library, encoder, Options(workers=0))
+    with Library.open(root, folder=folder) as library:
+        info = library.info()["indexes"]["cls"]
+        assert (info["factory"], info["requested"]) == ("IVF4,Flat", "IVF4,Flat")
+        assert library.verify() == []
+    with Library.open(root, folder=folder, write=True, index="HNSW16") as library:
+        with pytest.raises(ValueError, match="cannot remove vectors"):
+            library.load_indexes()
 
 
 def test_permission_denied_folder_keeps_its_rows(tmp_path, encoder):

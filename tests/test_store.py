@@ -24,7 +24,7 @@ def test_auto_factory_grows_with_the_library():
 def test_flat_equals_brute_force_with_catalog_ids():
     vectors = unit_vectors(500, 32)
     ids = np.arange(1000, 1500, dtype=np.int64) * 3  # row ids, not positions
-    index = build_index("Flat", 32, vectors, ids, auto=True)
+    index = build_index("Flat", 32, vectors, ids, requested="auto")
     queries = unit_vectors(20, 32, seed=1)
     scores, found = index.search(queries, 5)
     exact = queries @ vectors.T
@@ -40,7 +40,7 @@ def test_ivf_trained_on_a_sample_reaches_target_recall():
     vectors = centers[rng.integers(0, 64, 20_000)] + 0.3 * unit_vectors(20_000, 48, seed=3)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     ids = np.arange(20_000, dtype=np.int64) + 1
-    index = build_index("IVF64,SQ8", 48, vectors, ids, auto=False)
+    index = build_index("IVF64,SQ8", 48, vectors, ids, requested="IVF64,SQ8")
     assert index.nprobe is not None and 1 <= index.nprobe <= 64
     queries = vectors[rng.choice(20_000, 100, replace=False)]
     _, found = index.search(queries, 10)
@@ -50,21 +50,23 @@ def test_ivf_trained_on_a_sample_reaches_target_recall():
 
 
 def test_untrainable_factory_starts_flat_and_bad_factory_is_a_value_error():
-    index = build_index("IVF256,Flat", 16, unit_vectors(50, 16), np.arange(50), auto=False)
+    index = build_index("IVF256,Flat", 16, unit_vectors(50, 16), np.arange(50), requested="IVF256,Flat")
     assert index.factory == "Flat" and index.count == 50
     with pytest.raises(ValueError, match="invalid FAISS factory string"):
-        build_index("IVF-nonsense", 16, unit_vectors(5, 16), np.arange(5), auto=False)
+        build_index("IVF-nonsense", 16, unit_vectors(5, 16), np.arange(5), requested="IVF-nonsense")
+    with pytest.raises(ValueError, match="cannot remove vectors"):
+        build_index("HNSW16", 16, unit_vectors(5, 16), np.arange(5), requested="HNSW16")
 
 
 def test_remove_and_add():
-    index = build_index("Flat", 8, unit_vectors(10, 8), np.arange(10), auto=True)
+    index = build_index("Flat", 8, unit_vectors(10, 8), np.arange(10), requested="auto")
     assert index.remove([3, 4, 99]) == 2
     index.add(np.array([42]), unit_vectors(1, 8))
     assert sorted(index.ids()) == [0, 1, 2, 5, 6, 7, 8, 9, 42]
 
 
 def test_atomic_checkpoint_round_trip_and_damage(tmp_path):
-    index = build_index("Flat", 8, unit_vectors(10, 8), np.arange(10), auto=True)
+    index = build_index("Flat", 8, unit_vectors(10, 8), np.arange(10), requested="auto")
     path = tmp_path / "cls.faiss"
     checksum = write_atomic(path, index.serialize())
     loaded = read_index(path, checksum)
@@ -74,5 +76,7 @@ def test_atomic_checkpoint_round_trip_and_damage(tmp_path):
     path.write_bytes(path.read_bytes()[:-7])
     assert read_index(path, checksum) is None  # truncated
     assert read_index(tmp_path / "gone.faiss", checksum) is None
-    (tmp_path / ".cls.faiss.123.tmp").write_bytes(b"x")
+    (tmp_path / ".cls.0123456789abcdef.faiss.123.tmp").write_bytes(b"x")
+    (tmp_path / ".someone-elses.tmp").write_bytes(b"x")
     assert remove_temp_files(tmp_path) == 1
+    assert (tmp_path / ".someone-elses.tmp").exists()
