@@ -68,7 +68,11 @@ def read_image(path: str | os.PathLike | bytes, *, min_side: int = 256, max_pixe
     if not data:
         raise DecodeError("empty", "zero-byte file")
     meta = dict(sha256=hashlib.sha256(data).hexdigest(), size=len(data), mtime_ns=after.st_mtime_ns)
-    return _decode(data, min_side, max_pixels, meta)
+    with warnings.catch_warnings():
+        # Pillow warns about damaged metadata it worked around ("Corrupt EXIF data", ...); a file
+        # that really cannot be decoded raises, and is recorded with its reason.
+        warnings.simplefilter("ignore", UserWarning)
+        return _decode(data, min_side, max_pixels, meta)
 
 
 def _decode(data: bytes, min_side: int, max_pixels: int, meta: dict) -> DecodedImage:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import create_engine, delete, event, func, select
+from sqlalchemy import URL, create_engine, delete, event, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -71,10 +71,14 @@ class Library:
             folder.mkdir(parents=True, exist_ok=True)
         lock_fd = _take_lock(folder) if write else None
         try:
-            engine = _engine(url or f"sqlite:///{catalog_file}")
-            migrate.upgrade(engine, None if url else catalog_file)
-            if write:
+            # URL.create, not an f-string: "?" or "%" in a folder name must not reach the URL parser.
+            engine = _engine(url or URL.create("sqlite", database=str(catalog_file)))
+            if write or create:
+                migrate.upgrade(engine, None if url else catalog_file)
                 remove_temp_files(folder)
+                _close_interrupted_runs(engine)
+            elif not migrate.at_head(engine):
+                raise LibraryError(f"the catalog in {folder} needs an upgrade; run `dinoseek verify --repair {root}`")
         except BaseException:
             if lock_fd is not None:
                 _release_lock(folder, lock_fd)
@@ -333,7 +337,13 @@ class Library:
             index.remove(ids)
 
 
-def _engine(url: str) -> Engine:
+def _close_interrupted_runs(engine: Engine) -> None:
+    """Runs still marked running belonged to a writer that died: the lock is ours now."""
+    with Session(engine) as s, s.begin():
+        s.execute(update(RunRow).where(RunRow.status == "running").values(status="interrupted"))
+
+
+def _engine(url) -> Engine:
     engine = create_engine(url)
     if engine.dialect.name == "sqlite":
 
@@ -344,6 +354,13 @@ def _engine(url: str) -> Engine:
             cursor.execute("PRAGMA synchronous=NORMAL")  # durable across process kills in WAL mode
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
+            # pysqlite only opens transactions before DML, so DDL (migrations) would autocommit
+            # statement by statement; take over and BEGIN ourselves (SQLAlchemy's documented recipe).
+            dbapi_connection.isolation_level = None
+
+        @event.listens_for(engine, "begin")
+        def _begin(connection):
+            connection.exec_driver_sql("BEGIN")
 
     return engine
 

@@ -26,19 +26,29 @@ def head_revision() -> str:
     return ScriptDirectory.from_config(_config()).get_current_head()
 
 
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def at_head(engine: Engine) -> bool:
+    return current_revision(engine) == head_revision()
+
+
 def upgrade(engine: Engine, sqlite_file: Path | None) -> bool:
     """Bring the catalog to head; returns True if anything was applied.
 
     An existing SQLite catalog is first copied (SQLite's online backup, WAL-safe) to
     `catalog.sqlite.bak-<revision>`, so an interrupted migration can always be redone from it.
     """
-    with engine.connect() as connection:
-        current = MigrationContext.configure(connection).get_current_revision()
+    current = current_revision(engine)
     head = head_revision()
     if current == head:
         return False
-    if current is not None and sqlite_file is not None and sqlite_file.exists():
-        backup = sqlite_file.with_name(f"{sqlite_file.name}.bak-{current}")
+    backup = sqlite_file.with_name(f"{sqlite_file.name}.bak-{current}") if sqlite_file else None
+    # An existing backup is from before an interrupted attempt: never overwrite it with the catalog
+    # that attempt may have left half-migrated (SQLite DDL is transactional here, but be safe).
+    if current is not None and backup is not None and sqlite_file.exists() and not backup.exists():
         source, target = sqlite3.connect(sqlite_file), sqlite3.connect(backup)
         try:
             source.backup(target)

@@ -5,6 +5,10 @@ from alembic import context
 from indexer.catalog import Base
 
 connection = context.config.attributes["connection"]
-context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+# SQLite runs DDL inside transactions; Alembic assumes it does not unless told, and an interrupted
+# migration would then leave tables without a version row.
+transactional = connection.dialect.name in ("sqlite", "postgresql")
+context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True,
+                  transactional_ddl=transactional, transaction_per_migration=False)
 with context.begin_transaction():
     context.run_migrations()

@@ -19,10 +19,16 @@ def _translate_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        from sqlalchemy.exc import SQLAlchemyError
+
         try:
             return func(*args, **kwargs)
         except (ModelError, IndexerError, RetrievalError, ValueError) as e:
             raise click.ClickException(str(e)) from e
+        except OSError as e:  # disk full, permissions on the library folder, ...
+            raise click.ClickException(f"{e.filename or 'file system'}: {e.strerror or e}") from e
+        except SQLAlchemyError as e:
+            raise click.ClickException(f"catalog error: {str(e.orig if hasattr(e, 'orig') else e).splitlines()[0]}") from e
 
     return wrapper
 
