@@ -148,17 +148,24 @@ def apply(library: Library, groups: list[Group], action: str, quarantine: Path |
     return result
 
 
-def _set_status(library: Library, row_id: int, status: str, reason: str | None) -> None:
+def _set_status(library: Library, row_id: int, status: str, reason: str | None) -> bool:
+    """True if the row still exists (an index run since the apply may have dropped it)."""
     with library.session() as s, s.begin():
-        s.execute(update(ImageRow).where(ImageRow.id == row_id).values(status=status, reason=reason))
+        return s.execute(update(ImageRow).where(ImageRow.id == row_id).values(status=status, reason=reason)).rowcount > 0
 
 
 def journals(library: Library) -> list[Path]:
     return sorted((library.folder / "journals").glob("*.jsonl"))
 
 
-def undo(library: Library, journal: Path | None = None) -> list[str]:
-    """Restore every file of a journal (the latest by default); returns the restored paths.
+@dataclass
+class UndoResult:
+    restored: list[str]
+    not_in_catalog: int  # restored files whose rows an index run dropped meanwhile: re-index them
+
+
+def undo(library: Library, journal: Path | None = None) -> UndoResult:
+    """Restore every file of a journal (the latest by default).
 
     Each step is judged by what is on disk, so half-finished steps of a killed run are completed
     backwards too. The restored bytes are checked against the journal's sha256.
@@ -184,6 +191,7 @@ def undo(library: Library, journal: Path | None = None) -> list[str]:
             steps[record["step"]]["dst"] = record["dst"]
     restored = []
     problems = []
+    not_in_catalog = 0
     for number in sorted(steps, reverse=True):
         step = steps[number]
         src, dst, keeper = Path(step["src"]), Path(step["dst"]), Path(step["keeper"])
@@ -192,14 +200,14 @@ def undo(library: Library, journal: Path | None = None) -> list[str]:
                 if sha256_of(src) != step["sha256"]:
                     problems.append(f"{src}: restored bytes differ from the journal")
                 restored.append(step["src"])
-                _set_status(library, step["row_id"], EMBEDDED, None)
+                not_in_catalog += not _set_status(library, step["row_id"], EMBEDDED, None)
         except OSError as e:
             problems.append(f"{src}: {e.strerror or e}")
     if problems:
         raise JournalError(f"undo of {journal.name} incomplete: " + "; ".join(problems[:5]))
     with open(journal, "a") as log:
         _fsync_write(log, {"type": "undone", "at": time.strftime("%Y-%m-%d %H:%M:%S")})
-    return restored
+    return UndoResult(restored, not_in_catalog)
 
 
 def _restore(src: Path, dst: Path, keeper: Path, op: str) -> bool:

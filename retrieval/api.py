@@ -30,6 +30,7 @@ KIND_CHOICES = (*KINDS, "both")
 # Filtered searches over at most this many images are brute force over the catalog's vectors
 # (exact); larger filtered sets go through FAISS with an id selector.
 EXACT_FILTER_LIMIT = 200_000
+HIT_CHUNK = 10_000  # ids per metadata query (SQLite allows 32766 bound parameters)
 
 
 @dataclass(frozen=True)
@@ -234,27 +235,26 @@ class LibrarySearch:
         return out_scores, out_ids
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
-        wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
+        wanted = np.unique(ids[ids >= 0]).tolist()
+        columns = (ImageRow.id, ImageRow.path, ImageRow.path_text, ImageRow.width, ImageRow.height, ImageRow.size,
+                   ImageRow.format, ImageRow.captured_at, ImageRow.camera)  # not the vector blobs
         rows = {}
-        with self.library.session() as s:
-            for start in range(0, len(wanted), 500):
-                query = select(ImageRow).where(ImageRow.id.in_(wanted[start:start + 500]), ImageRow.status == EMBEDDED)
-                for row in s.scalars(query):
-                    rows[row.id] = (row.path, row.path_text, _metadata(row))
+        # Core, not the ORM: this lookup is most of the API's cost over raw FAISS at large batches.
+        with self.library.engine.connect() as connection:
+            for start in range(0, len(wanted), HIT_CHUNK):
+                query = select(*columns).where(ImageRow.id.in_(wanted[start:start + HIT_CHUNK]), ImageRow.status == EMBEDDED)
+                for row_id, raw, text, width, height, size, fmt, captured, camera in connection.execute(query):
+                    rows[row_id] = (raw, text, {"width": width, "height": height, "bytes": size, "format": fmt,
+                                                "captured_at": captured, "camera": camera})
         results = []
-        for row_scores, row_ids in zip(scores, ids):
+        for row_scores, row_ids in zip(scores.tolist(), ids.tolist()):
             hits = []
             for score, row_id in zip(row_scores, row_ids):
-                if row_id >= 0 and int(row_id) in rows:  # deleted rows never come back
-                    raw, text, meta = rows[int(row_id)]
-                    hits.append(Hit(int(row_id), text, float(score), raw, meta))
+                found = rows.get(row_id)
+                if found is not None:  # deleted rows (and FAISS's -1 padding) never come back
+                    hits.append(Hit(row_id, found[1], score, found[0], found[2]))
             results.append(hits)
         return results
-
-
-def _metadata(row: ImageRow) -> dict:
-    return {"width": row.width, "height": row.height, "bytes": row.size, "format": row.format,
-            "captured_at": row.captured_at, "camera": row.camera}
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:

@@ -397,8 +397,11 @@ def undo(root, library_dir, url, journal):
     from retrieval import actions
 
     with Library.open(root, folder=library_dir, url=url, write=True) as library:
-        restored = actions.undo(library, journal)
-    click.echo(f"restored {len(restored)} files")
+        result = actions.undo(library, journal)
+    click.echo(f"restored {len(result.restored)} files")
+    if result.not_in_catalog:
+        click.echo(f"{result.not_in_catalog} of them left the catalog meanwhile: run `dinoseek index {root}` to "
+                   f"embed them again")
 
 
 @main.command()

@@ -200,8 +200,8 @@ def test_apply_then_undo_restores_byte_identical_files(library_root, action):
             assert (library_root / group.keeper.path).read_bytes()
         with LibrarySearch(library) as lib:
             assert "b/p0-copy.jpg" not in [h.path for h in lib.similar("a/p0.jpg", k=5)]
-        restored = undo(library)
-        assert len(restored) == 3
+        result_undo = undo(library)
+        assert len(result_undo.restored) == 3 and result_undo.not_in_catalog == 0
         with pytest.raises(JournalError, match="already undone"):
             undo(library, result.journal)
     assert tree_hashes(library_root) == before
@@ -243,9 +243,18 @@ def test_undo_after_a_kill_mid_step(library_root):
         # Rewrite the journal and the disk as a kill just after os.link() would have left them.
         result.journal.write_text("\n".join(line for line in lines if '"done"' not in line) + "\n")
         os.link(step.dst, step.src)
-        assert undo(library, result.journal) == []  # nothing to restore: the original was intact
+        assert undo(library, result.journal).restored == []  # nothing to restore: the original was intact
         assert not step.dst.exists()
     assert tree_hashes(library_root) == before
+
+
+def test_undo_after_an_index_run_dropped_the_rows(library_root, encoder):
+    with Library.open(library_root, write=True) as library:
+        result = apply(library, find_duplicates(library, threshold=THRESHOLD), "move")
+        run_index(library, encoder, Options(workers=0))  # the moved files are gone: rows dropped
+        restored = undo(library, result.journal)
+        assert len(restored.restored) == 3 and restored.not_in_catalog == 3
+        assert run_index(library, encoder, Options(workers=0))["embedded"] == 3
 
 
 def test_reports(library_root):

@@ -1,0 +1,52 @@
+"""A library of N random unit vectors (no photos), with planted near-duplicate pairs, for the
+search and dedup benchmarks. Built once into a folder and reused."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import insert
+
+from indexer.catalog import EMBEDDED, ImageRow
+from indexer.library import Library
+
+MANIFEST = {"arch": {"synthetic": True}, "weights_sha256": "synthetic", "preprocess": {"mode": "crop", "size": 224},
+            "precision": "fp32", "dim": None}
+
+
+def synthetic_vectors(n: int, dim: int, duplicates: float, seed: int = 0) -> tuple[np.ndarray, int]:
+    """Unit vectors; the last `duplicates * n` are noisy copies (cosine ~0.98) of the first ones."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, dim), dtype=np.float32)
+    planted = int(n * duplicates)
+    vectors[n - planted:] = vectors[:planted] + 0.2 * rng.standard_normal((planted, dim), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors, planted
+
+
+def build(folder: Path, n: int, dim: int = 384, duplicates: float = 0.01) -> Path:
+    root = folder / "root"
+    if (root / ".dinoseek" / "catalog.sqlite").exists():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    vectors, _ = synthetic_vectors(n, dim, duplicates)
+    blobs = vectors.astype(np.float16)
+    start = time.perf_counter()
+    with Library.open(root, write=True, create=True) as library:
+        library.bind_model({**MANIFEST, "dim": dim})
+        with library.engine.begin() as connection:
+            for lo in range(0, n, 20_000):
+                connection.execute(insert(ImageRow), [
+                    {"path": b"img/%08d.jpg" % i, "path_text": f"img/{i:08d}.jpg", "folder": "img", "size": 2_000_000 + i,
+                     "mtime_ns": 0, "sha256": f"{i:064x}", "width": 4000, "height": 3000, "format": "JPEG",
+                     "status": EMBEDDED, "cls": blobs[i].tobytes(), "patch": blobs[i].tobytes()}
+                    for i in range(lo, min(n, lo + 20_000))
+                ])
+        print(f"# catalog: {n:,} rows in {time.perf_counter() - start:.0f}s", flush=True)
+        start = time.perf_counter()
+        library.load_indexes()
+        print(f"# indexes ({library.indexes['cls'].factory}, nprobe {library.indexes['cls'].nprobe}) built in "
+              f"{time.perf_counter() - start:.0f}s", flush=True)
+    return root
