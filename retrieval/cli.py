@@ -328,6 +328,11 @@ def similar(path, root, library_dir, url, k, kind, as_json, **filters):
               help="Keep rules, in order of priority.")
 @click.option("--protect", multiple=True, help="Folder whose copies are kept first (repeatable).")
 @click.option("--in-folder", "folder", help="Only groups with a member under this folder.")
+@click.option("--crops", is_flag=True, help="Re-rank candidates with patch tokens so crops group with their "
+                                             "source (re-reads those files; needs --model/--weights).")
+@click.option("--candidates", "candidate_threshold", type=float,
+              help="With --crops: lowest global similarity to re-rank [default: threshold - 0.15].")
+@model_options
 @click.option("--action", type=click.Choice(["report", "move", "hardlink", "symlink"]), default="report",
               show_default=True, help="What --apply does to the copies that are not kept.")
 @click.option("--apply", "do_apply", is_flag=True, help="Carry out the action (default: a dry-run plan only).")
@@ -337,8 +342,8 @@ def similar(path, root, library_dir, url, k, kind, as_json, **filters):
               help="Write the groups to a .json, .csv or .html file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @_translate_errors
-def dedup(root, library_dir, url, threshold, kind, exact_only, keep_order, protect, folder, action, do_apply,
-          quarantine, report_file, as_json):
+def dedup(root, library_dir, url, threshold, kind, exact_only, keep_order, protect, folder, crops, candidate_threshold,
+          model_name, weights, device, precision, action, do_apply, quarantine, report_file, as_json):
     """Find duplicate groups; with --action and --apply, set the extra copies aside (undoably).
 
     Nothing changes on disk without --apply. Applying moves the copies that are not kept into a
@@ -357,8 +362,17 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, keep_order, prote
 
     order = tuple(r.strip() for r in keep_order.split(",") if r.strip())
     with Library.open(root, folder=library_dir, url=url, write=do_apply) as library:
+        crop_encoder = None
+        if crops:
+            from model import Encoder
+
+            manifest = library.manifest() or {}
+            crop_encoder = Encoder.from_pretrained(weights or model_name, device=device, precision=precision,
+                                                   **manifest.get("preprocess", {}))
+            library.check_model(crop_encoder.manifest())
         groups = find_duplicates(library, threshold=threshold or DEFAULT_THRESHOLD, kind=kind, exact_only=exact_only,
-                                 order=order, protected=protect, folder=folder)
+                                 order=order, protected=protect, folder=folder, crop_encoder=crop_encoder,
+                                 candidate_threshold=candidate_threshold)
         if report_file:
             write_report(groups, report_file, library.root, action)
         if as_json:

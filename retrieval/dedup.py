@@ -67,12 +67,15 @@ def find_duplicates(
     protected: tuple[str, ...] = (),
     block: int = BLOCK,
     folder: str | None = None,
+    crop_encoder=None,
+    candidate_threshold: float | None = None,
 ) -> list[Group]:
     """Exact groups (same sha256) and, unless exact_only, near-duplicate groups of embedded images.
 
     Exact copies have similarity 1 and so land in the same near group; a group is labelled
     "exact" when all its members share one hash. Truncated or otherwise failed files are never
-    members (only embedded rows are).
+    members (only embedded rows are). With `crop_encoder`, pairs down to `candidate_threshold`
+    are re-scored with patch tokens (retrieval.rerank) so crops of one photo group together.
     """
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
@@ -84,7 +87,14 @@ def find_duplicates(
                       for h in hashes]
     else:
         index = library.load_indexes()[kind]
-        groups = complete_linkage(range_pairs(index, catalog_blocks(library, kind, block), threshold))
+        if crop_encoder is None:
+            groups = complete_linkage(range_pairs(index, catalog_blocks(library, kind, block), threshold))
+        else:
+            from .rerank import rerank
+
+            low = candidate_threshold if candidate_threshold is not None else max(0.0, threshold - 0.15)
+            candidates = range_pairs(index, catalog_blocks(library, kind, block), low)
+            groups = complete_linkage(rerank(candidates, library, crop_encoder, threshold))
     members = _members(library, [i for ids, _ in groups for i in ids])
     result = []
     for ids, lowest in groups:

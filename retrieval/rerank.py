@@ -1,0 +1,69 @@
+"""Crop-aware re-ranking of candidate pairs with patch tokens.
+
+A crop shares only part of the frame with its source, so their global (CLS) vectors can fall below
+a near-duplicate threshold. Comparing patch tokens finds it: for each token of one image, the best
+cosine among the other's tokens, averaged (Chamfer similarity), taken in the direction that fits
+best — every patch of a crop has a match in its source, not the other way round.
+
+References: Kusner et al. 2015 (word mover's distance relaxation); ColBERT "MaxSim", Khattab &
+Zaharia 2020.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import numpy as np
+from sqlalchemy import select
+
+from indexer.catalog import EMBEDDED, ImageRow
+from indexer.decode import DecodeError, read_image
+from indexer.library import Library
+
+
+def chamfer(a: np.ndarray, b: np.ndarray) -> float:
+    """Best-direction mean of per-token max cosine; a, b: (tokens, D) unit rows."""
+    sims = a @ b.T  # (Ta, Tb)
+    return float(max(sims.max(axis=1).mean(), sims.max(axis=0).mean()))
+
+
+def patch_tokens(library: Library, encoder, ids: Iterable[int], batch: int = 16) -> dict[int, np.ndarray]:
+    """Unit patch tokens per image id (re-read from disk; files that changed are left out)."""
+    ids = sorted(set(ids))
+    with library.session() as s:
+        paths = dict(s.execute(select(ImageRow.id, ImageRow.path).where(ImageRow.id.in_(ids), ImageRow.status == EMBEDDED)).all())
+    root = os.fsencode(library.root)
+    tokens: dict[int, np.ndarray] = {}
+    pending: list[tuple[int, object]] = []
+
+    def flush():
+        out = encoder.embed([image for _, image in pending], return_tokens=True).tokens  # (B, T, D)
+        out = out / np.linalg.norm(out, axis=-1, keepdims=True)
+        for (row_id, _), t in zip(pending, out):
+            tokens[row_id] = t
+        pending.clear()
+
+    for row_id, raw in paths.items():
+        try:
+            pending.append((row_id, read_image(os.path.join(root, raw), min_side=256).image))
+        except DecodeError:
+            continue
+        if len(pending) >= batch:
+            flush()
+    if pending:
+        flush()
+    return tokens
+
+
+def rerank(pairs: Iterable[tuple[int, int, float]], library: Library, encoder, threshold: float) -> list[tuple[int, int, float]]:
+    """Pairs rescored as max(global similarity, crop similarity), kept if >= threshold."""
+    pairs = list(pairs)
+    tokens = patch_tokens(library, encoder, [i for a, b, _ in pairs for i in (a, b)])
+    kept = []
+    for a, b, sim in pairs:
+        if sim < threshold and a in tokens and b in tokens:
+            sim = max(sim, chamfer(tokens[a], tokens[b]))
+        if sim >= threshold:
+            kept.append((a, b, sim))
+    return kept
