@@ -213,8 +213,9 @@ def info(root, library_dir, url, as_json):
 @main.command()
 @library_options
 @click.option("--repair", is_flag=True, help="Rebuild or reconcile the indexes from the catalog.")
+@click.option("--json", "as_json", is_flag=True, help="Print the problems as JSON.")
 @_translate_errors
-def verify(root, library_dir, url, repair):
+def verify(root, library_dir, url, repair, as_json):
     """Check that the FAISS indexes hold exactly the catalog's vectors (exit 1 if not).
 
     \b
@@ -228,11 +229,15 @@ def verify(root, library_dir, url, repair):
         if problems and repair:
             library.load_indexes()
             problems = library.verify()
-    for problem in problems:
-        click.echo(problem)
+    if as_json:
+        click.echo(json.dumps({"ok": not problems, "problems": problems}))
+    else:
+        for problem in problems:
+            click.echo(problem)
     if problems:
         raise click.ClickException(f"{len(problems)} problem(s); run `dinoseek verify --repair`")
-    click.echo("ok: catalog and indexes agree")
+    if not as_json:
+        click.echo("ok: catalog and indexes agree")
 
 
 def filter_options(func):
