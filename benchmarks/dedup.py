@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--blocks", type=int, nargs="+", default=[1024, 8192])
+    parser.add_argument("--nprobe", type=int, default=16, help="IVF lists probed per query.")
     parser.add_argument("--keep", type=Path)
     args = parser.parse_args()
     folder = args.keep or Path(tempfile.mkdtemp(prefix="dinoseek-dedup-"))
@@ -51,7 +52,7 @@ def main() -> None:
               f"RSS {rss_mb():.0f} MB")
         for block in args.blocks:
             start = time.perf_counter()
-            groups = find_duplicates(library, threshold=args.threshold, block=block)
+            groups = find_duplicates(library, threshold=args.threshold, block=block, nprobe=args.nprobe)
             seconds = time.perf_counter() - start
             found = {tuple(m.id for m in g.members) for g in groups if len(g.members) == 2}
             # Planted copies: row n - planted + i copies row i (ids are positions + 1).

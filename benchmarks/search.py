@@ -65,7 +65,14 @@ def main() -> None:
         exact = VectorIndex(flat, "Flat", "Flat", None, args.n)
         _, truth = exact.search(queries, 10)
         print(f"{'index':<18}{'mode':<14}{'raw faiss':>12}{'our API':>12}{'overhead':>10}{'QPS (API)':>11}{'recall@10':>11}{'MB':>8}")
-        for name, index in (("Flat (exact)", exact), (f"auto: {auto.factory}", auto)):
+        from indexer.store import auto_factory, build_index
+
+        ivf_factory = auto_factory(args.n, args.dim) if "IVF" in auto_factory(args.n, args.dim) else "IVF1024,SQ8"
+        ivf = auto if auto.factory == ivf_factory else build_index(ivf_factory, args.dim, vectors, ids, requested=ivf_factory)
+        candidates = [("Flat (exact)", exact), (f"auto: {auto.factory}", auto)]
+        if ivf is not auto:
+            candidates.append((f"{ivf.factory} np{ivf.nprobe}", ivf))
+        for name, index in candidates:
             lib.indexes["cls"] = index
             _, found = index.search(queries, 10)
             recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])

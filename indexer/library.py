@@ -234,6 +234,8 @@ class Library:
             wanted = auto_factory(index.count, index.dim) if index.requested == "auto" else index.requested
             if wanted == index.factory:
                 continue
+            if index.requested == "auto" and index.count < 2 * index.trained_on:
+                continue  # auto rebuilds (and retrains) only once the library has doubled since
             ids, vectors = self.catalog_vectors(kind)
             rebuilt = build_index(wanted, index.dim, vectors, ids, requested=index.requested)
             if rebuilt.factory != index.factory:

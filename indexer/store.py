@@ -21,7 +21,11 @@ log = logging.getLogger(__name__)
 
 FLAT_LIMIT = 50_000  # exact search up to here: ~1.5 ms/query for 384-d at this size
 PQ_FROM = 2_000_000  # from here on, 8-bit scalar quantization costs too much memory: use PQ
-TARGET_RECALL = 0.95  # nprobe is raised until recall@10 against exact search reaches this
+TARGET_RECALL = 0.95  # nprobe is raised until recall@10 against exact search reaches this...
+MIN_AUTO_RECALL = 0.9  # an auto IVF index below this recall falls back to exact search...
+FLAT_FALLBACK_MAX = 5_000_000  # ...while the library is small enough for it (7.7 GB at 384-d)
+MAX_PROBE_FRACTION = 8  # ...or until it scans 1/8 of the lists: beyond that the vectors do not
+# cluster (random data) and IVF has stopped paying off; the recall reached is logged.
 
 
 def auto_factory(count: int, dim: int) -> str:
@@ -80,11 +84,13 @@ class VectorIndex:
             return index.search(queries, k, params=params)
         return index.search(queries, k)
 
-    def range_search(self, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(lims, scores, ids): every stored vector with inner product >= threshold, per query."""
+    def range_search(self, queries: np.ndarray, threshold: float, nprobe: int | None = None):
+        """(lims, scores, ids): every stored vector with inner product >= threshold, per query.
+        IVF indexes probe `nprobe` lists (default: the tuned search value)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self.nprobe:
-            return self.index.range_search(queries, threshold, params=faiss.SearchParametersIVF(nprobe=self.nprobe))
+            params = faiss.SearchParametersIVF(nprobe=min(nprobe or self.nprobe, faiss.extract_index_ivf(self.index.index).nlist))
+            return self.index.range_search(queries, threshold, params=params)
         return self.index.range_search(queries, threshold)
 
     def search_subset(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -143,12 +149,17 @@ def build_index(factory: str, dim: int, vectors: np.ndarray, ids: np.ndarray, *,
     result = VectorIndex(index, factory, requested, None, len(vectors))
     result.add(ids, vectors)
     if "IVF" in factory:
-        result.nprobe = tune_nprobe(result, vectors)
+        result.nprobe, recall = tune_nprobe(result, vectors)
+        if requested == "auto" and recall < MIN_AUTO_RECALL and len(vectors) <= FLAT_FALLBACK_MAX:
+            # auto never trades away this much recall: exact search is slower but right.
+            log.warning("%s reaches recall@10 %.2f only; auto uses exact search instead", factory, recall)
+            return build_index("Flat", dim, vectors, ids, requested=requested)
     return result
 
 
-def tune_nprobe(index: VectorIndex, vectors: np.ndarray, queries: int = 200, k: int = 10) -> int:
-    """Smallest power-of-two nprobe whose recall@k against exact search reaches TARGET_RECALL."""
+def tune_nprobe(index: VectorIndex, vectors: np.ndarray, queries: int = 200, k: int = 10) -> tuple[int, float]:
+    """(nprobe, recall@k): the smallest power-of-two nprobe whose recall against exact search
+    reaches TARGET_RECALL, or the largest tried."""
     rng = np.random.default_rng(1)
     sample = vectors[rng.choice(len(vectors), min(queries, len(vectors)), replace=False)]
     exact = faiss.IndexFlatIP(vectors.shape[1])
@@ -156,16 +167,20 @@ def tune_nprobe(index: VectorIndex, vectors: np.ndarray, queries: int = 200, k: 
     _, truth = exact.search(sample, k)
     ivf = faiss.extract_index_ivf(index.index.index)
     positions = faiss.vector_to_array(index.index.id_map)
+    limit = max(1, ivf.nlist // MAX_PROBE_FRACTION)
     nprobe = 1
-    while nprobe < ivf.nlist:
+    while True:
         index.nprobe = nprobe
         _, found = index.search(sample, k)
         # Ids are row ids; exact results are positions in `vectors`: map them through the id map.
         recall = np.mean([len(set(f) & set(positions[t])) / k for f, t in zip(found, truth)])
         if recall >= TARGET_RECALL:
-            break
-        nprobe *= 2
-    return min(nprobe, ivf.nlist)
+            return nprobe, float(recall)
+        if nprobe >= limit:
+            log.warning("IVF recall@%d only %.2f at nprobe %d of %d lists: the vectors barely cluster",
+                        k, recall, nprobe, ivf.nlist)
+            return nprobe, float(recall)
+        nprobe = min(nprobe * 2, limit)
 
 
 def write_atomic(path: Path, data: bytes) -> str:

@@ -16,6 +16,10 @@ from .keep import DEFAULT_ORDER, Member, choose_keeper
 
 DEFAULT_THRESHOLD = 0.95  # cosine of CLS vectors; `dinoseek calibrate` recommends one for a library
 BLOCK = 4096  # query vectors per range-search block
+# IVF lists probed when looking for near duplicates. They sit next to each other, almost always in
+# the same list as their query or a neighbouring one, so a handful of lists finds them where a
+# nearest-neighbour search over the whole library needs many (measured: benchmarks/dedup.py).
+DEDUP_NPROBE = 16
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ def find_duplicates(
     folder: str | None = None,
     crop_encoder=None,
     candidate_threshold: float | None = None,
+    nprobe: int = DEDUP_NPROBE,
 ) -> list[Group]:
     """Exact groups (same sha256) and, unless exact_only, near-duplicate groups of embedded images.
 
@@ -88,12 +93,12 @@ def find_duplicates(
     else:
         index = library.load_indexes()[kind]
         if crop_encoder is None:
-            groups = complete_linkage(range_pairs(index, catalog_blocks(library, kind, block), threshold))
+            groups = complete_linkage(range_pairs(index, catalog_blocks(library, kind, block), threshold, nprobe))
         else:
             from .rerank import rerank
 
             low = candidate_threshold if candidate_threshold is not None else max(0.0, threshold - 0.15)
-            candidates = range_pairs(index, catalog_blocks(library, kind, block), low)
+            candidates = range_pairs(index, catalog_blocks(library, kind, block), low, nprobe)
             groups = complete_linkage(rerank(candidates, library, crop_encoder, threshold))
     members = _members(library, [i for ids, _ in groups for i in ids])
     result = []

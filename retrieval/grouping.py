@@ -13,14 +13,15 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 
-def range_pairs(index, blocks: Iterable[tuple[np.ndarray, np.ndarray]], threshold: float) -> Iterator[tuple[int, int, float]]:
+def range_pairs(index, blocks: Iterable[tuple[np.ndarray, np.ndarray]], threshold: float,
+                nprobe: int | None = None) -> Iterator[tuple[int, int, float]]:
     """(a, b, similarity) with a < b and similarity >= threshold, for query blocks (ids, vectors).
 
-    `index` is an indexer.store.VectorIndex (or anything with `range_search(vectors, threshold)`
-    returning (lims, scores, ids)).
+    `index` is an indexer.store.VectorIndex (anything with `range_search(vectors, threshold,
+    nprobe)` returning (lims, scores, ids)).
     """
     for ids, vectors in blocks:
-        lims, scores, found = index.range_search(vectors, threshold)
+        lims, scores, found = index.range_search(vectors, threshold, nprobe)
         for row, a in enumerate(ids):
             for b, score in zip(found[lims[row]:lims[row + 1]], scores[lims[row]:lims[row + 1]]):
                 if a < b:
