@@ -20,6 +20,9 @@ BLOCK = 4096  # query vectors per range-search block
 # the same list as their query or a neighbouring one, so a handful of lists finds them where a
 # nearest-neighbour search over the whole library needs many (measured: benchmarks/dedup.py).
 DEDUP_NPROBE = 16
+# Above this size an exact (Flat) library index is too slow for an all-pairs range search (N^2):
+# candidates then come from a temporary IVF-Flat over the catalog's vectors, probed as above.
+EXACT_PAIRS_MAX = 100_000
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,7 @@ def find_duplicates(
             groups = [(sorted(s.scalars(select(ImageRow.id).where(ImageRow.sha256 == h, ImageRow.status == EMBEDDED)).all()), 1.0)
                       for h in hashes]
     else:
-        index = library.load_indexes()[kind]
+        index = candidate_index(library, kind)
         if crop_encoder is None:
             groups = complete_linkage(range_pairs(index, catalog_blocks(library, kind, block), threshold, nprobe))
         else:
@@ -114,6 +117,18 @@ def find_duplicates(
         exact = len({m.sha256 for m in group_members}) == 1
         result.append(Group("exact" if exact else "near", group_members, 1.0 if exact else lowest, keeper, reason))
     return result
+
+
+def candidate_index(library: Library, kind: str):
+    """The index to find close pairs with: the library's own, unless it is exact and large."""
+    index = library.indexes.get(kind) or library.load_indexes()[kind]
+    if index.nprobe is not None or index.count <= EXACT_PAIRS_MAX:
+        return index
+    from indexer.store import build_index
+
+    ids, vectors = library.catalog_vectors(kind)
+    nlist = 1 << max(8, min(16, round(np.log2(4 * np.sqrt(len(ids))))))
+    return build_index(f"IVF{nlist},Flat", vectors.shape[1], vectors, ids, requested="dedup")
 
 
 def _members(library: Library, ids: list[int]) -> dict[int, Member]:

@@ -288,3 +288,14 @@ def test_crops_group_only_with_patch_token_reranking(tmp_path, small_folder):
     crop_groups = [g for g in reranked if "p0-crop.png" in [m.path for m in g.members]]
     assert [sorted(m.path for m in g.members) for g in crop_groups] == [crop_pair]
     assert crop_groups[0].keeper.path == "p0.png" and crop_groups[0].min_similarity >= 0.945
+
+
+def test_large_exact_libraries_find_pairs_through_a_temporary_ivf(library_root, monkeypatch):
+    import retrieval.dedup as dedup
+
+    with Library.open(library_root) as library:
+        exact = find_duplicates(library, threshold=THRESHOLD)
+        monkeypatch.setattr(dedup, "EXACT_PAIRS_MAX", 5)
+        assert dedup.candidate_index(library, "cls").nprobe is not None  # an IVF, not the Flat index
+        approximate = find_duplicates(library, threshold=THRESHOLD)
+    assert [[m.id for m in g.members] for g in approximate] == [[m.id for m in g.members] for g in exact]
