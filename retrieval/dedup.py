@@ -127,7 +127,8 @@ def candidate_index(library: Library, kind: str):
     from indexer.store import build_index
 
     ids, vectors = library.catalog_vectors(kind)
-    nlist = 1 << max(8, min(16, round(np.log2(4 * np.sqrt(len(ids))))))
+    # ~4 sqrt(N) lists (a power of two), with at least 39 training points each (faiss's minimum).
+    nlist = 1 << max(0, min(16, round(np.log2(4 * np.sqrt(len(ids)))), int(np.log2(max(1, len(ids) // 39)))))
     return build_index(f"IVF{nlist},Flat", vectors.shape[1], vectors, ids, requested="dedup")
 
 
