@@ -175,7 +175,11 @@ class Library:
             return None
         return VectorIndex(loaded, record.factory, record.requested, record.nprobe, record.trained_on)
 
-    def load_indexes(self) -> dict[str, VectorIndex]:
+    def index_record(self, kind: str) -> IndexFileRow | None:
+        """What the last checkpoint of `kind` holds (factory, count, nprobe), without loading it."""
+        return self._records().get(kind)
+
+    def load_indexes(self, kinds: tuple[str, ...] = KINDS) -> dict[str, VectorIndex]:
         """Each kind's index, checked against the catalog: damaged ones rebuilt, stale ones reconciled.
 
         Writers save what they repaired; readers keep the repair in memory.
@@ -183,7 +187,7 @@ class Library:
         dim = self.dim()
         catalog_ids = self.embedded_ids()
         records = self._records()
-        for kind in KINDS:
+        for kind in kinds:
             record = records.get(kind)
             index = self._read(kind, record)
             if index is not None and (index.dim != dim or index.count != record.count):

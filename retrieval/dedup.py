@@ -94,7 +94,7 @@ def find_duplicates(
             groups = [(sorted(s.scalars(select(ImageRow.id).where(ImageRow.sha256 == h, ImageRow.status == EMBEDDED)).all()), 1.0)
                       for h in hashes]
     else:
-        index = candidate_index(library, kind)
+        index = candidate_index(library, kind, block)
         if crop_encoder is None:
             groups = complete_linkage(range_pairs(index, catalog_blocks(library, kind, block), threshold, nprobe))
         else:
@@ -119,17 +119,30 @@ def find_duplicates(
     return result
 
 
-def candidate_index(library: Library, kind: str):
-    """The index to find close pairs with: the library's own, unless it is exact and large."""
-    index = library.indexes.get(kind) or library.load_indexes()[kind]
-    if index.nprobe is not None or index.count <= EXACT_PAIRS_MAX:
-        return index
-    from indexer.store import build_index
+def candidate_index(library: Library, kind: str, block: int = BLOCK):
+    """The index to find close pairs with: the library's own, unless it is exact and large; then
+    a temporary IVF-Flat is trained on a sample and filled block by block (the library's exact
+    index is not loaded at all, so memory stays at one copy of the vectors)."""
+    record = library.index_record(kind)
+    if kind in library.indexes or record is None or record.nprobe is not None or record.count <= EXACT_PAIRS_MAX:
+        return library.indexes.get(kind) or library.load_indexes((kind,))[kind]
+    import faiss
 
-    ids, vectors = library.catalog_vectors(kind)
+    from indexer.store import VectorIndex
+
+    ids = library.embedded_ids()
+    dim = library.dim()
     # ~4 sqrt(N) lists (a power of two), with at least 39 training points each (faiss's minimum).
     nlist = 1 << max(0, min(16, round(np.log2(4 * np.sqrt(len(ids)))), int(np.log2(max(1, len(ids) // 39)))))
-    return build_index(f"IVF{nlist},Flat", vectors.shape[1], vectors, ids, requested="dedup")
+    sample_ids = np.random.default_rng(0).choice(ids, min(len(ids), 64 * nlist), replace=False)
+    _, sample = library.catalog_vectors(kind, sample_ids)
+    inner = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+    inner.train(sample)
+    del sample
+    index = VectorIndex(faiss.IndexIDMap2(inner), f"IVF{nlist},Flat", "dedup", DEDUP_NPROBE, len(ids))
+    for block_ids, vectors in catalog_blocks(library, kind, block):
+        index.add(block_ids, vectors)
+    return index
 
 
 def _members(library: Library, ids: list[int]) -> dict[int, Member]:

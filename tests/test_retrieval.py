@@ -295,7 +295,10 @@ def test_large_exact_libraries_find_pairs_through_a_temporary_ivf(library_root, 
 
     with Library.open(library_root) as library:
         exact = find_duplicates(library, threshold=THRESHOLD)
-        monkeypatch.setattr(dedup, "EXACT_PAIRS_MAX", 5)
-        assert dedup.candidate_index(library, "cls").nprobe is not None  # an IVF, not the Flat index
+    monkeypatch.setattr(dedup, "EXACT_PAIRS_MAX", 5)
+    with Library.open(library_root) as library:
+        index = dedup.candidate_index(library, "cls")
+        assert index.factory.startswith("IVF") and index.count == 11  # not the library's Flat index
+        assert library.indexes == {}  # which was never loaded
         approximate = find_duplicates(library, threshold=THRESHOLD)
     assert [[m.id for m in g.members] for g in approximate] == [[m.id for m in g.members] for g in exact]
