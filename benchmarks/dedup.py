@@ -46,10 +46,8 @@ def main() -> None:
     print(f"# {platform.machine()}, {os.cpu_count()} cores, {args.n:,} x {args.dim}, {planted:,} planted pairs, "
           f"threshold {args.threshold}")
     with Library.open(root) as library:
-        start = time.perf_counter()
-        index = library.load_indexes()["cls"]
-        print(f"# index {index.factory} (nprobe {index.nprobe}) loaded in {time.perf_counter() - start:.1f}s, "
-              f"RSS {rss_mb():.0f} MB")
+        record = library.index_record("cls")
+        print(f"# library index {record.factory} (nprobe {record.nprobe}), RSS before grouping {rss_mb():.0f} MB")
         for block in args.blocks:
             start = time.perf_counter()
             groups = find_duplicates(library, threshold=args.threshold, block=block, nprobe=args.nprobe)

@@ -29,10 +29,12 @@ def synthetic_vectors(n: int, dim: int, duplicates: float, seed: int = 0) -> tup
 def build(folder: Path, n: int, dim: int = 384, duplicates: float = 0.01) -> Path:
     root = folder / "root"
     if (root / ".dinoseek" / "catalog.sqlite").exists():
-        with Library.open(root, write=True) as library:  # (re)build and save missing indexes once
-            start = time.perf_counter()
-            library.load_indexes()
-            print(f"# indexes ready ({library.indexes['cls'].factory}) in {time.perf_counter() - start:.0f}s", flush=True)
+        with Library.open(root, write=True) as library:
+            if library.index_record("cls") is None:  # build and save the indexes once
+                start = time.perf_counter()
+                library.load_indexes()
+                print(f"# indexes built ({library.indexes['cls'].factory}) in {time.perf_counter() - start:.0f}s",
+                      flush=True)
         return root
     root.mkdir(parents=True, exist_ok=True)
     vectors, _ = synthetic_vectors(n, dim, duplicates)
