@@ -302,3 +302,15 @@ def test_large_exact_libraries_find_pairs_through_a_temporary_ivf(library_root, 
         assert library.indexes == {}  # which was never loaded
         approximate = find_duplicates(library, threshold=THRESHOLD)
     assert [[m.id for m in g.members] for g in approximate] == [[m.id for m in g.members] for g in exact]
+
+
+def test_large_filtered_sets_go_through_a_faiss_id_selector(library_root, encoder, monkeypatch):
+    import retrieval.api as api
+
+    vector = encoder.embed([synthetic_photo(300, 300, seed=11)]).cls[0]
+    monkeypatch.setattr(api, "EXACT_FILTER_LIMIT", 0)  # force the FAISS path
+    with LibrarySearch(Library.open(library_root)) as lib:
+        hits = lib.search(vector, k=20, folder="b")
+        expected = brute_force(library_root, lib.vectors_for(vector, "cls")[0], "cls", lambda r: r.folder == "b")
+    assert len(hits) == len(expected) == 7
+    assert_same_ranking(hits, expected)
