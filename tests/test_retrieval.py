@@ -314,3 +314,84 @@ def test_large_filtered_sets_go_through_a_faiss_id_selector(library_root, encode
         expected = brute_force(library_root, lib.vectors_for(vector, "cls")[0], "cls", lambda r: r.folder == "b")
     assert len(hits) == len(expected) == 7
     assert_same_ranking(hits, expected)
+
+
+def test_a_keeper_reached_through_a_swapped_folder_symlink_is_never_moved(library_root):
+    """After indexing, b/ is replaced by a symlink to a/: b/p0-copy.jpg would be a/p0.jpg itself."""
+    import shutil
+
+    with Library.open(library_root, write=True) as library:
+        groups = find_duplicates(library, exact_only=True)
+        (library_root / "a/p0-copy.jpg").write_bytes((library_root / "b/p0-copy.jpg").read_bytes())
+        shutil.rmtree(library_root / "b")
+        os.symlink(library_root / "a", library_root / "b")
+        result = apply(library, groups, "move")
+    assert result.done == [] and "symbolic link" in result.skipped[0][1]
+    assert (library_root / "a/p0.jpg").exists()
+
+
+def test_hard_links_to_the_keeper_are_not_duplicates_to_free(library_root):
+    with Library.open(library_root, write=True) as library:
+        groups = find_duplicates(library, exact_only=True)
+        copy = library_root / "b/p0-copy.jpg"
+        copy.unlink()
+        os.link(library_root / "a/p0.jpg", copy)  # same bytes, same inode
+        result = apply(library, groups, "move")
+    assert result.done == [] and "is the kept file itself" in result.skipped[0][1]
+
+
+def test_failed_link_puts_the_file_back(library_root, monkeypatch):
+    import retrieval.actions as actions
+
+    def no_links(*args):
+        raise OSError(95, "Operation not supported")
+
+    before = tree_hashes(library_root)
+    with Library.open(library_root, write=True) as library:
+        groups = find_duplicates(library, threshold=THRESHOLD)
+        monkeypatch.setattr(actions.os, "symlink", no_links)
+        with pytest.raises(actions.ActionError, match="dinoseek undo"):
+            apply(library, groups, "symlink")
+    assert tree_hashes(library_root) == before
+
+
+def test_quarantine_inside_the_photo_folder_is_refused(library_root):
+    with Library.open(library_root, write=True) as library:
+        with pytest.raises(ValueError, match="inside the photo folder"):
+            apply(library, find_duplicates(library, threshold=THRESHOLD), "move", str(library_root / "dups"))
+
+
+def test_undo_keeps_a_quarantined_copy_whose_original_was_replaced(library_root):
+    with Library.open(library_root, write=True) as library:
+        result = apply(library, find_duplicates(library, threshold=THRESHOLD), "move")
+        step = result.done[0]
+        step.src.write_bytes(b"a new file the user saved at the old name")
+        with pytest.raises(JournalError, match="was replaced since the apply"):
+            undo(library, result.journal)
+        assert step.dst.exists()  # the old bytes are kept, never deleted
+        assert "undone" not in result.journal.read_text()
+
+
+def test_torn_last_journal_line_is_tolerated(library_root):
+    before = tree_hashes(library_root)
+    with Library.open(library_root, write=True) as library:
+        result = apply(library, find_duplicates(library, threshold=THRESHOLD), "move")
+        with open(result.journal, "a") as f:
+            f.write('{"type": "intent", "step": 9, "op": "mo')  # power loss mid-write
+        assert len(undo(library, result.journal).restored) == 3
+    assert tree_hashes(library_root) == before
+
+
+def test_odd_byte_names_are_moved_and_restored(tmp_path, encoder):
+    root = tmp_path / "photos"
+    root.mkdir()
+    synthetic_photo(300, 200, seed=1).save(root / "a.jpg")
+    odd = os.fsdecode(b"caf\xe9.jpg")
+    (root / odd).write_bytes((root / "a.jpg").read_bytes())
+    before = tree_hashes(root)
+    with Library.open(root, write=True, create=True) as library:
+        run_index(library, encoder, Options(workers=0))
+        result = apply(library, find_duplicates(library, exact_only=True), "move")
+        assert len(result.done) == 1
+        undo(library, result.journal)
+    assert tree_hashes(root) == before
