@@ -135,19 +135,23 @@ class Library:
     # ---- vectors ------------------------------------------------------------------------------
     def catalog_vectors(self, kind: str, ids=None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, float32 vectors) of embedded rows, all or the given ids, ordered by id."""
-        column = getattr(ImageRow, kind)
-        query = select(ImageRow.id, column).where(ImageRow.status == EMBEDDED).order_by(ImageRow.id)
-        out_ids, blobs = [], []
-        with self.session() as s:
+        ids_out, (vectors,) = self.catalog_vector_sets((kind,), ids)
+        return ids_out, vectors
+
+    def catalog_vector_sets(self, kinds: tuple[str, ...], ids=None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Like catalog_vectors for several kinds, read in one transaction so they always agree."""
+        columns = [getattr(ImageRow, kind) for kind in kinds]
+        query = select(ImageRow.id, *columns).where(ImageRow.status == EMBEDDED).order_by(ImageRow.id)
+        dim = self.dim() or 0
+        with self.session() as s, s.begin():  # one snapshot (WAL) for every chunk
             if ids is None:
-                rows = s.execute(query)
+                rows = s.execute(query).all()
             else:
                 ids = sorted(int(i) for i in ids)
-                rows = [r for start in range(0, len(ids), 500) for r in s.execute(query.where(ImageRow.id.in_(ids[start:start + 500])))]
-            for row_id, blob in rows:
-                out_ids.append(row_id)
-                blobs.append(blob)
-        return np.asarray(out_ids, dtype=np.int64), vectors_from_blobs(blobs, self.dim() or 0)
+                rows = [r for start in range(0, len(ids), 500)
+                        for r in s.execute(query.where(ImageRow.id.in_(ids[start:start + 500])))]
+        out_ids = np.asarray([r[0] for r in rows], dtype=np.int64)
+        return out_ids, [vectors_from_blobs([r[1 + k] for r in rows], dim) for k in range(len(kinds))]
 
     def embedded_ids(self) -> np.ndarray:
         with self.session() as s:

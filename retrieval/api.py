@@ -30,6 +30,7 @@ KIND_CHOICES = (*KINDS, "both")
 # Filtered searches over at most this many images are brute force over the catalog's vectors
 # (exact); larger filtered sets go through FAISS with an id selector.
 EXACT_FILTER_LIMIT = 200_000
+OVERFETCH = 8  # extra FAISS results per query, to make up for rows deleted since the index loaded
 HIT_CHUNK = 10_000  # ids per metadata query (SQLite allows 32766 bound parameters)
 
 
@@ -197,17 +198,18 @@ class LibrarySearch:
         filters = filters or Filters(**filter_args)
         vectors = self.vectors_for(queries, kind)
         scores, ids = self._search_vectors(vectors, k, kind, filters)
-        return self._hits(scores, ids)
+        return [hits[:k] for hits in self._hits(scores, ids)]
 
     def _search_vectors(self, vectors: np.ndarray, k: int, kind: str, filters: Filters) -> tuple[np.ndarray, np.ndarray]:
         allowed = self._filtered_ids(filters) if filters.active() else None
         if kind == "both" or (allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT):
             return self._exact(vectors, k, kind, allowed)
         index = self.indexes[kind]
+        # Over-fetch a little: hits of rows deleted since the index was loaded are dropped later.
+        extra = k + OVERFETCH
         if allowed is None:
-            # Over-fetch a little: hits of rows deleted since the index was loaded are dropped later.
-            return index.search(vectors, k)
-        return index.search_subset(vectors, k, allowed)
+            return index.search(vectors, extra)
+        return index.search_subset(vectors, extra, allowed)
 
     def _filtered_ids(self, filters: Filters) -> np.ndarray:
         with self.library.session() as s:
@@ -218,8 +220,7 @@ class LibrarySearch:
         """Brute force over the catalog's own vectors (the source of truth); "both" averages the
         CLS and patch similarities."""
         if kind == "both":
-            ids, cls = self.library.catalog_vectors("cls", allowed)
-            _, patch = self.library.catalog_vectors("patch", allowed)
+            ids, (cls, patch) = self.library.catalog_vector_sets(("cls", "patch"), allowed)
             scores = (vectors[:, : self.dim] @ cls.T + vectors[:, self.dim :] @ patch.T) / 2  # (n, N)
         else:
             ids, matrix = self.library.catalog_vectors(kind, allowed)

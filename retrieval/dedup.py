@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from sqlalchemy import func, select
@@ -49,6 +50,19 @@ class Group:
         }
 
 
+def protected_folder(root: Path, folder: str) -> str:
+    """A --protect value (absolute, ./relative or relative to the root) as a root-relative prefix."""
+    path = Path(folder).expanduser()
+    absolute = path if path.is_absolute() else root / path
+    try:
+        relative = absolute.resolve().relative_to(root.resolve())
+    except ValueError:
+        raise ValueError(f"--protect {folder}: not inside {root}") from None
+    if not absolute.is_dir():
+        raise ValueError(f"--protect {folder}: no such folder under {root}")
+    return relative.as_posix()
+
+
 def catalog_blocks(library: Library, kind: str, block: int = BLOCK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(ids, vectors) of embedded rows in id order, `block` at a time (keyset pagination)."""
     dim = library.dim()
@@ -87,6 +101,9 @@ def find_duplicates(
     """
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    protected = tuple(protected_folder(library.root, p) for p in protected)
+    if protected and "protected" not in order:
+        order = ("protected", *order)  # --protect always wins, whatever --keep lists
     if exact_only:
         with library.session() as s:
             hashes = s.scalars(select(ImageRow.sha256).where(ImageRow.status == EMBEDDED)

@@ -27,7 +27,7 @@ class Member:
 def _key(member: Member, rule: str, protected: tuple[str, ...]):
     """Sort key for one rule; smaller sorts first (= preferred)."""
     if rule == "protected":
-        return 0 if any(member.path == p or member.path.startswith(p.rstrip("/") + "/") for p in protected) else 1
+        return 0 if any(p in ("", ".") or member.path.startswith(p.rstrip("/") + "/") for p in protected) else 1
     if rule == "resolution":
         return -(member.width or 0) * (member.height or 0)
     if rule == "size":

@@ -395,3 +395,14 @@ def test_odd_byte_names_are_moved_and_restored(tmp_path, encoder):
         assert len(result.done) == 1
         undo(library, result.journal)
     assert tree_hashes(root) == before
+
+
+def test_protect_accepts_absolute_and_dotted_paths_and_checks_them(library_root):
+    with Library.open(library_root) as library:
+        for spelling in (str(library_root / "b"), "./b", "b/"):
+            groups = find_duplicates(library, threshold=THRESHOLD, protected=(spelling,), order=("resolution",))
+            assert {g.keeper.path for g in groups} == {"b/p0-copy.jpg", "b/p1-small.jpg", "b/p2-reencoded.jpg"}
+        with pytest.raises(ValueError, match="no such folder"):
+            find_duplicates(library, protected=("nope",))
+        with pytest.raises(ValueError, match="not inside"):
+            find_duplicates(library, protected=("/",))
