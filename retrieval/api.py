@@ -198,7 +198,7 @@ class LibrarySearch:
         filters = filters or Filters(**filter_args)
         vectors = self.vectors_for(queries, kind)
         scores, ids = self._search_vectors(vectors, k, kind, filters)
-        return [hits[:k] for hits in self._hits(scores, ids)]
+        return self._hits(scores, ids, k)
 
     def _search_vectors(self, vectors: np.ndarray, k: int, kind: str, filters: Filters) -> tuple[np.ndarray, np.ndarray]:
         allowed = self._filtered_ids(filters) if filters.active() else None
@@ -235,8 +235,33 @@ class LibrarySearch:
         out_scores[:, :n] = np.take_along_axis(scores, top, 1)
         return out_scores, out_ids
 
-    def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
-        wanted = np.unique(ids[ids >= 0]).tolist()
+    def _hits(self, scores: np.ndarray, ids: np.ndarray, k: int) -> list[list[Hit]]:
+        """The first k live rows of each result list, with their metadata."""
+        rows: dict[int, tuple] = {}
+        looked_up: set[int] = set()
+        # Look up each query's first k ids; the over-fetched ones only where some of those are gone.
+        for width in (k, ids.shape[1]):
+            part = ids[:, :width]
+            if width > k:
+                short = [i for i, row in enumerate(part[:, :k].tolist()) if sum(r in rows for r in row) < k]
+                part = part[short]
+            wanted = [i for i in np.unique(part[part >= 0]).tolist() if i not in looked_up]
+            rows.update(self._rows(wanted))
+            looked_up.update(wanted)
+        results = []
+        for row_scores, row_ids in zip(scores.tolist(), ids.tolist()):
+            hits = []
+            for score, row_id in zip(row_scores, row_ids):
+                found = rows.get(row_id)
+                if found is not None:  # deleted rows (and FAISS's -1 padding) never come back
+                    hits.append(Hit(row_id, found[1], score, found[0], found[2]))
+                    if len(hits) == k:
+                        break
+            results.append(hits)
+        return results
+
+    def _rows(self, wanted: list[int]) -> dict[int, tuple]:
+        """id -> (raw path, printable path, metadata) for the embedded rows among `wanted`."""
         columns = (ImageRow.id, ImageRow.path, ImageRow.path_text, ImageRow.width, ImageRow.height, ImageRow.size,
                    ImageRow.format, ImageRow.captured_at, ImageRow.camera)  # not the vector blobs
         rows = {}
@@ -247,15 +272,7 @@ class LibrarySearch:
                 for row_id, raw, text, width, height, size, fmt, captured, camera in connection.execute(query):
                     rows[row_id] = (raw, text, {"width": width, "height": height, "bytes": size, "format": fmt,
                                                 "captured_at": captured, "camera": camera})
-        results = []
-        for row_scores, row_ids in zip(scores.tolist(), ids.tolist()):
-            hits = []
-            for score, row_id in zip(row_scores, row_ids):
-                found = rows.get(row_id)
-                if found is not None:  # deleted rows (and FAISS's -1 padding) never come back
-                    hits.append(Hit(row_id, found[1], score, found[0], found[2]))
-            results.append(hits)
-        return results
+        return rows
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
