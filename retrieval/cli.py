@@ -331,8 +331,10 @@ def similar(path, root, library_dir, url, k, kind, as_json, **filters):
 @click.option("--exact", "exact_only", is_flag=True, help="Only byte-identical copies.")
 @click.option("--keep", "keep_order", default="protected,resolution,size,oldest,format", show_default=True,
               help="Keep rules, in order of priority.")
-@click.option("--protect", multiple=True, help="Folder whose copies are kept first (repeatable).")
-@click.option("--in-folder", "folder", help="Only groups with a member under this folder.")
+@click.option("--protect", multiple=True,
+              help="Folder (under ROOT) whose copies are always the ones kept (repeatable).")
+@click.option("--in-folder", "folder",
+              help="Only groups with a member under this folder (each group is shown and acted on whole).")
 @click.option("--crops", is_flag=True, help="Re-rank candidates with patch tokens so crops group with their "
                                              "source (re-reads those files; needs --model/--weights).")
 @click.option("--candidates", "candidate_threshold", type=float,
