@@ -126,3 +126,49 @@ def test_end_to_end_subprocess(tmp_path, tiny_folder):
     assert "restored 3 files" in run("undo", root)
     assert tree_hashes(root) == before
     assert "ok" in run("verify", root)
+
+
+@pytest.mark.slow
+def test_sigkill_during_apply_then_undo_restores_every_byte(tmp_path, tiny_folder):
+    """A real `dinoseek dedup --apply` killed at random moments; `undo` must bring every file back."""
+    import os
+    import signal
+    import time
+
+    import numpy as np
+    from conftest import synthetic_photo
+
+    root = tmp_path / "photos"
+    (root / "orig").mkdir(parents=True)
+    for i in range(6):
+        synthetic_photo(200, 150, seed=i).save(root / "orig" / f"p{i}.png")
+    for copy in range(1, 40):  # 39 copies of each: many steps to interrupt
+        folder = root / f"copies{copy:02d}"
+        folder.mkdir()
+        for i in range(6):
+            (folder / f"p{i}.png").write_bytes((root / "orig" / f"p{i}.png").read_bytes())
+    before = tree_hashes(root)
+    cli = [sys.executable, "-m", "retrieval.cli"]
+    subprocess.run([*cli, "index", str(root), "--weights", str(tiny_folder), "--precision", "fp32"], check=True,
+                   capture_output=True, timeout=300)
+    rng = np.random.default_rng(3)
+    journals = root / ".dinoseek" / "journals"
+    for steps in rng.integers(5, 200, 3):  # kill once the journal holds this many records
+        known = set(journals.glob("*.jsonl")) if journals.exists() else set()
+        process = subprocess.Popen([*cli, "dedup", str(root), "--exact", "--protect", "orig", "--action", "move", "--apply"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            new = [j for j in journals.glob("*.jsonl") if j not in known] if journals.exists() else []
+            if new and new[0].read_text().count("\n") >= steps:
+                break
+            time.sleep(0.002)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        result = subprocess.run([*cli, "undo", str(root)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        restored = int(result.stdout.split("restored ")[1].split()[0])
+        assert 0 < restored < 6 * 39  # the kill landed mid-apply
+        assert tree_hashes(root) == before
+        for folder in root.iterdir():
+            assert not any(name.endswith(".dinoseek-copy") for name in os.listdir(folder))
