@@ -7,6 +7,7 @@ truncated, bit-flipped or left from another state is recognised on open and rebu
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -19,6 +20,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+TRAIN_PER_LIST = 64  # k-means training points per IVF list: quality plateaus well before faiss's 256
 FLAT_LIMIT = 50_000  # exact search up to here: ~1.5 ms/query for 384-d at this size
 PQ_FROM = 2_000_000  # from here on, 8-bit scalar quantization costs too much memory: use PQ
 TARGET_RECALL = 0.95  # nprobe is raised until recall@10 against exact search reaches this...
@@ -28,18 +30,27 @@ MAX_PROBE_FRACTION = 8  # ...or until it scans 1/8 of the lists: beyond that the
 # cluster (random data) and IVF has stopped paying off; the recall reached is logged.
 
 
+def ivf_lists(count: int) -> int:
+    """~4 sqrt(N) inverted lists (a power of two, at most 65536), with at least 39 vectors per
+    list to train on (faiss's minimum)."""
+    wanted = round(math.log2(4 * math.sqrt(max(count, 1))))
+    return 1 << max(0, min(16, wanted, int(math.log2(max(1, count // 39)))))
+
+
 def auto_factory(count: int, dim: int) -> str:
     """Exact search for small libraries; IVF with SQ8, then PQ as they grow (inner product)."""
     if count <= FLAT_LIMIT:
         return "Flat"
-    nlist = 1 << max(8, min(16, round(math.log2(4 * math.sqrt(count)))))
+    nlist = ivf_lists(count)
     if count < PQ_FROM:
         return f"IVF{nlist},SQ8"
     m = next(m for m in (dim // 4, dim // 8, dim // 16) if dim % m == 0)
     return f"IVF{nlist},PQ{m}x8"
 
 
+@functools.cache
 def gpu_available() -> bool:
+    """faiss-gpu with a CUDA device (asked once: search calls it on every query)."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
@@ -140,9 +151,7 @@ def build_index(factory: str, dim: int, vectors: np.ndarray, ids: np.ndarray, *,
             # Too few vectors to train yet: exact search until the library has grown enough.
             log.info("%s needs %d vectors to train, have %d: using Flat for now", factory, max(nlist, 1) * 4, len(vectors))
             return build_index("Flat", dim, vectors, ids, requested=requested)
-        # 64 training points per list: k-means quality plateaus well before faiss's 256 maximum,
-        # and training time grows linearly with the sample.
-        size = min(len(vectors), 64 * max(nlist, 1))
+        size = min(len(vectors), TRAIN_PER_LIST * max(nlist, 1))  # training time grows with it
         sample = vectors[np.sort(np.random.default_rng(0).choice(len(vectors), size, replace=False))]
         inner.train(sample)
     index = faiss.IndexIDMap2(inner)
@@ -183,8 +192,8 @@ def tune_nprobe(index: VectorIndex, vectors: np.ndarray, queries: int = 200, k: 
         nprobe = min(nprobe * 2, limit)
 
 
-def write_atomic(path: Path, data: bytes) -> str:
-    """Write data to path via temp file + fsync + rename; returns its sha256."""
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write data to path via temp file + fsync + rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -196,7 +205,6 @@ def write_atomic(path: Path, data: bytes) -> str:
         os.fsync(directory)
     finally:
         os.close(directory)
-    return hashlib.sha256(data).hexdigest()
 
 
 def read_index(path: Path, checksum: str) -> faiss.IndexIDMap2 | None:

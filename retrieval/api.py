@@ -300,7 +300,8 @@ def open_library(
         if model or weights:
             from model import Encoder
 
-            preprocess = library.manifest()["preprocess"] if library.manifest() else {"mode": "crop", "size": 224}
+            manifest = library.manifest()
+            preprocess = manifest["preprocess"] if manifest else {"mode": "crop", "size": 224}
             encoder = Encoder.from_pretrained(weights or model, device=device, precision=precision, **preprocess)
         return LibrarySearch(library, encoder)
     except BaseException:

@@ -105,11 +105,14 @@ def find_duplicates(
     if protected and "protected" not in order:
         order = ("protected", *order)  # --protect always wins, whatever --keep lists
     if exact_only:
-        with library.session() as s:
-            hashes = s.scalars(select(ImageRow.sha256).where(ImageRow.status == EMBEDDED)
-                               .group_by(ImageRow.sha256).having(func.count() > 1)).all()
-            groups = [(sorted(s.scalars(select(ImageRow.id).where(ImageRow.sha256 == h, ImageRow.status == EMBEDDED)).all()), 1.0)
-                      for h in hashes]
+        repeated = (select(ImageRow.sha256).where(ImageRow.status == EMBEDDED)
+                    .group_by(ImageRow.sha256).having(func.count() > 1))
+        by_hash: dict[str, list[int]] = {}
+        with library.session() as s:  # one query for all groups
+            for row_id, digest in s.execute(select(ImageRow.id, ImageRow.sha256).where(
+                    ImageRow.status == EMBEDDED, ImageRow.sha256.in_(repeated)).order_by(ImageRow.id)):
+                by_hash.setdefault(digest, []).append(row_id)
+        groups = [(ids, 1.0) for ids in by_hash.values()]
     else:
         index = candidate_index(library, kind, block)
         if crop_encoder is None:
@@ -145,13 +148,12 @@ def candidate_index(library: Library, kind: str, block: int = BLOCK):
         return library.indexes.get(kind) or library.load_indexes((kind,))[kind]
     import faiss
 
-    from indexer.store import VectorIndex
+    from indexer.store import TRAIN_PER_LIST, VectorIndex, ivf_lists
 
     ids = library.embedded_ids()
     dim = library.dim()
-    # ~4 sqrt(N) lists (a power of two), with at least 39 training points each (faiss's minimum).
-    nlist = 1 << max(0, min(16, round(np.log2(4 * np.sqrt(len(ids)))), int(np.log2(max(1, len(ids) // 39)))))
-    sample_ids = np.random.default_rng(0).choice(ids, min(len(ids), 64 * nlist), replace=False)
+    nlist = ivf_lists(len(ids))
+    sample_ids = np.random.default_rng(0).choice(ids, min(len(ids), TRAIN_PER_LIST * nlist), replace=False)
     _, sample = library.catalog_vectors(kind, sample_ids)
     inner = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
     inner.train(sample)

@@ -139,12 +139,18 @@ def test_other_model_is_refused(collection, encoder, tmp_path):
         index(root, other)
 
 
-def test_unmounted_disk_sweep_is_refused(tmp_path, encoder):
+def indexed_photos(tmp_path, encoder, count=24):
+    """`count` small PNGs p0..p{count-1} in a fresh folder, indexed once."""
     root = tmp_path / "many"
     root.mkdir()
-    for i in range(24):
+    for i in range(count):
         synthetic_photo(64, 48, seed=i).save(root / f"p{i}.png")
     index(root, encoder)
+    return root
+
+
+def test_unmounted_disk_sweep_is_refused(tmp_path, encoder):
+    root = indexed_photos(tmp_path, encoder)
     for i in range(20):
         (root / f"p{i}.png").unlink()
     with pytest.raises(SweepRefusedError, match="20 of 24 catalogued files are gone.*Nothing was deleted"):
@@ -154,11 +160,7 @@ def test_unmounted_disk_sweep_is_refused(tmp_path, encoder):
 
 
 def test_reorganising_everything_is_a_move_not_a_mass_deletion(tmp_path, encoder):
-    root = tmp_path / "many"
-    root.mkdir()
-    for i in range(24):
-        synthetic_photo(64, 48, seed=i).save(root / f"p{i}.png")
-    index(root, encoder)
+    root = indexed_photos(tmp_path, encoder)
     (root / "sorted").mkdir()
     for i in range(24):
         os.rename(root / f"p{i}.png", root / "sorted" / f"p{i}.png")
