@@ -171,4 +171,4 @@ def test_sigkill_during_apply_then_undo_restores_every_byte(tmp_path, tiny_folde
         assert 0 < restored < 6 * 39  # the kill landed mid-apply
         assert tree_hashes(root) == before
         for folder in root.iterdir():
-            assert not any(name.endswith(".dinoseek-copy") for name in os.listdir(folder))
+            assert not any(name.startswith(".dsk-") for name in os.listdir(folder))  # no temp copies left

@@ -1,0 +1,357 @@
+"""Dedup journals: the append-only record of an apply, read back strictly before `undo` acts on it.
+
+A journal lives in the library folder, which more people may be able to write than the photos; so
+nothing in it is trusted. Every record is checked for shape, and every path in it for place (inside
+the journal's root or quarantine, which must be this library's, reached without symbolic links),
+before `undo` touches a single file: a forged or damaged journal changes nothing at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from indexer.decode import display_path
+
+from .errors import JournalError
+
+VERSION = 1
+OPS = ("move", "hardlink", "symlink")
+RECORD_TYPES = ("header", "intent", "done", "rolled-back", "undone")
+QUARANTINE = "quarantine"  # the default quarantine: a folder of the library folder
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def shown(path: bytes | str | Path) -> str:
+    """A path as one printable line: undecodable bytes as \\xNN, control characters escaped."""
+    text = display_path(path)
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """Lexically: `path` is `folder` or below it (both absolute and normalised)."""
+    return path == folder or folder in path.parents
+
+
+def check_quarantine(root: Path, library_folder: Path, quarantine: Path) -> None:
+    """ValueError unless `quarantine` (resolved) is a place apply may move copies to."""
+    where = f"quarantine {shown(quarantine)}"
+    if inside(root, quarantine):  # `/`, the root itself, a folder above it: undo would reach the photos
+        what = "is the photo folder itself" if quarantine == root else f"contains the photo folder {shown(root)}"
+        raise ValueError(f"{where} {what}: choose a folder outside it")
+    if inside(library_folder, quarantine):
+        raise ValueError(f"{where} contains the library folder {shown(library_folder)}: choose another folder")
+    if inside(quarantine, library_folder) and quarantine != library_folder / QUARANTINE:
+        raise ValueError(f"{where} is inside the library folder next to its catalog and journals: "
+                         f"use {shown(library_folder / QUARANTINE)} or a folder outside it")
+    if inside(quarantine, root) and not inside(quarantine, library_folder):
+        raise ValueError(f"{where} is inside the photo folder; the next index run would embed its files again: "
+                         f"choose a folder outside {shown(root)}")
+
+
+@dataclass(frozen=True)
+class Header:
+    action: str
+    root: Path
+    quarantine: Path
+    created: str  # YYYYmmddTHHMMSS.ffffff, UTC
+
+
+@dataclass(frozen=True)
+class Intent:
+    """One step as apply announced it, before doing it: the duplicate at `src` goes to `dst`."""
+
+    step: int
+    op: str
+    src: Path
+    dst: Path
+    keeper: Path
+    sha256: str
+    size: int
+    line: int  # in the journal file, for messages
+
+
+@dataclass
+class Journal:
+    path: Path
+    header: Header
+    intents: dict[int, list[Intent]]  # step -> its intents (a name taken meanwhile adds one)
+    undone: bool
+
+    @property
+    def files(self) -> int:
+        return len(self.intents)
+
+    def steps_backwards(self) -> list[Intent]:
+        """The last intent of each step, latest step first. Only the last one can have moved
+        anything: an earlier one named a file that already existed (FileExistsError), never ours."""
+        return [self.intents[n][-1] for n in sorted(self.intents, reverse=True)]
+
+    @property
+    def date(self) -> str:
+        try:
+            return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.strptime(self.header.created[:15], "%Y%m%dT%H%M%S"))
+        except ValueError:
+            return self.header.created
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+def new_name(folder: Path) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time() % 1:.6f}"[1:]
+    return folder / f"{stamp}Z-{os.getpid():08d}.jsonl"  # sorts by time
+
+
+class JournalWriter:
+    """Appends fsynced records; the file (and its header) appear only with the first step, so an
+    apply that does nothing leaves no journal for `undo` to pick instead of the real one."""
+
+    def __init__(self, folder: Path, action: str, root: Path, quarantine: Path):
+        self.path = new_name(folder)
+        self._header = {"type": "header", "version": VERSION, "action": action, "root": os.fsdecode(root),
+                        "quarantine": os.fsdecode(quarantine), "created": self.path.name[:22]}
+        self._file = None
+
+    @property
+    def started(self) -> bool:
+        return self._file is not None
+
+    def write(self, record: dict) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(exist_ok=True)
+            self._file = open(self.path, "x")
+            self._append(self._header)
+        self._append(record)
+
+    def _append(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def __enter__(self) -> "JournalWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def mark_undone(journal: Path) -> None:
+    with open(journal, "a") as f:
+        f.write(json.dumps({"type": "undone", "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---- reading: shape ------------------------------------------------------------------------------
+
+def read(path: Path) -> Journal:
+    """Parse and check the shape of every record; JournalError (one line) on the first bad one."""
+    path = Path(path)
+    lines = _lines(path)
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                break  # a last record torn by a crash: the step it began is judged from the disk
+            raise _refused(path, number, "damaged (not JSON)") from None
+        records.append((number, record))
+    if not records or not isinstance(records[0][1], dict) or records[0][1].get("type") != "header":
+        raise JournalError(f"{shown(path)} is not a dinoseek dedup journal")
+    header = _header(path, *records[0])
+    intents: dict[int, list[Intent]] = {}
+    undone = False
+    for number, record in records[1:]:
+        if not isinstance(record, dict):
+            raise _refused(path, number, f"a record must be an object, got {_kind(record)}")
+        kind = _field(path, number, record, "type", str)
+        if kind not in RECORD_TYPES or kind == "header":
+            raise _refused(path, number, f"unknown record type {kind[:40]!r}")
+        if kind == "intent":
+            intent = _intent(path, number, record)
+            if intent.op != header.action:
+                raise _refused(path, number, f"a {intent.op} step in a {header.action} journal")
+            earlier = intents.setdefault(intent.step, [])
+            if earlier and earlier[0].src != intent.src:
+                raise _refused(path, number, f"step {intent.step} names two different files")
+            earlier.append(intent)
+        elif kind in ("done", "rolled-back"):
+            _field(path, number, record, "step", int)
+        else:
+            undone = True
+    return Journal(path, header, intents, undone)
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO named like a journal must not hang us
+    except OSError as e:
+        raise JournalError(f"cannot read journal {shown(path)}: {e.strerror}") from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise JournalError(f"{shown(path)} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read()
+    except OSError as e:
+        raise JournalError(f"cannot read journal {shown(path)}: {e.strerror}") from e
+    finally:
+        os.close(fd)
+    try:
+        return data.decode("ascii").splitlines()  # json.dumps escapes everything else
+    except UnicodeDecodeError:
+        raise JournalError(f"{shown(path)} is not a dinoseek dedup journal (not text)") from None
+
+
+def _header(path: Path, number: int, record: dict) -> Header:
+    if record.get("version") != VERSION or type(record.get("version")) is not int:
+        raise _refused(path, number, f"unknown journal version {str(record.get('version'))[:20]!r}")
+    action = _field(path, number, record, "action", str)
+    if action not in OPS:
+        raise _refused(path, number, f"unknown action {action[:40]!r}")
+    return Header(action, _path(path, number, record, "root"), _path(path, number, record, "quarantine"),
+                  _field(path, number, record, "created", str))
+
+
+def _intent(path: Path, number: int, record: dict) -> Intent:
+    step = _field(path, number, record, "step", int)
+    op = _field(path, number, record, "op", str)
+    if op not in OPS:
+        raise _refused(path, number, f"unknown op {op[:40]!r}")
+    sha256 = _field(path, number, record, "sha256", str)
+    if not _SHA256.fullmatch(sha256):
+        raise _refused(path, number, "'sha256' is not a sha256 hex digest")
+    size = _field(path, number, record, "size", int)
+    if size < 0:
+        raise _refused(path, number, "'size' is negative")
+    _field(path, number, record, "row_id", int)
+    keeper_id = record.get("keeper_id")
+    if keeper_id is not None and not (isinstance(keeper_id, list) and len(keeper_id) == 2
+                                      and all(type(v) is int for v in keeper_id)):
+        raise _refused(path, number, "'keeper_id' must be two integers")
+    return Intent(step, op, _path(path, number, record, "src"), _path(path, number, record, "dst"),
+                  _path(path, number, record, "keeper"), sha256, size, number)
+
+
+def _field(path: Path, number: int, record: dict, name: str, kind: type):
+    if name not in record:
+        raise _refused(path, number, f"{name!r} is missing")
+    value = record[name]
+    if type(value) is not kind:  # exact: a bool is no step number, a list no path
+        raise _refused(path, number, f"{name!r} must be {'an integer' if kind is int else 'a string'}, "
+                                     f"got {_kind(value)}")
+    return value
+
+
+def _path(path: Path, number: int, record: dict, name: str) -> Path:
+    text = _field(path, number, record, name, str)
+    if "\0" in text or not os.path.isabs(text) or os.path.normpath(text) != text or text.startswith("//"):
+        raise _refused(path, number, f"{name!r} is not an absolute, normalised path: {shown(text[:200])}")
+    return Path(text)
+
+
+def _kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
+            bool: "true/false", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _refused(path: Path, number: int, what: str) -> JournalError:
+    return JournalError(f"journal {shown(path.name)} refused, nothing was changed: line {number}: {what}")
+
+
+# ---- reading: places ----------------------------------------------------------------------------
+
+def check_places(journal: Journal, root: Path, library_folder: Path) -> None:
+    """JournalError unless every path the journal names is one undo may touch: this library's root
+    and a quarantine apply could have used, each reached without a symbolic link on the way."""
+    header = journal.header
+    if header.root != root:
+        raise JournalError(f"journal {shown(journal.path.name)} refused, nothing was changed: it belongs to the "
+                           f"photo folder {shown(header.root)}, not {shown(root)}")
+    try:
+        check_quarantine(root, library_folder, header.quarantine)
+    except ValueError as e:
+        raise JournalError(f"journal {shown(journal.path.name)} refused, nothing was changed: {e}") from None
+    problem = symlinked(header.quarantine)
+    if problem:
+        raise JournalError(f"journal {shown(journal.path.name)} refused, nothing was changed: {problem}")
+    for steps in journal.intents.values():
+        for intent in steps:
+            problem = place_problem(intent, root, library_folder, header.quarantine)
+            if problem:
+                raise _refused(journal.path, intent.line, problem)
+
+
+def place_problem(intent: Intent, root: Path, library_folder: Path, quarantine: Path) -> str | None:
+    """Why one step's paths are not ones undo may touch, or None."""
+    for name, path in (("src", intent.src), ("keeper", intent.keeper)):
+        if path == root or not inside(path, root) or inside(path, library_folder) or inside(path, quarantine):
+            return f"{name} {shown(path)} is not a photo inside {shown(root)}"
+    if intent.dst == quarantine or not inside(intent.dst, quarantine):
+        return f"dst {shown(intent.dst)} is not inside the quarantine {shown(quarantine)}"
+    if intent.src == intent.keeper:
+        return f"src and keeper are the same file {shown(intent.src)}"
+    for path in (intent.src, intent.dst, intent.keeper):
+        problem = symlinked_folder(path)
+        if problem:
+            return problem
+    return None
+
+
+def symlinked_folder(path: Path) -> str | None:
+    """Why `path` is reached through a symbolic link to a folder (through which a journal's paths
+    could point anywhere), or None. `path` itself may be a link: symlink steps leave one."""
+    return symlinked(path.parent, path)
+
+
+def symlinked(folder: Path, named: Path | None = None) -> str | None:
+    """Why `folder` is not its own resolved path, or None. Folders that do not exist yet are fine
+    (undo creates them)."""
+    text = os.fsdecode(folder)
+    real = os.path.realpath(text)
+    if real != text:
+        return f"{shown(named or folder)} is reached through a symbolic link (really {shown(real)})"
+    return None
+
+
+# ---- which journals -----------------------------------------------------------------------------
+
+def all_journals(library_folder: Path) -> list[Path]:
+    return sorted((library_folder / "journals").glob("*.jsonl"))
+
+
+def pending(library_folder: Path) -> list[Journal | tuple[Path, str]]:
+    """Journals with steps not yet undone, oldest first; one that cannot be read as (path, why)."""
+    out: list[Journal | tuple[Path, str]] = []
+    for path in all_journals(library_folder):
+        try:
+            journal = read(path)
+        except JournalError as e:
+            out.append((path, str(e)))
+            continue
+        if journal.intents and not journal.undone:  # a journal without steps has nothing to undo
+            out.append(journal)
+    return out
+
+
+def newest_pending(library_folder: Path) -> Path:
+    paths = all_journals(library_folder)
+    for path in reversed(paths):
+        journal = read(path)  # the newest pending one damaged: say so rather than skip to an older one
+        if journal.intents and not journal.undone:
+            return path
+    folder = shown(library_folder / "journals")
+    if paths:
+        raise JournalError(f"every dedup journal in {folder} was already undone: nothing left to undo")
+    raise JournalError(f"no dedup journal in {folder}: nothing to undo")
