@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from model.files import FileTooLargeError, NotRegularFileError, read_regular
+
 from .errors import DecodeError
 
 # Formats we decode. Anything else Pillow can identify (PSD, EPS, PDF, FITS, ...) is refused before
@@ -48,19 +50,31 @@ class DecodedImage:
     camera: str | None  # EXIF Make + Model
 
 
+def decode_side(mode: str, size: int) -> int:
+    """The `min_side` an encoder with this preprocessing needs: the 256 its crop mode resizes to
+    before cropping, else its input side. Every caller decodes with it, so one file gives one vector
+    whichever command reads it."""
+    from model.preprocess import RESIZE_SHORT
+
+    return RESIZE_SHORT if mode == "crop" else size
+
+
 def read_image(path: str | os.PathLike | bytes, *, min_side: int = 256, max_pixels: int = MAX_PIXELS) -> DecodedImage:
     """Decode `path` to RGB with the short side at least `min_side` where the format allows shrinking.
 
     The file is read once into memory (content hash, and a stat before and after to catch files
-    changed while being read); decoding then happens from that buffer.
+    changed while being read); decoding then happens from that buffer. Only a regular file is read,
+    and never more than MAX_FILE_BYTES of it: a path swapped for a FIFO would block the reader
+    forever, a symlink to /dev/zero would be read until memory runs out.
     """
     try:
         before = os.stat(path)
-        if before.st_size > MAX_FILE_BYTES:
-            raise DecodeError("too-large", f"{before.st_size:,} bytes is more than the {MAX_FILE_BYTES:,}-byte limit")
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_regular(path, max_bytes=MAX_FILE_BYTES)
         after = os.stat(path)
+    except FileTooLargeError as e:
+        raise DecodeError("too-large", e.strerror) from e
+    except NotRegularFileError as e:
+        raise DecodeError("unreadable", e.strerror) from e
     except OSError as e:
         raise DecodeError("unreadable", f"{e.strerror or e}") from e
     if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or len(data) != after.st_size:

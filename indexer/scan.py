@@ -5,8 +5,10 @@ from __future__ import annotations
 import fnmatch
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+from model.files import open_regular
 
 from .decode import display_path
 
@@ -44,18 +46,25 @@ def scan(
     exclude: tuple[str, ...] = (),
     follow_symlinks: bool = False,
     skip: tuple[bytes, ...] = (),
+    rank: Callable[[bytes], int] = lambda rel: 0,
 ) -> Iterator[ScanEntry | ScanProblem]:
     """Yield image candidates under root, depth-first in sorted order.
 
-    Hidden files and folders are skipped, as are `skip` folders (the library's own). Symlinks are
-    ignored unless `follow_symlinks`; then each real folder is entered once (loops end) and each
-    real file yielded once — a second path to the same inode (hard or symbolic link) is reported
-    as "linked", so a file can never be its own duplicate.
+    Hidden files and folders are skipped, as are `skip` folders (the library's own), by path and by
+    inode (a bind mount or followed link to them too). Symlinks are ignored unless `follow_symlinks`;
+    then each real folder is entered once (loops end). Each real file is yielded once — a second
+    path to the same inode (hard or symbolic link) is reported as "linked", so a file can never be
+    its own duplicate. Which path of an inode is the file is decided by `rank` (lower wins, ties to
+    the first in scan order), not by the sort order alone: the indexer ranks the path the catalog
+    already embeds first, so a link that dedup left at a duplicate's old path never displaces the
+    kept photo. Files that may still lose to a better-ranked path (rank above 0) are yielded at the
+    end; by default every path ranks 0, and the first path seen is the file.
     """
     root_bytes = os.fsencode(root)
     seen_dirs: set[tuple[int, int]] = set()
-    seen_files: dict[tuple[int, int], bytes] = {}
+    files = _Inodes(rank)
     skip_real = {os.path.realpath(s) for s in skip}
+    skip_keys = {key for s in skip if (key := _inode(s)) is not None}
     stack = [b""]
     try:
         st = os.stat(root_bytes)
@@ -89,7 +98,7 @@ def scan(
                 continue
             key = (st.st_dev, st.st_ino)
             if stat.S_ISDIR(st.st_mode):
-                if key in seen_dirs or os.path.realpath(entry.path) in skip_real:
+                if key in seen_dirs or key in skip_keys or os.path.realpath(entry.path) in skip_real:
                     continue
                 seen_dirs.add(key)
                 subdirs.append(rel)
@@ -102,12 +111,61 @@ def scan(
                 continue
             if not _is_candidate(ext, entry.path):
                 continue
-            if key in seen_files:
-                yield ScanProblem(rel, "linked", f"same file as {display_path(seen_files[key])}")
-                continue
-            seen_files[key] = rel
-            yield ScanEntry(rel, st.st_size, st.st_mtime_ns)
+            # Only a file with several hard links, or any file once symlinks are followed, can
+            # meet a second path to itself later in the walk.
+            shared = follow_symlinks or st.st_nlink > 1
+            yield from files.offer(key, ScanEntry(rel, st.st_size, st.st_mtime_ns), shared)
         stack.extend(reversed(subdirs))
+    yield from files.held()
+
+
+class _Inodes:
+    """Which path of each inode is the file (best rank, then first seen); the others are "linked".
+
+    A path that a better-ranked one may still displace is held back until the walk ends.
+    """
+
+    def __init__(self, rank: Callable[[bytes], int]) -> None:
+        self.rank = rank
+        self.best: dict[tuple[int, int], tuple[bytes, int]] = {}  # inode -> (path, its rank)
+        self.waiting: dict[tuple[int, int], ScanEntry] = {}  # inode -> entry held back
+
+    def offer(self, key: tuple[int, int], entry: ScanEntry, shared: bool) -> Iterator[ScanEntry | ScanProblem]:
+        rank = self.rank(entry.rel)
+        if key not in self.best:
+            self.best[key] = (entry.rel, rank)
+            if rank <= 0 or not shared:  # nothing can displace it: yield at once
+                yield entry
+            else:
+                self.waiting[key] = entry
+            return
+        best, best_rank = self.best[key]
+        if rank < best_rank and key in self.waiting:  # the held path loses to this one
+            loser = self.waiting.pop(key)
+            self.best[key] = (entry.rel, rank)
+            yield _linked(loser.rel, entry.rel)
+            if rank <= 0:
+                yield entry
+            else:
+                self.waiting[key] = entry
+            return
+        yield _linked(entry.rel, best)
+
+    def held(self) -> Iterator[ScanEntry]:
+        yield from self.waiting.values()
+        self.waiting.clear()
+
+
+def _linked(rel: bytes, same_as: bytes) -> ScanProblem:
+    return ScanProblem(rel, "linked", f"same file as {display_path(same_as)}")
+
+
+def _inode(path: bytes) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def included(rel: bytes, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
@@ -124,7 +182,7 @@ def _is_candidate(ext: bytes, full: bytes) -> bool:
     if ext:
         return False
     try:
-        with open(full, "rb") as f:
+        with open_regular(full) as f:  # a file swapped for a FIFO since the listing must not block
             head = f.read(16)
     except OSError:
         return True  # let the decoder record why it cannot be read

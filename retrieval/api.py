@@ -21,7 +21,7 @@ from PIL import Image
 from sqlalchemy import select
 
 from indexer.catalog import EMBEDDED, ImageRow
-from indexer.decode import DecodeError, read_image
+from indexer.decode import DecodeError, decode_side, read_image
 from indexer.library import KINDS, Library, vectors_from_blobs
 
 from .errors import QueryError
@@ -133,10 +133,7 @@ class LibrarySearch:
                 images.append(query)
                 slots.append(i)
             elif isinstance(query, (str, os.PathLike)):
-                try:
-                    images.append(read_image(query, min_side=256).image)
-                except DecodeError as e:
-                    raise QueryError(f"cannot read query image {query}: {e.reason}") from e
+                images.append(self._read_query(query))
                 slots.append(i)
             else:
                 raise QueryError(f"unsupported query of type {type(query).__name__}")
@@ -148,6 +145,17 @@ class LibrarySearch:
             for slot, vector in zip(slots, chosen):
                 vectors[slot] = vector
         return self._normalized(np.stack(vectors), kind)
+
+    def _read_query(self, path) -> Image.Image:
+        """A query file through the indexer's own decoder (regular files only, size and pixel caps,
+        format allowlist, EXIF orientation, the encoder's decode size): the same file gives the
+        same vector as when it was indexed, and a FIFO or device is refused instead of blocking.
+        Without an encoder the file is still checked, so an unreadable one is named first."""
+        side = decode_side(self.encoder.mode, self.encoder.size) if self.encoder else 256  # read, never embedded
+        try:
+            return read_image(path, min_side=side).image
+        except DecodeError as e:
+            raise QueryError(f"cannot read query image {os.fsdecode(path)}: {e.reason}") from e
 
     def _normalized(self, vectors: np.ndarray, kind: str) -> np.ndarray:
         if kind != "both":

@@ -18,7 +18,7 @@ import numpy as np
 from sqlalchemy import select
 
 from indexer.catalog import EMBEDDED, ImageRow
-from indexer.decode import DecodeError, read_image
+from indexer.decode import DecodeError, decode_side, read_image
 from indexer.library import Library
 
 
@@ -44,9 +44,10 @@ def patch_tokens(library: Library, encoder, ids: Iterable[int], batch: int = 16)
             tokens[row_id] = t
         pending.clear()
 
+    side = decode_side(encoder.mode, encoder.size)  # as the indexer decoded them
     for row_id, raw in paths.items():
-        try:
-            pending.append((row_id, read_image(os.path.join(root, raw), min_side=256).image))
+        try:  # read_image refuses a FIFO or device swapped in since indexing, without blocking
+            pending.append((row_id, read_image(os.path.join(root, raw), min_side=side).image))
         except DecodeError:
             continue
         if len(pending) >= batch:
