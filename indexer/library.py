@@ -5,20 +5,29 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
+import urllib.parse
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
-from sqlalchemy import URL, create_engine, delete, event, func, select, update
+from sqlalchemy import URL, LargeBinary, cast, create_engine, delete, event, func, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session
+
+from model.files import open_regular
 
 from . import migrate
 from .catalog import EMBEDDED, ImageRow, IndexFileRow, ManifestRow, RunRow
+from .decode import display_path
 from .errors import LibraryError, LibraryLockedError, ModelMismatchError
-from .store import VectorIndex, auto_factory, build_index, read_index, remove_temp_files, write_atomic
+from .store import (VectorIndex, auto_factory, build_index, max_index_bytes, read_index, remove_temp_files,
+                    write_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +35,43 @@ KINDS = ("cls", "patch")
 DEFAULT_FOLDER = ".dinoseek"
 # Manifest fields that define which vectors may share an index (precision alone may differ).
 IDENTITY = ("arch", "weights_sha256", "preprocess", "dim")
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+# Storing a unit vector as float16 moves its norm by ~5e-4; a damaged vector is usually far off.
+NORM_TOLERANCE = 1e-2
+VERIFY_BLOCK = 4096  # rows per read when verify checks every vector
+MANIFEST_DIGEST = "manifest_sha256"  # the manifest's own checksum, stored inside its JSON
+# Files only a library that had a catalog leaves behind: their presence without one means it was lost.
+LIBRARY_TRACES = ("*.faiss", "journals", "quarantine", "catalog.sqlite.bak-*", "catalog.sqlite-wal")
 
 
 def vectors_from_blobs(blobs: list[bytes], dim: int) -> np.ndarray:
     """float16 blobs -> (N, dim) float32."""
     if not blobs:
         return np.zeros((0, dim), np.float32)
+    if any(b is None or len(b) != 2 * dim for b in blobs):
+        raise LibraryError("an embedded image has no usable vectors in the catalog; run `dinoseek verify --repair`")
     return np.frombuffer(b"".join(blobs), dtype=np.float16).reshape(len(blobs), dim).astype(np.float32)
+
+
+def vectors_usable(dim: int | None):
+    """SQL condition: both vectors present and of the model's length. Rows failing it are left out
+    of searches and indexes (never a crash) until `verify --repair` or `index` re-embeds them."""
+    present = ImageRow.cls.is_not(None) & ImageRow.patch.is_not(None)
+    if dim is None:
+        return present
+    return present & (func.length(ImageRow.cls) == 2 * dim) & (func.length(ImageRow.patch) == 2 * dim)
+
+
+def _digest(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def check_placement(root: Path, folder: Path) -> None:
+    """The library folder may sit inside the photo folder (ROOT/.dinoseek, ROOT/lib: the scan skips
+    it), but not be the photo folder itself: its quarantine would be indexed as photos again."""
+    if Path(folder).resolve() == Path(root).resolve():
+        raise LibraryError(f"the library folder {folder} is the photo folder itself, so its quarantine would be "
+                           f"indexed again; use the default ROOT/.dinoseek or a --library folder inside or outside it")
 
 
 @dataclass
@@ -44,6 +83,7 @@ class Library:
     index_choice: str | None = None  # --index: "auto", a FAISS factory string, or None (as before)
     _lock_fd: int | None = None
     indexes: dict[str, VectorIndex] = field(default_factory=dict)
+    catalog_file: Path | None = None  # the SQLite catalog (None with --url)
 
     # ---- opening and closing -------------------------------------------------------------
     @classmethod
@@ -61,18 +101,31 @@ class Library:
 
         write=True takes the writer lock (a second writer gets LibraryLockedError); readers never
         block. Pending migrations are applied; temp files of a killed writer are removed.
+
+        A catalog that is not a regular SQLite file, fails SQLite's quick check (writers), or is
+        missing from a folder that held one is refused with LibraryError, never replaced by a new
+        one. On a folder that cannot be written (a read-only mount) readers open the catalog
+        read-only and writers are refused.
         """
         root = Path(root).resolve()
         folder = Path(folder).resolve() if folder else root / DEFAULT_FOLDER
         catalog_file = folder / "catalog.sqlite"
-        if not folder.is_dir() or (url is None and not catalog_file.exists()):
+        if create:
+            check_placement(root, folder)
+        has_catalog = url is not None or _catalog_present(folder, catalog_file)
+        if not folder.is_dir() or not has_catalog:
             if not create:
                 raise LibraryError(f"no library at {folder}; run `dinoseek index {root}` first")
             folder.mkdir(parents=True, exist_ok=True)
+        writable = os.access(folder, os.W_OK)
+        if (write or create) and not writable:
+            raise LibraryError(f"{folder} is read-only: indexing, dedup --apply, undo and verify --repair need to "
+                               f"write there (info, search, similar, dedup and verify work)")
         lock_fd = _take_lock(folder) if write else None
         try:
-            # URL.create, not an f-string: "?" or "%" in a folder name must not reach the URL parser.
-            engine = _engine(url or URL.create("sqlite", database=str(catalog_file)))
+            engine = _engine(url) if url else _sqlite_engine(catalog_file, read_only=not writable)
+            if url is None:
+                _check_catalog(engine, catalog_file, quick_check=write or create)
             if write or create:
                 migrate.upgrade(engine, None if url else catalog_file)
                 remove_temp_files(folder)
@@ -83,7 +136,7 @@ class Library:
             if lock_fd is not None:
                 _release_lock(folder, lock_fd)
             raise
-        return cls(root, folder, engine, write, index, lock_fd)
+        return cls(root, folder, engine, write, index, lock_fd, catalog_file=None if url else catalog_file)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -102,15 +155,28 @@ class Library:
 
     # ---- model manifest -------------------------------------------------------------------
     def manifest(self) -> dict | None:
-        with self.session() as s:
-            row = s.get(ManifestRow, 1)
-            return dict(row.data) if row else None
+        """The library's model manifest; LibraryError if the catalog's copy was damaged (it carries
+        its own sha256: a changed digit of the weights' hash or of `dim` must not pass silently)."""
+        try:
+            with self.session() as s:
+                row = s.get(ManifestRow, 1)
+                data = row.data if row else None
+        except ValueError as e:  # the JSON itself no longer parses
+            raise LibraryError(f"the model manifest in the catalog is damaged ({_one_line(e)}); "
+                               f"{_restore_hint(self.catalog_file)}") from e
+        if data is None:
+            return None
+        data = dict(data) if isinstance(data, dict) else {MANIFEST_DIGEST: "?"}
+        recorded = data.pop(MANIFEST_DIGEST, None)  # libraries made before it was recorded have none
+        if recorded is not None and recorded != _digest(data):
+            raise LibraryError(f"the model manifest in the catalog is damaged; {_restore_hint(self.catalog_file)}")
+        return data
 
     def bind_model(self, manifest: dict) -> None:
         """Record the model on first use; refuse a different one afterwards."""
         if self.manifest() is None:
             with self.session() as s, s.begin():
-                s.add(ManifestRow(id=1, data=manifest))
+                s.add(ManifestRow(id=1, data={**manifest, MANIFEST_DIGEST: _digest(manifest)}))
             return
         self.check_model(manifest)
 
@@ -138,10 +204,14 @@ class Library:
         ids_out, (vectors,) = self.catalog_vector_sets((kind,), ids)
         return ids_out, vectors
 
+    def searchable(self):
+        """SQL condition for rows that take part in searches: embedded, with usable vectors."""
+        return (ImageRow.status == EMBEDDED) & vectors_usable(self.dim())
+
     def catalog_vector_sets(self, kinds: tuple[str, ...], ids=None) -> tuple[np.ndarray, list[np.ndarray]]:
         """Like catalog_vectors for several kinds, read in one transaction so they always agree."""
         columns = [getattr(ImageRow, kind) for kind in kinds]
-        query = select(ImageRow.id, *columns).where(ImageRow.status == EMBEDDED).order_by(ImageRow.id)
+        query = select(ImageRow.id, *columns).where(self.searchable()).order_by(ImageRow.id)
         dim = self.dim() or 0
         with self.session() as s, s.begin():  # one snapshot (WAL) for every chunk
             if ids is None:
@@ -154,8 +224,9 @@ class Library:
         return out_ids, [vectors_from_blobs([r[1 + k] for r in rows], dim) for k in range(len(kinds))]
 
     def embedded_ids(self) -> np.ndarray:
+        """Ids of the rows the indexes must hold (embedded, with usable vectors)."""
         with self.session() as s:
-            return np.asarray(s.scalars(select(ImageRow.id).where(ImageRow.status == EMBEDDED)).all(), dtype=np.int64)
+            return np.asarray(s.scalars(select(ImageRow.id).where(self.searchable())).all(), dtype=np.int64)
 
     def index_path(self, kind: str, checksum: str) -> Path:
         """Checkpoint files are named after their checksum: a new one never replaces the file the
@@ -174,7 +245,8 @@ class Library:
     def _read(self, kind: str, record: IndexFileRow | None) -> VectorIndex | None:
         if record is None:
             return None
-        loaded = read_index(self.index_path(kind, record.checksum), record.checksum)
+        loaded = read_index(self.index_path(kind, record.checksum), record.checksum,
+                            max_bytes=max_index_bytes(record.count, record.dim))
         if loaded is None:
             return None
         return VectorIndex(loaded, record.factory, record.requested, record.nprobe, record.trained_on)
@@ -306,26 +378,23 @@ class Library:
         }
 
     def verify(self) -> list[str]:
-        """Problems between catalog and index files, without repairing anything (empty list: consistent)."""
-        problems = []
+        """Problems in the catalog and between it and the index files, without repairing anything
+        (empty list: consistent). Checks SQLite's integrity, every embedded row's vectors (present,
+        of the model's length, finite, unit norm, and equal to the copy an exact index holds), and
+        that each index file holds exactly the catalog's embedded ids."""
+        damage = self._integrity_problem()
+        if damage:
+            return [damage]  # a damaged file may answer anything below: it must be restored first
         catalog_ids = self.embedded_ids()
-        dim = self.dim()
         records = self._records()
-        with self.session() as s:
-            no_vectors = s.scalar(select(func.count()).where(ImageRow.status == EMBEDDED, (ImageRow.cls.is_(None)) | (ImageRow.patch.is_(None))))
-            if no_vectors:
-                problems.append(f"{no_vectors} embedded rows have no vectors")
-            if dim is not None:
-                bad = s.scalar(select(func.count()).where(ImageRow.status == EMBEDDED, func.length(ImageRow.cls) != 2 * dim))
-                if bad:
-                    problems.append(f"{bad} rows have vectors of another dimension than the model's {dim}")
+        indexes = {kind: self._read(kind, records.get(kind)) for kind in KINDS}
+        problems = _describe_damage(self.damaged_rows(indexes), self.dim())
         for kind in KINDS:
-            record = records.get(kind)
+            record, index = records.get(kind), indexes[kind]
             if record is None:
                 if len(catalog_ids):
                     problems.append(f"{kind}: no index file recorded for {len(catalog_ids)} embedded images")
                 continue
-            index = self._read(kind, record)
             if index is None:
                 problems.append(f"{kind}: {self.index_path(kind, record.checksum).name} is missing or fails its checksum")
                 continue
@@ -339,6 +408,69 @@ class Library:
                 problems.append(f"{kind}: duplicate ids in the index")
         return problems
 
+    def _integrity_problem(self) -> str | None:
+        """SQLite's integrity check of the catalog file (SQLite has no checksums of its own: this
+        finds damaged pages and structure, not a changed value inside a row)."""
+        if self.engine.dialect.name != "sqlite":
+            return None
+        try:
+            with self.engine.connect() as connection:
+                result = [r[0] for r in connection.exec_driver_sql("PRAGMA integrity_check(5)")]
+        except (DatabaseError, UnicodeDecodeError) as e:  # a damaged schema's message may not even be UTF-8
+            result = [str(e.orig) if isinstance(e, DatabaseError) else "malformed database schema"]
+        if result == ["ok"]:
+            return None
+        return f"catalog: SQLite integrity check failed ({_one_line(result[0])}); {_restore_hint(self.catalog_file)}"
+
+    def damaged_rows(self, indexes: dict[str, VectorIndex | None] | None = None) -> dict[int, str]:
+        """Rows whose content cannot be trusted -> why. SQLite keeps no checksums, so this uses the
+        redundancy there is: a row's raw path and its two printable forms must agree ("path"), and
+        an embedded row's vectors must be present, of the model's length, finite and of unit norm
+        ("missing", "length", "not finite", "not unit") and equal to the float32 copy an exact
+        (Flat) index holds ("differs from index") — which finds any change to a stored value."""
+        dim = self.dim()
+        exact = {kind: (index, set(index.ids().tolist())) for kind, index in (indexes or {}).items()
+                 if index is not None and isinstance(faiss.downcast_index(index.index.index), faiss.IndexFlat)}
+        # SQLite: text columns read as bytes, as a damaged one may no longer be valid UTF-8 (other
+        # servers check encodings on write; and PostgreSQL's text->bytea cast would parse escapes).
+        as_bytes = (lambda c: cast(c, LargeBinary)) if self.engine.dialect.name == "sqlite" else (lambda c: c)
+        columns = (ImageRow.id, ImageRow.path, as_bytes(ImageRow.path_text), as_bytes(ImageRow.folder),
+                   ImageRow.status, ImageRow.cls, ImageRow.patch)
+        damaged: dict[int, str] = {}
+        last = -1
+        while True:
+            with self.session() as s:
+                query = select(*columns).where(ImageRow.id > last).order_by(ImageRow.id).limit(VERIFY_BLOCK)
+                rows = s.execute(query).all()
+            if not rows:
+                return damaged
+            last = rows[-1][0]
+            for row_id, path, text, folder, *_ in rows:
+                printed = [t if isinstance(t, bytes) else t.encode() for t in (text, folder)]
+                if printed != [display_path(path).encode(), display_path(os.path.dirname(path)).encode()]:
+                    damaged[row_id] = "path"
+            embedded = [r for r in rows if r.status == EMBEDDED]
+            for position, kind in enumerate(KINDS, 5):
+                if dim is None:
+                    break
+                for row_id, why in _vector_problems([(r[0], r[position]) for r in embedded], dim, exact.get(kind)):
+                    damaged.setdefault(row_id, why)
+
+    def repair(self) -> int:
+        """Drop the damaged rows (see damaged_rows: the next index run finds their files again and
+        embeds them afresh — the file, not either stored copy, is the truth), then rebuild or
+        reconcile the index files. Returns how many rows were dropped."""
+        if not self.writable:
+            raise LibraryError("library opened read-only")
+        records = self._records()
+        damaged = self.damaged_rows({kind: self._read(kind, records.get(kind)) for kind in KINDS})
+        if damaged:
+            log.warning("%d damaged rows dropped: their files are indexed again by the next run", len(damaged))
+            with self.session() as s, s.begin():
+                self.delete_rows(s, list(damaged))
+        self.load_indexes()
+        return len(damaged)
+
     def delete_rows(self, session: Session, ids) -> None:
         ids = list(ids)
         for start in range(0, len(ids), 500):
@@ -347,20 +479,148 @@ class Library:
             index.remove(ids)
 
 
+def _vector_problems(rows: list[tuple[int, bytes | None]], dim: int, exact) -> list[tuple[int, str]]:
+    """(id, why) for each damaged vector among (id, float16 blob) rows; `exact` is (a Flat index,
+    its ids) to compare with, or None."""
+    out = [(row_id, "missing" if blob is None else "length") for row_id, blob in rows
+           if blob is None or len(blob) != 2 * dim]
+    good = [(row_id, blob) for row_id, blob in rows if blob is not None and len(blob) == 2 * dim]
+    if not good:
+        return out
+    ids = np.array([row_id for row_id, _ in good], dtype=np.int64)
+    vectors = vectors_from_blobs([blob for _, blob in good], dim)  # (N, dim)
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(vectors).all(axis=1)
+        unit = np.abs(np.linalg.norm(vectors, axis=1) - 1) <= NORM_TOLERANCE
+    same = np.ones(len(ids), dtype=bool)
+    if exact is not None:
+        index, indexed = exact
+        present = np.array([i in indexed for i in ids.tolist()], dtype=bool)
+        if present.any():
+            stored = index.index.reconstruct_batch(ids[present])  # (n, dim) float32
+            same[present] = (stored == vectors[present]).all(axis=1)  # -0.0 == 0.0: numerically equal
+    for row_id, is_finite, is_unit, is_same in zip(ids.tolist(), finite, unit, same):
+        if not (is_finite and is_unit and is_same):
+            out.append((row_id, "not finite" if not is_finite else "not unit" if not is_unit else "differs from index"))
+    return out
+
+
+_DAMAGE = {
+    "path": "have a damaged path (its raw and printable forms disagree)",
+    "missing": "have no vectors",
+    "length": "have vectors of another length than the model's {dim}",
+    "not finite": "have vectors that are not finite numbers",
+    "not unit": "have vectors that are not of unit length",
+    "differs from index": "have vectors that differ from the exact index's copy",
+}
+
+
+def _describe_damage(damaged: dict[int, str], dim: int | None) -> list[str]:
+    problems = []
+    for why, count in sorted(Counter(damaged.values()).items()):
+        ids = sorted(i for i, w in damaged.items() if w == why)
+        shown = ", ".join(map(str, ids[:5])) + (", ..." if len(ids) > 5 else "")
+        rows = "rows" if why == "path" else "embedded rows"
+        problems.append(f"{count} {rows} {_DAMAGE[why].format(dim=dim)} (ids {shown}); `dinoseek verify --repair` "
+                        f"drops them and the next index run reads their files again")
+    return problems
+
+
+def _catalog_present(folder: Path, catalog_file: Path) -> bool:
+    """Whether `catalog_file` holds a catalog (False: none yet, a new library may start).
+
+    Checked before SQLite opens it, in bounded time: a FIFO or device is refused without being
+    opened for long (model.files), anything that is not an SQLite file is refused, and a missing or
+    empty catalog in a folder that shows a library once had one is refused rather than replaced.
+    """
+    if not os.path.lexists(catalog_file) or (catalog_file.is_file() and catalog_file.stat().st_size == 0):
+        traces = sorted({p.name for pattern in LIBRARY_TRACES for p in folder.glob(pattern)})
+        if traces:
+            raise LibraryError(f"{catalog_file} is missing or empty, but {folder} holds a library "
+                               f"({', '.join(traces)}); {_restore_hint(catalog_file)}")
+        return False  # a new library (or a first run killed before its first write)
+    try:
+        with open_regular(catalog_file) as f:
+            header = f.read(len(SQLITE_MAGIC))
+    except OSError as e:
+        raise LibraryError(f"{catalog_file} cannot be read as a catalog: {e.strerror or e}; "
+                           f"{_restore_hint(catalog_file)}") from e
+    if header != SQLITE_MAGIC:
+        raise LibraryError(f"{catalog_file} is not a dinoseek catalog (damaged?); {_restore_hint(catalog_file)}")
+    return True
+
+
+def _check_catalog(engine: Engine, catalog_file: Path, *, quick_check: bool) -> None:
+    """Refuse an SQLite file that is not a dinoseek catalog or (for writers, who must never write
+    into a malformed file) fails SQLite's quick check."""
+    try:
+        with engine.connect() as connection:
+            if quick_check:
+                result = [r[0] for r in connection.exec_driver_sql("PRAGMA quick_check(1)")]
+                if result != ["ok"]:
+                    raise LibraryError(f"{catalog_file} is damaged ({_one_line(result[0])}); "
+                                       f"{_restore_hint(catalog_file)}")
+            tables = {r[0] for r in connection.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except (DatabaseError, UnicodeDecodeError) as e:  # a damaged schema's message may not even be UTF-8
+        detail = e.orig if isinstance(e, DatabaseError) else "malformed database schema"
+        raise LibraryError(f"{catalog_file} is not a dinoseek catalog (damaged? {_one_line(detail)}); "
+                           f"{_restore_hint(catalog_file)}") from e
+    if tables and "alembic_version" not in tables:  # no tables: a new catalog, migrated next
+        raise LibraryError(f"{catalog_file} is an SQLite database but not a dinoseek catalog; "
+                           f"{_restore_hint(catalog_file)}")
+
+
+def _restore_hint(catalog_file: Path | None) -> str:
+    """How to get out of a damaged or lost catalog: the newest backup (migrate.upgrade writes
+    `catalog.sqlite.bak-<revision>` before every migration), or a new library."""
+    if catalog_file is None:
+        return "restore the catalog database from a backup"
+    name = catalog_file.name
+    backups = sorted(catalog_file.parent.glob(f"{name}.bak-*"), key=lambda p: p.stat().st_mtime)
+    start_over = f"move {catalog_file.parent} away to start a new library"
+    if not backups:
+        return f"no backup exists ({name}.bak-* are made before migrations); {start_over}"
+    return (f"restore the backup: copy {backups[-1]} to {catalog_file} and delete {name}-wal and {name}-shm, "
+            f"or {start_over}")
+
+
+def _one_line(detail) -> str:
+    """SQLite's own messages may span lines (integrity check reports); errors here are one line."""
+    return " ".join(str(detail).split())
+
+
 def _close_interrupted_runs(engine: Engine) -> None:
     """Runs still marked running belonged to a writer that died: the lock is ours now."""
     with Session(engine) as s, s.begin():
         s.execute(update(RunRow).where(RunRow.status == "running").values(status="interrupted"))
 
 
-def _engine(url) -> Engine:
+def _sqlite_engine(catalog_file: Path, *, read_only: bool) -> Engine:
+    """The catalog file's engine. In a folder that cannot be written (a read-only mount), SQLite
+    cannot create the -shm file WAL readers need: then the catalog is opened read-only, and
+    `immutable` where no -wal file is left (everything is in the main file, nobody writes it)."""
+    if not read_only:
+        # URL.create, not an f-string: "?" or "%" in a folder name must not reach the URL parser.
+        return _engine(URL.create("sqlite", database=str(catalog_file)))
+    query = {"mode": "ro", "uri": "true"}
+    if not os.path.exists(f"{catalog_file}-wal"):
+        query["immutable"] = "1"
+    elif not os.path.exists(f"{catalog_file}-shm"):  # SQLite would have to create it to read the -wal
+        raise LibraryError(f"{catalog_file.parent} is read-only and the catalog's last changes are still in "
+                           f"{catalog_file.name}-wal; open the library once where its folder can be written")
+    uri = "file:" + urllib.parse.quote(os.fsencode(catalog_file))  # a URI: "?", "#", "%" escaped
+    return _engine(URL.create("sqlite", database=uri, query=query), read_only=True)
+
+
+def _engine(url, read_only: bool = False) -> Engine:
     engine = create_engine(url)
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection, _record):
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
+            if not read_only:
+                cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
             cursor.execute("PRAGMA synchronous=NORMAL")  # durable across process kills in WAL mode
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()

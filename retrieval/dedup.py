@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from indexer.catalog import EMBEDDED, ImageRow
 from indexer.library import Library, vectors_from_blobs
 
 from .grouping import complete_linkage, range_pairs
-from .keep import DEFAULT_ORDER, Member, choose_keeper
+from .keep import DEFAULT_ORDER, Member, choose_keeper, in_folder
 
 DEFAULT_THRESHOLD = 0.95  # cosine of CLS vectors; `dinoseek calibrate` recommends one for a library
 BLOCK = 4096  # query vectors per range-search block
@@ -33,10 +34,15 @@ class Group:
     min_similarity: float  # lowest pairwise similarity inside the group (1.0 for exact)
     keeper: Member
     reason: str  # why the keeper stays
+    protected_ids: frozenset[int] = frozenset()  # members in a --protect folder: they all stay too
+
+    def keeps(self, member: Member) -> bool:
+        return member.id == self.keeper.id or member.id in self.protected_ids
 
     @property
     def others(self) -> list[Member]:
-        return [m for m in self.members if m.id != self.keeper.id]
+        """The members an action applies to: neither the keeper nor protected."""
+        return [m for m in self.members if not self.keeps(m)]
 
     def to_dict(self) -> dict:
         return {
@@ -46,21 +52,23 @@ class Group:
             "reason": self.reason,
             "members": [{"id": m.id, "path": m.path, "bytes": m.size, "width": m.width, "height": m.height,
                          "format": m.format, "captured_at": m.captured_at, "sha256": m.sha256,
-                         "keep": m.id == self.keeper.id} for m in self.members],
+                         "keep": self.keeps(m)} for m in self.members],
         }
 
 
-def protected_folder(root: Path, folder: str) -> str:
-    """A --protect value (absolute, ./relative or relative to the root) as a root-relative prefix."""
-    path = Path(folder).expanduser()
+def folder_prefix(root: Path, folder: str | bytes | os.PathLike, option: str = "--protect") -> bytes:
+    """A folder given on the command line (absolute, ./relative or relative to the root; "." is the
+    root) as the raw bytes of its path relative to the root (b"" for the root itself), so that
+    names that are not UTF-8 compare exactly with the catalog's raw paths."""
+    path = Path(os.fsdecode(folder)).expanduser()
     absolute = path if path.is_absolute() else root / path
     try:
         relative = absolute.resolve().relative_to(root.resolve())
     except ValueError:
-        raise ValueError(f"--protect {folder}: not inside {root}") from None
+        raise ValueError(f"{option} {os.fsdecode(folder)}: not inside {root}") from None
     if not absolute.is_dir():
-        raise ValueError(f"--protect {folder}: no such folder under {root}")
-    return relative.as_posix()
+        raise ValueError(f"{option} {os.fsdecode(folder)}: no such folder under {root}")
+    return b"" if relative == Path(".") else os.fsencode(relative)
 
 
 def catalog_blocks(library: Library, kind: str, block: int = BLOCK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -70,7 +78,7 @@ def catalog_blocks(library: Library, kind: str, block: int = BLOCK) -> Iterator[
     last = -1
     while True:
         with library.session() as s:
-            rows = s.execute(select(ImageRow.id, column).where(ImageRow.status == EMBEDDED, ImageRow.id > last)
+            rows = s.execute(select(ImageRow.id, column).where(library.searchable(), ImageRow.id > last)
                              .order_by(ImageRow.id).limit(block)).all()
         if not rows:
             return
@@ -98,10 +106,16 @@ def find_duplicates(
     "exact" when all its members share one hash. Truncated or otherwise failed files are never
     members (only embedded rows are). With `crop_encoder`, pairs down to `candidate_threshold`
     are re-scored with patch tokens (retrieval.rerank) so crops of one photo group together.
+
+    `protected` folders: every member inside one stays (the keeper is one of them, reason "in a
+    protected folder"); a group with every member protected has nothing to act on and is left out.
+    `folder` (like `protected`: absolute, ./relative or relative to the root, "." for all) keeps
+    only groups with a member under it.
     """
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    protected = tuple(protected_folder(library.root, p) for p in protected)
+    protected = tuple(folder_prefix(library.root, p) for p in protected)
+    prefix = None if folder is None else folder_prefix(library.root, folder, "--in-folder")
     if protected and "protected" not in order:
         order = ("protected", *order)  # --protect always wins, whatever --keep lists
     if exact_only:
@@ -127,15 +141,17 @@ def find_duplicates(
     result = []
     for ids, lowest in groups:
         group_members = [members[i] for i in ids if i in members]  # rows deleted meanwhile drop out
-        if folder is not None:
-            prefix = folder.strip("/") + "/"
-            if not any(m.path.startswith(prefix) for m in group_members):
-                continue
-        if len(group_members) < 2:
+        if prefix is not None and not any(in_folder(m, prefix) for m in group_members):
+            continue
+        shielded = frozenset(m.id for m in group_members if any(in_folder(m, p) for p in protected))
+        if len(group_members) < 2 or len(shielded) == len(group_members):
             continue
         keeper, reason = choose_keeper(group_members, order, protected)
+        if len(shielded) > 1:
+            reason = f"{reason}; all {len(shielded)} copies in protected folders stay"
         exact = len({m.sha256 for m in group_members}) == 1
-        result.append(Group("exact" if exact else "near", group_members, 1.0 if exact else lowest, keeper, reason))
+        result.append(Group("exact" if exact else "near", group_members, 1.0 if exact else lowest, keeper, reason,
+                            shielded))
     return result
 
 
@@ -169,7 +185,7 @@ def _members(library: Library, ids: list[int]) -> dict[int, Member]:
     ids = sorted(set(ids))
     with library.session() as s:
         for start in range(0, len(ids), 500):
-            query = select(ImageRow).where(ImageRow.id.in_(ids[start:start + 500]), ImageRow.status == EMBEDDED)
+            query = select(ImageRow).where(ImageRow.id.in_(ids[start:start + 500]), library.searchable())
             for r in s.scalars(query):
                 out[r.id] = Member(r.id, r.path_text, r.path, r.size, r.width or 0, r.height or 0, r.format or "",
                                    r.captured_at, r.sha256 or "", r.mtime_ns)

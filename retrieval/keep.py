@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 # Lower is better: lossless first, then formats that keep more of the original.
@@ -24,10 +25,17 @@ class Member:
     mtime_ns: int
 
 
-def _key(member: Member, rule: str, protected: tuple[str, ...]):
+def in_folder(member: Member, folder: bytes | str) -> bool:
+    """Whether the member lies under `folder` (relative to the root; "" is the root). Raw bytes are
+    compared, so folder names that are not UTF-8 match exactly."""
+    prefix = os.fsencode(folder).strip(b"/")
+    return prefix in (b"", b".") or member.raw_path.startswith(prefix + b"/")
+
+
+def _key(member: Member, rule: str, protected: tuple[bytes | str, ...]):
     """Sort key for one rule; smaller sorts first (= preferred)."""
     if rule == "protected":
-        return 0 if any(p in ("", ".") or member.path.startswith(p.rstrip("/") + "/") for p in protected) else 1
+        return 0 if any(in_folder(member, p) for p in protected) else 1
     if rule == "resolution":
         return -(member.width or 0) * (member.height or 0)
     if rule == "size":
@@ -49,7 +57,8 @@ def _describe(member: Member, rule: str) -> str:
     }[rule]
 
 
-def choose_keeper(members: list[Member], order: tuple[str, ...] = DEFAULT_ORDER, protected: tuple[str, ...] = ()) -> tuple[Member, str]:
+def choose_keeper(members: list[Member], order: tuple[str, ...] = DEFAULT_ORDER,
+                  protected: tuple[bytes | str, ...] = ()) -> tuple[Member, str]:
     """The member to keep and the reason: the first rule (in `order`) that separates it from the
     runner-up; full ties go to the shortest path (then the oldest row)."""
     keys = {m.id: tuple(_key(m, r, protected) for r in order) + (len(m.path), m.path, m.id) for m in members}
