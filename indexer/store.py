@@ -12,11 +12,14 @@ import hashlib
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from model.files import FileTooLargeError, NotRegularFileError, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -133,25 +136,74 @@ class VectorIndex:
         return faiss.serialize_index(self.index).tobytes()
 
 
-def build_index(factory: str, dim: int, vectors: np.ndarray, ids: np.ndarray, *, requested: str) -> VectorIndex:
-    """Create, train (on a sample) and fill an index; tune nprobe for IVF indexes."""
+# Index classes that do everything the library asks of them once wrapped in IndexIDMap2:
+# add_with_ids, remove_ids (incremental runs), search with an id selector (filters), range_search
+# (dedup) and nprobe through SearchParametersIVF. Exact classes, not subclasses: IndexIVFFlatDedup
+# is an IndexIVFFlat without range search. HNSW, NSG and refine indexes cannot remove vectors; a
+# plain PQ index cannot search a subset; the additive quantizers (RQ, LSQ) cannot range-search.
+_SUPPORTED_INDEXES = tuple(
+    getattr(faiss, name) for name in (
+        "IndexFlat", "IndexFlatIP", "IndexScalarQuantizer", "IndexIVFFlat", "IndexIVFScalarQuantizer",
+        "IndexIVFPQ", "IndexIVFPQFastScan", "IndexIVFRaBitQ",
+    ) if hasattr(faiss, name)
+)
+_SUPPORTED_HINT = "use auto, Flat, SQ8, or IVF<n>,Flat / IVF<n>,SQ8 / IVF<n>,PQ<m>"
+
+
+def check_factory(factory: str, dim: int) -> faiss.Index:
+    """The untrained index a FAISS factory string makes, if the library can use it; else ValueError.
+
+    Cheap (nothing is trained or added), so the CLI calls it before a library is created.
+    """
+    if not isinstance(factory, str) or not factory.strip():
+        raise ValueError(f"a FAISS factory string is needed ({_SUPPORTED_HINT}), got {factory!r}")
+    if "IDMap" in factory:
+        # Ours would wrap theirs, and IDMap's plain add() refuses the vectors at the first batch.
+        raise ValueError(f"FAISS factory {factory!r} must not contain IDMap: the library maps ids itself "
+                         f"(catalog row ids); {_SUPPORTED_HINT}")
     try:
         inner = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        raise ValueError(f"invalid FAISS factory string {factory!r}: {str(e).splitlines()[-1]}") from e
+        # faiss prefixes its reason with the C++ function and source line: keep the reason.
+        reason = re.sub(r"^Error in .*? at \S+:\d+: ", "", str(e).splitlines()[-1])
+        raise ValueError(f"invalid FAISS factory string {factory!r}: {reason}; {_SUPPORTED_HINT}") from e
+    if isinstance(inner, faiss.IndexPreTransform):
+        # PCA drops part of each vector's norm, so inner products stop being the cosine similarities
+        # that --threshold and the dedup groups compare; OPQ/RR rotations keep them but add nothing
+        # the library tunes or tests. Refused rather than half supported.
+        raise ValueError(f"FAISS factory {factory!r} starts with a vector transform (PCA, OPQ, RR, ...), which "
+                         f"the library does not support: scores must stay cosine similarities; {_SUPPORTED_HINT}")
     try:  # incremental runs delete vectors of changed and removed files
         faiss.IndexIDMap2(inner).remove_ids(faiss.IDSelectorBatch(np.zeros(0, dtype=np.int64)))
     except RuntimeError as e:
-        raise ValueError(f"FAISS index {factory!r} cannot remove vectors, which incremental indexing needs; "
-                         f"use Flat, IVF...,Flat/SQ8/PQ (or auto)") from e
+        raise ValueError(f"FAISS index {factory!r} ({type(inner).__name__}) cannot remove vectors, which "
+                         f"incremental indexing needs; {_SUPPORTED_HINT}") from e
+    if type(inner) not in _SUPPORTED_INDEXES:
+        raise ValueError(f"FAISS index {factory!r} ({type(inner).__name__}) cannot do what the library needs "
+                         f"(search a filtered subset, range search for dedup); {_SUPPORTED_HINT}")
+    return inner
+
+
+def _min_training(inner: faiss.Index) -> int:
+    """Vectors needed before `inner` can be trained: 4 per IVF list, and for product quantizers one
+    per centroid of a sub-quantizer (256 for 8 bits), which faiss's k-means refuses to go below."""
+    nlist = inner.nlist if isinstance(inner, faiss.IndexIVF) else 1
+    pq = getattr(inner, "pq", None)
+    return max(nlist * 4, pq.ksub if pq is not None else 1)
+
+
+def build_index(factory: str, dim: int, vectors: np.ndarray, ids: np.ndarray, *, requested: str) -> VectorIndex:
+    """Create, train (on a sample) and fill an index; tune nprobe for IVF indexes."""
+    inner = check_factory(factory, dim)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if not inner.is_trained:
-        nlist = faiss.extract_index_ivf(inner).nlist if "IVF" in factory else 0
-        if len(vectors) < max(nlist, 1) * 4:
+        nlist = inner.nlist if isinstance(inner, faiss.IndexIVF) else 0
+        needed = _min_training(inner)
+        if len(vectors) < needed:
             # Too few vectors to train yet: exact search until the library has grown enough.
-            log.info("%s needs %d vectors to train, have %d: using Flat for now", factory, max(nlist, 1) * 4, len(vectors))
+            log.info("%s needs %d vectors to train, have %d: using Flat for now", factory, needed, len(vectors))
             return build_index("Flat", dim, vectors, ids, requested=requested)
-        size = min(len(vectors), TRAIN_PER_LIST * max(nlist, 1))  # training time grows with it
+        size = min(len(vectors), max(TRAIN_PER_LIST * max(nlist, 1), needed))  # training time grows with it
         sample = vectors[np.sort(np.random.default_rng(0).choice(len(vectors), size, replace=False))]
         inner.train(sample)
     index = faiss.IndexIDMap2(inner)
@@ -207,10 +259,28 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(directory)
 
 
-def read_index(path: Path, checksum: str) -> faiss.IndexIDMap2 | None:
-    """The index at path if its bytes match `checksum`, else None (missing, truncated, corrupt)."""
+def max_index_bytes(count: int, dim: int) -> int:
+    """A generous bound on the size of a checkpoint of `count` vectors of `dim` floats.
+
+    Twice an exact (Flat) index with its ids, the largest per vector of any index we build, plus
+    room for 2^20 rows of trained parameters (IVF centroids, PQ codebooks, PCA/OPQ matrices). Only
+    there to stop a reader from loading a file that cannot be ours (a huge or endless one).
+    """
+    return 2 * count * (4 * dim + 16) + (1 << 20) * 4 * dim
+
+
+def read_index(path: Path, checksum: str, *, max_bytes: int | None = None) -> faiss.IndexIDMap2 | None:
+    """The index at path if its bytes match `checksum`, else None (missing, truncated, corrupt).
+
+    The path must be a regular file, not a symlink, of at most `max_bytes`: a FIFO put there would
+    block the reader and a link to /dev/zero would be read until memory runs out. Such a file is
+    treated like a damaged one (the caller rebuilds from the catalog), with a warning naming it.
+    """
     try:
-        data = path.read_bytes()
+        data = read_regular(path, max_bytes=max_bytes, follow_symlinks=False)
+    except (NotRegularFileError, FileTooLargeError) as e:
+        log.warning("%s %s: not read", path.name, e.strerror)
+        return None
     except OSError:
         return None
     if hashlib.sha256(data).hexdigest() != checksum:

@@ -16,12 +16,19 @@ import math
 import pickle
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import torch
 
-from .config import HEAD_DIM, ViTConfig, swiglu_hidden
+from .config import HEAD_DIM, LIMITS, ViTConfig, swiglu_hidden
 from .errors import CheckpointError
+from .files import open_regular, read_regular
+
+# Caps on what is read: JSON files are a few KB (a sharded index lists every tensor: ~100 KB for
+# giant); weight files are ~4.5 GB for giant in fp32. A FIFO, a device such as /dev/zero, or a
+# runaway file is refused before it is read (model.files).
+MAX_JSON_BYTES = 16 << 20
+MAX_WEIGHTS_BYTES = 64 << 30
 
 # Wrappers that training checkpoints put around the backbone's own keys.
 _PREFIXES = ("module.", "backbone.", "dinov2.", "model.", "encoder_model.")
@@ -46,21 +53,44 @@ def read_checkpoint(path: str | Path) -> RawCheckpoint:
     return RawCheckpoint(_read_file(path), None, (path,))
 
 
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from a regular file of at most MAX_JSON_BYTES."""
+    try:
+        data = json.loads(read_regular(path, max_bytes=MAX_JSON_BYTES))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable {what} ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: {what} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard files an index lists, each a relative path inside the index's folder.
+
+    A forged index could otherwise make us read `../../x.safetensors` or `/dev/...`: absolute
+    names and `..` components are refused (checked on the names, not on resolved paths, because
+    the Hugging Face cache legitimately links every file to a blob elsewhere).
+    """
+    weight_map = _read_json(index, "safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: not a safetensors index (no weight_map object)")
+    names = set()
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or not name.endswith(".safetensors"):
+            raise CheckpointError(f"{index}: tensor {tensor!r} maps to {name!r}, expected a .safetensors file name")
+        pure = PurePath(name)
+        if pure.is_absolute() or ".." in pure.parts or "\\" in name or "\0" in name:
+            raise CheckpointError(f"{index}: shard {name!r} of tensor {tensor!r} is outside the checkpoint folder")
+        names.add(name)
+    return sorted(names)
+
+
 def _read_folder(folder: Path) -> RawCheckpoint:
     config_path = folder / "config.json"
-    hf_config = None
-    if config_path.exists():
-        try:
-            hf_config = json.loads(config_path.read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{config_path}: unreadable config.json ({e})") from e
+    hf_config = _read_json(config_path, "config.json") if config_path.exists() else None
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
-        files = tuple(folder / name for name in sorted(set(weight_map.values())))
+        files = tuple(folder / name for name in _shard_names(index))
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise CheckpointError(f"{folder}: shards listed in the index are missing: {', '.join(missing)}")
@@ -83,11 +113,15 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
+            # safetensors mmaps the path itself: make sure first that it is a regular file (a FIFO
+            # would block the open, /dev/zero would be mapped and parsed without end).
+            open_regular(path, max_bytes=MAX_WEIGHTS_BYTES).close()
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with open_regular(path, max_bytes=MAX_WEIGHTS_BYTES) as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # weights_only refuses anything that would execute code on load.
         raise CheckpointError(f"{path}: refused to unpickle (only plain tensors are loaded): {e}") from e
@@ -170,6 +204,10 @@ def _convert_hf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         expected = 2 if ".mlp." in target else 3
         if sorted(pieces) != list(range(expected)):
             raise CheckpointError(f"incomplete projection {target}: found parts {sorted(pieces)} of {expected}")
+        shapes = [tuple(pieces[i].shape) for i in range(expected)]
+        if len(set(shapes)) != 1 or len(shapes[0]) not in (1, 2):
+            # q, k and v (gate and up) are stacked along their rows: they must be alike.
+            raise CheckpointError(f"cannot fuse {target}: its parts have shapes {shapes}")
         out[target] = torch.cat([pieces[i] for i in range(expected)], dim=0)
     return out
 
@@ -187,72 +225,143 @@ def drop_unused(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in tensors.items() if not _IGNORED.match(k)}
 
 
+_REQUIRED = object()
+
+
+def _field(hf_config: dict, name: str, kind: type, default=_REQUIRED):
+    """config.json field `name` of type `kind` (ints are not bools; floats accept ints)."""
+    value = hf_config.get(name, default)
+    if value is _REQUIRED:
+        raise CheckpointError(f"config.json: {name} is missing")
+    kinds = (int, float) if kind is float else (kind,)
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, kinds):
+        raise CheckpointError(f"config.json: {name} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _sized(hf_config: dict, name: str, low: int, high: int, default=_REQUIRED) -> int:
+    value = _field(hf_config, name, int, default)
+    if not low <= value <= high:
+        raise CheckpointError(f"config.json: {name} must be in {low}..{high}, got {value}")
+    return value
+
+
 def config_from_hf(hf_config: dict) -> ViTConfig:
-    """ViTConfig from a transformers `Dinov2Config` / `Dinov2WithRegistersConfig` dict."""
+    """ViTConfig from a transformers `Dinov2Config` / `Dinov2WithRegistersConfig` dict.
+
+    Every size is type- and range-checked here, naming the config.json field, before a model of
+    that shape is ever built.
+    """
     model_type = hf_config.get("model_type", "dinov2")
     if model_type not in ("dinov2", "dinov2_with_registers"):
         raise CheckpointError(f"config.json describes a {model_type!r} model, not DINOv2")
     if hf_config.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(f"unsupported hidden_act {hf_config['hidden_act']!r} (DINOv2 uses exact 'gelu')")
-    dim = hf_config["hidden_size"]
-    ratio = hf_config.get("mlp_ratio", 4)
-    swiglu = bool(hf_config.get("use_swiglu_ffn", False))
-    registers = hf_config.get("num_register_tokens", 0) if model_type == "dinov2_with_registers" else 0
-    patch = hf_config.get("patch_size", 14)
+    dim = _sized(hf_config, "hidden_size", *LIMITS["embed_dim"])
+    depth = _sized(hf_config, "num_hidden_layers", *LIMITS["depth"])
+    heads = _sized(hf_config, "num_attention_heads", *LIMITS["num_heads"])
+    if dim % heads:
+        raise CheckpointError(f"config.json: num_attention_heads {heads} does not divide hidden_size {dim}")
+    patch = _sized(hf_config, "patch_size", *LIMITS["patch_size"], default=14)
+    image_size = _sized(hf_config, "image_size", patch, patch * LIMITS["pos_grid"][1], default=518)
+    ratio = _field(hf_config, "mlp_ratio", float, 4)
+    if not 0 < ratio <= 64:  # also refuses NaN and inf, which Python's json accepts
+        raise CheckpointError(f"config.json: mlp_ratio must be in (0, 64], got {ratio}")
+    swiglu = _field(hf_config, "use_swiglu_ffn", bool, False)
+    hidden = swiglu_hidden(dim, ratio) if swiglu else int(dim * ratio)
+    low, high = LIMITS["mlp_hidden"]
+    if not low <= hidden <= high:
+        raise CheckpointError(f"config.json: mlp_ratio {ratio} gives an MLP width of {hidden}, expected {low}..{high}")
+    registers = 0
+    if model_type == "dinov2_with_registers":
+        registers = _sized(hf_config, "num_register_tokens", *LIMITS["num_registers"], default=0)
+    eps = _field(hf_config, "layer_norm_eps", float, 1e-6)
+    if not 0 < eps < 1:
+        raise CheckpointError(f"config.json: layer_norm_eps must be in (0, 1), got {eps}")
     return ViTConfig(
         embed_dim=dim,
-        depth=hf_config["num_hidden_layers"],
-        num_heads=hf_config["num_attention_heads"],
+        depth=depth,
+        num_heads=heads,
         patch_size=patch,
-        pos_grid=hf_config.get("image_size", 518) // patch,
+        pos_grid=image_size // patch,
         num_registers=registers,
-        mlp_hidden=swiglu_hidden(dim, ratio) if swiglu else int(dim * ratio),
+        mlp_hidden=hidden,
         ffn="swiglu" if swiglu else "mlp",
-        layer_norm_eps=hf_config.get("layer_norm_eps", 1e-6),
-        qkv_bias=hf_config.get("qkv_bias", True),
+        layer_norm_eps=eps,
+        qkv_bias=_field(hf_config, "qkv_bias", bool, True),
         interpolate_antialias=model_type == "dinov2_with_registers",
-        in_chans=hf_config.get("num_channels", 3),
+        in_chans=_sized(hf_config, "num_channels", *LIMITS["in_chans"], default=3),
     )
 
 
+def _shape(tensors: dict[str, torch.Tensor], name: str, ndim: int) -> tuple[int, ...]:
+    """The shape of tensor `name`, which must have `ndim` dimensions."""
+    shape = tuple(tensors[name].shape)
+    if len(shape) != ndim:
+        raise CheckpointError(f"tensor {name} has shape {shape}, expected {ndim} dimensions")
+    return shape
+
+
 def infer_config(tensors: dict[str, torch.Tensor]) -> ViTConfig:
-    """Architecture from converted tensor shapes (no config.json): the `.pth` and bare-safetensors case."""
+    """Architecture from converted tensor shapes (no config.json): the `.pth` and bare-safetensors case.
+
+    Only the shapes that define the architecture are read here; `check_compatible` then checks
+    every tensor (fused q/k/v and SwiGLU projections included) against the model built from it.
+    """
     required = ("cls_token", "pos_embed", "patch_embed.proj.weight")
     missing = [k for k in required if k not in tensors]
     if missing:
         raise CheckpointError(f"not a DINOv2 checkpoint: missing {', '.join(missing)}")
-    dim = tensors["cls_token"].shape[-1]
-    patch_w = tensors["patch_embed.proj.weight"]  # (D, C, p, p)
-    n_pos = tensors["pos_embed"].shape[1] - 1
-    grid = math.isqrt(n_pos)
-    if grid * grid != n_pos:
+    dim = _shape(tensors, "cls_token", 3)[-1]  # (1, 1, D)
+    _, in_chans, patch, _ = _shape(tensors, "patch_embed.proj.weight", 4)  # (D, C, p, p)
+    n_pos = _shape(tensors, "pos_embed", 3)[1] - 1  # (1, 1 + grid * grid, D)
+    grid = math.isqrt(max(n_pos, 0))
+    if n_pos < 1 or grid * grid != n_pos:
         raise CheckpointError(f"pos_embed holds {n_pos} patch positions, not a square grid")
     depth = len({int(m.group(1)) for k in tensors if (m := re.match(r"blocks\.(\d+)\.", k))})
     if depth == 0:
         raise CheckpointError("not a DINOv2 checkpoint: no transformer blocks (blocks.N.*)")
     swiglu = "blocks.0.mlp.w12.weight" in tensors
     if swiglu:
-        hidden = tensors["blocks.0.mlp.w12.weight"].shape[0] // 2
+        rows = _shape(tensors, "blocks.0.mlp.w12.weight", 2)[0]  # (2 * hidden, D): gate and up stacked
+        if rows % 2:
+            raise CheckpointError(f"tensor blocks.0.mlp.w12.weight has {rows} rows, expected an even number")
+        hidden = rows // 2
     elif "blocks.0.mlp.fc1.weight" in tensors:
-        hidden = tensors["blocks.0.mlp.fc1.weight"].shape[0]
+        hidden = _shape(tensors, "blocks.0.mlp.fc1.weight", 2)[0]  # (hidden, D)
     else:
         raise CheckpointError("not a DINOv2 checkpoint: blocks.0 has neither mlp.fc1 nor mlp.w12")
-    registers = tensors["register_tokens"].shape[1] if "register_tokens" in tensors else 0
+    registers = _shape(tensors, "register_tokens", 3)[1] if "register_tokens" in tensors else 0  # (1, R, D)
     if dim % HEAD_DIM:
         raise CheckpointError(f"cannot infer the head count of width {dim}; pass a config.json with the weights")
-    return ViTConfig(
-        embed_dim=dim,
-        depth=depth,
-        num_heads=dim // HEAD_DIM,
-        patch_size=patch_w.shape[-1],
-        pos_grid=grid,
-        num_registers=registers,
-        mlp_hidden=hidden,
-        ffn="swiglu" if swiglu else "mlp",
-        qkv_bias="blocks.0.attn.qkv.bias" in tensors,
-        interpolate_antialias=registers > 0,
-        in_chans=patch_w.shape[1],
-    )
+    try:
+        return ViTConfig(
+            embed_dim=dim,
+            depth=depth,
+            num_heads=dim // HEAD_DIM,
+            patch_size=patch,
+            pos_grid=grid,
+            num_registers=registers,
+            mlp_hidden=hidden,
+            ffn="swiglu" if swiglu else "mlp",
+            qkv_bias="blocks.0.attn.qkv.bias" in tensors,
+            interpolate_antialias=registers > 0,
+            in_chans=in_chans,
+        )
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"tensor shapes describe an impossible model: {e}") from e
+
+
+def check_finite(tensors: dict[str, torch.Tensor], order) -> None:
+    """Refuse weights with NaN or inf values (or of a non-float dtype), naming the first such tensor
+    in `order`: they would silently turn every vector into NaN, which no search can rank."""
+    for name in order:
+        tensor = tensors[name]
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"tensor {name} has dtype {tensor.dtype}, expected floating point")
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"tensor {name} holds {bad} NaN or infinite value(s); the weights are corrupt")
 
 
 def check_compatible(expected: dict[str, torch.Size], tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -31,10 +31,14 @@ class ViTConfig:
     in_chans: int = 3
 
     def __post_init__(self) -> None:
+        for name, (low, high) in LIMITS.items():
+            check_int(name, getattr(self, name), low, high)
         if self.ffn not in ("mlp", "swiglu"):
             raise ValueError(f"ffn must be 'mlp' or 'swiglu', got {self.ffn!r}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if not (isinstance(self.layer_norm_eps, (int, float)) and 0 < self.layer_norm_eps < 1):
+            raise ValueError(f"layer_norm_eps must be a number in (0, 1), got {self.layer_norm_eps!r}")
 
     @property
     def image_size(self) -> int:
@@ -43,6 +47,30 @@ class ViTConfig:
 
     def replace(self, **changes) -> "ViTConfig":
         return dataclasses.replace(self, **changes)
+
+
+# Bounds on each size, far beyond every released model (giant: 1536-d, 40 blocks, 24 heads, 4 registers)
+# yet tight enough that a corrupt or hostile config.json is refused by name instead of describing a
+# model of terabytes or one that divides by zero.
+LIMITS: dict[str, tuple[int, int]] = {
+    "embed_dim": (1, 16384),
+    "depth": (1, 512),
+    "num_heads": (1, 1024),
+    "patch_size": (1, 256),
+    "pos_grid": (1, 1024),
+    "num_registers": (0, 256),
+    "mlp_hidden": (1, 131072),
+    "in_chans": (1, 64),
+}
+
+
+def check_int(name: str, value, low: int, high: int) -> int:
+    """`value` if it is an int (not a bool) in [low, high]; else TypeError/ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in {low}..{high}, got {value}")
+    return value
 
 
 def swiglu_hidden(embed_dim: int, mlp_ratio: float = 4.0) -> int:

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .files import open_regular
 from .load import load_vit
 from .precision import apply_precision, compute_dtype, resolve_device, resolve_precision
-from .preprocess import CROP, preprocess
+from .preprocess import CROP, check_input_spec, preprocess
 from .quant import weight_bytes
 from .vit import DinoVisionTransformer
 
@@ -46,8 +47,8 @@ class Encoder:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.dtype = compute_dtype(self.precision, self.device)
+        check_input_spec(mode, size)
         self.mode, self.size = mode, size
-        preprocess(Image.new("RGB", (size, size)), mode=mode, size=size)  # validate mode/size now
         calibration = None
         if self.precision == "int4":
             from .gptq import calibration_images
@@ -67,7 +68,9 @@ class Encoder:
         size: int = CROP,
     ) -> "Encoder":
         """Load weights (preset name, HF folder, `.safetensors`, `.pth`) and prepare them for `precision`."""
-        resolve_precision(precision, resolve_device(device))  # fail before reading gigabytes
+        # Every argument is checked before gigabytes of weights are read.
+        check_input_spec(mode, size)
+        resolve_precision(precision, resolve_device(device))
         return cls(load_vit(source), device=device, precision=precision, mode=mode, size=size)
 
     @property
@@ -109,7 +112,7 @@ class Encoder:
         if self._weights_sha256 is None:
             digest = hashlib.sha256()
             for path in getattr(self.vit, "source_files", ()):
-                with open(path, "rb") as f:
+                with open_regular(path) as f:  # never blocks, should a weights file be swapped for a FIFO
                     for chunk in iter(lambda: f.read(1 << 20), b""):
                         digest.update(chunk)
             self._weights_sha256 = digest.hexdigest()

@@ -14,4 +14,4 @@ class WeightsNotFoundError(ModelError):
 
 
 class PrecisionError(ModelError):
-    """A precision is unknown or not supported on the requested device."""
+    """A precision or device is unknown, absent, or not supported on the requested device."""

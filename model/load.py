@@ -6,7 +6,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import check_compatible, config_from_hf, convert_state_dict, drop_unused, infer_config, read_checkpoint
+from .checkpoint import (
+    check_compatible,
+    check_finite,
+    config_from_hf,
+    convert_state_dict,
+    drop_unused,
+    infer_config,
+    read_checkpoint,
+)
 from .config import HUB_REPOS, PRESETS, ViTConfig
 from .hub import resolve_preset
 from .vit import DinoVisionTransformer
@@ -37,9 +45,12 @@ def load_vit(
     raw = read_checkpoint(path)
     tensors = drop_unused(convert_state_dict(raw.tensors))
     if config is None:
-        config = config_from_hf(raw.hf_config) if raw.hf_config else infer_config(tensors)
-    model = build_vit(config, device="meta")
-    check_compatible({k: v.shape for k, v in model.state_dict().items()}, tensors, str(path))
+        # An empty config.json is a config without sizes (refused by name), not a missing one.
+        config = config_from_hf(raw.hf_config) if raw.hf_config is not None else infer_config(tensors)
+    model = build_vit(config, device="meta")  # shapes only: nothing is allocated yet
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_compatible(expected, tensors, str(path))
+    check_finite(tensors, expected)
     # Checkpoints may be stored in half precision; go through float32 so every dtype is cast once.
     state = {k: v.to(torch.float32) for k, v in tensors.items()}
     model.load_state_dict(state, strict=True, assign=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from torch import nn
@@ -23,13 +24,28 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+_DEVICE = re.compile(r"(cpu|cuda)(?::(\d{1,4}))?")
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PrecisionError("device 'cuda' requested but CUDA is not available; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise PrecisionError(f"device {device.type!r} is not supported; use 'cpu' or 'cuda'")
-    return device
+    """`cpu`, `cuda` or `cuda:N` (string or torch.device), checked against this machine.
+
+    The one place devices are validated: torch.device() itself raises a RuntimeError listing a
+    dozen backends for a typo, and accepts `cuda:7` on a machine with one GPU until first use.
+    """
+    text = str(device).strip()
+    match = _DEVICE.fullmatch(text)
+    if match is None:
+        raise PrecisionError(f"device {text!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
+    kind, index = match.groups()
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise PrecisionError(f"device {text!r} requested but CUDA is not available; use --device cpu")
+        count = torch.cuda.device_count()
+        if index is not None and int(index) >= count:
+            raise PrecisionError(f"device {text!r} does not exist: this machine has {count} CUDA device(s), "
+                                 f"cuda:0 to cuda:{count - 1}")
+    return torch.device(text)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -13,6 +13,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_SHORT = 256  # "crop" mode: shortest edge before the center crop (facebook/dinov2-* processor)
 CROP = 224
 PATCH = 14
+# Input sides accepted: at least one patch; at 4096 px a ViT already attends over 85,000 tokens,
+# beyond which a typo (--size 50000) would only exhaust memory.
+MIN_SIZE, MAX_SIZE = PATCH, 4096
 
 _MEAN = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
 _STD = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
@@ -66,6 +69,18 @@ def normalize_batch(pixels: np.ndarray) -> torch.Tensor:
     return ((x - mean) / std).contiguous()
 
 
+def check_input_spec(mode: str, size: int) -> None:
+    """Raise ValueError/TypeError unless (mode, size) is an input the encoder can take."""
+    if mode not in ("crop", "full"):
+        raise ValueError(f"mode must be 'crop' or 'full', got {mode!r}")
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"size must be an integer number of pixels, got {type(size).__name__} {size!r}")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise ValueError(f"size must be {MIN_SIZE} to {MAX_SIZE} pixels, got {size}")
+    if mode == "full" and size % PATCH:
+        raise ValueError(f"size for mode 'full' must be a multiple of {PATCH}, got {size}")
+
+
 def preprocess(
     images: Image.Image | Iterable[Image.Image], mode: str = "crop", size: int | None = None
 ) -> torch.Tensor:
@@ -75,11 +90,8 @@ def preprocess(
     center crop 224, rescale, ImageNet mean/std. Mode "full" keeps the whole image: resized to
     size x size (a multiple of 14, default 224) without cropping — for duplicate detection.
     """
-    if mode not in ("crop", "full"):
-        raise ValueError(f"mode must be 'crop' or 'full', got {mode!r}")
     size = CROP if size is None else size
-    if mode == "full" and (size < PATCH or size % PATCH):
-        raise ValueError(f"size for mode 'full' must be a positive multiple of {PATCH}, got {size}")
+    check_input_spec(mode, size)
     if isinstance(images, Image.Image):
         images = [images]
     arrays = []

@@ -20,6 +20,20 @@ def to_json(groups: list[Group], action: str = "report") -> str:
                        "files_to_act_on": sum(len(g.others) for g in groups)}, indent=2)
 
 
+# A cell starting with one of these is a formula to Excel, LibreOffice and Google Sheets (tab and CR
+# too, as some of them strip leading whitespace first). OWASP "CSV Injection": prefix a single quote.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value) -> object:
+    """A CSV cell that a spreadsheet shows as text: numbers stay numbers, text that could start a
+    formula (a file named `=HYPERLINK(...).jpg`) gets a leading `'`."""
+    if value is None or isinstance(value, (int, float)):
+        return "" if value is None else value
+    text = str(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
 def to_csv(groups: list[Group]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
@@ -27,8 +41,9 @@ def to_csv(groups: list[Group]) -> str:
                      "captured_at", "sha256", "reason"])
     for number, group in enumerate(groups, 1):
         for m in group.members:
-            writer.writerow([number, group.kind, f"{group.min_similarity:.4f}", int(m.id == group.keeper.id), m.path,
-                             m.size, m.width, m.height, m.format, m.captured_at or "", m.sha256, group.reason])
+            row = [number, group.kind, f"{group.min_similarity:.4f}", int(group.keeps(m)), m.path,
+                   m.size, m.width, m.height, m.format, m.captured_at, m.sha256, group.reason]
+            writer.writerow([_cell(value) for value in row])
     return out.getvalue()
 
 
@@ -62,7 +77,7 @@ Green: kept. Dashed red: duplicates.</p>"""]
         for m in group.members:
             uri = _thumbnail(root / os.fsdecode(m.raw_path))
             img = f'<img src="{uri}" alt="">' if uri else "<i>(unreadable now)</i>"
-            css = "keep" if m.id == group.keeper.id else "drop"
+            css = "keep" if group.keeps(m) else "drop"
             parts.append(f'<div class="card {css}">{img}<div class="meta">{esc(m.path)}<br>{m.width}x{m.height} '
                          f'{m.format}, {m.size:,} bytes<br>{esc(m.captured_at or "")}</div></div>')
         parts.append("</div></div>")
