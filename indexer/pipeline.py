@@ -7,6 +7,7 @@ leaves a library that opens, verifies after repair, and is completed by re-runni
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import logging
 import multiprocessing
@@ -19,13 +20,16 @@ import numpy as np
 from sqlalchemy import select, update
 
 from .catalog import EMBEDDED, QUARANTINED, TRANSIENT, ImageRow, RunRow, utcnow
-from .decode import DecodeError, display_path, read_image
+from .decode import DecodeError, decode_side, display_path, read_image
 from .errors import LibraryError, SweepRefusedError
-from .library import Library
+from .library import Library, check_placement, vectors_usable
 from .scan import ScanProblem, included, scan
 
 log = logging.getLogger(__name__)
 
+# Which path of a file with several paths (hard links, followed symlinks) keeps its row: the one the
+# catalog embeds, then new paths, last a path dedup set aside — where it left a link to the keeper.
+_PATH_RANK = {EMBEDDED: 0, QUARANTINED: 2}
 # A sweep that would delete more than this share of a library stops: the disk is probably unmounted.
 MASS_DELETE_FRACTION = 0.5
 MASS_DELETE_MIN = 20  # small libraries may legitimately lose most files
@@ -40,6 +44,9 @@ class Options:
     follow_symlinks: bool = False
     allow_mass_delete: bool = False
     checkpoint_seconds: float = 60.0
+    # A decode task running longer than this many seconds is recorded as crashed (retried next run)
+    # and its worker killed: a hung codec or file system must not stall the run. None: no limit.
+    decode_timeout: float | None = 120.0
 
 
 @dataclass
@@ -87,20 +94,27 @@ def run_index(
     """Bring the library up to date with its root folder; returns the run's counts."""
     if not library.root.is_dir():
         raise LibraryError(f"{library.root} is not a folder (unmounted disk?); nothing was changed")
+    check_placement(library.root, library.folder)
     library.bind_model(encoder.manifest())
     library.load_indexes()
     root = os.fsencode(library.root)
 
     with library.session() as s:
+        usable = vectors_usable(library.dim()).label("usable")
         existing = {r.path: r for r in s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns,
-                                                        ImageRow.status, ImageRow.sha256))}
+                                                        ImageRow.status, ImageRow.sha256, usable))}
     retry = TRANSIENT | ({"needs-plugin"} if heif_available() else set())
     seen: set[bytes] = set()
     tasks: list[Task] = []
     problems: list[ScanProblem] = []  # to record (new, or changed since last run)
     unlisted: list[bytes] = []  # folders that could not be read
+    returned: dict[bytes, str] = {}  # quarantined path -> sha256 of its row: a file there again
+
+    def rank(rel: bytes) -> int:
+        return _PATH_RANK.get(existing[rel].status, 1) if rel in existing else 1
+
     for item in scan(root, include=options.include, exclude=options.exclude,
-                     follow_symlinks=options.follow_symlinks, skip=(os.fsencode(library.folder),)):
+                     follow_symlinks=options.follow_symlinks, skip=(os.fsencode(library.folder),), rank=rank):
         seen.add(item.rel)
         if isinstance(item, ScanProblem):
             if item.rel == b"":
@@ -108,13 +122,16 @@ def run_index(
             if item.status == "unreadable":
                 unlisted.append(item.rel + b"/")
             row = existing.get(item.rel)
+            if row is not None and row.status == QUARANTINED and item.status == "linked":
+                continue  # the link dedup left at a duplicate's old path: the row stays quarantined
             if row is None or row.status != item.status:  # already recorded: leave the row alone
                 problems.append(item)
             continue
         row = existing.get(item.rel)
-        unchanged = row is not None and (row.size, row.mtime_ns) == (item.size, item.mtime_ns)
-        if unchanged and row.status not in retry:
+        if not _needs_reading(row, item, retry):
             continue
+        if row is not None and row.status == QUARANTINED and row.sha256 and row.usable:
+            returned[item.rel] = row.sha256  # the same bytes get their row and vectors back
         tasks.append(Task(item.rel, item.size, item.mtime_ns))
     if existing and not seen and not options.allow_mass_delete:
         raise SweepRefusedError(f"{library.root} is empty but the library knows {len(existing)} files; is the disk "
@@ -126,22 +143,27 @@ def run_index(
         if path not in seen and not path.startswith(tuple(unlisted) or (b"\0",))
         and included(path, options.include, options.exclude)
     }
-    moved_from = {row.sha256: path for path, row in missing.items() if row.status == EMBEDDED and row.sha256}
+    moved_from = {row.sha256: path for path, row in missing.items()
+                  if row.status == EMBEDDED and row.sha256 and row.usable}
 
     with library.session() as s, s.begin():
         run = RunRow(status="running", counts={})
         s.add(run)
         s.flush()
         run_id = run.id
-    counts = {"scanned": len(seen), "to_decode": len(tasks), "embedded": 0, "failed": 0, "moved": 0, "deleted": 0}
+    counts = {"scanned": len(seen), "to_decode": len(tasks), "embedded": 0, "failed": 0, "moved": 0, "deleted": 0,
+              "restored": 0}
     progress = Progress(total=len(tasks), counts=counts)
     writer = _BatchWriter(library, encoder, run_id, existing, counts, options.batch_size)
     for problem in problems:
         writer.failure(problem.rel, problem.status, problem.reason, None)
     last_checkpoint = time.monotonic()
     try:
-        for kind, task, status, payload, meta in _decoded(root, tasks, encoder, options, frozenset(moved_from)):
-            if kind == "moved":
+        known = frozenset(moved_from) | frozenset(returned.values())  # hashes whose pixels need no decoding
+        for kind, task, status, payload, meta in _decoded(root, tasks, encoder, options, known):
+            if kind == "moved" and returned.get(task.rel) == meta["sha256"]:
+                writer.restore(task.rel, meta)  # put back unchanged: its row and vectors are good
+            elif kind == "moved":
                 old_path = moved_from.pop(meta["sha256"], None)
                 if old_path is not None:
                     writer.move(old_path, task.rel, meta)
@@ -184,6 +206,17 @@ def run_index(
     return counts
 
 
+def _needs_reading(row, item, retry: set[str]) -> bool:
+    """Whether a scanned file must be decoded: it is new or changed (size, mtime), its last failure
+    may have gone away, its row lost its vectors, or it is a quarantined path that is a file of its
+    own again — put back by hand (a rename keeps size and mtime), so its row must be re-checked."""
+    if row is None or (row.size, row.mtime_ns) != (item.size, item.mtime_ns):
+        return True
+    if row.status == EMBEDDED:
+        return not row.usable
+    return row.status in retry or row.status == QUARANTINED
+
+
 def heif_available() -> bool:
     """Whether HEIC files recorded as needing pillow-heif can be read now."""
     import importlib.util
@@ -193,66 +226,117 @@ def heif_available() -> bool:
 
 def _decode_args(encoder, moved: frozenset) -> tuple:
     """(min_side, mode, size, moved) for `_decode_task`: JPEG draft keeps what the resize needs."""
-    from model.preprocess import RESIZE_SHORT
-
-    return (RESIZE_SHORT if encoder.mode == "crop" else encoder.size, encoder.mode, encoder.size, moved)
+    return (decode_side(encoder.mode, encoder.size), encoder.mode, encoder.size, moved)
 
 
 def _decoded(root: bytes, tasks: list[Task], encoder, options: Options, moved: frozenset) -> Iterator[tuple]:
-    """Decode results as they finish; at most `workers * 4` in flight so memory stays flat."""
+    """Decode results as they finish; at most `workers * 4` in flight so memory stays flat.
+
+    A worker that dies costs the files in flight with it; a task running past
+    `options.decode_timeout` costs that file alone. Either way the files are recorded as crashed
+    (retried next run) and a fresh pool decodes the rest.
+    """
     args = _decode_args(encoder, moved)
     if options.workers <= 0:
+        # In-process nothing can be stopped from outside; read_image refusing FIFOs and devices
+        # unopened is what keeps this from blocking.
         for task in tasks:
             yield _decode_task(root, task, *args)
         return
     # fork: workers start instantly and only run Pillow/numpy code (never torch's thread pools).
     context = multiprocessing.get_context("fork")
     window = max(options.workers * 4, options.batch_size)
-    queue = iter(tasks)
-    lost: list[Task] = []  # in flight when a worker died: recorded, never retried in this run
+    queue = collections.deque(tasks)
     while True:
         pool = cf.ProcessPoolExecutor(options.workers, mp_context=context, initializer=_worker_init)
         pending: dict[cf.Future, Task] = {}
         try:
-            for task in queue:
-                pending[pool.submit(_decode_task, root, task, *args)] = task
-                if len(pending) >= window:
-                    break
-            while pending:
-                done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                for future in done:
-                    task = pending.pop(future)
-                    try:
-                        result = future.result()
-                    except cf.process.BrokenProcessPool:
-                        lost.append(task)
-                        raise
-                    yield result
-                    nxt = next(queue, None)
-                    if nxt is not None:
-                        try:
-                            pending[pool.submit(_decode_task, root, nxt, *args)] = nxt
-                        except cf.process.BrokenProcessPool:
-                            lost.append(nxt)
-                            raise
+            yield from _drain(pool, pending, queue, window, options.decode_timeout, lambda t: (root, t, *args))
             return
         except cf.process.BrokenProcessPool:
             # A worker died (out of memory, a crashing codec): the files in flight are recorded and
             # the rest of the run goes on in a fresh pool.
-            lost.extend(pending.values())
-            log.warning("a decode worker died; %d files in flight recorded as crashed", len(lost))
-            for task in lost:
+            log.warning("a decode worker died; %d files in flight recorded as crashed", len(pending))
+            for task in pending.values():
                 yield ("failed", task, "crashed", "decoder process died while reading this file", None)
-            lost.clear()
+        except _Overdue as overdue:
+            log.warning("%d decode tasks took longer than %g s; restarting the decode workers",
+                        len(overdue.tasks), options.decode_timeout)
+            _kill_workers(pool)
+            queue.extendleft(reversed(list(pending.values())))  # never ran to the end: decoded again
+            for task in overdue.tasks:
+                yield ("failed", task, "crashed", f"decoding took longer than {options.decode_timeout:g} s", None)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+class _Overdue(Exception):
+    """Decode tasks ran past the time limit (they are no longer in `pending`)."""
+
+    def __init__(self, tasks: list[Task]) -> None:
+        super().__init__(f"{len(tasks)} decode tasks overdue")
+        self.tasks = tasks
+
+
+def _drain(pool: cf.ProcessPoolExecutor, pending: dict, queue: collections.deque, window: int,
+           timeout: float | None, call_args: Callable[[Task], tuple]) -> Iterator[tuple]:
+    """Keep `window` tasks submitted and yield their results until `queue` and `pending` are empty.
+
+    Raises BrokenProcessPool (pending then holds every task in flight, the failed one included) or
+    _Overdue. A task's clock starts when the pool hands it to its workers (`running()`), seen at
+    the next poll: a long queue in front of it never counts against it.
+    """
+    started: dict[cf.Future, float] = {}
+    poll = None if timeout is None else min(1.0, timeout / 4)
+    while queue or pending:
+        while queue and len(pending) < window:
+            task = queue.popleft()
+            try:
+                pending[pool.submit(_decode_task, *call_args(task))] = task
+            except cf.process.BrokenProcessPool:
+                queue.appendleft(task)  # never submitted: the fresh pool decodes it
+                raise
+        done, _ = cf.wait(pending, timeout=poll, return_when=cf.FIRST_COMPLETED)
+        for future in done:
+            result = future.result()  # BrokenProcessPool: the task stays in pending, recorded as lost
+            pending.pop(future)
+            started.pop(future, None)
+            yield result
+        if timeout is None:
+            continue
+        now = time.monotonic()
+        for future in pending:
+            if future not in started and future.running():
+                started[future] = now
+        overdue = [f for f, t in started.items() if now - t > timeout and not f.done()]
+        if overdue:
+            # The pool queues one task more than it has workers; if every worker hangs at once,
+            # that spare one is counted as overdue with them (recorded as crashed, retried next run).
+            raise _Overdue([pending.pop(f) for f in overdue])
+
+
+def _kill_workers(pool: cf.ProcessPoolExecutor) -> None:
+    """SIGKILL the pool's worker processes: a hung one never returns to take a shutdown request."""
+    kill = getattr(pool, "kill_workers", None)  # Python 3.14+
+    if kill is not None:
+        kill()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        try:
+            process.kill()
+        except (OSError, ValueError):  # already gone, or closed
+            pass
+
+
 def _worker_init() -> None:
     """Decode workers die with the indexer (Linux): a killed run leaves no orphans behind."""
+    import signal
+
+    # Ctrl-C reaches the whole process group: the indexer alone handles it (one line, pool shut
+    # down); a worker would print a KeyboardInterrupt traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import ctypes
-        import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -268,6 +352,7 @@ class _BatchWriter:
         self.images: list[tuple[bytes, np.ndarray, dict]] = []
         self.rows: list[dict] = []  # failure rows waiting for the next commit
         self.moves: list[tuple[bytes, bytes, dict]] = []
+        self.restores: list[tuple[bytes, dict]] = []  # quarantined rows whose file is back, unchanged
 
     def image(self, rel: bytes, pixels: np.ndarray, meta: dict) -> None:
         self.images.append((rel, pixels, meta))
@@ -283,8 +368,12 @@ class _BatchWriter:
         self.moves.append((old, new, meta))
         self.counts["moved"] += 1
 
+    def restore(self, rel: bytes, meta: dict) -> None:
+        self.restores.append((rel, meta))
+        self.counts["restored"] += 1
+
     def flush(self) -> None:
-        if not (self.images or self.rows or self.moves):
+        if not (self.images or self.rows or self.moves or self.restores):
             return
         new_rows = list(self.rows)
         if self.images:
@@ -309,9 +398,14 @@ class _BatchWriter:
                 row = ImageRow(**values)
                 s.add(row)
                 inserted.append(row)
+            for rel, meta in self.restores:  # same id, same vectors: back in the indexes below
+                row = s.scalars(select(ImageRow).where(ImageRow.path == rel)).one()
+                row.status, row.reason, row.run_id = EMBEDDED, None, self.run_id
+                row.size, row.mtime_ns = meta["size"], meta["mtime_ns"]
+                inserted.append(row)
             s.flush()
             fresh = [(r.id, r.cls, r.patch) for r in inserted if r.status == EMBEDDED]
-        for p in paths:
+        for p in paths + [rel for rel, _ in self.restores]:
             self.existing.pop(p, None)
         if fresh:
             dim = self.encoder.dim
@@ -319,7 +413,7 @@ class _BatchWriter:
             for kind, position in (("cls", 1), ("patch", 2)):
                 vecs = np.frombuffer(b"".join(f[position] for f in fresh), np.float16).reshape(-1, dim).astype(np.float32)
                 self.library.indexes[kind].add(ids, vecs)
-        self.images, self.rows, self.moves = [], [], []
+        self.images, self.rows, self.moves, self.restores = [], [], [], []
 
 
 def _folder(rel: bytes) -> str:

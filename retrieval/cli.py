@@ -5,13 +5,58 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 from pathlib import Path
 
 import click
 
 from indexer.errors import IndexerError
 from model import PRECISIONS, PRESETS, ModelError
+from model.preprocess import MAX_SIZE, MIN_SIZE
 from retrieval.errors import RetrievalError
+
+# Characters a terminal acts on instead of showing: C0/C1 controls and DEL (newlines could forge a
+# plan line such as "keep c.jpg", ESC sequences could clear the screen or retitle the window), the
+# Unicode line/paragraph separators, and the bidi embeddings/overrides/isolates that reorder text.
+_UNSAFE_CHARS = frozenset(
+    [chr(c) for c in range(0x20)] + [chr(c) for c in range(0x7F, 0xA0)]
+    + ["\u2028", "\u2029", "\u061c", "\u200e", "\u200f"]
+    + [chr(c) for c in range(0x202A, 0x202F)] + [chr(c) for c in range(0x2066, 0x206A)]
+)
+
+
+def _shown(text) -> str:
+    """`text` (a path, reason, ...) made safe to print: unsafe characters become `\\xNN` / `\\uNNNN`.
+
+    Backslashes stay as they are, so ordinary Windows paths read normally; surrogate escapes left by
+    undecodable (non-UTF-8) file names are shown as `\\udcNN` rather than crashing the echo.
+    """
+    text = str(text)
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in _UNSAFE_CHARS or 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+class _Float(click.FloatRange):
+    """click.FloatRange that also refuses NaN, which compares False with both bounds and would
+    slip through (a NaN threshold matches nothing, a NaN interval never elapses)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number.", param, ctx)
+        return number
+
+
+# Bounds on user numbers, checked by click before anything runs (a one-line usage error, exit 2).
+_COUNT64 = click.IntRange(0, 2**63 - 1)  # bytes and pixels: the catalog stores 64-bit integers
+_TOP_K = click.IntRange(1, 10_000)  # results per query: FAISS allocates k slots per query up front
+_SIMILARITY = _Float(0, 1, min_open=True)  # cosine similarity of unit vectors; 0 would match everything
 
 
 def _translate_errors(func):
@@ -24,11 +69,12 @@ def _translate_errors(func):
         try:
             return func(*args, **kwargs)
         except (ModelError, IndexerError, RetrievalError, ValueError) as e:
-            raise click.ClickException(str(e)) from e
+            raise click.ClickException(_shown(e)) from e
         except OSError as e:  # disk full, permissions on the library folder, ...
-            raise click.ClickException(f"{e.filename or 'file system'}: {e.strerror or e}") from e
+            raise click.ClickException(_shown(f"{e.filename or 'file system'}: {e.strerror or e}")) from e
         except SQLAlchemyError as e:
-            raise click.ClickException(f"catalog error: {str(e.orig if hasattr(e, 'orig') else e).splitlines()[0]}") from e
+            reason = str(e.orig if hasattr(e, "orig") else e).splitlines()[0]
+            raise click.ClickException(_shown(f"catalog error: {reason}")) from e
 
     return wrapper
 
@@ -49,12 +95,47 @@ def model_options(func):
     return func
 
 
-@click.group()
+class _Interrupted(click.ClickException):
+    """Ctrl-C: one line and exit 130 (128 + SIGINT, as shells report it), never a traceback."""
+
+    exit_code = 130
+
+    def show(self, file=None) -> None:
+        click.echo("Aborted!", err=True)
+
+
+class _LogFormatter(logging.Formatter):
+    """Log lines reach the terminal too, and library code logs file and folder names."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return _shown(super().formatMessage(record))
+
+
+class _Group(click.Group):
+    """The `dinoseek` group: the one place every command's errors pass through on their way out."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as e:
+            # Messages name files (click's own "Path '...' does not exist" too): escape them here,
+            # once for all commands, so no error line can carry a terminal control sequence.
+            e.message = _shown(e.message)
+            raise
+        except KeyboardInterrupt:
+            # Library code cleans up on the way out (a run is recorded as failed, locks released);
+            # what is left is a consistent library that the next run completes.
+            raise _Interrupted("interrupted") from None
+
+
+@click.group(cls=_Group)
 @click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
 @click.version_option(package_name="dinoseek")
 def main(verbose: bool) -> None:
     """Search and de-duplicate photo libraries with DINOv2 embeddings."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
 
 
 @main.command()
@@ -62,7 +143,8 @@ def main(verbose: bool) -> None:
 @model_options
 @click.option("--mode", type=click.Choice(["crop", "full"]), default="crop", show_default=True,
               help="crop: the reference 256/224 center crop. full: the whole frame resized to --size.")
-@click.option("--size", type=int, default=224, show_default=True, help="Input side in pixels (multiple of 14 for full).")
+@click.option("--size", type=click.IntRange(MIN_SIZE, MAX_SIZE), default=224, show_default=True,
+              help="Input side in pixels (multiple of 14 for full).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write cls/patch arrays to this .npz file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the vectors as JSON.")
 @_translate_errors
@@ -74,19 +156,20 @@ def embed(images, model_name, weights, device, precision, mode, size, out, as_js
       dinoseek embed --weights ./dinov2-small photo1.jpg photo2.png --out vectors.npz
     """
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
 
+    from indexer.decode import DecodeError, decode_side, read_image
     from model import Encoder
 
     encoder = Encoder.from_pretrained(weights or model_name, device=device, precision=precision, mode=mode, size=size)
     pictures = []
     for path in images:
+        # The indexer's decoder: format allowlist (no EPS handed to Ghostscript), bomb and size
+        # limits, regular files only, EXIF orientation, the encoder's decode size — so a file gets
+        # the same vector here as from `dinoseek index`.
         try:
-            with Image.open(path) as image:
-                image.load()
-                pictures.append(image.copy())
-        except (UnidentifiedImageError, OSError) as e:
-            raise click.ClickException(f"cannot decode {path}: {e}") from e
+            pictures.append(read_image(path, min_side=decode_side(encoder.mode, encoder.size)).image)
+        except DecodeError as e:
+            raise click.ClickException(f"cannot decode {_shown(path)}: {e.reason}") from e
     vectors = encoder.embed(pictures)
     if out:
         np.savez(out, paths=np.array([str(p) for p in images]), cls=vectors.cls, patch=vectors.patch)
@@ -98,9 +181,9 @@ def embed(images, model_name, weights, device, precision, mode, size, out, as_js
         click.echo(json.dumps(rows))
     elif not out:
         for path, c in zip(images, vectors.cls):
-            click.echo(f"{path}\tdim={c.shape[0]}\tcls[:4]={np.round(c[:4], 4).tolist()}")
+            click.echo(f"{_shown(path)}\tdim={c.shape[0]}\tcls[:4]={np.round(c[:4], 4).tolist()}")
     else:
-        click.echo(f"wrote {len(images)} vectors of dim {encoder.dim} ({encoder.precision}) to {out}")
+        click.echo(f"wrote {len(images)} vectors of dim {encoder.dim} ({encoder.precision}) to {_shown(out)}")
 
 
 def library_options(func):
@@ -119,8 +202,10 @@ def library_options(func):
 @main.command()
 @library_options
 @model_options
-@click.option("--workers", type=int, default=None, help="Decoding processes (default: CPU cores - 1; 0 = in-process).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Images per encoder batch.")
+@click.option("--workers", type=click.IntRange(0, 1024), default=None,
+              help="Decoding processes (default: CPU cores - 1; 0 = in-process).")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True,
+              help="Images per encoder batch.")
 @click.option("--index", "index_choice", default=None,
               help="auto (exact, then IVF-SQ8/PQ as the library grows; the default) or a FAISS factory "
                    "string; remembered for later runs.")
@@ -130,7 +215,7 @@ def library_options(func):
 @click.option("--exclude", multiple=True, help="Skip paths matching this glob (repeatable).")
 @click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links (loop-safe).")
 @click.option("--allow-mass-delete", is_flag=True, help="Let a run drop more than half of the library.")
-@click.option("--checkpoint-seconds", type=float, default=60.0, show_default=True,
+@click.option("--checkpoint-seconds", type=_Float(0, 7 * 86400), default=60.0, show_default=True,
               help="How often the FAISS files are checkpointed during a run.")
 @_translate_errors
 def index(root, library_dir, url, model_name, weights, device, precision, workers, batch_size, index_choice, mode,
@@ -145,16 +230,21 @@ def index(root, library_dir, url, model_name, weights, device, precision, worker
 
     from indexer.library import Library
     from indexer.pipeline import Options, run_index
+    from indexer.store import check_factory
     from model import Encoder
 
     if not root.is_dir():
-        raise click.ClickException(f"{root} is not a folder (unmounted disk?)")
+        raise click.ClickException(f"{_shown(root)} is not a folder (unmounted disk?)")
     options = Options(batch_size=batch_size, include=include, exclude=exclude, follow_symlinks=follow_symlinks,
                       allow_mass_delete=allow_mass_delete, checkpoint_seconds=checkpoint_seconds)
     if workers is not None:
         options.workers = workers
+    # The model first: its width is what a FAISS factory string is checked against, and a bad
+    # --index (or bad weights) must fail before a library folder is created.
+    encoder = Encoder.from_pretrained(weights or model_name, device=device, precision=precision, mode=mode)
+    if index_choice not in (None, "auto"):
+        check_factory(index_choice, encoder.dim)
     with Library.open(root, folder=library_dir, url=url, write=True, create=True, index=index_choice) as library:
-        encoder = Encoder.from_pretrained(weights or model_name, device=device, precision=precision, mode=mode)
         started = time.monotonic()
         bar = None
 
@@ -196,7 +286,7 @@ def info(root, library_dir, url, as_json):
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return
-    click.echo(f"library {data['library']} for {data['root']}: {data['total']} files")
+    click.echo(f"library {_shown(data['library'])} for {_shown(data['root'])}: {data['total']} files")
     for status, count in sorted(data["counts"].items()):
         click.echo(f"  {status:<13}{count}")
     model = data["model"]
@@ -205,18 +295,20 @@ def info(root, library_dir, url, as_json):
         click.echo(f"model: ViT {arch['embed_dim']}-d, {arch['depth']} blocks, {arch['num_registers']} registers, "
                    f"{model['precision']}, weights sha256 {model['weights_sha256'][:12]}")
     for kind, idx in data["indexes"].items():
-        click.echo(f"index {kind}: {idx['factory']}, {idx['vectors']} vectors, {idx['bytes'] / 1e6:.1f} MB")
+        click.echo(f"index {kind}: {_shown(idx['factory'])}, {idx['vectors']} vectors, {idx['bytes'] / 1e6:.1f} MB")
     for error in data["errors"]:
-        click.echo(f"  {error['status']}: {error['path']}: {error['reason']}")
+        click.echo(f"  {error['status']}: {_shown(error['path'])}: {_shown(error['reason'])}")
 
 
 @main.command()
 @library_options
-@click.option("--repair", is_flag=True, help="Rebuild or reconcile the indexes from the catalog.")
+@click.option("--repair", is_flag=True, help="Drop rows with damaged vectors (the next index run embeds them "
+                                             "again) and rebuild or reconcile the indexes from the catalog.")
 @click.option("--json", "as_json", is_flag=True, help="Print the problems as JSON.")
 @_translate_errors
 def verify(root, library_dir, url, repair, as_json):
-    """Check that the FAISS indexes hold exactly the catalog's vectors (exit 1 if not).
+    """Check the catalog (SQLite integrity, every stored vector) and that the FAISS indexes hold
+    exactly the catalog's vectors (exit 1 if not).
 
     \b
     Example:
@@ -224,18 +316,24 @@ def verify(root, library_dir, url, repair, as_json):
     """
     from indexer.library import Library
 
+    dropped = 0
     with Library.open(root, folder=library_dir, url=url, write=repair) as library:
         problems = library.verify()
         if problems and repair:
-            library.load_indexes()
+            dropped = library.repair()
             problems = library.verify()
     if as_json:
-        click.echo(json.dumps({"ok": not problems, "problems": problems}))
+        click.echo(json.dumps({"ok": not problems, "problems": problems, **({"dropped": dropped} if repair else {})}))
     else:
         for problem in problems:
-            click.echo(problem)
+            click.echo(_shown(problem))
     if problems:
-        raise click.ClickException(f"{len(problems)} problem(s); run `dinoseek verify --repair`")
+        damaged = any(p.startswith("catalog:") for p in problems)  # no repair in place: a backup is needed
+        raise click.ClickException(f"{len(problems)} problem(s); " + (
+            "the catalog file itself is damaged (see above)" if damaged else "run `dinoseek verify --repair`"))
+    if dropped and not as_json:
+        click.echo(f"{dropped} images with damaged vectors dropped: run `dinoseek index {_shown(root)}` to embed "
+                   f"them again")
     if not as_json:
         click.echo("ok: catalog and indexes agree")
 
@@ -247,9 +345,9 @@ def filter_options(func):
         click.option("--after", "captured_after", help="Captured on or after this date (YYYY-MM-DD)."),
         click.option("--before", "captured_before", help="Captured before this date (YYYY-MM-DD)."),
         click.option("--camera", help="Camera make/model contains this text."),
-        click.option("--min-pixels", type=int, help="At least this many pixels (width x height)."),
-        click.option("--min-bytes", type=int, help="Files of at least this many bytes."),
-        click.option("--max-bytes", type=int, help="Files of at most this many bytes."),
+        click.option("--min-pixels", type=_COUNT64, help="At least this many pixels (width x height)."),
+        click.option("--min-bytes", type=_COUNT64, help="Files of at least this many bytes."),
+        click.option("--max-bytes", type=_COUNT64, help="Files of at most this many bytes."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -268,7 +366,7 @@ def _print_hits(hits, as_json: bool) -> None:
         click.echo(json.dumps([h.to_dict() for h in hits], indent=2))
         return
     for hit in hits:
-        click.echo(f"{hit.score:.4f}  {hit.path}")
+        click.echo(f"{hit.score:.4f}  {_shown(hit.path)}")
 
 
 @main.command()
@@ -278,7 +376,7 @@ def _print_hits(hits, as_json: bool) -> None:
 @click.option("--library", "library_dir", type=click.Path(file_okay=False, path_type=Path), help="Library folder.")
 @click.option("--url", help="SQLAlchemy URL of the catalog.")
 @model_options
-@click.option("-k", "--top", "k", type=int, default=10, show_default=True, help="Number of results.")
+@click.option("-k", "--top", "k", type=_TOP_K, default=10, show_default=True, help="Number of results.")
 @click.option("--kind", type=click.Choice(["cls", "patch", "both"]), default="cls", show_default=True,
               help="Which vectors to compare: global (cls), pooled patches, or their average.")
 @filter_options
@@ -305,7 +403,7 @@ def search(image, root, library_dir, url, model_name, weights, device, precision
               help="The indexed photo folder.")
 @click.option("--library", "library_dir", type=click.Path(file_okay=False, path_type=Path), help="Library folder.")
 @click.option("--url", help="SQLAlchemy URL of the catalog.")
-@click.option("-k", "--top", "k", type=int, default=10, show_default=True, help="Number of results.")
+@click.option("-k", "--top", "k", type=_TOP_K, default=10, show_default=True, help="Number of results.")
 @click.option("--kind", type=click.Choice(["cls", "patch", "both"]), default="cls", show_default=True)
 @filter_options
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
@@ -326,7 +424,8 @@ def similar(path, root, library_dir, url, k, kind, as_json, **filters):
 
 @main.command()
 @library_options
-@click.option("--threshold", type=float, default=None, help="Similarity for near duplicates [default: 0.95].")
+@click.option("--threshold", type=_SIMILARITY, default=None,
+              help="Similarity for near duplicates, in (0, 1] [default: 0.95].")
 @click.option("--kind", type=click.Choice(["cls", "patch"]), default="cls", show_default=True)
 @click.option("--exact", "exact_only", is_flag=True, help="Only byte-identical copies.")
 @click.option("--keep", "keep_order", default="protected,resolution,size,oldest,format", show_default=True,
@@ -337,7 +436,7 @@ def similar(path, root, library_dir, url, k, kind, as_json, **filters):
               help="Only groups with a member under this folder (each group is shown and acted on whole).")
 @click.option("--crops", is_flag=True, help="Re-rank candidates with patch tokens so crops group with their "
                                              "source (re-reads those files; needs --model/--weights).")
-@click.option("--candidates", "candidate_threshold", type=float,
+@click.option("--candidates", "candidate_threshold", type=_SIMILARITY,
               help="With --crops: lowest global similarity to re-rank [default: threshold - 0.15].")
 @model_options
 @click.option("--action", type=click.Choice(["report", "move", "hardlink", "symlink"]), default="report",
@@ -367,6 +466,13 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, keep_order, prote
     from retrieval.dedup import DEFAULT_THRESHOLD, find_duplicates
     from retrieval.report import to_json, write_report
 
+    # `is None`, not `or`: a threshold the user typed is never swapped for the default.
+    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    if candidate_threshold is not None and not crops:
+        raise click.BadParameter("only means something with --crops", param_hint="'--candidates'")
+    if candidate_threshold is not None and candidate_threshold > threshold:
+        raise click.BadParameter(f"{candidate_threshold} is above the --threshold {threshold}; candidates for "
+                                 f"re-ranking are the pairs below it", param_hint="'--candidates'")
     order = tuple(r.strip() for r in keep_order.split(",") if r.strip())
     with Library.open(root, folder=library_dir, url=url, write=do_apply) as library:
         crop_encoder = None
@@ -377,7 +483,7 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, keep_order, prote
             crop_encoder = Encoder.from_pretrained(weights or model_name, device=device, precision=precision,
                                                    **manifest.get("preprocess", {}))
             library.check_model(crop_encoder.manifest())
-        groups = find_duplicates(library, threshold=threshold or DEFAULT_THRESHOLD, kind=kind, exact_only=exact_only,
+        groups = find_duplicates(library, threshold=threshold, kind=kind, exact_only=exact_only,
                                  order=order, protected=protect, folder=folder, crop_encoder=crop_encoder,
                                  candidate_threshold=candidate_threshold)
         if report_file:
@@ -387,9 +493,9 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, keep_order, prote
         else:
             for number, group in enumerate(groups, 1):
                 click.echo(f"group {number} ({group.kind}, min similarity {group.min_similarity:.3f}): "
-                           f"keep {group.keeper.path} — {group.reason}")
+                           f"keep {_shown(group.keeper.path)} — {_shown(group.reason)}")
                 for member in group.others:
-                    click.echo(f"    {action if action != 'report' else 'duplicate'}: {member.path}")
+                    click.echo(f"    {action if action != 'report' else 'duplicate'}: {_shown(member.path)}")
             extra = sum(len(g.others) for g in groups)
             click.echo(f"{len(groups)} groups, {extra} files {'to act on' if action != 'report' else 'duplicated'}"
                        + ("" if do_apply or action == "report" else " (dry run: add --apply)"))
@@ -398,37 +504,73 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, keep_order, prote
                 raise click.ClickException("--apply needs --action move, hardlink or symlink")
             result = actions.apply(library, groups, action, quarantine)
             for group, why in result.skipped:
-                click.echo(f"skipped group keeping {group.keeper.path}: {why}", err=True)
-            click.echo(f"{len(result.done)} files {action}d; journal {result.journal} (undo: dinoseek undo)")
+                click.echo(f"skipped group keeping {_shown(group.keeper.path)}: {_shown(why)}", err=True)
+            for path, why in result.skipped_files:
+                click.echo(f"skipped {_shown(path)}: {_shown(why)}", err=True)
+            if result.journal is None:  # no journal written: `undo` still finds the previous one
+                click.echo(f"0 files {actions.PAST[action]}; nothing to undo")
+            else:
+                click.echo(f"{len(result.done)} files {actions.PAST[action]}; journal {_shown(result.journal)} "
+                           f"(undo: dinoseek undo)")
 
 
 @main.command()
 @library_options
 @click.option("--journal", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Journal to undo (default: the latest).")
+              help="Journal to undo (default: the newest one not yet undone).")
+@click.option("--list", "list_only", is_flag=True, help="List the journals not yet undone, newest last.")
 @_translate_errors
-def undo(root, library_dir, url, journal):
+def undo(root, library_dir, url, journal, list_only):
     """Restore the files a `dedup --apply` set aside, byte for byte.
+
+    A journal is checked whole before anything moves: one that names paths outside this library's
+    photo folder and quarantine, or another library's folder, is refused. Files whose quarantined
+    copy changed or vanished stay where they are and are listed (exit 1).
 
     \b
     Example:
       dinoseek undo ~/Pictures
+      dinoseek undo ~/Pictures --list
     """
     from indexer.library import Library
     from retrieval import actions
 
+    if list_only:
+        with Library.open(root, folder=library_dir, url=url) as library:
+            _list_journals(actions.pending_journals(library))
+        return
     with Library.open(root, folder=library_dir, url=url, write=True) as library:
-        result = actions.undo(library, journal)
+        try:
+            result = actions.undo(library, journal)
+        except actions.UndoIncomplete as e:
+            result = e.result
     click.echo(f"restored {len(result.restored)} files")
     if result.not_in_catalog:
-        click.echo(f"{result.not_in_catalog} of them left the catalog meanwhile: run `dinoseek index {root}` to "
-                   f"embed them again")
+        click.echo(f"{result.not_in_catalog} of them left the catalog meanwhile: run "
+                   f"`dinoseek index {_shown(root)}` to embed them again")
+    for problem in result.problems:
+        click.echo(_shown(problem), err=True)
+    if result.problems:
+        raise click.ClickException(f"{len(result.problems)} file(s) not restored, their quarantined copies left as "
+                                   f"they are; journal {_shown(result.journal.name)} stays pending")
+
+
+def _list_journals(pending) -> None:
+    if not pending:
+        click.echo("no journal to undo")
+    for journal in pending:
+        if isinstance(journal, tuple):
+            path, why = journal
+            click.echo(f"{_shown(path)}: {_shown(why)}")
+        else:
+            click.echo(f"{journal.date}  {journal.header.action:<8} {journal.files:>6} files  {_shown(journal.path)}")
 
 
 @main.command()
 @library_options
 @model_options
-@click.option("--sample", type=int, default=50, show_default=True, help="Photos to alter and compare.")
+@click.option("--sample", type=click.IntRange(1, 100_000), default=50, show_default=True,
+              help="Photos to alter and compare.")
 @click.option("--kind", type=click.Choice(["cls", "patch"]), default="cls", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @_translate_errors
