@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from model.files import FileTooLargeError, NotRegularFileError, read_regular
+from model.preprocess import RESIZE_SHORT, InputSpec, to_rgb
 
 from .errors import DecodeError
 
@@ -50,16 +51,15 @@ class DecodedImage:
     camera: str | None  # EXIF Make + Model
 
 
-def decode_side(mode: str, size: int) -> int:
-    """The `min_side` an encoder with this preprocessing needs: the 256 its crop mode resizes to
-    before cropping, else its input side. Every caller decodes with it, so one file gives one vector
-    whichever command reads it."""
-    from model.preprocess import RESIZE_SHORT
+def load_pixels(path: str | os.PathLike | bytes, spec: InputSpec) -> tuple[DecodedImage, np.ndarray]:
+    """The one way from a file to model-ready pixels, for every caller (the indexer's workers,
+    `embed`, search by file, crop re-ranking): decoded no smaller than `spec.decode_side`, then made
+    (size, size, 3) uint8 by `spec.pixels`. One file, one vector, whichever command reads it."""
+    decoded = read_image(path, min_side=spec.decode_side)
+    return decoded, spec.pixels(decoded.image)
 
-    return RESIZE_SHORT if mode == "crop" else size
 
-
-def read_image(path: str | os.PathLike | bytes, *, min_side: int = 256, max_pixels: int = MAX_PIXELS) -> DecodedImage:
+def read_image(path: str | os.PathLike | bytes, *, min_side: int = RESIZE_SHORT, max_pixels: int = MAX_PIXELS) -> DecodedImage:
     """Decode `path` to RGB with the short side at least `min_side` where the format allows shrinking.
 
     The file is read once into memory (content hash, and a stat before and after to catch files
@@ -153,28 +153,6 @@ def _open(data: bytes) -> Image.Image:
         raise DecodeError("too-large", f"image header claims too many pixels ({e})") from e
     except Exception as e:  # noqa: BLE001 - header parsers raise more than OSError on garbage
         raise DecodeError("unidentified", f"unreadable image header ({type(e).__name__}: {e})") from e
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB: high bit depths scaled (not clipped), transparency composited on white."""
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        if mode.startswith("I;16"):
-            top = 65535.0
-        else:  # 32-bit int or float: scale to the data's own range
-            low, top = float(array.min()), float(array.max())
-            array = array - low
-            top = max(top - low, 1e-12)
-        grey = np.clip(array * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB")
-    if mode == "P" and "transparency" in image.info or mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def _exif_fields(image: Image.Image) -> tuple[str | None, str | None]:

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from sqlalchemy import select, update
 
+from model import InputSpec
+
 from .catalog import EMBEDDED, QUARANTINED, TRANSIENT, ImageRow, RunRow, utcnow
-from .decode import DecodeError, decode_side, display_path, read_image
+from .decode import DecodeError, display_path, load_pixels
 from .errors import LibraryError, SweepRefusedError
 from .library import Library, check_placement, vectors_usable
 from .scan import ScanProblem, included, scan
@@ -63,14 +65,13 @@ class Task:
     mtime_ns: int
 
 
-def _decode_task(root: bytes, task: Task, min_side: int, mode: str, size: int, moved_hashes: frozenset) -> tuple:
+def _decode_task(root: bytes, task: Task, spec: InputSpec, moved_hashes: frozenset) -> tuple:
     """Runs in a worker: ("moved", ...), ("image", ..., uint8 pixels) or ("failed", ...)."""
-    from model.preprocess import resize_for_mode
-
     path = os.path.join(root, task.rel)
     try:
-        decoded = read_image(path, min_side=min_side)
-        pixels = None if decoded.sha256 in moved_hashes else np.asarray(resize_for_mode(decoded.image, mode, size), dtype=np.uint8)
+        decoded, pixels = load_pixels(path, spec)
+        if decoded.sha256 in moved_hashes:
+            pixels = None
     except DecodeError as e:
         return ("failed", task, e.status, e.reason, None)
     except Exception as e:  # noqa: BLE001 - one bad file must never end the run
@@ -169,7 +170,7 @@ def run_index(
                     writer.move(old_path, task.rel, meta)
                     missing.pop(old_path, None)
                 else:  # a second new copy of one moved file: it needs vectors of its own
-                    kind, task, status, payload, meta = _decode_task(root, task, *_decode_args(encoder, frozenset()))
+                    kind, task, status, payload, meta = _decode_task(root, task, encoder.input_spec, frozenset())
             if kind == "image":
                 writer.image(task.rel, payload, meta)
             elif kind == "failed":
@@ -224,11 +225,6 @@ def heif_available() -> bool:
     return importlib.util.find_spec("pillow_heif") is not None
 
 
-def _decode_args(encoder, moved: frozenset) -> tuple:
-    """(min_side, mode, size, moved) for `_decode_task`: JPEG draft keeps what the resize needs."""
-    return (decode_side(encoder.mode, encoder.size), encoder.mode, encoder.size, moved)
-
-
 def _decoded(root: bytes, tasks: list[Task], encoder, options: Options, moved: frozenset) -> Iterator[tuple]:
     """Decode results as they finish; at most `workers * 4` in flight so memory stays flat.
 
@@ -236,7 +232,7 @@ def _decoded(root: bytes, tasks: list[Task], encoder, options: Options, moved: f
     `options.decode_timeout` costs that file alone. Either way the files are recorded as crashed
     (retried next run) and a fresh pool decodes the rest.
     """
-    args = _decode_args(encoder, moved)
+    args = (encoder.input_spec, moved)
     if options.workers <= 0:
         # In-process nothing can be stopped from outside; read_image refusing FIFOs and devices
         # unopened is what keeps this from blocking.
@@ -377,10 +373,7 @@ class _BatchWriter:
             return
         new_rows = list(self.rows)
         if self.images:
-            from model.preprocess import normalize_batch
-
-            pixels = normalize_batch(np.stack([p for _, p, _ in self.images]))  # (B, 3, S, S)
-            vectors = self.encoder.embed(pixels)
+            vectors = self.encoder.embed_pixels(np.stack([p for _, p, _ in self.images]))  # (B, S, S, 3) uint8
             for (rel, _, meta), cls_vec, patch_vec in zip(self.images, vectors.cls, vectors.patch):
                 new_rows.append(_row(rel, status=EMBEDDED, run_id=self.run_id, **meta,
                                      cls=cls_vec.astype(np.float16).tobytes(), patch=patch_vec.astype(np.float16).tobytes()))

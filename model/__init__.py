@@ -5,7 +5,7 @@ from .encoder import Embeddings, Encoder
 from .errors import CheckpointError, ModelError, PrecisionError, WeightsNotFoundError
 from .load import build_vit, load_vit
 from .precision import PRECISIONS
-from .preprocess import preprocess
+from .preprocess import InputSpec, preprocess
 from .vit import DinoVisionTransformer
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "DinoVisionTransformer",
     "Embeddings",
     "Encoder",
+    "InputSpec",
     "ModelError",
     "PrecisionError",
     "ViTConfig",

@@ -14,7 +14,7 @@ from PIL import Image
 from .files import open_regular
 from .load import load_vit
 from .precision import apply_precision, compute_dtype, resolve_device, resolve_precision
-from .preprocess import CROP, check_input_spec, preprocess
+from .preprocess import CROP, InputSpec, normalize_batch, preprocess
 from .quant import weight_bytes
 from .vit import DinoVisionTransformer
 
@@ -47,8 +47,7 @@ class Encoder:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.dtype = compute_dtype(self.precision, self.device)
-        check_input_spec(mode, size)
-        self.mode, self.size = mode, size
+        self.input_spec = InputSpec(mode, size)
         calibration = None
         if self.precision == "int4":
             from .gptq import calibration_images
@@ -69,7 +68,7 @@ class Encoder:
     ) -> "Encoder":
         """Load weights (preset name, HF folder, `.safetensors`, `.pth`) and prepare them for `precision`."""
         # Every argument is checked before gigabytes of weights are read.
-        check_input_spec(mode, size)
+        InputSpec(mode, size)
         resolve_precision(precision, resolve_device(device))
         return cls(load_vit(source), device=device, precision=precision, mode=mode, size=size)
 
@@ -77,8 +76,24 @@ class Encoder:
     def dim(self) -> int:
         return self.vit.config.embed_dim
 
+    @property
+    def mode(self) -> str:
+        return self.input_spec.mode
+
+    @property
+    def size(self) -> int:
+        return self.input_spec.size
+
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return preprocess(images, mode=self.mode, size=self.size)
+
+    def embed_pixels(self, pixels: np.ndarray, *, return_tokens: bool = False) -> Embeddings:
+        """Embed (B, size, size, 3) uint8 pixels made by `input_spec.pixels` (or `load_pixels`):
+        the one way images reach the model, so every caller gets the same vector for a file."""
+        side = self.input_spec.size
+        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != (side, side, 3):
+            raise ValueError(f"pixels must be (B, {side}, {side}, 3) uint8, got {pixels.shape} {pixels.dtype}")
+        return self.embed(normalize_batch(np.ascontiguousarray(pixels)), return_tokens=return_tokens)
 
     @torch.inference_mode()
     def embed(
@@ -92,7 +107,7 @@ class Encoder:
         elif len(images) and all(isinstance(i, torch.Tensor) for i in images):
             pixel_values = torch.stack(list(images))
         else:
-            pixel_values = self.preprocess(images)
+            pixel_values = self.preprocess(images)  # through input_spec.pixels, as embed_pixels' callers
         if self.device.type == "cuda" and pixel_values.device.type == "cpu":
             pixel_values = pixel_values.pin_memory()  # page-locked, so the copy below overlaps compute
         pixel_values = pixel_values.to(self.device, self.dtype, non_blocking=True)
@@ -123,7 +138,7 @@ class Encoder:
         return {
             "arch": asdict(self.vit.config),
             "weights_sha256": self.weights_sha256,
-            "preprocess": {"mode": self.mode, "size": self.size},
+            "preprocess": self.input_spec.as_dict(),
             "precision": self.precision,
             "dim": self.dim,
             "weight_bytes": weight_bytes(self.vit),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,10 +23,25 @@ _STD = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB as the reference does it: transparency composited onto white, other modes converted by PIL."""
-    if image.mode == "RGB":
+    """Any Pillow mode -> RGB, as the reference does it for the modes it handles (transparency
+    composited onto white, other modes converted by PIL) and sensibly for those it clips: 16-bit
+    greys are scaled to 8 bits, 32-bit int and float images to their own range, rather than clipped
+    to white."""
+    mode = image.mode
+    if mode == "RGB":
         return image
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if mode.startswith("I;16"):
+            top = 65535.0
+        else:  # 32-bit int or float: scale to the data's own range
+            low, top = float(array.min()), float(array.max())
+            array = array - low
+            top = max(top - low, 1e-12)
+        grey = np.clip(array * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    # An explicit list, not "A" in getbands(): LAB's second band is also called "A".
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -81,6 +97,32 @@ def check_input_spec(mode: str, size: int) -> None:
         raise ValueError(f"size for mode 'full' must be a multiple of {PATCH}, got {size}")
 
 
+@dataclass(frozen=True)
+class InputSpec:
+    """What an encoder takes in. Every way from an image to the model goes through `pixels`, and
+    every decoder reads with `decode_side`, so one file gives one vector whichever command reads it."""
+
+    mode: str = "crop"  # "crop": the reference's shortest edge 256 + center crop; "full": the whole frame squeezed
+    size: int = CROP  # side of the square the model sees
+
+    def __post_init__(self) -> None:
+        check_input_spec(self.mode, self.size)
+
+    @property
+    def decode_side(self) -> int:
+        """The short side a decoder must keep when it shrinks while decoding (JPEG draft): the 256
+        that crop mode resizes to before cropping, else the input side itself."""
+        return RESIZE_SHORT if self.mode == "crop" else self.size
+
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """Any PIL image -> (size, size, 3) uint8: RGB and geometry done, normalization left to the encoder."""
+        return np.asarray(resize_for_mode(to_rgb(image), self.mode, self.size), dtype=np.uint8)
+
+    def as_dict(self) -> dict:
+        """The form library manifests record (`"preprocess"`)."""
+        return {"mode": self.mode, "size": self.size}
+
+
 def preprocess(
     images: Image.Image | Iterable[Image.Image], mode: str = "crop", size: int | None = None
 ) -> torch.Tensor:
@@ -90,15 +132,14 @@ def preprocess(
     center crop 224, rescale, ImageNet mean/std. Mode "full" keeps the whole image: resized to
     size x size (a multiple of 14, default 224) without cropping — for duplicate detection.
     """
-    size = CROP if size is None else size
-    check_input_spec(mode, size)
+    spec = InputSpec(mode, CROP if size is None else size)
     if isinstance(images, Image.Image):
         images = [images]
     arrays = []
     for image in images:
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected PIL.Image.Image, got {type(image).__name__}")
-        arrays.append(normalize(resize_for_mode(to_rgb(image), mode, size)))
+        arrays.append(normalize(spec.pixels(image)))
     if not arrays:
         raise ValueError("no images to preprocess")
     return torch.from_numpy(np.stack(arrays))

@@ -21,7 +21,7 @@ from PIL import Image
 from sqlalchemy import select
 
 from indexer.catalog import EMBEDDED, ImageRow
-from indexer.decode import DecodeError, decode_side, read_image
+from indexer.decode import DecodeError, load_pixels, read_image
 from indexer.library import KINDS, Library, vectors_from_blobs
 
 from .errors import QueryError
@@ -120,7 +120,7 @@ class LibrarySearch:
         width = 2 * self.dim if kind == "both" else self.dim
         if isinstance(queries, np.ndarray) and queries.ndim == 2 and queries.shape[1] in (self.dim, width):
             return self._normalized(queries, kind)
-        vectors, images, slots = [None] * len(queries), [], []
+        vectors, images, slots = [None] * len(queries), [], []  # images: PIL, or pixels from a file
         for i, query in enumerate(queries):
             if isinstance(query, np.ndarray) and query.ndim == 1:
                 if query.shape[0] not in (self.dim, width):
@@ -133,27 +133,31 @@ class LibrarySearch:
                 images.append(query)
                 slots.append(i)
             elif isinstance(query, (str, os.PathLike)):
-                images.append(self._read_query(query))
+                images.append(self._read_query(query))  # pixels (None without an encoder)
                 slots.append(i)
             else:
                 raise QueryError(f"unsupported query of type {type(query).__name__}")
         if images:
             if self.encoder is None:
                 raise QueryError("image queries need the library's model: pass --model/--weights (encoder=)")
-            embedded = self.encoder.embed(images)
+            spec = self.encoder.input_spec
+            embedded = self.encoder.embed_pixels(
+                np.stack([spec.pixels(im) if isinstance(im, Image.Image) else im for im in images]))
             chosen = np.hstack((embedded.cls, embedded.patch)) if kind == "both" else getattr(embedded, kind)
             for slot, vector in zip(slots, chosen):
                 vectors[slot] = vector
         return self._normalized(np.stack(vectors), kind)
 
-    def _read_query(self, path) -> Image.Image:
-        """A query file through the indexer's own decoder (regular files only, size and pixel caps,
-        format allowlist, EXIF orientation, the encoder's decode size): the same file gives the
-        same vector as when it was indexed, and a FIFO or device is refused instead of blocking.
-        Without an encoder the file is still checked, so an unreadable one is named first."""
-        side = decode_side(self.encoder.mode, self.encoder.size) if self.encoder else 256  # read, never embedded
+    def _read_query(self, path) -> np.ndarray | None:
+        """A query file's pixels through the indexer's own path (`load_pixels`: regular files only,
+        size and pixel caps, format allowlist, EXIF orientation, the encoder's decode size): the same
+        file gives the same vector as when it was indexed, and a FIFO or device is refused instead
+        of blocking. Without an encoder the file is still read, so an unreadable one is named first."""
         try:
-            return read_image(path, min_side=side).image
+            if self.encoder is None:
+                read_image(path)  # checked only: nothing is embedded without an encoder
+                return None
+            return load_pixels(path, self.encoder.input_spec)[1]
         except DecodeError as e:
             raise QueryError(f"cannot read query image {os.fsdecode(path)}: {e.reason}") from e
 

@@ -57,23 +57,27 @@ def calibrate(library: Library, encoder, *, sample: int = 50, kind: str = "cls",
     if len(rows) < 2:
         raise ValueError("calibration needs at least 2 embedded photos in the library")
     random.Random(seed).shuffle(rows)
-    originals, copies, owners, edits = [], [], [], []
+    spec = encoder.input_spec
+    # Read at twice the side the encoder needs: the 50% resize must still leave it that much.
+    side = 2 * spec.decode_side
+    originals, copies, owners, edits = [], [], [], []  # copies: pixels of the altered images
     for row_id, raw, blob in rows:
         if len(originals) >= sample:
             break
         try:
-            image = read_image(os.path.join(os.fsencode(library.root), raw), min_side=512).image
+            image = read_image(os.path.join(os.fsencode(library.root), raw), min_side=side).image
         except DecodeError:
             continue  # gone or changed since indexing: pick another
         owner = len(originals)
         originals.append(vectors_from_blobs([blob], library.dim())[0])
         for name, alter in ALTERATIONS.items():
-            copies.append(alter(image))
+            copies.append(spec.pixels(alter(image)))  # the path every other caller takes to the model
             owners.append(owner)
             edits.append(name)
     if len(originals) < 2:
         raise ValueError("calibration could not read 2 of the library's photos")
-    embedded = np.concatenate([getattr(encoder.embed(copies[i:i + 32]), kind) for i in range(0, len(copies), 32)])
+    embedded = np.concatenate([getattr(encoder.embed_pixels(np.stack(copies[i:i + 32])), kind)
+                               for i in range(0, len(copies), 32)])
     sims = embedded @ np.stack(originals).T  # (copies, originals)
     positive = np.zeros_like(sims, dtype=bool)
     positive[np.arange(len(owners)), owners] = True

@@ -157,20 +157,20 @@ def embed(images, model_name, weights, device, precision, mode, size, out, as_js
     """
     import numpy as np
 
-    from indexer.decode import DecodeError, decode_side, read_image
+    from indexer.decode import DecodeError, load_pixels
     from model import Encoder
 
     encoder = Encoder.from_pretrained(weights or model_name, device=device, precision=precision, mode=mode, size=size)
-    pictures = []
+    pixels = []
     for path in images:
-        # The indexer's decoder: format allowlist (no EPS handed to Ghostscript), bomb and size
-        # limits, regular files only, EXIF orientation, the encoder's decode size — so a file gets
-        # the same vector here as from `dinoseek index`.
+        # The indexer's own path from file to pixels: format allowlist (no EPS handed to
+        # Ghostscript), bomb and size limits, regular files only, EXIF orientation, the encoder's
+        # decode size — so a file gets the same vector here as from `dinoseek index`.
         try:
-            pictures.append(read_image(path, min_side=decode_side(encoder.mode, encoder.size)).image)
+            pixels.append(load_pixels(path, encoder.input_spec)[1])
         except DecodeError as e:
             raise click.ClickException(f"cannot decode {_shown(path)}: {e.reason}") from e
-    vectors = encoder.embed(pictures)
+    vectors = encoder.embed_pixels(np.stack(pixels))
     if out:
         np.savez(out, paths=np.array([str(p) for p in images]), cls=vectors.cls, patch=vectors.patch)
     if as_json:

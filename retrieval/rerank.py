@@ -18,7 +18,7 @@ import numpy as np
 from sqlalchemy import select
 
 from indexer.catalog import EMBEDDED, ImageRow
-from indexer.decode import DecodeError, decode_side, read_image
+from indexer.decode import DecodeError, load_pixels
 from indexer.library import Library
 
 
@@ -35,19 +35,18 @@ def patch_tokens(library: Library, encoder, ids: Iterable[int], batch: int = 16)
         paths = dict(s.execute(select(ImageRow.id, ImageRow.path).where(ImageRow.id.in_(ids), ImageRow.status == EMBEDDED)).all())
     root = os.fsencode(library.root)
     tokens: dict[int, np.ndarray] = {}
-    pending: list[tuple[int, object]] = []
+    pending: list[tuple[int, np.ndarray]] = []  # (id, pixels)
 
     def flush():
-        out = encoder.embed([image for _, image in pending], return_tokens=True).tokens  # (B, T, D)
+        out = encoder.embed_pixels(np.stack([pixels for _, pixels in pending]), return_tokens=True).tokens  # (B, T, D)
         out = out / np.linalg.norm(out, axis=-1, keepdims=True)
         for (row_id, _), t in zip(pending, out):
             tokens[row_id] = t
         pending.clear()
 
-    side = decode_side(encoder.mode, encoder.size)  # as the indexer decoded them
     for row_id, raw in paths.items():
-        try:  # read_image refuses a FIFO or device swapped in since indexing, without blocking
-            pending.append((row_id, read_image(os.path.join(root, raw), min_side=side).image))
+        try:  # as the indexer read them; a FIFO or device swapped in since is refused without blocking
+            pending.append((row_id, load_pixels(os.path.join(root, raw), encoder.input_spec)[1]))
         except DecodeError:
             continue
         if len(pending) >= batch:

@@ -122,7 +122,7 @@ def test_float_and_int32_modes_scale_to_their_range():
 @pytest.mark.slow
 def test_draft_decoding_does_not_move_vectors(tmp_path, small_folder):
     """JPEG DCT downscaling before the resize: cosine >= 0.99 to a full decode (12 MP photos)."""
-    from model import Encoder
+    from model import Encoder, InputSpec
 
     encoder = Encoder.from_pretrained(small_folder, precision="fp32")
     for mode, size in (("crop", 224), ("full", 224)):
@@ -134,7 +134,7 @@ def test_draft_decoding_does_not_move_vectors(tmp_path, small_folder):
             assert decoded.image.width < 1000  # the draft really shrank it
             drafts.append(decoded.image)
             fulls.append(Image.open(path).convert("RGB"))
-        encoder.mode, encoder.size = mode, size
+        encoder.input_spec = InputSpec(mode, size)
         a, b = encoder.embed(drafts), encoder.embed(fulls)
         assert (a.cls * b.cls).sum(1).min() >= 0.99, mode
         assert (a.patch * b.patch).sum(1).min() >= 0.99, mode
