@@ -46,7 +46,7 @@ def main() -> None:
     print(f"# {platform.machine()}, {os.cpu_count()} cores, {args.n:,} x {args.dim}, {planted:,} planted pairs, "
           f"threshold {args.threshold}")
     with Library.open(root) as library:
-        record = library.index_record("cls")
+        record = library.index_set.record("cls")
         print(f"# library index {record.factory} (nprobe {record.nprobe}), RSS before grouping {rss_mb():.0f} MB")
         for block in args.blocks:
             start = time.perf_counter()

@@ -30,7 +30,7 @@ def build(folder: Path, n: int, dim: int = 384, duplicates: float = 0.01) -> Pat
     root = folder / "root"
     if (root / ".dinoseek" / "catalog.sqlite").exists():
         with Library.open(root, write=True) as library:
-            if library.index_record("cls") is None:  # build and save the indexes once
+            if library.index_set.record("cls") is None:  # build and save the indexes once
                 start = time.perf_counter()
                 library.load_indexes()
                 print(f"# indexes built ({library.indexes['cls'].factory}) in {time.perf_counter() - start:.0f}s",
@@ -42,7 +42,7 @@ def build(folder: Path, n: int, dim: int = 384, duplicates: float = 0.01) -> Pat
     start = time.perf_counter()
     with Library.open(root, write=True, create=True) as library:
         library.bind_model({**MANIFEST, "dim": dim})
-        with library.engine.begin() as connection:
+        with library.catalog.engine.begin() as connection:
             for lo in range(0, n, 20_000):
                 connection.execute(insert(ImageRow), [
                     {"path": b"img/%08d.jpg" % i, "path_text": f"img/{i:08d}.jpg", "folder": "img", "size": 2_000_000 + i,

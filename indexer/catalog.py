@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from sqlalchemy import JSON, BigInteger, DateTime, Integer, LargeBinary, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+KINDS = ("cls", "patch")  # the two vector columns of an image row, each with its own FAISS index
 EMBEDDED = "embedded"
 QUARANTINED = "quarantined"  # set aside by `dinoseek dedup --apply`; `undo` makes it embedded again
 # Statuses retried on every run: the cause may have gone away (permissions, a copy in progress).

@@ -17,14 +17,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import select, update
 
 from model import InputSpec
 
-from .catalog import EMBEDDED, QUARANTINED, TRANSIENT, ImageRow, RunRow, utcnow
+from .catalog import EMBEDDED, QUARANTINED, TRANSIENT
 from .decode import DecodeError, display_path, load_pixels
 from .errors import LibraryError, SweepRefusedError
-from .library import Library, check_placement, vectors_usable
+from .library import Library, check_placement
 from .scan import ScanProblem, included, scan
 
 log = logging.getLogger(__name__)
@@ -100,10 +99,7 @@ def run_index(
     library.load_indexes()
     root = os.fsencode(library.root)
 
-    with library.session() as s:
-        usable = vectors_usable(library.dim()).label("usable")
-        existing = {r.path: r for r in s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns,
-                                                        ImageRow.status, ImageRow.sha256, usable))}
+    existing = library.catalog.file_states()
     retry = TRANSIENT | ({"needs-plugin"} if heif_available() else set())
     seen: set[bytes] = set()
     tasks: list[Task] = []
@@ -147,11 +143,7 @@ def run_index(
     moved_from = {row.sha256: path for path, row in missing.items()
                   if row.status == EMBEDDED and row.sha256 and row.usable}
 
-    with library.session() as s, s.begin():
-        run = RunRow(status="running", counts={})
-        s.add(run)
-        s.flush()
-        run_id = run.id
+    run_id = library.catalog.start_run()
     counts = {"scanned": len(seen), "to_decode": len(tasks), "embedded": 0, "failed": 0, "moved": 0, "deleted": 0,
               "restored": 0}
     progress = Progress(total=len(tasks), counts=counts)
@@ -181,7 +173,7 @@ def run_index(
             if time.monotonic() - last_checkpoint > options.checkpoint_seconds:
                 writer.flush()
                 for index_kind in library.indexes:
-                    library.save_index(index_kind)
+                    library.index_set.save(index_kind)
                 last_checkpoint = time.monotonic()
         writer.flush()
         # The guard runs after moves were matched: reorganising folders is not a mass deletion.
@@ -193,13 +185,12 @@ def run_index(
                 f"{vanished} of {len(existing)} catalogued files are gone from {library.root}; is the disk "
                 f"mounted? Nothing was deleted (pass --allow-mass-delete if they really were removed)"
             )
-        with library.session() as s, s.begin():
-            ids = [row.id for row in missing.values()]
-            library.delete_rows(s, ids)
-            counts["deleted"] = len(ids)
-        library.rebuild_if_outgrown()
+        ids = [row.id for row in missing.values()]
+        library.delete_rows(ids)
+        counts["deleted"] = len(ids)
+        library.index_set.rebuild_if_outgrown()
         for index_kind in library.indexes:
-            library.save_index(index_kind)
+            library.index_set.save(index_kind)
         _finish(library, run_id, "finished", counts)
     except BaseException:
         _finish(library, run_id, "failed", counts)
@@ -380,32 +371,21 @@ class _BatchWriter:
             self.counts["embedded"] += len(self.images)
         paths = [r["path"] for r in new_rows] + [new for _, new, _ in self.moves]
         replaced = [self.existing[p].id for p in paths if p in self.existing]
-        with self.library.session() as s, s.begin():
-            self.library.delete_rows(s, replaced)  # changed files get fresh ids: stale vectors can't linger
-            for old, new, meta in self.moves:
-                s.execute(update(ImageRow).where(ImageRow.path == old).values(
-                    path=new, path_text=display_path(new), folder=_folder(new), size=meta["size"],
-                    mtime_ns=meta["mtime_ns"], run_id=self.run_id))
-            inserted = []
-            for values in new_rows:
-                row = ImageRow(**values)
-                s.add(row)
-                inserted.append(row)
-            for rel, meta in self.restores:  # same id, same vectors: back in the indexes below
-                row = s.scalars(select(ImageRow).where(ImageRow.path == rel)).one()
-                row.status, row.reason, row.run_id = EMBEDDED, None, self.run_id
-                row.size, row.mtime_ns = meta["size"], meta["mtime_ns"]
-                inserted.append(row)
-            s.flush()
-            fresh = [(r.id, r.cls, r.patch) for r in inserted if r.status == EMBEDDED]
+        # One transaction. Changed files get fresh ids (their old rows are deleted), so stale
+        # vectors can't linger; restored rows keep their id and vectors: back in the indexes below.
+        ids, vectors = self.library.catalog.write_batch(
+            delete_ids=replaced,
+            moves=[(old, {"path": new, "path_text": display_path(new), "folder": _folder(new), "size": meta["size"],
+                          "mtime_ns": meta["mtime_ns"], "run_id": self.run_id}) for old, new, meta in self.moves],
+            inserts=new_rows,
+            restores=[(rel, {"status": EMBEDDED, "reason": None, "run_id": self.run_id, "size": meta["size"],
+                             "mtime_ns": meta["mtime_ns"]}) for rel, meta in self.restores])
+        self.library.index_set.remove(replaced)
         for p in paths + [rel for rel, _ in self.restores]:
             self.existing.pop(p, None)
-        if fresh:
-            dim = self.encoder.dim
-            ids = np.array([f[0] for f in fresh], dtype=np.int64)
-            for kind, position in (("cls", 1), ("patch", 2)):
-                vecs = np.frombuffer(b"".join(f[position] for f in fresh), np.float16).reshape(-1, dim).astype(np.float32)
-                self.library.indexes[kind].add(ids, vecs)
+        if len(ids):
+            for kind, kind_vectors in vectors.items():
+                self.library.indexes[kind].add(ids, kind_vectors)
         self.images, self.rows, self.moves, self.restores = [], [], [], []
 
 
@@ -420,7 +400,6 @@ def _row(rel: bytes, **values) -> dict:
 
 def _finish(library: Library, run_id: int, status: str, counts: dict) -> None:
     try:
-        with library.session() as s, s.begin():
-            s.execute(update(RunRow).where(RunRow.id == run_id).values(status=status, counts=dict(counts), finished_at=utcnow()))
+        library.catalog.finish_run(run_id, status, counts)
     except Exception:  # noqa: BLE001 - never mask the error that ended the run
         log.exception("could not record the end of run %d", run_id)

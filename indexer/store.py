@@ -132,6 +132,15 @@ class VectorIndex:
             self._gpu = cached
         return cached[1]
 
+    def is_exact(self) -> bool:
+        """Whether the index stores the vectors themselves (Flat): it then holds a float32 copy of
+        every stored vector that `reconstruct` returns exactly."""
+        return isinstance(faiss.downcast_index(self.index.index), faiss.IndexFlat)
+
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        """(n, dim) float32: the stored vectors of `ids`, which must all be in the index."""
+        return self.index.reconstruct_batch(np.asarray(ids, dtype=np.int64))
+
     def serialize(self) -> bytes:
         return faiss.serialize_index(self.index).tobytes()
 

@@ -19,9 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import select, update
-
-from indexer.catalog import EMBEDDED, QUARANTINED, ImageRow
+from indexer.catalog import QUARANTINED
 from indexer.library import Library
 
 from . import journal as journals_
@@ -199,7 +197,7 @@ def _apply_group(library: Library, group: Group, action: str, quarantine: Path, 
         except OSError as e:
             raise ActionError(f"stopped at {shown(src)} ({e.strerror or e}); {len(result.done)} files were set "
                               f"aside, journal {shown(log.path)}: `dinoseek undo` restores them") from e
-        _set_status(library, member.id, QUARANTINED, f"dedup {action}: bytes in {shown(final)}")
+        library.catalog.set_status(member.id, QUARANTINED, f"dedup {action}: bytes in {shown(final)}")
         result.done.append(Step(action, src, final, keeper, member.sha256, member.size, member.id))
 
 
@@ -242,12 +240,6 @@ def _move_journaled(log: JournalWriter, step_no: int, action: str, src: Path, wa
         raise
     log.write({"type": "done", "step": step_no})
     return final
-
-
-def _set_status(library: Library, row_id: int, status: str, reason: str | None) -> bool:
-    """True if the row still exists (an index run since the apply may have dropped it)."""
-    with library.session() as s, s.begin():
-        return s.execute(update(ImageRow).where(ImageRow.id == row_id).values(status=status, reason=reason)).rowcount > 0
 
 
 # ---- undo -----------------------------------------------------------------------------------------
@@ -402,8 +394,4 @@ def _is_our_link(step: Intent) -> bool:
 def _mark_restored(library: Library, src: Path) -> bool:
     """quarantined -> embedded for this library's row at src (by path, never by a journal's row id:
     another library's journal must not touch unrelated rows). True if a row for src exists."""
-    rel = os.fsencode(src.relative_to(library.root))
-    with library.session() as s, s.begin():
-        s.execute(update(ImageRow).where(ImageRow.path == rel, ImageRow.status == QUARANTINED)
-                  .values(status=EMBEDDED, reason=None))
-        return s.scalar(select(ImageRow.id).where(ImageRow.path == rel)) is not None
+    return library.catalog.unquarantine(os.fsencode(src.relative_to(library.root)))

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from sqlalchemy import select
 
-from indexer.catalog import EMBEDDED, ImageRow
+from indexer.catalog import KINDS
+from indexer.catalog_gateway import Filters  # noqa: F401 - part of this API (search filters)
 from indexer.decode import DecodeError, load_pixels, read_image
-from indexer.library import KINDS, Library, vectors_from_blobs
+from indexer.library import Library
 
 from .errors import QueryError
 
@@ -31,46 +31,6 @@ KIND_CHOICES = (*KINDS, "both")
 # (exact); larger filtered sets go through FAISS with an id selector.
 EXACT_FILTER_LIMIT = 200_000
 OVERFETCH = 8  # extra FAISS results per query, to make up for rows deleted since the index loaded
-HIT_CHUNK = 10_000  # ids per metadata query (SQLite allows 32766 bound parameters)
-
-
-@dataclass(frozen=True)
-class Filters:
-    """SQL pre-filters; each None means "any"."""
-
-    folder: str | None = None  # relative folder prefix, e.g. "2023/holiday"
-    captured_after: str | None = None  # "YYYY-MM-DD[ HH:MM:SS]", inclusive
-    captured_before: str | None = None  # exclusive
-    camera: str | None = None  # substring of "Make Model", case-insensitive
-    min_pixels: int | None = None  # width * height
-    max_pixels: int | None = None
-    min_bytes: int | None = None
-    max_bytes: int | None = None
-
-    def active(self) -> bool:
-        return any(v is not None for v in vars(self).values())
-
-    def where(self, query):
-        """Add these conditions to a select() over ImageRow."""
-        if self.folder is not None:
-            prefix = self.folder.strip("/")
-            if prefix:
-                query = query.where((ImageRow.folder == prefix) | ImageRow.folder.startswith(prefix + "/", autoescape=True))
-        if self.captured_after is not None:
-            query = query.where(ImageRow.captured_at >= self.captured_after)
-        if self.captured_before is not None:
-            query = query.where(ImageRow.captured_at < self.captured_before)
-        if self.camera is not None:
-            query = query.where(ImageRow.camera.icontains(self.camera, autoescape=True))
-        if self.min_pixels is not None:
-            query = query.where(ImageRow.width * ImageRow.height >= self.min_pixels)
-        if self.max_pixels is not None:
-            query = query.where(ImageRow.width * ImageRow.height <= self.max_pixels)
-        if self.min_bytes is not None:
-            query = query.where(ImageRow.size >= self.min_bytes)
-        if self.max_bytes is not None:
-            query = query.where(ImageRow.size <= self.max_bytes)
-        return query
 
 
 @dataclass(frozen=True)
@@ -170,17 +130,15 @@ class LibrarySearch:
 
     def row_vector(self, path_or_id, kind: str) -> tuple[int, np.ndarray]:
         """(id, vector) of an indexed image, by id or path (absolute or relative to the root)."""
-        with self.library.session() as s:
-            query = select(ImageRow.id, ImageRow.cls, ImageRow.patch).where(ImageRow.status == EMBEDDED)
-            if isinstance(path_or_id, (int, np.integer)):
-                row = s.execute(query.where(ImageRow.id == int(path_or_id))).first()
-            else:
-                row = s.execute(query.where(ImageRow.path == self._relative(path_or_id))).first()
-        if row is None:
+        if isinstance(path_or_id, (int, np.integer)):
+            found = self.library.catalog.row_vectors(row_id=int(path_or_id))
+        else:
+            found = self.library.catalog.row_vectors(path=self._relative(path_or_id))
+        if found is None:
             raise QueryError(f"{path_or_id} is not an embedded image of this library")
-        cls, patch = (vectors_from_blobs([b], self.dim)[0] for b in (row.cls, row.patch))
+        row_id, (cls, patch) = found[0], (found[1]["cls"], found[1]["patch"])
         vector = {"cls": cls, "patch": patch, "both": np.concatenate((cls, patch))}[kind]
-        return row.id, self._normalized(vector[None], kind)[0]
+        return row_id, self._normalized(vector[None], kind)[0]
 
     def _relative(self, path) -> bytes:
         raw = os.fsencode(path)
@@ -213,7 +171,7 @@ class LibrarySearch:
         return self._hits(scores, ids, k)
 
     def _search_vectors(self, vectors: np.ndarray, k: int, kind: str, filters: Filters) -> tuple[np.ndarray, np.ndarray]:
-        allowed = self._filtered_ids(filters) if filters.active() else None
+        allowed = self.library.catalog.filtered_ids(filters) if filters.active() else None
         if kind == "both" or (allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT):
             return self._exact(vectors, k, kind, allowed)
         index = self.indexes[kind]
@@ -223,19 +181,14 @@ class LibrarySearch:
             return index.search(vectors, extra)
         return index.search_subset(vectors, extra, allowed)
 
-    def _filtered_ids(self, filters: Filters) -> np.ndarray:
-        with self.library.session() as s:
-            query = filters.where(select(ImageRow.id).where(ImageRow.status == EMBEDDED))
-            return np.asarray(s.scalars(query).all(), dtype=np.int64)
-
     def _exact(self, vectors: np.ndarray, k: int, kind: str, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Brute force over the catalog's own vectors (the source of truth); "both" averages the
         CLS and patch similarities."""
         if kind == "both":
-            ids, (cls, patch) = self.library.catalog_vector_sets(("cls", "patch"), allowed)
+            ids, (cls, patch) = self.library.catalog.vector_sets(("cls", "patch"), allowed)
             scores = (vectors[:, : self.dim] @ cls.T + vectors[:, self.dim :] @ patch.T) / 2  # (n, N)
         else:
-            ids, matrix = self.library.catalog_vectors(kind, allowed)
+            ids, matrix = self.library.catalog.vectors(kind, allowed)
             scores = vectors @ matrix.T  # (n, N)
         n = min(k, scores.shape[1])
         top = np.argpartition(-scores, n - 1, axis=1)[:, :n] if n else np.zeros((len(vectors), 0), int)
@@ -274,16 +227,10 @@ class LibrarySearch:
 
     def _rows(self, wanted: list[int]) -> dict[int, tuple]:
         """id -> (raw path, printable path, metadata) for the embedded rows among `wanted`."""
-        columns = (ImageRow.id, ImageRow.path, ImageRow.path_text, ImageRow.width, ImageRow.height, ImageRow.size,
-                   ImageRow.format, ImageRow.captured_at, ImageRow.camera)  # not the vector blobs
         rows = {}
-        # Core, not the ORM: this lookup is most of the API's cost over raw FAISS at large batches.
-        with self.library.engine.connect() as connection:
-            for start in range(0, len(wanted), HIT_CHUNK):
-                query = select(*columns).where(ImageRow.id.in_(wanted[start:start + HIT_CHUNK]), ImageRow.status == EMBEDDED)
-                for row_id, raw, text, width, height, size, fmt, captured, camera in connection.execute(query):
-                    rows[row_id] = (raw, text, {"width": width, "height": height, "bytes": size, "format": fmt,
-                                                "captured_at": captured, "camera": camera})
+        for row_id, raw, text, width, height, size, fmt, captured, camera in self.library.catalog.hit_rows(wanted):
+            rows[row_id] = (raw, text, {"width": width, "height": height, "bytes": size, "format": fmt,
+                                        "captured_at": captured, "camera": camera})
         return rows
 
 

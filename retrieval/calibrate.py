@@ -15,11 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageEnhance
-from sqlalchemy import select
 
-from indexer.catalog import EMBEDDED, ImageRow
+from indexer.catalog_gateway import vectors_from_blobs
 from indexer.decode import DecodeError, read_image
-from indexer.library import Library, vectors_from_blobs
+from indexer.library import Library
 
 
 def _reencode(image: Image.Image, quality: int) -> Image.Image:
@@ -52,8 +51,7 @@ def calibrate(library: Library, encoder, *, sample: int = 50, kind: str = "cls",
     """(table, recommended threshold, photos used). The recommendation is the lowest threshold
     whose precision reaches `min_precision` (catching the most edited copies without false pairs)."""
     library.check_model(encoder.manifest())
-    with library.session() as s:
-        rows = s.execute(select(ImageRow.id, ImageRow.path, getattr(ImageRow, kind)).where(ImageRow.status == EMBEDDED)).all()
+    rows = library.catalog.embedded_path_blobs(kind)
     if len(rows) < 2:
         raise ValueError("calibration needs at least 2 embedded photos in the library")
     random.Random(seed).shuffle(rows)

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import func, select
 
-from indexer.catalog import EMBEDDED, ImageRow
-from indexer.library import Library, vectors_from_blobs
+from indexer.library import Library
 
 from .grouping import complete_linkage, range_pairs
 from .keep import DEFAULT_ORDER, Member, choose_keeper, in_folder
@@ -71,21 +68,6 @@ def folder_prefix(root: Path, folder: str | bytes | os.PathLike, option: str = "
     return b"" if relative == Path(".") else os.fsencode(relative)
 
 
-def catalog_blocks(library: Library, kind: str, block: int = BLOCK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, vectors) of embedded rows in id order, `block` at a time (keyset pagination)."""
-    dim = library.dim()
-    column = getattr(ImageRow, kind)
-    last = -1
-    while True:
-        with library.session() as s:
-            rows = s.execute(select(ImageRow.id, column).where(library.searchable(), ImageRow.id > last)
-                             .order_by(ImageRow.id).limit(block)).all()
-        if not rows:
-            return
-        last = rows[-1][0]
-        yield np.array([r[0] for r in rows], dtype=np.int64), vectors_from_blobs([r[1] for r in rows], dim)
-
-
 def find_duplicates(
     library: Library,
     *,
@@ -119,23 +101,17 @@ def find_duplicates(
     if protected and "protected" not in order:
         order = ("protected", *order)  # --protect always wins, whatever --keep lists
     if exact_only:
-        repeated = (select(ImageRow.sha256).where(ImageRow.status == EMBEDDED)
-                    .group_by(ImageRow.sha256).having(func.count() > 1))
-        by_hash: dict[str, list[int]] = {}
-        with library.session() as s:  # one query for all groups
-            for row_id, digest in s.execute(select(ImageRow.id, ImageRow.sha256).where(
-                    ImageRow.status == EMBEDDED, ImageRow.sha256.in_(repeated)).order_by(ImageRow.id)):
-                by_hash.setdefault(digest, []).append(row_id)
-        groups = [(ids, 1.0) for ids in by_hash.values()]
+        groups = [(ids, 1.0) for ids in library.catalog.exact_hash_groups()]
     else:
         index = candidate_index(library, kind, block)
         if crop_encoder is None:
-            groups = complete_linkage(range_pairs(index, catalog_blocks(library, kind, block), threshold, nprobe))
+            blocks = library.catalog.vector_blocks(kind, block)
+            groups = complete_linkage(range_pairs(index, blocks, threshold, nprobe))
         else:
             from .rerank import rerank
 
             low = candidate_threshold if candidate_threshold is not None else max(0.0, threshold - 0.15)
-            candidates = range_pairs(index, catalog_blocks(library, kind, block), low, nprobe)
+            candidates = range_pairs(index, library.catalog.vector_blocks(kind, block), low, nprobe)
             groups = complete_linkage(rerank(candidates, library, crop_encoder, threshold))
     members = _members(library, [i for ids, _ in groups for i in ids])
     result = []
@@ -159,34 +135,28 @@ def candidate_index(library: Library, kind: str, block: int = BLOCK):
     """The index to find close pairs with: the library's own, unless it is exact and large; then
     a temporary IVF-Flat is trained on a sample and filled block by block (the library's exact
     index is not loaded at all, so memory stays at one copy of the vectors)."""
-    record = library.index_record(kind)
+    record = library.index_set.record(kind)
     if kind in library.indexes or record is None or record.nprobe is not None or record.count <= EXACT_PAIRS_MAX:
         return library.indexes.get(kind) or library.load_indexes((kind,))[kind]
     import faiss
 
     from indexer.store import TRAIN_PER_LIST, VectorIndex, ivf_lists
 
-    ids = library.embedded_ids()
+    ids = library.catalog.embedded_ids()
     dim = library.dim()
     nlist = ivf_lists(len(ids))
     sample_ids = np.random.default_rng(0).choice(ids, min(len(ids), TRAIN_PER_LIST * nlist), replace=False)
-    _, sample = library.catalog_vectors(kind, sample_ids)
+    _, sample = library.catalog.vectors(kind, sample_ids)
     inner = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
     inner.train(sample)
     del sample
     index = VectorIndex(faiss.IndexIDMap2(inner), f"IVF{nlist},Flat", "dedup", DEDUP_NPROBE, len(ids))
-    for block_ids, vectors in catalog_blocks(library, kind, block):
+    for block_ids, vectors in library.catalog.vector_blocks(kind, block):
         index.add(block_ids, vectors)
     return index
 
 
 def _members(library: Library, ids: list[int]) -> dict[int, Member]:
-    out = {}
-    ids = sorted(set(ids))
-    with library.session() as s:
-        for start in range(0, len(ids), 500):
-            query = select(ImageRow).where(ImageRow.id.in_(ids[start:start + 500]), library.searchable())
-            for r in s.scalars(query):
-                out[r.id] = Member(r.id, r.path_text, r.path, r.size, r.width or 0, r.height or 0, r.format or "",
-                                   r.captured_at, r.sha256 or "", r.mtime_ns)
-    return out
+    return {r.id: Member(r.id, r.path_text, r.path, r.size, r.width or 0, r.height or 0, r.format or "",
+                         r.captured_at, r.sha256 or "", r.mtime_ns)
+            for r in library.catalog.members(ids)}

@@ -15,9 +15,7 @@ import os
 from collections.abc import Iterable
 
 import numpy as np
-from sqlalchemy import select
 
-from indexer.catalog import EMBEDDED, ImageRow
 from indexer.decode import DecodeError, load_pixels
 from indexer.library import Library
 
@@ -30,9 +28,7 @@ def chamfer(a: np.ndarray, b: np.ndarray) -> float:
 
 def patch_tokens(library: Library, encoder, ids: Iterable[int], batch: int = 16) -> dict[int, np.ndarray]:
     """Unit patch tokens per image id (re-read from disk; files that changed are left out)."""
-    ids = sorted(set(ids))
-    with library.session() as s:
-        paths = dict(s.execute(select(ImageRow.id, ImageRow.path).where(ImageRow.id.in_(ids), ImageRow.status == EMBEDDED)).all())
+    paths = library.catalog.embedded_paths(ids)  # chunked: a long candidate list never makes one huge IN (...)
     root = os.fsencode(library.root)
     tokens: dict[int, np.ndarray] = {}
     pending: list[tuple[int, np.ndarray]] = []  # (id, pixels)

@@ -48,7 +48,7 @@ def index(root, encoder, folder=None, **options):
 
 
 def rows(root, folder=None) -> dict[bytes, ImageRow]:
-    with Library.open(root, folder=folder) as library, library.session() as s:
+    with Library.open(root, folder=folder) as library, library.catalog.session() as s:
         return {r.path: r for r in s.query(ImageRow).all()}
 
 
@@ -133,7 +133,7 @@ def test_a_quarantined_file_put_back_by_hand_is_checked_again(tmp_path, encoder,
         assert counts["restored"] == 0 and counts["embedded"] == 1 and row.id != copy_id
     with Library.open(root) as library:
         assert library.verify() == []
-        assert copy_id in library.embedded_ids() or content == "edited"
+        assert copy_id in library.catalog.embedded_ids() or content == "edited"
     assert index(root, encoder)["to_decode"] == 0  # and it is settled: not re-read on every run
 
 
@@ -272,7 +272,7 @@ def test_single_byte_flips_in_stored_vectors_are_found_by_verify(indexed, tmp_pa
     folder = indexed / ".dinoseek"
     pristine = (folder / "catalog.sqlite").read_bytes()
     original = _vectors(folder)
-    with Library.open(indexed) as library, library.session() as s:
+    with Library.open(indexed) as library, library.catalog.session() as s:
         blobs = [b for r in s.query(ImageRow).filter(ImageRow.status == EMBEDDED) for b in (r.cls, r.patch)]
     offsets = [pristine.find(b) for b in blobs]
     assert all(o >= 0 for o in offsets)  # small blobs are stored inline, contiguous
@@ -295,7 +295,7 @@ def test_single_byte_flips_in_stored_vectors_are_found_by_verify(indexed, tmp_pa
 
 
 def test_rows_without_vectors_are_skipped_by_readers_and_repaired(indexed, encoder):
-    with Library.open(indexed, write=True) as library, library.session() as s, s.begin():
+    with Library.open(indexed, write=True) as library, library.catalog.session() as s, s.begin():
         damaged = s.query(ImageRow).filter(ImageRow.path == b"m/other0.jpg").one().id
         s.execute(update(ImageRow).where(ImageRow.id == damaged).values(cls=None))
     with LibrarySearch(Library.open(indexed), encoder) as lib:  # readers carry on without the row

@@ -41,7 +41,7 @@ def test_index_info_verify(indexed):
     data = json.loads(invoke("info", root, "--json").output)
     assert data["counts"][EMBEDDED] == ok and data["counts"]["truncated"] == 1
     with Library.open(root) as library:
-        size = library.index_file("cls").stat().st_size
+        size = library.index_set.file("cls").stat().st_size
     assert data["indexes"]["cls"] == {"factory": "Flat", "requested": "auto", "vectors": ok, "nprobe": None, "bytes": size}
     assert {"path": "broken/bomb.png", "status": "too-large"}.items() <= next(
         e for e in data["errors"] if e["path"] == "broken/bomb.png").items()
@@ -55,7 +55,7 @@ def test_index_info_verify(indexed):
 def test_verify_fails_then_repairs(indexed):
     root, _, _ = indexed
     with Library.open(root) as library:
-        patch_file = library.index_file("patch")
+        patch_file = library.index_set.file("patch")
     patch_file.write_bytes(b"garbage")
     result = invoke("verify", root)
     assert result.exit_code == 1
@@ -102,7 +102,7 @@ def test_sigkill_at_random_moments(tmp_path, tiny_folder):
             assert library.verify() == []
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    with Library.open(root) as library, library.session() as s:
+    with Library.open(root) as library, library.catalog.session() as s:
         catalog = s.query(ImageRow).all()
         paths = [r.path for r in catalog]
         assert len(paths) == len(set(paths))

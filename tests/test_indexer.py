@@ -34,14 +34,14 @@ def index(root, encoder, **options):
 
 
 def rows(root) -> dict[bytes, ImageRow]:
-    with Library.open(root) as library, library.session() as s:
+    with Library.open(root) as library, library.catalog.session() as s:
         return {r.path: r for r in s.query(ImageRow).all()}
 
 
 def check_consistent(root):
     with Library.open(root) as library:
         assert library.verify() == []
-        ids = library.embedded_ids()
+        ids = library.catalog.embedded_ids()
         library.load_indexes()
         for kind in ("cls", "patch"):
             assert sorted(library.indexes[kind].ids()) == sorted(ids)
@@ -199,7 +199,7 @@ def test_corrupt_truncated_and_missing_index_files_are_rebuilt(collection, encod
     index(root, encoder)
     folder = root / ".dinoseek"
     with Library.open(root) as library:
-        cls_file, patch_file = library.index_file("cls"), library.index_file("patch")
+        cls_file, patch_file = library.index_set.file("cls"), library.index_set.file("patch")
     data = bytearray(cls_file.read_bytes())
     data[len(data) // 2] ^= 0xFF
     cls_file.write_bytes(bytes(data))
@@ -215,7 +215,7 @@ def test_corrupt_truncated_and_missing_index_files_are_rebuilt(collection, encod
     assert not leftover.exists()
     check_consistent(root)
     with Library.open(root) as library:
-        library.index_file("cls").unlink()
+        library.index_set.file("cls").unlink()
     with Library.open(root, write=True) as library:
         library.load_indexes()
     check_consistent(root)
@@ -224,20 +224,20 @@ def test_corrupt_truncated_and_missing_index_files_are_rebuilt(collection, encod
 def test_stale_index_is_reconciled(collection, encoder):
     root, _ = collection
     index(root, encoder)
-    with Library.open(root) as library, library.session() as s:
-        saved = {k: library.index_file(k).read_bytes() for k in ("cls", "patch")}
+    with Library.open(root) as library, library.catalog.session() as s:
+        saved = {k: library.index_set.file(k).read_bytes() for k in ("cls", "patch")}
         records = {r.kind: (r.checksum, r.count) for r in s.query(IndexFileRow)}
     synthetic_photo(200, 100, seed=77).save(root / "new.png")
     index(root, encoder)
     # Put the old checkpoint back, as if the run had been killed before saving its indexes.
-    with Library.open(root) as library, library.session() as s, s.begin():
+    with Library.open(root) as library, library.catalog.session() as s, s.begin():
         for kind, (checksum, count) in records.items():
-            library.index_path(kind, checksum).write_bytes(saved[kind])
+            library.index_set.path(kind, checksum).write_bytes(saved[kind])
             s.execute(update(IndexFileRow).where(IndexFileRow.kind == kind).values(checksum=checksum, count=count))
     with Library.open(root) as library:
         assert any("1 embedded images missing from the index" in p for p in library.verify())
         indexes = library.load_indexes()  # readers reconcile in memory
-        assert sorted(indexes["cls"].ids()) == sorted(library.embedded_ids())
+        assert sorted(indexes["cls"].ids()) == sorted(library.catalog.embedded_ids())
     with Library.open(root, write=True) as library:
         library.load_indexes()
         assert library.verify() == []
@@ -314,7 +314,7 @@ def test_root_missing(tmp_path, encoder):
 def test_readers_work_while_a_writer_holds_a_transaction(collection, encoder):
     root, _ = collection
     index(root, encoder)
-    with Library.open(root, write=True) as writer, writer.session() as s:
+    with Library.open(root, write=True) as writer, writer.catalog.session() as s:
         s.begin()
         s.execute(update(ImageRow).values(reason="in flight"))  # uncommitted write, lock held
         with Library.open(root) as reader:  # WAL: the reader sees the last committed state

@@ -49,7 +49,8 @@ VECTOR = bytes(8)  # 4 float16 zeros: exact dedup only needs the rows to carry v
 def catalog(root: Path, folder: Path | None = None, reverse: bool = False) -> None:
     """Catalog every file under root as an embedded image (no model: exact dedup groups by sha256)."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and ".dinoseek" not in p.parts)
-    with Library.open(root, folder=folder, write=True, create=True) as library, library.session() as s, s.begin():
+    with (Library.open(root, folder=folder, write=True, create=True) as library, library.catalog.session() as s,
+          s.begin()):
         for path in reversed(files) if reverse else files:
             rel = path.relative_to(root)
             st = path.stat()
@@ -200,7 +201,7 @@ def test_forged_journal_is_refused_whole_and_changes_nothing(tmp_path, root, act
     with Library.open(root, write=True) as library:
         with pytest.raises(JournalError, match="refused, nothing was changed") as e:
             undo(library)
-        with library.session() as s:
+        with library.catalog.session() as s:
             assert {r.status for r in s.query(ImageRow) if r.path.startswith(b"b/")} == {QUARANTINED}
     assert "\n" not in str(e.value) and not isinstance(e.value, UndoIncomplete)
     assert snapshot(tmp_path) == before
@@ -306,7 +307,7 @@ def test_undo_touches_only_quarantined_rows_at_the_journals_paths(tmp_path):
     catalog(root, folder=tmp_path / "libB")
     result = applied(root, folder=tmp_path / "libB")
     ids = {step.row_id for step in result.done}
-    with Library.open(root, write=True) as a, a.session() as s, s.begin():
+    with Library.open(root, write=True) as a, a.catalog.session() as s, s.begin():
         for row in s.query(ImageRow):
             if row.id in ids:
                 assert not row.path.startswith(b"b/")  # same ids, other files in A
@@ -316,7 +317,7 @@ def test_undo_touches_only_quarantined_rows_at_the_journals_paths(tmp_path):
     with Library.open(root, write=True) as a:
         restored = undo(a, result.journal)
         assert len(restored.restored) == 3
-        with a.session() as s:
+        with a.catalog.session() as s:
             rows = {r.path: (r.id, r.status, r.reason) for r in s.query(ImageRow)}
     assert {rows[p][1:] for p in rows if rows[p][0] in ids} == {("unreadable", "permission denied")}
     assert {rows[p][1] for p in rows if p.startswith(b"b/")} == {EMBEDDED}
@@ -554,5 +555,5 @@ def test_sigkill_during_undo_then_undo_again_restores_every_byte(tmp_path):
     after = snapshot(root / "a") | {f"b/{k}": v[:2] for k, v in snapshot(root / "b").items()}
     assert after == before
     assert os.listdir(quarantined) == []
-    with Library.open(root) as library, library.session() as s:
+    with Library.open(root) as library, library.catalog.session() as s:
         assert {r.status for r in s.query(ImageRow)} == {EMBEDDED}

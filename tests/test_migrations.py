@@ -14,7 +14,7 @@ from indexer.library import Library
 
 def test_new_library_is_at_head(tmp_path):
     with Library.open(tmp_path, write=True, create=True) as library:
-        assert migrate.upgrade(library.engine, library.folder / "catalog.sqlite") is False  # nothing pending
+        assert migrate.upgrade(library.catalog.engine, library.folder / "catalog.sqlite") is False  # nothing pending
     db = sqlite3.connect(tmp_path / ".dinoseek/catalog.sqlite")
     assert db.execute("select version_num from alembic_version").fetchone() == (migrate.head_revision(),)
     assert db.execute("pragma journal_mode").fetchone() == ("wal",)

@@ -68,7 +68,7 @@ def photos(root: Path, count: int = 6) -> Path:
 
 
 def rows(root: Path) -> dict[bytes, ImageRow]:
-    with Library.open(root) as library, library.session() as s:
+    with Library.open(root) as library, library.catalog.session() as s:
         return {r.path: r for r in s.query(ImageRow).all()}
 
 
@@ -262,7 +262,7 @@ def test_cli_with_a_fifo_or_dev_zero_as_index_file(tmp_path, library_template, t
     root = tmp_path / "photos"
     shutil.copytree(library_template, root, symlinks=True)
     with Library.open(root) as library:
-        cls_file = library.index_file("cls")
+        cls_file = library.index_set.file("cls")
     _replace(cls_file, hazard)
     weights = ["--weights", str(tiny_folder), "--precision", "fp32"]
     fifo_query, zero_query = tmp_path / "query.jpg", tmp_path / "zero.jpg"
@@ -292,12 +292,12 @@ def test_cli_with_a_fifo_or_dev_zero_as_index_file(tmp_path, library_template, t
     assert repair[0] == 0 and after == (0, "ok: catalog and indexes agree")
 
     with Library.open(root) as library:
-        _replace(library.index_file("patch"), hazard)
+        _replace(library.index_set.file("patch"), hazard)
     index_run, after = run_cli_bounded([["index", str(root), "--workers", "0", *weights], ["verify", str(root)]])
     assert index_run[0] == 0 and "0 embedded" in index_run[1]
     assert after == (0, "ok: catalog and indexes agree")
     with Library.open(root) as library:
-        assert library.index_file("patch").is_file() and not library.index_file("patch").is_symlink()
+        assert library.index_set.file("patch").is_file() and not library.index_set.file("patch").is_symlink()
 
 
 # ---- embed decodes like index ------------------------------------------------------------------------
@@ -327,7 +327,7 @@ def test_embed_gives_the_vector_index_stored_for_an_exif_rotated_jpeg(tiny_folde
     embedded = CliRunner().invoke(main, ["embed", "--json", *weights, str(root / "turned.jpg")])
     assert embedded.exit_code == 0, embedded.output
     with Library.open(root) as library:
-        _, stored = library.catalog_vector_sets(("cls", "patch"))
+        _, stored = library.catalog.vector_sets(("cls", "patch"))
     row = json.loads(embedded.output)[0]
     for vector, kind in ((stored[0][0], "cls"), (stored[1][0], "patch")):
         got = np.asarray(row[kind], dtype=np.float32)

@@ -64,7 +64,7 @@ def library_root(tmp_path, encoder):
 
 
 def brute_force(root, vector, kind, keep=lambda row: True):
-    with Library.open(root) as library, library.session() as s:
+    with Library.open(root) as library, library.catalog.session() as s:
         rows = [r for r in s.query(ImageRow).filter(ImageRow.status == EMBEDDED) if keep(r)]
     matrix = np.stack([np.frombuffer(getattr(r, kind), np.float16).astype(np.float32) for r in rows])
     scores = matrix @ vector
@@ -133,7 +133,7 @@ def test_similar_excludes_itself_and_finds_copies(library_root):
 def test_deleted_rows_never_come_back(library_root, encoder):
     with LibrarySearch(Library.open(library_root), encoder) as lib:
         target = lib.similar("a/p0.jpg", k=1)[0]
-        with lib.library.session() as s, s.begin():
+        with lib.library.catalog.session() as s, s.begin():
             s.execute(delete(ImageRow).where(ImageRow.id == target.id))  # a concurrent run removed it
         assert target.id not in [h.id for h in lib.similar("a/p0.jpg", k=5)]
 

@@ -1,0 +1,380 @@
+"""The catalog gateway: every query the indexer and the query layer make goes through `Catalog`.
+
+Callers ask for what they need (vectors by id or in blocks, filtered ids, group members, a status
+change, one indexing batch) and get plain values back; no SQL leaves this module. Long id lists
+are cut into `IN (...)` chunks in one place (`chunks`). The schema itself is `indexer.catalog`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import LargeBinary, cast, delete, func, select, update
+from sqlalchemy.engine import Engine, Row
+from sqlalchemy.exc import DatabaseError
+from sqlalchemy.orm import Session
+
+from .catalog import EMBEDDED, QUARANTINED, ImageRow, IndexFileRow, ManifestRow, RunRow, utcnow
+from .catalog_file import one_line, restore_hint
+from .errors import LibraryError
+
+# Ids per `IN (...)`: SQLite allows 32766 bound parameters (3.32+), PostgreSQL 65535; larger
+# chunks mean fewer round trips, which dominate the search API's cost at large batches.
+ID_CHUNK = 10_000
+MANIFEST_DIGEST = "manifest_sha256"  # the manifest's own checksum, stored inside its JSON
+
+
+def chunks(ids: Iterable[int]) -> Iterator[list[int]]:
+    """`ids` in lists of at most ID_CHUNK, for `IN (...)` conditions."""
+    ids = list(ids)
+    for start in range(0, len(ids), ID_CHUNK):
+        yield ids[start:start + ID_CHUNK]
+
+
+def vectors_from_blobs(blobs: list[bytes], dim: int) -> np.ndarray:
+    """float16 blobs -> (N, dim) float32."""
+    if not blobs:
+        return np.zeros((0, dim), np.float32)
+    if any(b is None or len(b) != 2 * dim for b in blobs):
+        raise LibraryError("an embedded image has no usable vectors in the catalog; run `dinoseek verify --repair`")
+    return np.frombuffer(b"".join(blobs), dtype=np.float16).reshape(len(blobs), dim).astype(np.float32)
+
+
+def vectors_usable(dim: int | None):
+    """SQL condition: both vectors present and of the model's length. Rows failing it are left out
+    of searches and indexes (never a crash) until `verify --repair` or `index` re-embeds them."""
+    present = ImageRow.cls.is_not(None) & ImageRow.patch.is_not(None)
+    if dim is None:
+        return present
+    return present & (func.length(ImageRow.cls) == 2 * dim) & (func.length(ImageRow.patch) == 2 * dim)
+
+
+def _digest(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Metadata filters of a search; each None means "any"."""
+
+    folder: str | None = None  # relative folder prefix, e.g. "2023/holiday"
+    captured_after: str | None = None  # "YYYY-MM-DD[ HH:MM:SS]", inclusive
+    captured_before: str | None = None  # exclusive
+    camera: str | None = None  # substring of "Make Model", case-insensitive
+    min_pixels: int | None = None  # width * height
+    max_pixels: int | None = None
+    min_bytes: int | None = None
+    max_bytes: int | None = None
+
+    def active(self) -> bool:
+        return any(v is not None for v in vars(self).values())
+
+
+def _filter_conditions(filters: Filters) -> list:
+    """The SQL conditions over ImageRow that `filters` stand for."""
+    conditions = []
+    if filters.folder is not None:
+        prefix = filters.folder.strip("/")
+        if prefix:
+            conditions.append((ImageRow.folder == prefix) | ImageRow.folder.startswith(prefix + "/", autoescape=True))
+    if filters.captured_after is not None:
+        conditions.append(ImageRow.captured_at >= filters.captured_after)
+    if filters.captured_before is not None:
+        conditions.append(ImageRow.captured_at < filters.captured_before)
+    if filters.camera is not None:
+        conditions.append(ImageRow.camera.icontains(filters.camera, autoescape=True))
+    if filters.min_pixels is not None:
+        conditions.append(ImageRow.width * ImageRow.height >= filters.min_pixels)
+    if filters.max_pixels is not None:
+        conditions.append(ImageRow.width * ImageRow.height <= filters.max_pixels)
+    if filters.min_bytes is not None:
+        conditions.append(ImageRow.size >= filters.min_bytes)
+    if filters.max_bytes is not None:
+        conditions.append(ImageRow.size <= filters.max_bytes)
+    return conditions
+
+
+class Catalog:
+    """Queries over one catalog database (SQLite file or any SQLAlchemy URL)."""
+
+    def __init__(self, engine: Engine, catalog_file: Path | None = None) -> None:
+        self.engine = engine
+        self.catalog_file = catalog_file  # the SQLite file, for restore hints (None with --url)
+
+    def session(self) -> Session:
+        """A session of its own, for tests and tools that inspect the catalog directly."""
+        return Session(self.engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # ---- model manifest -------------------------------------------------------------------
+    def manifest(self) -> dict | None:
+        """The library's model manifest; LibraryError if the catalog's copy was damaged (it carries
+        its own sha256: a changed digit of the weights' hash or of `dim` must not pass silently)."""
+        try:
+            with self.session() as s:
+                row = s.get(ManifestRow, 1)
+                data = row.data if row else None
+        except ValueError as e:  # the JSON itself no longer parses
+            raise LibraryError(f"the model manifest in the catalog is damaged ({one_line(e)}); "
+                               f"{restore_hint(self.catalog_file)}") from e
+        if data is None:
+            return None
+        data = dict(data) if isinstance(data, dict) else {MANIFEST_DIGEST: "?"}
+        recorded = data.pop(MANIFEST_DIGEST, None)  # libraries made before it was recorded have none
+        if recorded is not None and recorded != _digest(data):
+            raise LibraryError(f"the model manifest in the catalog is damaged; {restore_hint(self.catalog_file)}")
+        return data
+
+    def record_manifest(self, manifest: dict) -> None:
+        """Store the model manifest (with its own checksum) of a library that has none yet."""
+        with self.session() as s, s.begin():
+            s.add(ManifestRow(id=1, data={**manifest, MANIFEST_DIGEST: _digest(manifest)}))
+
+    def dim(self) -> int | None:
+        manifest = self.manifest()
+        return manifest["dim"] if manifest else None
+
+    # ---- vectors ------------------------------------------------------------------------------
+    def searchable(self):
+        """SQL condition for rows that take part in searches: embedded, with usable vectors."""
+        return (ImageRow.status == EMBEDDED) & vectors_usable(self.dim())
+
+    def embedded_ids(self) -> np.ndarray:
+        """Ids of the rows the indexes must hold (embedded, with usable vectors)."""
+        with self.session() as s:
+            return np.asarray(s.scalars(select(ImageRow.id).where(self.searchable())).all(), dtype=np.int64)
+
+    def vectors(self, kind: str, ids=None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, float32 vectors) of searchable rows, all or the given ids, ordered by id."""
+        ids_out, (vectors,) = self.vector_sets((kind,), ids)
+        return ids_out, vectors
+
+    def vector_sets(self, kinds: tuple[str, ...], ids=None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Like `vectors` for several kinds, read in one transaction so they always agree."""
+        columns = [getattr(ImageRow, kind) for kind in kinds]
+        query = select(ImageRow.id, *columns).where(self.searchable()).order_by(ImageRow.id)
+        dim = self.dim() or 0
+        with self.session() as s, s.begin():  # one snapshot (WAL) for every chunk
+            if ids is None:
+                rows = s.execute(query).all()
+            else:
+                rows = [r for part in chunks(sorted(int(i) for i in ids))
+                        for r in s.execute(query.where(ImageRow.id.in_(part)))]
+        out_ids = np.asarray([r[0] for r in rows], dtype=np.int64)
+        return out_ids, [vectors_from_blobs([r[1 + k] for r in rows], dim) for k in range(len(kinds))]
+
+    def vector_blocks(self, kind: str, block: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) of searchable rows in id order, `block` at a time (keyset pagination:
+        each block is its own short read, so a long consumer never holds a snapshot open)."""
+        dim = self.dim()
+        column = getattr(ImageRow, kind)
+        last = -1
+        while True:
+            with self.session() as s:
+                rows = s.execute(select(ImageRow.id, column).where(self.searchable(), ImageRow.id > last)
+                                 .order_by(ImageRow.id).limit(block)).all()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield np.array([r[0] for r in rows], dtype=np.int64), vectors_from_blobs([r[1] for r in rows], dim)
+
+    def row_vectors(self, *, row_id: int | None = None, path: bytes | None = None) -> tuple[int, dict] | None:
+        """(id, {kind: float32 vector}) of the embedded row with this id or raw relative path."""
+        query = select(ImageRow.id, ImageRow.cls, ImageRow.patch).where(ImageRow.status == EMBEDDED)
+        query = query.where(ImageRow.id == row_id) if row_id is not None else query.where(ImageRow.path == path)
+        with self.session() as s:
+            row = s.execute(query).first()
+        if row is None:
+            return None
+        dim = self.dim()
+        return row.id, {"cls": vectors_from_blobs([row.cls], dim)[0], "patch": vectors_from_blobs([row.patch], dim)[0]}
+
+    def embedded_path_blobs(self, kind: str) -> list[Row]:
+        """(id, raw path, float16 blob of `kind`) of every embedded row; decoded by the caller, so a
+        damaged blob only matters if it is used."""
+        column = getattr(ImageRow, kind)
+        with self.session() as s:
+            return s.execute(select(ImageRow.id, ImageRow.path, column).where(ImageRow.status == EMBEDDED)).all()
+
+    # ---- rows ---------------------------------------------------------------------------------
+    def filtered_ids(self, filters: Filters) -> np.ndarray:
+        """Ids of the embedded rows that pass `filters`."""
+        query = select(ImageRow.id).where(ImageRow.status == EMBEDDED, *_filter_conditions(filters))
+        with self.session() as s:
+            return np.asarray(s.scalars(query).all(), dtype=np.int64)
+
+    def hit_rows(self, ids: list[int]) -> list[Row]:
+        """(id, path, path_text, width, height, size, format, captured_at, camera) of the embedded
+        rows among `ids` (not the vector blobs): what a search result shows."""
+        columns = (ImageRow.id, ImageRow.path, ImageRow.path_text, ImageRow.width, ImageRow.height, ImageRow.size,
+                   ImageRow.format, ImageRow.captured_at, ImageRow.camera)
+        # Core, not the ORM: this lookup is most of the API's cost over raw FAISS at large batches.
+        with self.engine.connect() as connection:
+            return [row for part in chunks(ids)
+                    for row in connection.execute(select(*columns).where(ImageRow.id.in_(part),
+                                                                         ImageRow.status == EMBEDDED))]
+
+    def members(self, ids: Iterable[int]) -> list[Row]:
+        """(id, path_text, path, size, width, height, format, captured_at, sha256, mtime_ns) of the
+        searchable rows among `ids`: what grouping and keep rules look at."""
+        columns = (ImageRow.id, ImageRow.path_text, ImageRow.path, ImageRow.size, ImageRow.width, ImageRow.height,
+                   ImageRow.format, ImageRow.captured_at, ImageRow.sha256, ImageRow.mtime_ns)
+        searchable = self.searchable()
+        with self.session() as s:
+            return [row for part in chunks(sorted(set(ids)))
+                    for row in s.execute(select(*columns).where(ImageRow.id.in_(part), searchable))]
+
+    def embedded_paths(self, ids: Iterable[int]) -> dict[int, bytes]:
+        """id -> raw relative path of the embedded rows among `ids`, in id order."""
+        with self.session() as s:
+            return {row_id: path for part in chunks(sorted(set(ids)))
+                    for row_id, path in s.execute(select(ImageRow.id, ImageRow.path)
+                                                  .where(ImageRow.id.in_(part), ImageRow.status == EMBEDDED)
+                                                  .order_by(ImageRow.id))}
+
+    def exact_hash_groups(self) -> list[list[int]]:
+        """Ids of embedded rows sharing one sha256, a list per hash (ids ascending), in one query."""
+        repeated = (select(ImageRow.sha256).where(ImageRow.status == EMBEDDED)
+                    .group_by(ImageRow.sha256).having(func.count() > 1))
+        by_hash: dict[str, list[int]] = {}
+        with self.session() as s:
+            for row_id, digest in s.execute(select(ImageRow.id, ImageRow.sha256).where(
+                    ImageRow.status == EMBEDDED, ImageRow.sha256.in_(repeated)).order_by(ImageRow.id)):
+                by_hash.setdefault(digest, []).append(row_id)
+        return list(by_hash.values())
+
+    # ---- statuses -----------------------------------------------------------------------------
+    def set_status(self, row_id: int, status: str, reason: str | None) -> bool:
+        """True if the row still exists (an index run since may have dropped it)."""
+        with self.session() as s, s.begin():
+            return s.execute(update(ImageRow).where(ImageRow.id == row_id)
+                             .values(status=status, reason=reason)).rowcount > 0
+
+    def unquarantine(self, path: bytes) -> bool:
+        """quarantined -> embedded for the row at this raw relative path, and only if it is
+        quarantined (a journal names paths, and must not touch unrelated rows). True if a row for
+        `path` exists at all."""
+        with self.session() as s, s.begin():
+            s.execute(update(ImageRow).where(ImageRow.path == path, ImageRow.status == QUARANTINED)
+                      .values(status=EMBEDDED, reason=None))
+            return s.scalar(select(ImageRow.id).where(ImageRow.path == path)) is not None
+
+    def delete_rows(self, ids: Iterable[int]) -> None:
+        with self.session() as s, s.begin():
+            for part in chunks(ids):
+                s.execute(delete(ImageRow).where(ImageRow.id.in_(part)))
+
+    # ---- the indexing run ---------------------------------------------------------------------
+    def file_states(self) -> dict[bytes, Row]:
+        """raw path -> (id, path, size, mtime_ns, status, sha256, usable) of every row: what a run
+        compares the scan with."""
+        usable = vectors_usable(self.dim()).label("usable")
+        with self.session() as s:
+            return {r.path: r for r in s.execute(select(ImageRow.id, ImageRow.path, ImageRow.size, ImageRow.mtime_ns,
+                                                        ImageRow.status, ImageRow.sha256, usable))}
+
+    def write_batch(self, *, delete_ids: list[int], moves: list[tuple[bytes, dict]], inserts: list[dict],
+                    restores: list[tuple[bytes, dict]]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One indexing batch in one transaction: delete rows, move rows (old path -> new column
+        values), insert rows, update restored rows (path -> column values). Returns the ids and
+        vectors ({kind: (n, D)}) of the embedded rows inserted or restored, for the indexes."""
+        with self.session() as s, s.begin():
+            for part in chunks(delete_ids):
+                s.execute(delete(ImageRow).where(ImageRow.id.in_(part)))
+            for old, values in moves:
+                s.execute(update(ImageRow).where(ImageRow.path == old).values(**values))
+            written = [ImageRow(**values) for values in inserts]
+            s.add_all(written)
+            for path, values in restores:
+                row = s.scalars(select(ImageRow).where(ImageRow.path == path)).one()
+                for name, value in values.items():
+                    setattr(row, name, value)
+                written.append(row)
+            s.flush()
+            fresh = [(r.id, r.cls, r.patch) for r in written if r.status == EMBEDDED]
+        dim = self.dim() if fresh else 0
+        ids = np.array([f[0] for f in fresh], dtype=np.int64)
+        return ids, {"cls": vectors_from_blobs([f[1] for f in fresh], dim),
+                     "patch": vectors_from_blobs([f[2] for f in fresh], dim)}
+
+    def start_run(self) -> int:
+        with self.session() as s, s.begin():
+            run = RunRow(status="running", counts={})
+            s.add(run)
+            s.flush()
+            return run.id
+
+    def finish_run(self, run_id: int, status: str, counts: dict) -> None:
+        with self.session() as s, s.begin():
+            s.execute(update(RunRow).where(RunRow.id == run_id)
+                      .values(status=status, counts=dict(counts), finished_at=utcnow()))
+
+    def close_interrupted_runs(self) -> None:
+        """Runs still marked running belonged to a writer that died: the lock is ours now."""
+        with self.session() as s, s.begin():
+            s.execute(update(RunRow).where(RunRow.status == "running").values(status="interrupted"))
+
+    # ---- index files --------------------------------------------------------------------------
+    def index_records(self) -> dict[str, IndexFileRow]:
+        """kind -> what its last index checkpoint holds (detached rows: read, never written)."""
+        with self.session() as s:
+            return {r.kind: r for r in s.scalars(select(IndexFileRow))}
+
+    def record_index_file(self, kind: str, *, factory: str, requested: str, nprobe: int | None, count: int,
+                          dim: int, checksum: str, trained_on: int) -> None:
+        with self.session() as s, s.begin():
+            s.merge(IndexFileRow(kind=kind, factory=factory, requested=requested, auto=int(requested == "auto"),
+                                 nprobe=nprobe, count=count, dim=dim, checksum=checksum, trained_on=trained_on))
+
+    # ---- reporting and checking ---------------------------------------------------------------
+    def summary(self) -> tuple[dict[str, int], list[dict], RunRow | None]:
+        """(rows per status, the rows that failed with path and reason, the last run), one snapshot."""
+        with self.session() as s:
+            counts = dict(s.execute(select(ImageRow.status, func.count()).group_by(ImageRow.status)).all())
+            errors = [
+                {"path": p, "status": st, "reason": r}
+                for p, st, r in s.execute(
+                    select(ImageRow.path_text, ImageRow.status, ImageRow.reason)
+                    .where(ImageRow.status != EMBEDDED).order_by(ImageRow.path_text)
+                )
+            ]
+            last = s.scalars(select(RunRow).order_by(RunRow.id.desc()).limit(1)).first()
+        return counts, errors, last
+
+    def integrity_problem(self) -> str | None:
+        """SQLite's integrity check of the catalog file (SQLite has no checksums of its own: this
+        finds damaged pages and structure, not a changed value inside a row)."""
+        if self.engine.dialect.name != "sqlite":
+            return None
+        try:
+            with self.engine.connect() as connection:
+                result = [r[0] for r in connection.exec_driver_sql("PRAGMA integrity_check(5)")]
+        except (DatabaseError, UnicodeDecodeError) as e:  # a damaged schema's message may not even be UTF-8
+            result = [str(e.orig) if isinstance(e, DatabaseError) else "malformed database schema"]
+        if result == ["ok"]:
+            return None
+        return f"catalog: SQLite integrity check failed ({one_line(result[0])}); {restore_hint(self.catalog_file)}"
+
+    def check_blocks(self, block: int) -> Iterator[list[Row]]:
+        """Every row as (id, path, path_text, folder, status, cls, patch), `block` rows at a time in
+        id order, with the text columns as bytes where SQLite stores them (a damaged one may no
+        longer be valid UTF-8; other servers check encodings on write, and PostgreSQL's text->bytea
+        cast would parse escapes)."""
+        as_bytes = (lambda c: cast(c, LargeBinary)) if self.engine.dialect.name == "sqlite" else (lambda c: c)
+        columns = (ImageRow.id, ImageRow.path, as_bytes(ImageRow.path_text), as_bytes(ImageRow.folder),
+                   ImageRow.status, ImageRow.cls, ImageRow.patch)
+        last = -1
+        while True:
+            with self.session() as s:
+                rows = s.execute(select(*columns).where(ImageRow.id > last).order_by(ImageRow.id).limit(block)).all()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield rows

@@ -1,0 +1,188 @@
+"""The set of FAISS indexes of a library, one per vector kind: load, reconcile, rebuild, save, check.
+
+Index files are derived, checkpointed copies of the catalog's vectors. Each is named after its
+sha256, which the catalog records (with count, dim and how it was built) once the file is safely
+written; on load a missing, damaged or stale file is rebuilt or reconciled from the catalog.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .catalog import KINDS, IndexFileRow
+from .catalog_gateway import Catalog
+from .errors import LibraryError
+from .store import VectorIndex, auto_factory, build_index, max_index_bytes, read_index, write_atomic
+
+log = logging.getLogger(__name__)
+
+
+class IndexSet:
+    """The indexes of one library folder; `loaded` holds those in memory, by kind."""
+
+    def __init__(self, folder: Path, catalog: Catalog, *, writable: bool, choice: str | None = None) -> None:
+        self.folder, self.catalog, self.writable = folder, catalog, writable
+        self.choice = choice  # --index: "auto", a FAISS factory string, or None (keep what was recorded)
+        self.loaded: dict[str, VectorIndex] = {}
+
+    # ---- files and their records ------------------------------------------------------------
+    def path(self, kind: str, checksum: str) -> Path:
+        """Checkpoint files are named after their checksum: a new one never replaces the file the
+        catalog points to until the catalog points to the new one (a kill in between is harmless)."""
+        return self.folder / f"{kind}.{checksum[:16]}.faiss"
+
+    def record(self, kind: str) -> IndexFileRow | None:
+        """What the last checkpoint of `kind` holds (factory, count, nprobe), without loading it."""
+        return self.catalog.index_records().get(kind)
+
+    def file(self, kind: str) -> Path | None:
+        """The checkpoint file the catalog currently points to for `kind`."""
+        record = self.record(kind)
+        return self.path(kind, record.checksum) if record else None
+
+    def read(self, kind: str, record: IndexFileRow | None) -> VectorIndex | None:
+        """The checkpoint `record` describes, if its file is there and matches its checksum."""
+        if record is None:
+            return None
+        loaded = read_index(self.path(kind, record.checksum), record.checksum,
+                            max_bytes=max_index_bytes(record.count, record.dim))
+        if loaded is None:
+            return None
+        return VectorIndex(loaded, record.factory, record.requested, record.nprobe, record.trained_on)
+
+    def read_files(self) -> dict[str, tuple[IndexFileRow | None, VectorIndex | None]]:
+        """kind -> (record, its file as it is on disk or None): for checks, nothing repaired."""
+        records = self.catalog.index_records()
+        return {kind: (records.get(kind), self.read(kind, records.get(kind))) for kind in KINDS}
+
+    # ---- load, reconcile, rebuild, save -------------------------------------------------------
+    def load(self, kinds: tuple[str, ...] = KINDS) -> dict[str, VectorIndex]:
+        """Each kind's index, checked against the catalog: damaged ones rebuilt, stale ones reconciled.
+
+        Writers save what they repaired; readers keep the repair in memory.
+        """
+        dim = self.catalog.dim()
+        catalog_ids = self.catalog.embedded_ids()
+        records = self.catalog.index_records()
+        for kind in kinds:
+            record = records.get(kind)
+            index = self.read(kind, record)
+            if index is not None and (index.dim != dim or index.count != record.count):
+                log.warning("%s index does not match its record (dim/count): rebuilding", kind)
+                index = None
+            if index is not None and self.choice not in (None, index.requested):
+                log.info("%s index: switching %s -> %s", kind, index.requested, self.choice)
+                index = None
+            if index is None:
+                if record is not None and self.choice in (None, record.requested):
+                    log.warning("%s index missing or damaged: rebuilding from the catalog", kind)
+                self.loaded[kind] = self._build(kind, record)
+                if self.writable:
+                    self.save(kind)
+                continue
+            self.loaded[kind] = index
+            if self._reconcile(kind, index, catalog_ids) and self.writable:
+                self.save(kind)
+        return self.loaded
+
+    def _build(self, kind: str, record: IndexFileRow | None) -> VectorIndex:
+        ids, vectors = self.catalog.vectors(kind)
+        dim = self.catalog.dim() or 1
+        requested = self.choice or (record.requested if record else "auto")
+        factory = auto_factory(len(ids), dim) if requested == "auto" else requested
+        return build_index(factory, dim, vectors.reshape(-1, dim), ids, requested=requested)
+
+    def _reconcile(self, kind: str, index: VectorIndex, catalog_ids: np.ndarray) -> bool:
+        """Make the index hold exactly the catalog's embedded ids; True if anything changed."""
+        in_index = index.ids()
+        extra = np.setdiff1d(in_index, catalog_ids, assume_unique=True)
+        missing = np.setdiff1d(catalog_ids, in_index, assume_unique=True)
+        if not len(extra) and not len(missing):
+            return False
+        log.info("%s index: reconciling (%d stale, %d missing)", kind, len(extra), len(missing))
+        index.remove(extra)
+        ids, vectors = self.catalog.vectors(kind, missing)
+        index.add(ids, vectors)
+        return True
+
+    def rebuild_if_outgrown(self) -> None:
+        """Rebuild where the library's size now calls for another index: an auto index growing into
+        IVF, or a requested factory that had to start as Flat until there was enough to train."""
+        for kind, index in list(self.loaded.items()):
+            wanted = auto_factory(index.count, index.dim) if index.requested == "auto" else index.requested
+            if wanted == index.factory:
+                continue
+            if index.requested == "auto" and index.count < 2 * index.trained_on:
+                continue  # auto rebuilds (and retrains) only once the library has doubled since
+            ids, vectors = self.catalog.vectors(kind)
+            rebuilt = build_index(wanted, index.dim, vectors, ids, requested=index.requested)
+            if rebuilt.factory != index.factory:
+                log.info("%s index: %d vectors, %s -> %s", kind, index.count, index.factory, rebuilt.factory)
+                self.loaded[kind] = rebuilt
+                self.save(kind)
+
+    def save(self, kind: str) -> None:
+        """Checkpoint one index: a new file, then the catalog pointing to it, then old files removed."""
+        if not self.writable:
+            raise LibraryError("library opened read-only")
+        index = self.loaded[kind]
+        data = index.serialize()
+        checksum = hashlib.sha256(data).hexdigest()
+        path = self.path(kind, checksum)
+        write_atomic(path, data)
+        self.catalog.record_index_file(kind, factory=index.factory, requested=index.requested, nprobe=index.nprobe,
+                                       count=index.count, dim=index.dim, checksum=checksum,
+                                       trained_on=index.trained_on)
+        for old in self.folder.glob(f"{kind}.*.faiss"):
+            if old != path:
+                old.unlink(missing_ok=True)
+
+    def remove(self, ids) -> None:
+        """Drop `ids` from every loaded index (their rows left the catalog)."""
+        ids = list(ids)
+        for index in self.loaded.values():
+            index.remove(ids)
+
+    # ---- reporting and checking ---------------------------------------------------------------
+    def describe(self) -> dict[str, dict]:
+        """kind -> what its checkpoint holds (for `info`), from the records and file sizes."""
+        records = self.catalog.index_records()
+        out = {}
+        for kind in KINDS:
+            record = records.get(kind)
+            path = self.path(kind, record.checksum) if record else self.folder / "-"
+            out[kind] = {
+                "factory": record.factory if record else None,
+                "requested": record.requested if record else None,
+                "vectors": record.count if record else 0,
+                "nprobe": record.nprobe if record else None,
+                "bytes": path.stat().st_size if path.exists() else 0,
+            }
+        return out
+
+    def problems(self, files: dict[str, tuple[IndexFileRow | None, VectorIndex | None]],
+                 catalog_ids: np.ndarray) -> list[str]:
+        """Why the index files (see read_files) do not hold exactly the catalog's embedded ids."""
+        problems = []
+        for kind in KINDS:
+            record, index = files[kind]
+            if record is None:
+                if len(catalog_ids):
+                    problems.append(f"{kind}: no index file recorded for {len(catalog_ids)} embedded images")
+                continue
+            if index is None:
+                problems.append(f"{kind}: {self.path(kind, record.checksum).name} is missing or fails its checksum")
+                continue
+            ids = index.ids()
+            stale, missing = np.setdiff1d(ids, catalog_ids), np.setdiff1d(catalog_ids, ids)
+            if len(stale):
+                problems.append(f"{kind}: {len(stale)} vectors for images no longer in the catalog")
+            if len(missing):
+                problems.append(f"{kind}: {len(missing)} embedded images missing from the index")
+            if len(ids) != len(np.unique(ids)):
+                problems.append(f"{kind}: duplicate ids in the index")
+        return problems
