@@ -201,6 +201,24 @@ def _min_training(inner: faiss.Index) -> int:
     return max(nlist * 4, pq.ksub if pq is not None else 1)
 
 
+def training_sample(count: int, nlist: int, needed: int = 0) -> np.ndarray:
+    """Sorted positions, among `count` vectors, of the sample an index with `nlist` lists trains
+    on: TRAIN_PER_LIST per list (training time grows with it), at least `needed`, the same sample
+    for the same count every time (seeded)."""
+    size = min(count, max(TRAIN_PER_LIST * max(nlist, 1), needed))
+    return np.sort(np.random.default_rng(0).choice(count, size, replace=False))
+
+
+def trained_ivf_flat(dim: int, nlist: int, sample: np.ndarray, *, nprobe: int, requested: str,
+                     trained_on: int) -> VectorIndex:
+    """An empty IVF-Flat index trained on `sample` (see training_sample), for the caller to fill
+    block by block with `add`: only the sample and the index are ever in memory."""
+    factory = f"IVF{nlist},Flat"
+    inner = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    inner.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return VectorIndex(faiss.IndexIDMap2(inner), factory, requested, nprobe, trained_on)
+
+
 def build_index(factory: str, dim: int, vectors: np.ndarray, ids: np.ndarray, *, requested: str) -> VectorIndex:
     """Create, train (on a sample) and fill an index; tune nprobe for IVF indexes."""
     inner = check_factory(factory, dim)
@@ -212,9 +230,7 @@ def build_index(factory: str, dim: int, vectors: np.ndarray, ids: np.ndarray, *,
             # Too few vectors to train yet: exact search until the library has grown enough.
             log.info("%s needs %d vectors to train, have %d: using Flat for now", factory, needed, len(vectors))
             return build_index("Flat", dim, vectors, ids, requested=requested)
-        size = min(len(vectors), max(TRAIN_PER_LIST * max(nlist, 1), needed))  # training time grows with it
-        sample = vectors[np.sort(np.random.default_rng(0).choice(len(vectors), size, replace=False))]
-        inner.train(sample)
+        inner.train(vectors[training_sample(len(vectors), nlist, needed)])
     index = faiss.IndexIDMap2(inner)
     result = VectorIndex(index, factory, requested, None, len(vectors))
     result.add(ids, vectors)

@@ -6,9 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from indexer.library import Library
+from indexer.store import VectorIndex, ivf_lists, trained_ivf_flat, training_sample
 
 from .grouping import complete_linkage, range_pairs
 from .keep import DEFAULT_ORDER, Member, choose_keeper, in_folder
@@ -131,26 +130,19 @@ def find_duplicates(
     return result
 
 
-def candidate_index(library: Library, kind: str, block: int = BLOCK):
+def candidate_index(library: Library, kind: str, block: int = BLOCK) -> VectorIndex:
     """The index to find close pairs with: the library's own, unless it is exact and large; then
     a temporary IVF-Flat is trained on a sample and filled block by block (the library's exact
     index is not loaded at all, so memory stays at one copy of the vectors)."""
     record = library.index_set.record(kind)
     if kind in library.indexes or record is None or record.nprobe is not None or record.count <= EXACT_PAIRS_MAX:
         return library.indexes.get(kind) or library.load_indexes((kind,))[kind]
-    import faiss
-
-    from indexer.store import TRAIN_PER_LIST, VectorIndex, ivf_lists
-
     ids = library.catalog.embedded_ids()
-    dim = library.dim()
     nlist = ivf_lists(len(ids))
-    sample_ids = np.random.default_rng(0).choice(ids, min(len(ids), TRAIN_PER_LIST * nlist), replace=False)
-    _, sample = library.catalog.vectors(kind, sample_ids)
-    inner = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
-    inner.train(sample)
+    _, sample = library.catalog.vectors(kind, ids[training_sample(len(ids), nlist)])
+    index = trained_ivf_flat(library.dim(), nlist, sample, nprobe=DEDUP_NPROBE, requested="dedup",
+                             trained_on=len(ids))
     del sample
-    index = VectorIndex(faiss.IndexIDMap2(inner), f"IVF{nlist},Flat", "dedup", DEDUP_NPROBE, len(ids))
     for block_ids, vectors in library.catalog.vector_blocks(kind, block):
         index.add(block_ids, vectors)
     return index

@@ -7,7 +7,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from indexer.store import auto_factory, build_index, read_index, remove_temp_files, write_atomic
+from indexer.store import (TRAIN_PER_LIST, auto_factory, build_index, read_index, remove_temp_files, trained_ivf_flat,
+                           training_sample, write_atomic)
 
 
 def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -21,6 +22,21 @@ def test_auto_factory_grows_with_the_library():
     assert auto_factory(200_000, 384).startswith("IVF") and auto_factory(200_000, 384).endswith(",SQ8")
     assert auto_factory(100_000_000, 384) == "IVF32768,PQ96x8"  # nlist ~ 4 sqrt(N), a power of two
     assert auto_factory(100_000_000, 1536) == "IVF32768,PQ384x8"
+
+
+def test_one_training_sample_for_every_ivf_index():
+    positions = training_sample(10_000, 8)
+    assert len(positions) == 8 * TRAIN_PER_LIST and (np.diff(positions) > 0).all()  # sorted, no repeats
+    assert (training_sample(10_000, 8) == positions).all()  # seeded: the same sample every time
+    assert len(training_sample(10_000, 1, needed=1000)) == 1000 and len(training_sample(100, 8)) == 100
+    # The temporary IVF-Flat dedup fills block by block: trained on that sample, it finds what exact search finds.
+    vectors, ids = unit_vectors(4000, 16), np.arange(1, 4001, dtype=np.int64)
+    index = trained_ivf_flat(16, 8, vectors[training_sample(4000, 8)], nprobe=8, requested="dedup", trained_on=4000)
+    for start in range(0, 4000, 1000):
+        index.add(ids[start:start + 1000], vectors[start:start + 1000])
+    assert (index.factory, index.count, index.nprobe) == ("IVF8,Flat", 4000, 8)
+    _, found = index.search(vectors[:50], 1)
+    assert (found[:, 0] == ids[:50]).all()
 
 
 def test_flat_equals_brute_force_with_catalog_ids():
