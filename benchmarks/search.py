@@ -58,7 +58,7 @@ def main() -> None:
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     ids = np.arange(1, args.n + 1, dtype=np.int64)
 
-    with LibrarySearch(Library.open(root)) as lib:
+    with Library.open(root) as library, LibrarySearch(library) as lib:
         auto = lib.indexes["cls"]
         flat = faiss.IndexIDMap2(faiss.IndexFlatIP(args.dim))
         flat.add_with_ids(vectors, ids)

@@ -46,10 +46,15 @@ class Hit:
 
 
 class LibrarySearch:
-    """Search a library. Image queries need an encoder of the library's model (`encoder=`)."""
+    """Search a library. Image queries need an encoder of the library's model (`encoder=`).
 
-    def __init__(self, library: Library, encoder=None) -> None:
+    Whoever opens the library closes it: `close()` closes it only when it was handed over with
+    `owns_library=True` (as `open_library` does); otherwise the caller's library stays open.
+    """
+
+    def __init__(self, library: Library, encoder=None, *, owns_library: bool = False) -> None:
         self.library = library
+        self.owns_library = owns_library
         self.encoder = encoder
         if encoder is not None:
             library.check_model(encoder.manifest())
@@ -60,7 +65,8 @@ class LibrarySearch:
         self.indexes = library.load_indexes()
 
     def close(self) -> None:
-        self.library.close()
+        if self.owns_library:
+            self.library.close()
 
     def __enter__(self) -> "LibrarySearch":
         return self
@@ -262,7 +268,7 @@ def open_library(
             manifest = library.manifest()
             preprocess = manifest["preprocess"] if manifest else {"mode": "crop", "size": 224}
             encoder = Encoder.from_pretrained(weights or model, device=device, precision=precision, **preprocess)
-        return LibrarySearch(library, encoder)
+        return LibrarySearch(library, encoder, owns_library=True)  # closed with it
     except BaseException:
         library.close()
         raise

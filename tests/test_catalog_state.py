@@ -91,7 +91,7 @@ def test_a_link_left_by_dedup_never_displaces_the_kept_photo(tmp_path, encoder, 
     after = rows(root)
     assert after[keeper.encode()].status == EMBEDDED and after[keeper.encode()].id == kept_id
     assert after[copy.encode()].status == QUARANTINED  # the link at the old path: set aside, as dedup left it
-    with LibrarySearch(Library.open(root)) as lib:
+    with Library.open(root) as library, LibrarySearch(library) as lib:
         _, vector = lib.row_vector(keeper, "cls")
         assert lib.search(vector, k=1)[0].path == keeper
         assert find_duplicates(lib.library, threshold=THRESHOLD) == []  # nothing new proposed
@@ -298,7 +298,7 @@ def test_rows_without_vectors_are_skipped_by_readers_and_repaired(indexed, encod
     with Library.open(indexed, write=True) as library, library.catalog.session() as s, s.begin():
         damaged = s.query(ImageRow).filter(ImageRow.path == b"m/other0.jpg").one().id
         s.execute(update(ImageRow).where(ImageRow.id == damaged).values(cls=None))
-    with LibrarySearch(Library.open(indexed), encoder) as lib:  # readers carry on without the row
+    with Library.open(indexed) as library, LibrarySearch(library, encoder) as lib:  # readers carry on without the row
         assert [h.id for h in lib.search(synthetic_photo(200, 150, seed=10), k=10)].count(damaged) == 0
         assert lib.similar("a/p.jpg", k=1)[0].path == "b/p-small.jpg"
         assert len(find_duplicates(lib.library, threshold=THRESHOLD)) == 1

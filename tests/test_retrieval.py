@@ -84,7 +84,7 @@ def assert_same_ranking(hits, expected):
 def test_search_equals_brute_force(library_root, encoder):
     query = synthetic_photo(500, 400, seed=3)
     vector = encoder.embed([query]).cls[0]
-    with LibrarySearch(Library.open(library_root), encoder) as lib:
+    with Library.open(library_root) as library, LibrarySearch(library, encoder) as lib:
         for q in (query, vector, library_root / "a/p3.jpg"):
             hits = lib.search(q, k=5)
             assert_same_ranking(hits, brute_force(library_root, lib.vectors_for(q, "cls")[0], "cls")[:5])
@@ -102,7 +102,7 @@ def test_search_equals_brute_force(library_root, encoder):
 ])
 def test_filtered_search_is_exact_over_the_filtered_set(library_root, encoder, filters, keep):
     vector = encoder.embed([synthetic_photo(300, 300, seed=11)]).cls[0]
-    with LibrarySearch(Library.open(library_root)) as lib:
+    with Library.open(library_root) as library, LibrarySearch(library) as lib:
         hits = lib.search(vector, k=20, filters=filters)
         expected = brute_force(library_root, lib.vectors_for(vector, "cls")[0], "cls", keep)
     assert len(hits) == len(expected) > 0
@@ -112,7 +112,7 @@ def test_filtered_search_is_exact_over_the_filtered_set(library_root, encoder, f
 def test_both_kinds_average_the_two_similarities(library_root, encoder):
     query = synthetic_photo(400, 300, seed=5)
     out = encoder.embed([query])
-    with LibrarySearch(Library.open(library_root), encoder) as lib:
+    with Library.open(library_root) as library, LibrarySearch(library, encoder) as lib:
         hits = lib.search(query, k=3, kind="both")
     cls = dict(brute_force(library_root, out.cls[0], "cls"))
     patch = dict(brute_force(library_root, out.patch[0], "patch"))
@@ -121,7 +121,7 @@ def test_both_kinds_average_the_two_similarities(library_root, encoder):
 
 
 def test_similar_excludes_itself_and_finds_copies(library_root):
-    with LibrarySearch(Library.open(library_root)) as lib:
+    with Library.open(library_root) as library, LibrarySearch(library) as lib:
         hits = lib.similar(library_root / "a/p0.jpg", k=3)
         assert hits[0].path == "b/p0-copy.jpg" and hits[0].score > 0.999
         assert all(h.path != "a/p0.jpg" for h in hits)
@@ -131,7 +131,7 @@ def test_similar_excludes_itself_and_finds_copies(library_root):
 
 
 def test_deleted_rows_never_come_back(library_root, encoder):
-    with LibrarySearch(Library.open(library_root), encoder) as lib:
+    with Library.open(library_root) as library, LibrarySearch(library, encoder) as lib:
         target = lib.similar("a/p0.jpg", k=1)[0]
         with lib.library.catalog.session() as s, s.begin():
             s.execute(delete(ImageRow).where(ImageRow.id == target.id))  # a concurrent run removed it
@@ -139,7 +139,7 @@ def test_deleted_rows_never_come_back(library_root, encoder):
 
 
 def test_query_errors(library_root):
-    with LibrarySearch(Library.open(library_root)) as lib:
+    with Library.open(library_root) as library, LibrarySearch(library) as lib:
         with pytest.raises(QueryError, match="has 3 dimensions"):
             lib.search(np.ones(3, np.float32))
         with pytest.raises(QueryError, match="need the library's model"):
@@ -149,7 +149,7 @@ def test_query_errors(library_root):
 
 
 def test_batch_search(library_root, encoder):
-    with LibrarySearch(Library.open(library_root), encoder) as lib:
+    with Library.open(library_root) as library, LibrarySearch(library, encoder) as lib:
         vectors = encoder.embed([synthetic_photo(300, 200, seed=s) for s in (1, 2)]).cls
         batch = lib.search_batch(vectors, k=4)
         assert batch[1] == lib.search(vectors[1], k=4)
@@ -304,12 +304,30 @@ def test_large_exact_libraries_find_pairs_through_a_temporary_ivf(library_root, 
     assert [[m.id for m in g.members] for g in approximate] == [[m.id for m in g.members] for g in exact]
 
 
+def test_a_search_closes_only_the_library_it_owns(library_root, monkeypatch):
+    from indexer.errors import LibraryLockedError
+    from retrieval.api import open_library
+
+    with Library.open(library_root, write=True) as library:
+        with LibrarySearch(library) as lib:  # handed a library: the caller's to close
+            assert lib.similar("a/p0.jpg", k=1)
+        with pytest.raises(LibraryLockedError):  # the writer lock is still held...
+            Library.open(library_root, write=True)
+        assert library.manifest() is not None  # ...and the catalog still answers
+    closed = []
+    real_close = Library.close
+    monkeypatch.setattr(Library, "close", lambda self: (closed.append(self), real_close(self)))
+    with open_library(library_root) as lib:  # opened it: closes it
+        assert lib.similar("a/p0.jpg", k=1)
+    assert closed == [lib.library]
+
+
 def test_large_filtered_sets_go_through_a_faiss_id_selector(library_root, encoder, monkeypatch):
     import retrieval.api as api
 
     vector = encoder.embed([synthetic_photo(300, 300, seed=11)]).cls[0]
     monkeypatch.setattr(api, "EXACT_FILTER_LIMIT", 0)  # force the FAISS path
-    with LibrarySearch(Library.open(library_root)) as lib:
+    with Library.open(library_root) as library, LibrarySearch(library) as lib:
         hits = lib.search(vector, k=20, folder="b")
         expected = brute_force(library_root, lib.vectors_for(vector, "cls")[0], "cls", lambda r: r.folder == "b")
     assert len(hits) == len(expected) == 7
