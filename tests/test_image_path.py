@@ -103,7 +103,7 @@ def test_every_caller_hands_the_encoder_the_same_pixels(tiny_folder, tmp_path, m
         assert lib.search(path, k=1)[0].score > 0.999
     caller[0] = "crops"
     with Library.open(root) as library:
-        ids, _ = library.catalog_vector_sets(("cls",))
+        ids, _ = library.catalog.vector_sets(("cls",))
         assert list(patch_tokens(library, encoder, ids.tolist())) == ids.tolist()
 
     assert sorted(seen) == ["crops", "embed", "index", "search"]
