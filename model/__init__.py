@@ -3,7 +3,7 @@
 from .config import HUB_REPOS, PRESETS, ViTConfig
 from .encoder import Embeddings, Encoder
 from .errors import CheckpointError, ModelError, PrecisionError, WeightsNotFoundError
-from .load import build_vit, load_vit
+from .load import Weights, build_vit, load_vit, load_weights
 from .precision import PRECISIONS
 from .preprocess import InputSpec, preprocess
 from .vit import DinoVisionTransformer
@@ -20,8 +20,10 @@ __all__ = [
     "ModelError",
     "PrecisionError",
     "ViTConfig",
+    "Weights",
     "WeightsNotFoundError",
     "build_vit",
     "load_vit",
+    "load_weights",
     "preprocess",
 ]

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -11,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .files import open_regular
-from .load import load_vit
+from .fingerprint import tensors_sha256
+from .load import Weights, load_weights
 from .precision import apply_precision, compute_dtype, resolve_device, resolve_precision
 from .preprocess import CROP, InputSpec, normalize_batch, preprocess
 from .quant import weight_bytes
@@ -43,7 +42,12 @@ class Encoder:
         precision: str = "auto",
         mode: str = "crop",
         size: int = CROP,
+        fingerprint: str | Callable[[], str] | None = None,
     ) -> None:
+        """`fingerprint` identifies the weights in library manifests: a sha256, or a function giving
+        it when first needed (`Weights.fingerprint`, over the checkpoint files). None for a model
+        built in memory: its tensors are hashed, before precision changes them."""
+        self._fingerprint = tensors_sha256(vit) if fingerprint is None else fingerprint
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.dtype = compute_dtype(self.precision, self.device)
@@ -54,7 +58,6 @@ class Encoder:
 
             calibration = preprocess(calibration_images(), mode=mode, size=size)
         self.vit = apply_precision(vit, self.precision, self.device, calibration).eval().requires_grad_(False)
-        self._weights_sha256: str | None = None
 
     @classmethod
     def from_pretrained(
@@ -70,7 +73,21 @@ class Encoder:
         # Every argument is checked before gigabytes of weights are read.
         InputSpec(mode, size)
         resolve_precision(precision, resolve_device(device))
-        return cls(load_vit(source), device=device, precision=precision, mode=mode, size=size)
+        return cls.from_weights(load_weights(source), device=device, precision=precision, mode=mode, size=size)
+
+    @classmethod
+    def from_weights(
+        cls,
+        weights: Weights,
+        *,
+        device: str | torch.device = "cpu",
+        precision: str = "auto",
+        mode: str = "crop",
+        size: int = CROP,
+    ) -> "Encoder":
+        """An encoder over weights already loaded (`load_weights`), fingerprinted by their files."""
+        return cls(weights.vit, device=device, precision=precision, mode=mode, size=size,
+                   fingerprint=weights.fingerprint)
 
     @property
     def dim(self) -> int:
@@ -123,15 +140,10 @@ class Encoder:
 
     @property
     def weights_sha256(self) -> str:
-        """sha256 over the weight files read (computed once, on first use)."""
-        if self._weights_sha256 is None:
-            digest = hashlib.sha256()
-            for path in getattr(self.vit, "source_files", ()):
-                with open_regular(path) as f:  # never blocks, should a weights file be swapped for a FIFO
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        digest.update(chunk)
-            self._weights_sha256 = digest.hexdigest()
-        return self._weights_sha256
+        """The weights' fingerprint (computed once, on first use, when it is a function)."""
+        if callable(self._fingerprint):
+            self._fingerprint = self._fingerprint()
+        return self._fingerprint
 
     def manifest(self) -> dict:
         """What a library records so vectors from another model are never mixed in."""

@@ -1,7 +1,10 @@
-"""`load_vit`: any weights source -> a DinoVisionTransformer in eval mode."""
+"""`load_weights` / `load_vit`: any weights source -> a DinoVisionTransformer in eval mode (and its fingerprint)."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +19,7 @@ from .checkpoint import (
     read_checkpoint,
 )
 from .config import HUB_REPOS, PRESETS, ViTConfig
+from .fingerprint import files_sha256
 from .hub import resolve_preset
 from .vit import DinoVisionTransformer
 
@@ -27,6 +31,16 @@ def resolve_source(source: str | Path) -> Path:
     return Path(source)
 
 
+@dataclass(frozen=True)
+class Weights:
+    """A model loaded from checkpoint files, and what identifies those weights."""
+
+    vit: DinoVisionTransformer
+    # sha256 of the files read. A function, called once when a library manifest needs it: hashing
+    # gigabytes is left to the commands that record or check one.
+    fingerprint: Callable[[], str]
+
+
 def load_vit(
     source: str | Path,
     *,
@@ -34,6 +48,17 @@ def load_vit(
     dtype: torch.dtype = torch.float32,
     config: ViTConfig | None = None,
 ) -> DinoVisionTransformer:
+    """`load_weights(...).vit`: the model alone."""
+    return load_weights(source, device=device, dtype=dtype, config=config).vit
+
+
+def load_weights(
+    source: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    config: ViTConfig | None = None,
+) -> Weights:
     """Load DINOv2 weights from a preset name, HF folder, `.safetensors` or `.pth` file.
 
     The module's call on `pixel_values` (B, 3, H, W) returns the final-norm hidden states
@@ -54,9 +79,11 @@ def load_vit(
     # Checkpoints may be stored in half precision; go through float32 so every dtype is cast once.
     state = {k: v.to(torch.float32) for k, v in tensors.items()}
     model.load_state_dict(state, strict=True, assign=True)
-    model.source_files = raw.files  # for weight fingerprints in library manifests
     # Fold in float32, before any cast, so the products are rounded once.
-    return model.fold_scales().to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model = model.fold_scales().to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # Over the files, not the module: the fingerprint stays that of the checkpoint, whatever casts
+    # or quantization later do to the model.
+    return Weights(model, functools.partial(files_sha256, raw.files))
 
 
 def build_vit(config: ViTConfig | str, *, device: str | torch.device = "cpu") -> DinoVisionTransformer:

@@ -75,3 +75,24 @@ def test_manifest_records_model_identity(tiny_folder):
 def test_bad_full_size_is_rejected_before_loading(tiny_folder):
     with pytest.raises(ValueError, match="multiple of 14"):
         Encoder.from_pretrained(tiny_folder, mode="full", size=300)
+
+
+def test_fingerprint_comes_from_the_loader_or_the_tensors(tiny_folder):
+    import hashlib
+
+    from model import build_vit, load_weights
+    from model.fingerprint import tensors_sha256
+
+    files_sha = hashlib.sha256((tiny_folder / "model.safetensors").read_bytes()).hexdigest()
+    assert Encoder.from_weights(load_weights(tiny_folder), precision="fp32").weights_sha256 == files_sha
+    # A model built in memory has no files: its tensors are its fingerprint (never the sha of nothing).
+    vit = load_weights(tiny_folder).vit
+    in_memory = Encoder(vit, precision="fp32").weights_sha256
+    assert in_memory not in (files_sha, hashlib.sha256(b"").hexdigest())
+    assert in_memory == tensors_sha256(load_weights(tiny_folder).vit)  # same weights, same fingerprint
+    torch.manual_seed(0)
+    other = Encoder(build_vit(vit.config), precision="fp32").weights_sha256
+    assert other != in_memory
+    # Taken before precision changes the tensors: int8 of the same weights is the same model.
+    assert Encoder(load_weights(tiny_folder).vit, precision="int8").weights_sha256 == in_memory
+    assert Encoder(vit, precision="fp32", fingerprint="abc").weights_sha256 == "abc"
