@@ -1,8 +1,8 @@
 """DINOv2 encoder in plain PyTorch: architecture, checkpoints, preprocessing, precision."""
 
 from .config import HUB_REPOS, PRESETS, ViTConfig
-from .encoder import Embeddings, Encoder
-from .errors import CheckpointError, ModelError, PrecisionError, WeightsNotFoundError
+from .encoder import Embeddings, Encoder, check_settings, encoder_for_library
+from .errors import CheckpointError, InvalidArgumentError, ModelError, PrecisionError, WeightsNotFoundError
 from .load import Weights, build_vit, load_vit, load_weights
 from .precision import PRECISIONS
 from .preprocess import InputSpec, preprocess
@@ -17,12 +17,15 @@ __all__ = [
     "Embeddings",
     "Encoder",
     "InputSpec",
+    "InvalidArgumentError",
     "ModelError",
     "PrecisionError",
     "ViTConfig",
     "Weights",
     "WeightsNotFoundError",
     "build_vit",
+    "check_settings",
+    "encoder_for_library",
     "load_vit",
     "load_weights",
     "preprocess",

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import InvalidArgumentError
 from .fingerprint import tensors_sha256
 from .load import Weights, load_weights
 from .precision import apply_precision, compute_dtype, resolve_device, resolve_precision
@@ -70,9 +71,7 @@ class Encoder:
         size: int = CROP,
     ) -> "Encoder":
         """Load weights (preset name, HF folder, `.safetensors`, `.pth`) and prepare them for `precision`."""
-        # Every argument is checked before gigabytes of weights are read.
-        InputSpec(mode, size)
-        resolve_precision(precision, resolve_device(device))
+        check_settings(device=device, precision=precision, mode=mode, size=size)
         return cls.from_weights(load_weights(source), device=device, precision=precision, mode=mode, size=size)
 
     @classmethod
@@ -155,3 +154,47 @@ class Encoder:
             "dim": self.dim,
             "weight_bytes": weight_bytes(self.vit),
         }
+
+
+def check_settings(*, device: str | torch.device = "cpu", precision: str = "auto", mode: str = "crop",
+                   size: int = CROP) -> None:
+    """Raise unless an encoder can be made with these settings. Cheap, so that callers check them
+    before gigabytes of weights are read, or anything is created."""
+    InputSpec(mode, size)
+    resolve_precision(precision, resolve_device(device))
+
+
+def encoder_for_library(
+    manifest: dict | None,
+    source: str | Path | Weights,
+    *,
+    device: str | torch.device = "cpu",
+    precision: str = "auto",
+    mode: str | None = None,
+    size: int | None = None,
+) -> Encoder:
+    """The encoder for a library with this model `manifest` (None: a new library), built in this one
+    place for every command.
+
+    A new library gets the input asked for (default crop at 224 px). An existing one gets the
+    preprocessing it recorded, since only vectors made the same way compare; asking for another
+    mode or size is refused rather than ignored. `source` is a preset name, a weights path, or
+    `Weights` already loaded. Whether the weights are the library's is the library's check
+    (`check_model`, `bind_model`), which knows everything else that must match.
+    """
+    recorded = (manifest or {}).get("preprocess")
+    if recorded is None:
+        spec = InputSpec(mode or "crop", CROP if size is None else size)
+    else:
+        spec = InputSpec(recorded["mode"], recorded["size"])
+        asked = {name: value for name, value in (("mode", mode), ("size", size))
+                 if value is not None and value != getattr(spec, name)}
+        if asked:
+            raise InvalidArgumentError(
+                f"this library was made with mode {spec.mode!r} at size {spec.size}, not "
+                f"{' at '.join(f'{name} {value!r}' for name, value in asked.items())}; leave it unset to use "
+                f"the library's, or make a new library")
+    settings = dict(device=device, precision=precision, mode=spec.mode, size=spec.size)
+    if isinstance(source, Weights):
+        return Encoder.from_weights(source, **settings)
+    return Encoder.from_pretrained(source, **settings)

@@ -5,6 +5,11 @@ class ModelError(Exception):
     """Base class for every error the model package raises."""
 
 
+class InvalidArgumentError(ModelError, ValueError):
+    """An argument is out of range or does not fit (input mode and size, preset name, config value).
+    Also a ValueError, as these were before they had a type of their own."""
+
+
 class CheckpointError(ModelError):
     """A weights file is missing, unreadable, partial, or does not fit the architecture."""
 

@@ -263,11 +263,9 @@ def open_library(
     try:
         encoder = None
         if model or weights:
-            from model import Encoder
+            from model import encoder_for_library
 
-            manifest = library.manifest()
-            preprocess = manifest["preprocess"] if manifest else {"mode": "crop", "size": 224}
-            encoder = Encoder.from_pretrained(weights or model, device=device, precision=precision, **preprocess)
+            encoder = encoder_for_library(library.manifest(), weights or model, device=device, precision=precision)
         return LibrarySearch(library, encoder, owns_library=True)  # closed with it
     except BaseException:
         library.close()

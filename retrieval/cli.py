@@ -209,8 +209,8 @@ def library_options(func):
 @click.option("--index", "index_choice", default=None,
               help="auto (exact, then IVF-SQ8/PQ as the library grows; the default) or a FAISS factory "
                    "string; remembered for later runs.")
-@click.option("--mode", type=click.Choice(["crop", "full"]), default="crop", show_default=True,
-              help="Preprocessing for new libraries (recorded in the library's model manifest).")
+@click.option("--mode", type=click.Choice(["crop", "full"]), default=None,
+              help="Preprocessing of a new library [default: crop]; an existing one keeps the mode it recorded.")
 @click.option("--include", multiple=True, help="Only paths matching this glob (repeatable).")
 @click.option("--exclude", multiple=True, help="Skip paths matching this glob (repeatable).")
 @click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links (loop-safe).")
@@ -231,7 +231,7 @@ def index(root, library_dir, url, model_name, weights, device, precision, worker
     from indexer.library import Library
     from indexer.pipeline import Options, run_index
     from indexer.store import check_factory
-    from model import Encoder
+    from model import check_settings, encoder_for_library, load_weights
 
     if not root.is_dir():
         raise click.ClickException(f"{_shown(root)} is not a folder (unmounted disk?)")
@@ -239,12 +239,15 @@ def index(root, library_dir, url, model_name, weights, device, precision, worker
                       allow_mass_delete=allow_mass_delete, checkpoint_seconds=checkpoint_seconds)
     if workers is not None:
         options.workers = workers
-    # The model first: its width is what a FAISS factory string is checked against, and a bad
-    # --index (or bad weights) must fail before a library folder is created.
-    encoder = Encoder.from_pretrained(weights or model_name, device=device, precision=precision, mode=mode)
+    # The model first: its width is what a FAISS factory string is checked against, and bad
+    # settings, weights or --index must fail before a library folder is created.
+    check_settings(device=device, precision=precision, mode=mode or "crop")
+    loaded = load_weights(weights or model_name)
     if index_choice not in (None, "auto"):
-        check_factory(index_choice, encoder.dim)
+        check_factory(index_choice, loaded.vit.config.embed_dim)
     with Library.open(root, folder=library_dir, url=url, write=True, create=True, index=index_choice) as library:
+        # Only now is the library's recorded preprocessing known, which an existing library keeps.
+        encoder = encoder_for_library(library.manifest(), loaded, device=device, precision=precision, mode=mode)
         started = time.monotonic()
         bar = None
 
@@ -477,11 +480,10 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, keep_order, prote
     with Library.open(root, folder=library_dir, url=url, write=do_apply) as library:
         crop_encoder = None
         if crops:
-            from model import Encoder
+            from model import encoder_for_library
 
-            manifest = library.manifest() or {}
-            crop_encoder = Encoder.from_pretrained(weights or model_name, device=device, precision=precision,
-                                                   **manifest.get("preprocess", {}))
+            crop_encoder = encoder_for_library(library.manifest(), weights or model_name, device=device,
+                                               precision=precision)
             library.check_model(crop_encoder.manifest())
         groups = find_duplicates(library, threshold=threshold, kind=kind, exact_only=exact_only,
                                  order=order, protected=protect, folder=folder, crop_encoder=crop_encoder,
@@ -582,13 +584,11 @@ def calibrate(root, library_dir, url, model_name, weights, device, precision, sa
       dinoseek calibrate ~/Pictures --weights ./dinov2-small --sample 100
     """
     from indexer.library import Library
-    from model import Encoder
+    from model import encoder_for_library
     from retrieval.calibrate import calibrate as run
 
     with Library.open(root, folder=library_dir, url=url) as library:
-        manifest = library.manifest() or {}
-        encoder = Encoder.from_pretrained(weights or model_name, device=device, precision=precision,
-                                          **manifest.get("preprocess", {}))
+        encoder = encoder_for_library(library.manifest(), weights or model_name, device=device, precision=precision)
         table, recommended, used = run(library, encoder, sample=sample, kind=kind)
     if as_json:
         click.echo(json.dumps({"photos": used, "recommended": recommended,
