@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import PRESETS, Encoder, load_vit  # noqa: E402
+from model import PRESETS, Encoder, load_weights  # noqa: E402
 from model.precision import apply_precision, compute_dtype, resolve_device, resolve_precision  # noqa: E402
 from model.quant import weight_bytes  # noqa: E402
 
@@ -88,7 +88,7 @@ def main() -> None:
             baseline = None
             for precision in args.precisions:
                 precision = resolve_precision(precision, device)
-                encoder = Encoder(load_vit(tmp), device=device, precision=precision)
+                encoder = Encoder.from_weights(load_weights(tmp), device=device, precision=precision)
                 xd = x.to(device, compute_dtype(precision, device))
                 fns = {"ours": lambda: encoder.vit(xd)}
                 if precision in HF_DTYPES:  # the reference has no weight-only int8/int4 of its own
@@ -99,7 +99,7 @@ def main() -> None:
                     out = encoder.embed(x).cls
                 ref_fp32 = ref_fp32.float().cpu()
                 if baseline is None:
-                    baseline = Encoder(load_vit(tmp), device=device, precision="fp32").embed(x).cls
+                    baseline = Encoder.from_weights(load_weights(tmp), device=device, precision="fp32").embed(x).cls
                 cos = float((out * baseline).sum(1).min())
                 ours_s = seconds["ours"]
                 ref_cell = ratio_cell = "-"

@@ -60,7 +60,7 @@ def measure_decode(paths, workers: int) -> dict:
 
     from indexer.decode import load_pixels
     from indexer.pipeline import Options, Task, _decoded
-    from model import InputSpec
+    from model import Embedder, Embeddings, InputSpec
 
     spec = InputSpec("crop", 224)
     sample = paths[: min(len(paths), 12)]
@@ -74,13 +74,24 @@ def measure_decode(paths, workers: int) -> dict:
         load_pixels(p, spec)
     draft = rate(len(sample), time.perf_counter() - start)
 
-    class _Enc:  # what _decoded needs of an encoder
+    class _DecodeOnly:
+        """An Embedder without a model: the decode limit measures what `_decoded` does with its spec."""
+
+        dim = 1
         input_spec = spec
 
+        def manifest(self) -> dict:
+            return {"arch": {"decode-only": True}, "preprocess": spec.as_dict(), "dim": self.dim}
+
+        def embed_pixels(self, pixels: np.ndarray, *, return_tokens: bool = False) -> Embeddings:
+            ones = np.ones((len(pixels), self.dim), np.float32)
+            return Embeddings(ones, ones)
+
+    fake: Embedder = _DecodeOnly()
     tasks = [Task(os.fsencode(p.name), 0, 0) for p in paths]
     root = os.fsencode(paths[0].parent)
     start = time.perf_counter()
-    done = sum(1 for _ in _decoded(root, tasks, _Enc, Options(workers=workers), frozenset()))
+    done = sum(1 for _ in _decoded(root, tasks, fake, Options(workers=workers), frozenset()))
     limit = rate(done, time.perf_counter() - start)
     return {"full_decode_1p": full, "draft_decode_1p": draft, "decode_limit": limit}
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model import InputSpec
+from model import Embedder, InputSpec
 
 from .catalog import EMBEDDED, QUARANTINED, TRANSIENT
 from .decode import DecodeError, display_path, load_pixels
@@ -87,7 +87,7 @@ def _decode_task(root: bytes, task: Task, spec: InputSpec, moved_hashes: frozens
 
 def run_index(
     library: Library,
-    encoder,
+    encoder: Embedder,
     options: Options = Options(),
     on_progress: Callable[[Progress], None] | None = None,
 ) -> dict:
@@ -216,7 +216,7 @@ def heif_available() -> bool:
     return importlib.util.find_spec("pillow_heif") is not None
 
 
-def _decoded(root: bytes, tasks: list[Task], encoder, options: Options, moved: frozenset) -> Iterator[tuple]:
+def _decoded(root: bytes, tasks: list[Task], encoder: Embedder, options: Options, moved: frozenset) -> Iterator[tuple]:
     """Decode results as they finish; at most `workers * 4` in flight so memory stays flat.
 
     A worker that dies costs the files in flight with it; a task running past
@@ -333,7 +333,7 @@ def _worker_init() -> None:
 class _BatchWriter:
     """Collects decoded images into batches; each flush embeds them and commits one transaction."""
 
-    def __init__(self, library: Library, encoder, run_id: int, existing: dict, counts: dict, batch_size: int) -> None:
+    def __init__(self, library: Library, encoder: Embedder, run_id: int, existing: dict, counts: dict, batch_size: int) -> None:
         self.library, self.encoder, self.run_id, self.batch_size = library, encoder, run_id, batch_size
         self.existing, self.counts = existing, counts
         self.images: list[tuple[bytes, np.ndarray, dict]] = []

@@ -1,7 +1,8 @@
 """DINOv2 encoder in plain PyTorch: architecture, checkpoints, preprocessing, precision."""
 
 from .config import HUB_REPOS, PRESETS, ViTConfig
-from .encoder import Embeddings, Encoder, check_settings, encoder_for_library
+from .embedder import Embedder, Embeddings
+from .encoder import Encoder, check_settings, encoder_for_library
 from .errors import CheckpointError, InvalidArgumentError, ModelError, PrecisionError, WeightsNotFoundError
 from .load import Weights, build_vit, load_vit, load_weights
 from .precision import PRECISIONS
@@ -14,6 +15,7 @@ __all__ = [
     "PRESETS",
     "CheckpointError",
     "DinoVisionTransformer",
+    "Embedder",
     "Embeddings",
     "Encoder",
     "InputSpec",

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .embedder import Embeddings
 from .errors import InvalidArgumentError
 from .fingerprint import tensors_sha256
 from .load import Weights, load_weights
@@ -19,15 +20,8 @@ from .quant import weight_bytes
 from .vit import DinoVisionTransformer
 
 
-@dataclass(frozen=True)
-class Embeddings:
-    cls: np.ndarray  # (B, D) float32, unit norm: final-norm CLS token
-    patch: np.ndarray  # (B, D) float32, unit norm: mean of final-norm patch tokens (registers excluded)
-    tokens: np.ndarray | None = None  # (B, patches, D) float32 final-norm patch tokens, when asked for
-
-
 class Encoder:
-    """Wraps a loaded ViT with its preprocessing and precision.
+    """Wraps a loaded ViT with its preprocessing and precision; implements `Embedder`.
 
     >>> enc = Encoder.from_pretrained("small", device="cpu", precision="auto")
     >>> out = enc.embed([Image.open("a.jpg")])
@@ -108,7 +102,7 @@ class Encoder:
         the one way images reach the model, so every caller gets the same vector for a file."""
         side = self.input_spec.size
         if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != (side, side, 3):
-            raise ValueError(f"pixels must be (B, {side}, {side}, 3) uint8, got {pixels.shape} {pixels.dtype}")
+            raise InvalidArgumentError(f"pixels must be (B, {side}, {side}, 3) uint8, got {pixels.shape} {pixels.dtype}")
         return self.embed(normalize_batch(np.ascontiguousarray(pixels)), return_tokens=return_tokens)
 
     @torch.inference_mode()

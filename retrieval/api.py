@@ -23,6 +23,7 @@ from indexer.catalog import KINDS
 from indexer.catalog_gateway import Filters  # noqa: F401 - part of this API (search filters)
 from indexer.decode import DecodeError, load_pixels, read_image
 from indexer.library import Library
+from model import Embedder
 
 from .errors import QueryError
 
@@ -52,7 +53,7 @@ class LibrarySearch:
     `owns_library=True` (as `open_library` does); otherwise the caller's library stays open.
     """
 
-    def __init__(self, library: Library, encoder=None, *, owns_library: bool = False) -> None:
+    def __init__(self, library: Library, encoder: Embedder | None = None, *, owns_library: bool = False) -> None:
         self.library = library
         self.owns_library = owns_library
         self.encoder = encoder

@@ -19,6 +19,7 @@ from PIL import Image, ImageEnhance
 from indexer.catalog_gateway import vectors_from_blobs
 from indexer.decode import DecodeError, read_image
 from indexer.library import Library
+from model import Embedder
 
 
 def _reencode(image: Image.Image, quality: int) -> Image.Image:
@@ -46,7 +47,7 @@ class Row:
     recall_by_edit: dict
 
 
-def calibrate(library: Library, encoder, *, sample: int = 50, kind: str = "cls", seed: int = 0,
+def calibrate(library: Library, encoder: Embedder, *, sample: int = 50, kind: str = "cls", seed: int = 0,
               min_precision: float = 0.99) -> tuple[list[Row], float | None, int]:
     """(table, recommended threshold, photos used). The recommendation is the lowest threshold
     whose precision reaches `min_precision` (catching the most edited copies without false pairs)."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from indexer.library import Library
 from indexer.store import VectorIndex, ivf_lists, trained_ivf_flat, training_sample
+from model import Embedder
 
 from .grouping import complete_linkage, range_pairs
 from .keep import DEFAULT_ORDER, Member, choose_keeper, in_folder
@@ -77,7 +78,7 @@ def find_duplicates(
     protected: tuple[str, ...] = (),
     block: int = BLOCK,
     folder: str | None = None,
-    crop_encoder=None,
+    crop_encoder: Embedder | None = None,
     candidate_threshold: float | None = None,
     nprobe: int = DEDUP_NPROBE,
 ) -> list[Group]:

@@ -18,6 +18,7 @@ import numpy as np
 
 from indexer.decode import DecodeError, load_pixels
 from indexer.library import Library
+from model import Embedder
 
 
 def chamfer(a: np.ndarray, b: np.ndarray) -> float:
@@ -26,7 +27,7 @@ def chamfer(a: np.ndarray, b: np.ndarray) -> float:
     return float(max(sims.max(axis=1).mean(), sims.max(axis=0).mean()))
 
 
-def patch_tokens(library: Library, encoder, ids: Iterable[int], batch: int = 16) -> dict[int, np.ndarray]:
+def patch_tokens(library: Library, encoder: Embedder, ids: Iterable[int], batch: int = 16) -> dict[int, np.ndarray]:
     """Unit patch tokens per image id (re-read from disk; files that changed are left out)."""
     paths = library.catalog.embedded_paths(ids)  # chunked: a long candidate list never makes one huge IN (...)
     root = os.fsencode(library.root)
@@ -52,7 +53,7 @@ def patch_tokens(library: Library, encoder, ids: Iterable[int], batch: int = 16)
     return tokens
 
 
-def rerank(pairs: Iterable[tuple[int, int, float]], library: Library, encoder, threshold: float) -> list[tuple[int, int, float]]:
+def rerank(pairs: Iterable[tuple[int, int, float]], library: Library, encoder: Embedder, threshold: float) -> list[tuple[int, int, float]]:
     """Pairs rescored as max(global similarity, crop similarity), kept if >= threshold."""
     pairs = list(pairs)
     tokens = patch_tokens(library, encoder, [i for a, b, _ in pairs for i in (a, b)])

@@ -96,3 +96,15 @@ def test_fingerprint_comes_from_the_loader_or_the_tensors(tiny_folder):
     # Taken before precision changes the tensors: int8 of the same weights is the same model.
     assert Encoder(load_weights(tiny_folder).vit, precision="int8").weights_sha256 == in_memory
     assert Encoder(vit, precision="fp32", fingerprint="abc").weights_sha256 == "abc"
+
+
+def test_encoder_is_an_embedder(tiny_folder):
+    from model import Embedder
+
+    encoder = Encoder.from_pretrained(tiny_folder, precision="fp32")
+    assert isinstance(encoder, Embedder)
+    photos = [synthetic_photo(300, 200, seed=i) for i in range(2)]
+    pixels = np.stack([encoder.input_spec.pixels(photo) for photo in photos])
+    np.testing.assert_allclose(encoder.embed_pixels(pixels).cls, encoder.embed(photos).cls, atol=1e-6)
+    with pytest.raises(ValueError, match=r"pixels must be \(B, 224, 224, 3\) uint8"):
+        encoder.embed_pixels(pixels[:, :100])
