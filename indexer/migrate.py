@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 import sqlite3
 from pathlib import Path
@@ -13,12 +14,13 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
 log = logging.getLogger(__name__)
-SCRIPT_LOCATION = str(Path(__file__).resolve().parents[1] / "migrations")
 
 
 def _config() -> Config:
     config = Config()
-    config.set_main_option("script_location", SCRIPT_LOCATION)
+    # The installed `migrations` package, found by import rather than as a folder next to this
+    # one: that layout holds in a source checkout only, not once installed (or renamespaced).
+    config.set_main_option("script_location", str(importlib.resources.files("migrations")))
     return config
 
 

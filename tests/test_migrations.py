@@ -58,3 +58,22 @@ def test_other_sqlalchemy_url(tmp_path):
         assert library.info()["total"] == 0
     assert (tmp_path / "elsewhere.sqlite").exists()
     assert not (tmp_path / ".dinoseek/catalog.sqlite").exists()
+
+
+def test_revisions_are_found_through_the_installed_package(tmp_path, monkeypatch):
+    """Located by importing `migrations`, not as a folder beside the indexer's source."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    import migrations
+
+    installed = tmp_path / "site-packages"
+    shutil.copytree(Path(migrations.__file__).parent, installed / "migrations",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.syspath_prepend(str(installed))
+    for name in [m for m in sys.modules if m == "migrations" or m.startswith("migrations.")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert Path(migrate._config().get_main_option("script_location")) == installed / "migrations"
+    engine = create_engine(f"sqlite:///{tmp_path / 'c.sqlite'}")
+    assert migrate.upgrade(engine, None) is True and migrate.at_head(engine)
