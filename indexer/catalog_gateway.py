@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from .catalog import EMBEDDED, QUARANTINED, ImageRow, IndexFileRow, ManifestRow, RunRow, utcnow
 from .catalog_file import one_line, restore_hint
-from .errors import LibraryError
+from .errors import LibraryError, NeedsRepairError
 
 # Ids per `IN (...)`: SQLite allows 32766 bound parameters (3.32+), PostgreSQL 65535; larger
 # chunks mean fewer round trips, which dominate the search API's cost at large batches.
@@ -41,7 +41,7 @@ def vectors_from_blobs(blobs: list[bytes], dim: int) -> np.ndarray:
     if not blobs:
         return np.zeros((0, dim), np.float32)
     if any(b is None or len(b) != 2 * dim for b in blobs):
-        raise LibraryError("an embedded image has no usable vectors in the catalog; run `dinoseek verify --repair`")
+        raise NeedsRepairError("an embedded image has no usable vectors in the catalog")
     return np.frombuffer(b"".join(blobs), dtype=np.float16).reshape(len(blobs), dim).astype(np.float32)
 
 

@@ -87,6 +87,6 @@ def describe_damage(damaged: dict[int, str], dim: int | None) -> list[str]:
         ids = sorted(i for i, w in damaged.items() if w == why)
         shown = ", ".join(map(str, ids[:5])) + (", ..." if len(ids) > 5 else "")
         rows = "rows" if why == "path" else "embedded rows"
-        problems.append(f"{count} {rows} {_DAMAGE[why].format(dim=dim)} (ids {shown}); `dinoseek verify --repair` "
-                        f"drops them and the next index run reads their files again")
+        problems.append(f"{count} {rows} {_DAMAGE[why].format(dim=dim)} (ids {shown}); a repair drops them "
+                        f"and the next index run reads their files again")
     return problems

@@ -14,8 +14,29 @@ class DecodeError(IndexerError):
         self.reason = reason
 
 
+class InvalidArgumentError(IndexerError, ValueError):
+    """An argument the indexer cannot use (a FAISS factory string). Also a ValueError, as these
+    were before they had a type of their own."""
+
+
 class LibraryError(IndexerError):
     """A library folder is missing, unreadable, or inconsistent beyond automatic repair."""
+
+
+class NotIndexedError(LibraryError):
+    """There is no library, or no vectors in it, yet: indexing `root` makes them."""
+
+    def __init__(self, message: str, root) -> None:
+        super().__init__(message)
+        self.root = root  # the photo folder to index
+
+
+class NeedsRepairError(LibraryError):
+    """The catalog must be upgraded or repaired, which a writer does (`Library.repair`)."""
+
+    def __init__(self, message: str, root=None) -> None:
+        super().__init__(message)
+        self.root = root  # the library's photo folder, where known
 
 
 class LibraryLockedError(LibraryError):

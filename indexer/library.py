@@ -17,7 +17,7 @@ from .catalog import KINDS  # noqa: F401 - re-exported: the vector kinds callers
 from .catalog_file import CATALOG_NAME, catalog_present, check_catalog, sqlite_engine, url_engine
 from .catalog_gateway import Catalog
 from .damage import damaged_rows, describe_damage
-from .errors import LibraryError, ModelMismatchError
+from .errors import LibraryError, ModelMismatchError, NeedsRepairError, NotIndexedError
 from .index_set import IndexSet
 from .lock import WriterLock
 from .store import VectorIndex, remove_temp_files
@@ -34,7 +34,8 @@ def check_placement(root: Path, folder: Path) -> None:
     it), but not be the photo folder itself: its quarantine would be indexed as photos again."""
     if Path(folder).resolve() == Path(root).resolve():
         raise LibraryError(f"the library folder {folder} is the photo folder itself, so its quarantine would be "
-                           f"indexed again; use the default ROOT/.dinoseek or a --library folder inside or outside it")
+                           f"indexed again; give the library a folder of its own, inside the photo folder (the "
+                           f"default is ROOT/.dinoseek) or outside it")
 
 
 @dataclass
@@ -77,12 +78,12 @@ class Library:
         has_catalog = url is not None or catalog_present(folder, catalog_file)
         if not folder.is_dir() or not has_catalog:
             if not create:
-                raise LibraryError(f"no library at {folder}; run `dinoseek index {root}` first")
+                raise NotIndexedError(f"no library at {folder}", root)
             folder.mkdir(parents=True, exist_ok=True)
         writable = os.access(folder, os.W_OK)
         if (write or create) and not writable:
-            raise LibraryError(f"{folder} is read-only: indexing, dedup --apply, undo and verify --repair need to "
-                               f"write there (info, search, similar, dedup and verify work)")
+            raise LibraryError(f"{folder} is read-only: indexing, applying dedup plans, undo and repair need to write "
+                               f"there (reading, searching, dedup plans and verifying work)")
         lock = WriterLock.take(folder) if write else None
         try:
             catalog = _open_catalog(url, catalog_file, writable=writable, check=write or create)
@@ -91,7 +92,7 @@ class Library:
                 remove_temp_files(folder)
                 catalog.close_interrupted_runs()
             elif not migrate.at_head(catalog.engine):
-                raise LibraryError(f"the catalog in {folder} needs an upgrade; run `dinoseek verify --repair {root}`")
+                raise NeedsRepairError(f"the catalog in {folder} needs an upgrade, which only a writer applies", root)
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -129,13 +130,10 @@ class Library:
         """Raise ModelMismatchError unless `manifest` makes vectors comparable with this library's."""
         current = self.manifest()
         if current is None:
-            raise LibraryError(f"{self.folder} has no vectors yet; run `dinoseek index {self.root}` first")
+            raise NotIndexedError(f"{self.folder} has no vectors yet", self.root)
         differs = [k for k in IDENTITY if current.get(k) != manifest.get(k)]
         if differs:
-            raise ModelMismatchError(
-                f"this library was built with another model ({', '.join(differs)} differ); "
-                f"use the same --model/--weights, or a new --library"
-            )
+            raise ModelMismatchError(f"this library was built with another model ({', '.join(differs)} differ)")
         if current.get("precision") != manifest.get("precision"):
             log.warning("library vectors were made at %s, this run uses %s", current.get("precision"),
                         manifest.get("precision"))

@@ -132,7 +132,7 @@ def run_index(
         tasks.append(Task(item.rel, item.size, item.mtime_ns))
     if existing and not seen and not options.allow_mass_delete:
         raise SweepRefusedError(f"{library.root} is empty but the library knows {len(existing)} files; is the disk "
-                                f"mounted? Nothing was changed (pass --allow-mass-delete if they really were removed)")
+                                f"mounted? Nothing was changed")
     # Only paths this run looked for can be missing: not those under folders that could not be
     # listed, nor those the --include/--exclude filters leave out.
     missing = {
@@ -183,7 +183,7 @@ def run_index(
                 and not options.allow_mass_delete):
             raise SweepRefusedError(
                 f"{vanished} of {len(existing)} catalogued files are gone from {library.root}; is the disk "
-                f"mounted? Nothing was deleted (pass --allow-mass-delete if they really were removed)"
+                f"mounted? Nothing was deleted"
             )
         ids = [row.id for row in missing.values()]
         library.delete_rows(ids)

@@ -21,6 +21,8 @@ import numpy as np
 
 from model.files import FileTooLargeError, NotRegularFileError, read_regular
 
+from .errors import InvalidArgumentError
+
 log = logging.getLogger(__name__)
 
 TRAIN_PER_LIST = 64  # k-means training points per IVF list: quality plateaus well before faiss's 256
@@ -160,36 +162,37 @@ _SUPPORTED_HINT = "use auto, Flat, SQ8, or IVF<n>,Flat / IVF<n>,SQ8 / IVF<n>,PQ<
 
 
 def check_factory(factory: str, dim: int) -> faiss.Index:
-    """The untrained index a FAISS factory string makes, if the library can use it; else ValueError.
+    """The untrained index a FAISS factory string makes, if the library can use it; else InvalidArgumentError.
 
     Cheap (nothing is trained or added), so the CLI calls it before a library is created.
     """
     if not isinstance(factory, str) or not factory.strip():
-        raise ValueError(f"a FAISS factory string is needed ({_SUPPORTED_HINT}), got {factory!r}")
+        raise InvalidArgumentError(f"a FAISS factory string is needed ({_SUPPORTED_HINT}), got {factory!r}")
     if "IDMap" in factory:
         # Ours would wrap theirs, and IDMap's plain add() refuses the vectors at the first batch.
-        raise ValueError(f"FAISS factory {factory!r} must not contain IDMap: the library maps ids itself "
-                         f"(catalog row ids); {_SUPPORTED_HINT}")
+        raise InvalidArgumentError(f"FAISS factory {factory!r} must not contain IDMap: the library maps ids itself "
+                                   f"(catalog row ids); {_SUPPORTED_HINT}")
     try:
         inner = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         # faiss prefixes its reason with the C++ function and source line: keep the reason.
         reason = re.sub(r"^Error in .*? at \S+:\d+: ", "", str(e).splitlines()[-1])
-        raise ValueError(f"invalid FAISS factory string {factory!r}: {reason}; {_SUPPORTED_HINT}") from e
+        raise InvalidArgumentError(f"invalid FAISS factory string {factory!r}: {reason}; {_SUPPORTED_HINT}") from e
     if isinstance(inner, faiss.IndexPreTransform):
         # PCA drops part of each vector's norm, so inner products stop being the cosine similarities
         # that --threshold and the dedup groups compare; OPQ/RR rotations keep them but add nothing
         # the library tunes or tests. Refused rather than half supported.
-        raise ValueError(f"FAISS factory {factory!r} starts with a vector transform (PCA, OPQ, RR, ...), which "
-                         f"the library does not support: scores must stay cosine similarities; {_SUPPORTED_HINT}")
+        raise InvalidArgumentError(f"FAISS factory {factory!r} starts with a vector transform (PCA, OPQ, RR, ...), "
+                                   f"which the library does not support: scores must stay cosine similarities; "
+                                   f"{_SUPPORTED_HINT}")
     try:  # incremental runs delete vectors of changed and removed files
         faiss.IndexIDMap2(inner).remove_ids(faiss.IDSelectorBatch(np.zeros(0, dtype=np.int64)))
     except RuntimeError as e:
-        raise ValueError(f"FAISS index {factory!r} ({type(inner).__name__}) cannot remove vectors, which "
-                         f"incremental indexing needs; {_SUPPORTED_HINT}") from e
+        raise InvalidArgumentError(f"FAISS index {factory!r} ({type(inner).__name__}) cannot remove vectors, which "
+                                   f"incremental indexing needs; {_SUPPORTED_HINT}") from e
     if type(inner) not in _SUPPORTED_INDEXES:
-        raise ValueError(f"FAISS index {factory!r} ({type(inner).__name__}) cannot do what the library needs "
-                         f"(search a filtered subset, range search for dedup); {_SUPPORTED_HINT}")
+        raise InvalidArgumentError(f"FAISS index {factory!r} ({type(inner).__name__}) cannot do what the library "
+                                   f"needs (search a filtered subset, range search for dedup); {_SUPPORTED_HINT}")
     return inner
 
 

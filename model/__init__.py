@@ -3,7 +3,15 @@
 from .config import HUB_REPOS, PRESETS, ViTConfig
 from .embedder import Embedder, Embeddings
 from .encoder import Encoder, check_settings, encoder_for_library
-from .errors import CheckpointError, InvalidArgumentError, ModelError, PrecisionError, WeightsNotFoundError
+from .errors import (
+    CheckpointError,
+    DeviceUnavailableError,
+    InvalidArgumentError,
+    ModelError,
+    PrecisionError,
+    PrecisionUnsupportedError,
+    WeightsNotFoundError,
+)
 from .load import Weights, build_vit, load_vit, load_weights
 from .precision import PRECISIONS
 from .preprocess import InputSpec, preprocess
@@ -14,6 +22,7 @@ __all__ = [
     "PRECISIONS",
     "PRESETS",
     "CheckpointError",
+    "DeviceUnavailableError",
     "DinoVisionTransformer",
     "Embedder",
     "Embeddings",
@@ -22,6 +31,7 @@ __all__ = [
     "InvalidArgumentError",
     "ModelError",
     "PrecisionError",
+    "PrecisionUnsupportedError",
     "ViTConfig",
     "Weights",
     "WeightsNotFoundError",

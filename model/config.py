@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .errors import InvalidArgumentError
+
 # All released DINOv2 models use 64-dimensional heads; used to infer the head count from tensors.
 HEAD_DIM = 64
 
@@ -34,11 +36,11 @@ class ViTConfig:
         for name, (low, high) in LIMITS.items():
             check_int(name, getattr(self, name), low, high)
         if self.ffn not in ("mlp", "swiglu"):
-            raise ValueError(f"ffn must be 'mlp' or 'swiglu', got {self.ffn!r}")
+            raise InvalidArgumentError(f"ffn must be 'mlp' or 'swiglu', got {self.ffn!r}")
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+            raise InvalidArgumentError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if not (isinstance(self.layer_norm_eps, (int, float)) and 0 < self.layer_norm_eps < 1):
-            raise ValueError(f"layer_norm_eps must be a number in (0, 1), got {self.layer_norm_eps!r}")
+            raise InvalidArgumentError(f"layer_norm_eps must be a number in (0, 1), got {self.layer_norm_eps!r}")
 
     @property
     def image_size(self) -> int:
@@ -65,11 +67,11 @@ LIMITS: dict[str, tuple[int, int]] = {
 
 
 def check_int(name: str, value, low: int, high: int) -> int:
-    """`value` if it is an int (not a bool) in [low, high]; else TypeError/ValueError naming `name`."""
+    """`value` if it is an int (not a bool) in [low, high]; else TypeError/InvalidArgumentError naming `name`."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     if not low <= value <= high:
-        raise ValueError(f"{name} must be in {low}..{high}, got {value}")
+        raise InvalidArgumentError(f"{name} must be in {low}..{high}, got {value}")
     return value
 
 

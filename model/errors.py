@@ -20,3 +20,11 @@ class WeightsNotFoundError(ModelError):
 
 class PrecisionError(ModelError):
     """A precision or device is unknown, absent, or not supported on the requested device."""
+
+
+class DeviceUnavailableError(PrecisionError):
+    """CUDA was asked for on a machine without it."""
+
+
+class PrecisionUnsupportedError(PrecisionError):
+    """The device cannot run the precision asked for (bf16 before Ampere)."""

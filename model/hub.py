@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from .config import HUB_REPOS
-from .errors import WeightsNotFoundError
+from .errors import InvalidArgumentError, WeightsNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +26,10 @@ def resolve_preset(name: str) -> Path:
     preset is not cached and `HF_HUB_OFFLINE` is not set.
     """
     if name not in HUB_REPOS:
-        raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(HUB_REPOS)}")
+        raise InvalidArgumentError(f"unknown preset {name!r}; expected one of {', '.join(HUB_REPOS)}")
     from huggingface_hub import snapshot_download
 
     repo = HUB_REPOS[name]
-    hint = "pass a local copy with --weights PATH (a Hugging Face folder, .safetensors or .pth file)"
     try:
         return _complete(Path(snapshot_download(repo, allow_patterns=_PATTERNS, local_files_only=True)), repo)
     except WeightsNotFoundError:
@@ -38,15 +37,13 @@ def resolve_preset(name: str) -> Path:
     except Exception as e:  # noqa: BLE001 - every cache miss is reported the same way
         cache_miss = e
     if _offline():
-        raise WeightsNotFoundError(
-            f"{repo} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; {hint}"
-        ) from cache_miss
+        raise WeightsNotFoundError(f"{repo} is not in the Hugging Face cache and HF_HUB_OFFLINE is set") from cache_miss
     log.info("downloading %s from the Hugging Face Hub", repo)
     try:
         return _complete(Path(snapshot_download(repo, allow_patterns=_PATTERNS)), repo)
     except Exception as e:  # noqa: BLE001 - network, auth and hub errors all end the same way
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise WeightsNotFoundError(f"cannot download {repo} ({reason}); {hint}") from e
+        raise WeightsNotFoundError(f"cannot download {repo} ({reason})") from e
 
 
 def _complete(folder: Path, repo: str) -> Path:

@@ -19,6 +19,7 @@ from .checkpoint import (
     read_checkpoint,
 )
 from .config import HUB_REPOS, PRESETS, ViTConfig
+from .errors import InvalidArgumentError
 from .fingerprint import files_sha256
 from .hub import resolve_preset
 from .vit import DinoVisionTransformer
@@ -90,7 +91,7 @@ def build_vit(config: ViTConfig | str, *, device: str | torch.device = "cpu") ->
     """An architecture without weights (random init on a real device; empty on "meta")."""
     if isinstance(config, str):
         if config not in PRESETS:
-            raise ValueError(f"unknown preset {config!r}; expected one of {', '.join(PRESETS)}")
+            raise InvalidArgumentError(f"unknown preset {config!r}; expected one of {', '.join(PRESETS)}")
         config = PRESETS[config]
     with torch.device(device):
         return DinoVisionTransformer(config)

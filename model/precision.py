@@ -8,7 +8,7 @@ import re
 import torch
 from torch import nn
 
-from .errors import PrecisionError
+from .errors import DeviceUnavailableError, PrecisionError, PrecisionUnsupportedError
 from .quant import quantize_linears
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8", "int4")
@@ -40,7 +40,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     kind, index = match.groups()
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise PrecisionError(f"device {text!r} requested but CUDA is not available; use --device cpu")
+            raise DeviceUnavailableError(f"device {text!r} requested but CUDA is not available")
         count = torch.cuda.device_count()
         if index is not None and int(index) >= count:
             raise PrecisionError(f"device {text!r} does not exist: this machine has {count} CUDA device(s), "
@@ -57,7 +57,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             return "fp16"
         return "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise PrecisionError("bf16 needs an Ampere or newer GPU; use --precision fp16")
+        raise PrecisionUnsupportedError("bf16 needs an Ampere or newer GPU")
     if precision == "fp16" and device.type == "cpu":
         log.warning("fp16 on the CPU runs without hardware support and is slow; bf16 or fp32 is faster")
     return precision

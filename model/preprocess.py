@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import InvalidArgumentError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_SHORT = 256  # "crop" mode: shortest edge before the center crop (facebook/dinov2-* processor)
@@ -86,15 +88,15 @@ def normalize_batch(pixels: np.ndarray) -> torch.Tensor:
 
 
 def check_input_spec(mode: str, size: int) -> None:
-    """Raise ValueError/TypeError unless (mode, size) is an input the encoder can take."""
+    """Raise InvalidArgumentError/TypeError unless (mode, size) is an input the encoder can take."""
     if mode not in ("crop", "full"):
-        raise ValueError(f"mode must be 'crop' or 'full', got {mode!r}")
+        raise InvalidArgumentError(f"mode must be 'crop' or 'full', got {mode!r}")
     if isinstance(size, bool) or not isinstance(size, int):
         raise TypeError(f"size must be an integer number of pixels, got {type(size).__name__} {size!r}")
     if not MIN_SIZE <= size <= MAX_SIZE:
-        raise ValueError(f"size must be {MIN_SIZE} to {MAX_SIZE} pixels, got {size}")
+        raise InvalidArgumentError(f"size must be {MIN_SIZE} to {MAX_SIZE} pixels, got {size}")
     if mode == "full" and size % PATCH:
-        raise ValueError(f"size for mode 'full' must be a multiple of {PATCH}, got {size}")
+        raise InvalidArgumentError(f"size for mode 'full' must be a multiple of {PATCH}, got {size}")
 
 
 @dataclass(frozen=True)
@@ -141,5 +143,5 @@ def preprocess(
             raise TypeError(f"expected PIL.Image.Image, got {type(image).__name__}")
         arrays.append(normalize(spec.pixels(image)))
     if not arrays:
-        raise ValueError("no images to preprocess")
+        raise InvalidArgumentError("no images to preprocess")
     return torch.from_numpy(np.stack(arrays))

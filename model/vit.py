@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ViTConfig
+from .errors import InvalidArgumentError
 from .layers import Block, PatchEmbed
 
 
@@ -94,12 +95,12 @@ class DinoVisionTransformer(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.in_chans:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"pixel_values must be (B, {self.config.in_chans}, H, W), got {tuple(pixel_values.shape)}"
             )
         p = self.config.patch_size
         if pixel_values.shape[2] < p or pixel_values.shape[3] < p:
-            raise ValueError(f"input {tuple(pixel_values.shape[2:])} is smaller than one {p}x{p} patch")
+            raise InvalidArgumentError(f"input {tuple(pixel_values.shape[2:])} is smaller than one {p}x{p} patch")
         x = self.embed_tokens(pixel_values.to(self.patch_embed.proj.weight.dtype))
         for block in self.blocks:
             x = block(x)

@@ -24,16 +24,12 @@ from indexer.library import Library
 
 from . import journal as journals_
 from .dedup import Group
-from .errors import JournalError, RetrievalError
+from .errors import ActionError, InvalidArgumentError, JournalError
 from .journal import Intent, JournalWriter, check_quarantine, shown
 
 ACTIONS = ("report", "move", "hardlink", "symlink")
 PAST = {"move": "moved", "hardlink": "hard-linked", "symlink": "symlinked"}
 TEMP_PREFIX, TEMP_SUFFIX = ".dsk-", ".tmp"  # short: a 255-byte file name must still fit beside it
-
-
-class ActionError(RetrievalError):
-    """An apply stopped part-way; the steps done so far are journaled and can be undone."""
 
 
 @dataclass(frozen=True)
@@ -162,7 +158,7 @@ def apply(library: Library, groups: list[Group], action: str, quarantine: Path |
     so is a duplicate with other hard links (moving one name of a file frees nothing); the rest of
     its group goes on. The journal is written only if at least one step begins."""
     if action not in ACTIONS[1:]:
-        raise ValueError(f"action must be one of {', '.join(ACTIONS[1:])}, got {action!r}")
+        raise InvalidArgumentError(f"must be one of {', '.join(ACTIONS[1:])}, got {action!r}", argument="action")
     root = library.root
     quarantine = Path(quarantine or library.folder / journals_.QUARANTINE).resolve()
     check_quarantine(root, library.folder, quarantine)
@@ -196,7 +192,7 @@ def _apply_group(library: Library, group: Group, action: str, quarantine: Path, 
                                     keeper, member, (keeper_stat.st_dev, keeper_stat.st_ino))
         except OSError as e:
             raise ActionError(f"stopped at {shown(src)} ({e.strerror or e}); {len(result.done)} files were set "
-                              f"aside, journal {shown(log.path)}: `dinoseek undo` restores them") from e
+                              f"aside, journal {shown(log.path)} records them") from e
         library.catalog.set_status(member.id, QUARANTINED, f"dedup {action}: bytes in {shown(final)}")
         result.done.append(Step(action, src, final, keeper, member.sha256, member.size, member.id))
 

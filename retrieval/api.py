@@ -22,10 +22,11 @@ from PIL import Image
 from indexer.catalog import KINDS
 from indexer.catalog_gateway import Filters  # noqa: F401 - part of this API (search filters)
 from indexer.decode import DecodeError, load_pixels, read_image
+from indexer.errors import NotIndexedError
 from indexer.library import Library
 from model import Embedder
 
-from .errors import QueryError
+from .errors import InvalidArgumentError, QueryError
 
 KIND_CHOICES = (*KINDS, "both")
 # Filtered searches over at most this many images are brute force over the catalog's vectors
@@ -61,7 +62,7 @@ class LibrarySearch:
             library.check_model(encoder.manifest())
         manifest = library.manifest()
         if manifest is None:
-            raise QueryError(f"{library.folder} has no vectors yet; run `dinoseek index {library.root}` first")
+            raise NotIndexedError(f"{library.folder} has no vectors yet", library.root)
         self.dim = manifest["dim"]
         self.indexes = library.load_indexes()
 
@@ -106,7 +107,7 @@ class LibrarySearch:
                 raise QueryError(f"unsupported query of type {type(query).__name__}")
         if images:
             if self.encoder is None:
-                raise QueryError("image queries need the library's model: pass --model/--weights (encoder=)")
+                raise QueryError("image queries need the library's model: pass its encoder (encoder=)")
             spec = self.encoder.input_spec
             embedded = self.encoder.embed_pixels(
                 np.stack([spec.pixels(im) if isinstance(im, Image.Image) else im for im in images]))
@@ -169,9 +170,9 @@ class LibrarySearch:
     def search_batch(self, queries, k: int = 10, kind: str = "cls", filters: Filters | None = None, **filter_args) -> list[list[Hit]]:
         """One list of hits per query; queries as for `search`, or an (n, D) array of vectors."""
         if kind not in KIND_CHOICES:
-            raise ValueError(f"kind must be one of {', '.join(KIND_CHOICES)}, got {kind!r}")
+            raise InvalidArgumentError(f"must be one of {', '.join(KIND_CHOICES)}, got {kind!r}", argument="kind")
         if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
+            raise InvalidArgumentError(f"must be at least 1, got {k}", argument="k")
         filters = filters or Filters(**filter_args)
         vectors = self.vectors_for(queries, kind)
         scores, ids = self._search_vectors(vectors, k, kind, filters)

@@ -21,6 +21,8 @@ from indexer.decode import DecodeError, read_image
 from indexer.library import Library
 from model import Embedder
 
+from .errors import CalibrationError
+
 
 def _reencode(image: Image.Image, quality: int) -> Image.Image:
     buffer = io.BytesIO()
@@ -54,7 +56,7 @@ def calibrate(library: Library, encoder: Embedder, *, sample: int = 50, kind: st
     library.check_model(encoder.manifest())
     rows = library.catalog.embedded_path_blobs(kind)
     if len(rows) < 2:
-        raise ValueError("calibration needs at least 2 embedded photos in the library")
+        raise CalibrationError("calibration needs at least 2 embedded photos in the library")
     random.Random(seed).shuffle(rows)
     spec = encoder.input_spec
     # Read at twice the side the encoder needs: the 50% resize must still leave it that much.
@@ -74,7 +76,7 @@ def calibrate(library: Library, encoder: Embedder, *, sample: int = 50, kind: st
             owners.append(owner)
             edits.append(name)
     if len(originals) < 2:
-        raise ValueError("calibration could not read 2 of the library's photos")
+        raise CalibrationError("calibration could not read 2 of the library's photos")
     embedded = np.concatenate([getattr(encoder.embed_pixels(np.stack(copies[i:i + 32])), kind)
                                for i in range(0, len(copies), 32)])
     sims = embedded @ np.stack(originals).T  # (copies, originals)

@@ -10,10 +10,17 @@ from pathlib import Path
 
 import click
 
-from indexer.errors import IndexerError
-from model import PRECISIONS, PRESETS, ModelError
+from indexer.errors import IndexerError, ModelMismatchError, NeedsRepairError, NotIndexedError, SweepRefusedError
+from model import (
+    PRECISIONS,
+    PRESETS,
+    DeviceUnavailableError,
+    ModelError,
+    PrecisionUnsupportedError,
+    WeightsNotFoundError,
+)
 from model.preprocess import MAX_SIZE, MIN_SIZE
-from retrieval.errors import RetrievalError
+from retrieval.errors import ActionError, InvalidArgumentError, RetrievalError
 
 # Characters a terminal acts on instead of showing: C0/C1 controls and DEL (newlines could forge a
 # plan line such as "keep c.jpg", ESC sequences could clear the screen or retitle the window), the
@@ -59,8 +66,45 @@ _TOP_K = click.IntRange(1, 10_000)  # results per query: FAISS allocates k slots
 _SIMILARITY = _Float(0, 1, min_open=True)  # cosine similarity of unit vectors; 0 would match everything
 
 
+def _hint(e: Exception) -> str | None:
+    """How to fix `e` on this command line. Library messages state the problem in words that serve
+    Python callers too; the options and commands that fix it are named here."""
+    if isinstance(e, DeviceUnavailableError):
+        return "use --device cpu"
+    if isinstance(e, PrecisionUnsupportedError):
+        return "use --precision fp16"
+    if isinstance(e, WeightsNotFoundError):
+        return "pass a local copy with --weights PATH (a Hugging Face folder, .safetensors or .pth file)"
+    if isinstance(e, ModelMismatchError):
+        return "use the same --model/--weights, or a new --library"
+    if isinstance(e, NotIndexedError):
+        return f"run `dinoseek index {e.root}` first"
+    if isinstance(e, NeedsRepairError):
+        return "run `dinoseek verify --repair" + (f" {e.root}`" if e.root else "`")
+    if isinstance(e, SweepRefusedError):
+        return "pass --allow-mass-delete if they really were removed"
+    if isinstance(e, ActionError):
+        return "`dinoseek undo` restores them"
+    return None
+
+
+def _message(e: Exception) -> str:
+    """The one line a library error becomes: an argument at fault named by the option the user
+    typed for it (`--in-folder`, not `folder`), then the fix."""
+    text = str(e)
+    if isinstance(e, InvalidArgumentError) and e.argument:
+        ctx = click.get_current_context(silent=True)
+        params = ctx.command.params if ctx else ()
+        options = [p for p in params if isinstance(p, click.Option) and p.name == e.argument]
+        if options:
+            text = f"{options[0].opts[0]} {e.problem}"
+    hint = _hint(e)
+    return f"{text}; {hint}" if hint else text
+
+
 def _translate_errors(func):
-    """Library errors -> `Error: ...` and exit 1, with no traceback."""
+    """The project's errors -> `Error: ...` and exit 1, with no traceback. Anything else (a plain
+    ValueError from numpy, say) is a bug and keeps its traceback."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -68,8 +112,8 @@ def _translate_errors(func):
 
         try:
             return func(*args, **kwargs)
-        except (ModelError, IndexerError, RetrievalError, ValueError) as e:
-            raise click.ClickException(_shown(e)) from e
+        except (ModelError, IndexerError, RetrievalError) as e:
+            raise click.ClickException(_shown(_message(e))) from e
         except OSError as e:  # disk full, permissions on the library folder, ...
             raise click.ClickException(_shown(f"{e.filename or 'file system'}: {e.strerror or e}")) from e
         except SQLAlchemyError as e:
@@ -433,7 +477,7 @@ def similar(path, root, library_dir, url, k, kind, as_json, **filters):
 @click.option("--exact", "exact_only", is_flag=True, help="Only byte-identical copies.")
 @click.option("--keep", "keep_order", default="protected,resolution,size,oldest,format", show_default=True,
               help="Keep rules, in order of priority.")
-@click.option("--protect", multiple=True,
+@click.option("--protect", "protected", multiple=True,
               help="Folder (under ROOT) whose copies are always the ones kept (repeatable).")
 @click.option("--in-folder", "folder",
               help="Only groups with a member under this folder (each group is shown and acted on whole).")
@@ -451,8 +495,9 @@ def similar(path, root, library_dir, url, k, kind, as_json, **filters):
               help="Write the groups to a .json, .csv or .html file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @_translate_errors
-def dedup(root, library_dir, url, threshold, kind, exact_only, keep_order, protect, folder, crops, candidate_threshold,
-          model_name, weights, device, precision, action, do_apply, quarantine, report_file, as_json):
+def dedup(root, library_dir, url, threshold, kind, exact_only, keep_order, protected, folder, crops,
+          candidate_threshold, model_name, weights, device, precision, action, do_apply, quarantine, report_file,
+          as_json):
     """Find duplicate groups; with --action and --apply, set the extra copies aside (undoably).
 
     Nothing changes on disk without --apply. Applying moves the copies that are not kept into a
@@ -486,7 +531,7 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, keep_order, prote
                                                precision=precision)
             library.check_model(crop_encoder.manifest())
         groups = find_duplicates(library, threshold=threshold, kind=kind, exact_only=exact_only,
-                                 order=order, protected=protect, folder=folder, crop_encoder=crop_encoder,
+                                 order=order, protected=protected, folder=folder, crop_encoder=crop_encoder,
                                  candidate_threshold=candidate_threshold)
         if report_file:
             write_report(groups, report_file, library.root, action)

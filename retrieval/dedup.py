@@ -10,6 +10,7 @@ from indexer.library import Library
 from indexer.store import VectorIndex, ivf_lists, trained_ivf_flat, training_sample
 from model import Embedder
 
+from .errors import InvalidArgumentError
 from .grouping import complete_linkage, range_pairs
 from .keep import DEFAULT_ORDER, Member, choose_keeper, in_folder
 
@@ -53,7 +54,7 @@ class Group:
         }
 
 
-def folder_prefix(root: Path, folder: str | bytes | os.PathLike, option: str = "--protect") -> bytes:
+def folder_prefix(root: Path, folder: str | bytes | os.PathLike, argument: str = "protected") -> bytes:
     """A folder given on the command line (absolute, ./relative or relative to the root; "." is the
     root) as the raw bytes of its path relative to the root (b"" for the root itself), so that
     names that are not UTF-8 compare exactly with the catalog's raw paths."""
@@ -62,9 +63,9 @@ def folder_prefix(root: Path, folder: str | bytes | os.PathLike, option: str = "
     try:
         relative = absolute.resolve().relative_to(root.resolve())
     except ValueError:
-        raise ValueError(f"{option} {os.fsdecode(folder)}: not inside {root}") from None
+        raise InvalidArgumentError(f"{os.fsdecode(folder)}: not inside {root}", argument=argument) from None
     if not absolute.is_dir():
-        raise ValueError(f"{option} {os.fsdecode(folder)}: no such folder under {root}")
+        raise InvalidArgumentError(f"{os.fsdecode(folder)}: no such folder under {root}", argument=argument)
     return b"" if relative == Path(".") else os.fsencode(relative)
 
 
@@ -95,9 +96,9 @@ def find_duplicates(
     only groups with a member under it.
     """
     if not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        raise InvalidArgumentError(f"must be in (0, 1], got {threshold}", argument="threshold")
     protected = tuple(folder_prefix(library.root, p) for p in protected)
-    prefix = None if folder is None else folder_prefix(library.root, folder, "--in-folder")
+    prefix = None if folder is None else folder_prefix(library.root, folder, "folder")
     if protected and "protected" not in order:
         order = ("protected", *order)  # --protect always wins, whatever --keep lists
     if exact_only:

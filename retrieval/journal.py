@@ -18,7 +18,7 @@ from pathlib import Path
 
 from indexer.decode import display_path
 
-from .errors import JournalError
+from .errors import InvalidArgumentError, JournalError
 
 VERSION = 1
 OPS = ("move", "hardlink", "symlink")
@@ -39,19 +39,21 @@ def inside(path: Path, folder: Path) -> bool:
 
 
 def check_quarantine(root: Path, library_folder: Path, quarantine: Path) -> None:
-    """ValueError unless `quarantine` (resolved) is a place apply may move copies to."""
-    where = f"quarantine {shown(quarantine)}"
+    """InvalidArgumentError unless `quarantine` (resolved) is a place apply may move copies to."""
+    where = shown(quarantine)
     if inside(root, quarantine):  # `/`, the root itself, a folder above it: undo would reach the photos
         what = "is the photo folder itself" if quarantine == root else f"contains the photo folder {shown(root)}"
-        raise ValueError(f"{where} {what}: choose a folder outside it")
+        raise InvalidArgumentError(f"{where} {what}: choose a folder outside it", argument="quarantine")
     if inside(library_folder, quarantine):
-        raise ValueError(f"{where} contains the library folder {shown(library_folder)}: choose another folder")
+        raise InvalidArgumentError(f"{where} contains the library folder {shown(library_folder)}: choose another "
+                                   f"folder", argument="quarantine")
     if inside(quarantine, library_folder) and quarantine != library_folder / QUARANTINE:
-        raise ValueError(f"{where} is inside the library folder next to its catalog and journals: "
-                         f"use {shown(library_folder / QUARANTINE)} or a folder outside it")
+        raise InvalidArgumentError(f"{where} is inside the library folder next to its catalog and journals: "
+                                   f"use {shown(library_folder / QUARANTINE)} or a folder outside it",
+                                   argument="quarantine")
     if inside(quarantine, root) and not inside(quarantine, library_folder):
-        raise ValueError(f"{where} is inside the photo folder; the next index run would embed its files again: "
-                         f"choose a folder outside {shown(root)}")
+        raise InvalidArgumentError(f"{where} is inside the photo folder; the next index run would embed its files "
+                                   f"again: choose a folder outside {shown(root)}", argument="quarantine")
 
 
 @dataclass(frozen=True)
@@ -281,7 +283,7 @@ def check_places(journal: Journal, root: Path, library_folder: Path) -> None:
                            f"photo folder {shown(header.root)}, not {shown(root)}")
     try:
         check_quarantine(root, library_folder, header.quarantine)
-    except ValueError as e:
+    except InvalidArgumentError as e:
         raise JournalError(f"journal {shown(journal.path.name)} refused, nothing was changed: {e}") from None
     problem = symlinked(header.quarantine)
     if problem:

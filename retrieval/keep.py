@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .errors import InvalidArgumentError
+
 # Lower is better: lossless first, then formats that keep more of the original.
 FORMAT_RANK = {"PNG": 0, "TIFF": 0, "BMP": 1, "HEIF": 2, "AVIF": 2, "JPEG": 3, "MPO": 3, "WEBP": 4, "GIF": 5}
 RULES = ("protected", "resolution", "size", "oldest", "format")
@@ -44,7 +46,7 @@ def _key(member: Member, rule: str, protected: tuple[bytes | str, ...]):
         return member.captured_at or "9999"
     if rule == "format":
         return FORMAT_RANK.get(member.format, 9)
-    raise ValueError(f"unknown keep rule {rule!r}; expected one of {', '.join(RULES)}")
+    raise InvalidArgumentError(f"unknown keep rule {rule!r}; expected one of {', '.join(RULES)}")
 
 
 def _describe(member: Member, rule: str) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from indexer.decode import DecodeError, read_image
 
 from .dedup import Group
+from .errors import InvalidArgumentError
 
 
 def to_json(groups: list[Group], action: str = "report") -> str:
@@ -95,5 +96,5 @@ def write_report(groups: list[Group], path: Path, root: Path, action: str = "rep
     elif suffix in (".html", ".htm"):
         text = to_html(groups, root)
     else:
-        raise ValueError(f"report file must end in .json, .csv or .html, got {path.name}")
+        raise InvalidArgumentError(f"report file must end in .json, .csv or .html, got {path.name}")
     path.write_text(text, encoding="utf-8")

@@ -520,7 +520,7 @@ def test_quarantine_that_would_reach_the_photos_or_the_catalog_is_refused(tmp_pa
 def test_quarantine_slash_is_one_error_line(root):
     out = invoke("dedup", root, "--exact", "--action", "move", "--apply", "--quarantine", "/")
     assert out.exit_code == 1
-    assert out.output.splitlines()[-1] == (f"Error: quarantine / contains the photo folder {root}: "
+    assert out.output.splitlines()[-1] == (f"Error: --quarantine / contains the photo folder {root}: "
                                            f"choose a folder outside it")
     assert not (root / ".dinoseek/journals").exists() or not any((root / ".dinoseek/journals").iterdir())
 
