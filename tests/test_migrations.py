@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+from alembic import command
 from sqlalchemy import create_engine, inspect
 
 from indexer import migrate
@@ -58,3 +59,24 @@ def test_other_sqlalchemy_url(tmp_path):
         assert library.info()["total"] == 0
     assert (tmp_path / "elsewhere.sqlite").exists()
     assert not (tmp_path / ".dinoseek/catalog.sqlite").exists()
+
+
+def test_a_0002_catalog_gains_the_journals_table_and_keeps_its_rows(tmp_path):
+    """Revision 0003 adds the record of applies; an older catalog is backed up, then migrated."""
+    folder = tmp_path / ".dinoseek"
+    folder.mkdir()
+    catalog = folder / "catalog.sqlite"
+    engine = create_engine(f"sqlite:///{catalog}")
+    with engine.begin() as connection:
+        config = migrate._config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0002")
+        connection.exec_driver_sql("INSERT INTO images (path, path_text, folder, size, mtime_ns, status) "
+                                   "VALUES (x'612e6a7067', 'a.jpg', '.', 1, 0, 'embedded')")
+    engine.dispose()
+    with Library.open(tmp_path, write=True) as library:
+        assert migrate.current_revision(library.engine) == migrate.head_revision() == "0003"
+        assert library.info()["total"] == 1
+        assert "journals" in inspect(library.engine).get_table_names()
+    backup = sqlite3.connect(catalog.with_name("catalog.sqlite.bak-0002"))
+    assert "journals" not in {name for (name,) in backup.execute("select name from sqlite_master")}
