@@ -88,3 +88,21 @@ class IndexFileRow(Base):
     checksum: Mapped[str] = mapped_column(String(64))  # sha256 of the file, which is named after it
     trained_on: Mapped[int] = mapped_column(BigInteger, default=0)  # library size when trained
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class JournalRow(Base):
+    """One `dedup --apply`: its journal's file name and the two folders it may move bytes between.
+
+    The journal file lives in the library folder, which more people may be able to write than the
+    photos; `undo` trusts a journal only where it agrees with this row (revision 0003).
+    """
+
+    __tablename__ = "journals"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # file name in <library>/journals
+    root: Mapped[bytes] = mapped_column(LargeBinary)  # absolute photo folder, raw bytes (os.fsencode)
+    quarantine: Mapped[bytes] = mapped_column(LargeBinary)  # absolute, resolved, raw bytes
+    action: Mapped[str] = mapped_column(String(16))  # move | hardlink | symlink
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    undone_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    note: Mapped[str | None] = mapped_column(Text)  # files undo could not restore and the user accepted

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session
 
-from .catalog import EMBEDDED, QUARANTINED, ImageRow, IndexFileRow, ManifestRow, RunRow, utcnow
+from .catalog import EMBEDDED, QUARANTINED, ImageRow, IndexFileRow, JournalRow, ManifestRow, RunRow, utcnow
 from .catalog_file import one_line, restore_hint
 from .errors import LibraryError, NeedsRepairError
 
@@ -265,6 +265,40 @@ class Catalog:
             s.execute(update(ImageRow).where(ImageRow.path == path, ImageRow.status == QUARANTINED)
                       .values(status=EMBEDDED, reason=None))
             return s.scalar(select(ImageRow.id).where(ImageRow.path == path)) is not None
+
+    def rows_at(self, paths: list[bytes]) -> dict[bytes, tuple[str | None, str]]:
+        """path -> (sha256, status) of the rows at these raw relative paths."""
+        out: dict[bytes, tuple[str | None, str]] = {}
+        with self.session() as s:
+            for part in chunks(paths):
+                query = select(ImageRow.path, ImageRow.sha256, ImageRow.status).where(ImageRow.path.in_(part))
+                out.update((path, (sha256, status)) for path, sha256, status in s.execute(query))
+        return out
+
+    # ---- dedup journals (revision 0003): which applies this library made, and which were undone ---
+    def record_journal(self, name: str, root: bytes, quarantine: bytes, action: str) -> None:
+        with self.session() as s, s.begin():
+            s.add(JournalRow(name=name, root=root, quarantine=quarantine, action=action))
+
+    def journal_records(self) -> dict[str, tuple[bytes, bytes, str, object]]:
+        """name -> (root, quarantine, action, undone_at) of every apply recorded."""
+        with self.session() as s:
+            return {r.name: (r.root, r.quarantine, r.action, r.undone_at) for r in s.scalars(select(JournalRow))}
+
+    def close_journal(self, name: str, root: bytes, quarantine: bytes, action: str,
+                      given_up: dict[bytes, str]) -> None:
+        """Mark a journal undone (one written before revision 0003 gets its row now); each file given
+        up on (raw relative path -> why) keeps the reason in its row, still quarantined."""
+        with self.session() as s, s.begin():
+            row = s.get(JournalRow, name)
+            if row is None:
+                row = JournalRow(name=name, root=root, quarantine=quarantine, action=action)
+                s.add(row)
+            row.undone_at = utcnow()
+            row.note = "\n".join(given_up.values()) or None
+            for path, why in given_up.items():
+                s.execute(update(ImageRow).where(ImageRow.path == path, ImageRow.status == QUARANTINED)
+                          .values(reason=f"not restored by undo, accepted as lost: {why}"))
 
     def delete_rows(self, ids: Iterable[int]) -> None:
         with self.session() as s, s.begin():

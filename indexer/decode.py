@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,3 +184,33 @@ def display_path(path: bytes | str | Path) -> str:
     """A printable form of any path, undecodable bytes shown as \\xNN."""
     raw = os.fsencode(path)
     return raw.decode("utf-8", errors="backslashreplace")
+
+
+# Unicode categories a terminal acts on, or that hide or reorder what is shown: controls (C0, C1,
+# DEL; newlines could forge a plan line, ESC sequences clear the screen), format characters (bidi
+# overrides and isolates, zero-width spaces and joiners, soft hyphen), surrogates (left by
+# undecodable names; they would crash the echo) and the line/paragraph separators.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def printable(value: object) -> str:
+    """`value` (a path as bytes/str/Path, a message, an exception, ...) as one line safe to print:
+    unsafe characters become \\xNN, \\uNNNN or \\UNNNNNNNN; raw bytes and Paths go through
+    display_path first (undecodable bytes as \\xNN).
+
+    The one escaping function for every message and terminal line. Backslashes are left as they
+    are: messages are escaped where they are made (a journal error naming a path) and again at the
+    CLI's edge, so escaping must be idempotent; a backslash moves no cursor and hides nothing.
+    """
+    text = display_path(value) if isinstance(value, (bytes, os.PathLike)) else str(value)
+    if text.isprintable() and text.isascii():  # the common case, without a look-up per character
+        return text
+    out = []
+    for ch in text:
+        if unicodedata.category(ch) in _UNSAFE_CATEGORIES:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
+                       else f"\\U{code:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)

@@ -2,14 +2,16 @@
 
 Nothing is ever deleted. `move` puts a duplicate into the quarantine folder (relative path kept);
 `hardlink` / `symlink` do the same and then leave a link to the kept copy at the old path. Every
-step is written (and fsynced) to a journal, with its final destination, before it happens and
-marked done after, so `undo` can restore the files byte for byte even after a crash mid-step.
-Undo trusts no journal: it checks all of it first (retrieval.journal), then only ever moves bytes
-between this library's photo folder and its quarantine, after checking them.
+apply is recorded in the catalog, and every step is written (and fsynced) to a journal, with its
+final destination, before it happens and marked done after, so `undo` can restore the files byte
+for byte even after a crash mid-step. Undo trusts no journal: it checks all of it first against
+itself (retrieval.journal) and against the catalog, then only ever moves bytes between this
+library's photo folder and its recorded quarantine, after checking them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -19,17 +21,37 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from indexer.catalog import QUARANTINED
+from indexer.catalog import EMBEDDED, QUARANTINED
+from indexer.decode import printable
 from indexer.library import Library
+from model.files import NotRegularFileError, open_regular
 
 from . import journal as journals_
 from .dedup import Group
 from .errors import ActionError, InvalidArgumentError, JournalError
-from .journal import Intent, JournalWriter, check_quarantine, shown
+from .journal import Intent, Journal, JournalWriter, check_quarantine
 
 ACTIONS = ("report", "move", "hardlink", "symlink")
 PAST = {"move": "moved", "hardlink": "hard-linked", "symlink": "symlinked"}
 TEMP_PREFIX, TEMP_SUFFIX = ".dsk-", ".tmp"  # short: a 255-byte file name must still fit beside it
+# What undo may do at a step's src, from the catalog's row there (never from the journal alone):
+RESTORE = "restore"  # set aside by this apply (or a step it left half done): its bytes may go back
+CREATE = "create"  # no row (an index run dropped it): src may be created, or our symlink replaced
+SETTLE = "settle"  # in place according to the catalog: only spare copies are cleaned up, src untouched
+
+
+class FileChangedError(OSError):
+    """A file is no longer the one that was checked (swapped or written since): nothing was moved."""
+
+
+class Missing(str):
+    """Why a file was not restored, when its quarantined copy is gone: nothing can ever restore it,
+    so `undo(accept_missing=True)` may close the journal over it."""
+
+    def __new__(cls, text: str, src: Path):
+        self = super().__new__(cls, text)
+        self.src = src
+        return self
 
 
 @dataclass(frozen=True)
@@ -57,6 +79,7 @@ class UndoResult:
     not_in_catalog: int  # restored files whose rows an index run dropped meanwhile: re-index them
     problems: list[str] = field(default_factory=list)  # one line per file not restored (left in quarantine)
     journal: Path | None = None
+    accepted: list[str] = field(default_factory=list)  # files given up on (accept_missing): their copies are gone
 
 
 class UndoIncomplete(JournalError):
@@ -65,33 +88,56 @@ class UndoIncomplete(JournalError):
     def __init__(self, result: UndoResult):
         self.result = result
         first = result.problems[0] + (f" (and {len(result.problems) - 1} more)" if len(result.problems) > 1 else "")
-        super().__init__(f"undo of {shown(result.journal.name)} incomplete: {len(result.problems)} file(s) not "
+        super().__init__(f"undo of {printable(result.journal.name)} incomplete: {len(result.problems)} file(s) not "
                          f"restored, {len(result.restored)} restored: {first}")
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
+# ---- checking files -------------------------------------------------------------------------------
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """Which file, in which state: a write since changes mtime or ctime, a swap the inode."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def fingerprint(path: Path) -> tuple[str, os.stat_result]:
+    """sha256 of a regular file, and its fstat from before the read. Opened with model.files:
+    a FIFO swapped in is refused at once (never waited on), a symlink at `path` is not followed."""
+    with open_regular(path, follow_symlinks=False) as f:
+        st = os.fstat(f.fileno())
+        digest = hashlib.sha256()
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    return digest.hexdigest()
+    return digest.hexdigest(), st
 
 
-def _check(path: Path, size: int, sha256: str) -> str | None:
-    """None if `path` is still the regular file the catalog knows, reached without any symlink."""
+def sha256_of(path: Path) -> str:
+    return fingerprint(path)[0]
+
+
+def _check(path: Path, size: int, sha256: str) -> os.stat_result | str:
+    """The stat of `path` if it is still the regular file the catalog knows, reached without any
+    symlink; else why not."""
     try:
         st = os.lstat(path)
     except OSError as e:
-        return f"{shown(path)}: {e.strerror}"
+        return f"{printable(path)}: {e.strerror}"
     if os.path.realpath(path) != str(path):
-        return f"{shown(path)} is now reached through a symbolic link"
+        return f"{printable(path)} is now reached through a symbolic link"
     if not stat.S_ISREG(st.st_mode):
-        return f"{shown(path)} is no longer a regular file"
+        return f"{printable(path)} is no longer a regular file"
     if st.st_size != size:
-        return f"{shown(path)} changed size since it was indexed"
-    if sha256_of(path) != sha256:
-        return f"{shown(path)} changed content since it was indexed"
-    return None
+        return f"{printable(path)} changed size since it was indexed"
+    try:
+        digest, st = fingerprint(path)
+    except OSError as e:  # swapped for a FIFO or removed just now
+        return f"{printable(path)} cannot be read: {e.strerror or e}"
+    if digest != sha256:
+        return f"{printable(path)} changed content since it was indexed"
+    return st
 
 
 def free_name(path: Path) -> Path:
@@ -105,33 +151,69 @@ def free_name(path: Path) -> Path:
 
 # ---- moving bytes ---------------------------------------------------------------------------------
 
-def place(src: Path, target: Path) -> None:
+def place(src: Path, target: Path, expect: os.stat_result | None = None, sha256: str | None = None) -> None:
     """Give src's bytes the name `target` (which must not exist) and remove src; never overwrites.
 
+    src is opened once, as a regular file and not through a symlink, and that file is the one
+    moved: it must still be the file `expect` describes (when it was checked), a hard link must land
+    on its inode, and a copy is read from that same descriptor (and checked against `sha256` on the
+    way). Otherwise FileChangedError, with nothing moved.
+
     Same filesystem: a hard link, then unlink (owner, mode and times are the inode's). Across
-    filesystems: a copy under a short temp name, fsynced, given src's owner (where permitted), mode
-    and times, hard-linked to `target`, then src removed — so `target` is never a partial file, and a
-    failed copy (disk full) leaves no temp file behind.
+    filesystems: a copy under a short temp name, fsynced, given src's owner (where permitted), mode,
+    extended attributes and times, hard-linked to `target`, then src removed — so `target` is never
+    a partial file, and a failed copy (disk full) leaves no temp file behind.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
+    with open_regular(src, follow_symlinks=False) as f:
+        st = os.fstat(f.fileno())
+        if expect is not None and _identity(st) != _identity(expect):
+            raise FileChangedError(errno.ESTALE, "changed since it was checked", os.fsdecode(src))
+        try:
+            os.link(src, target, follow_symlinks=False)  # FileExistsError if target appeared: never overwrites
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            _copy_across(src, f, st, target, sha256)
+        else:
+            if not _same_file(os.lstat(target), st):  # src was swapped between the open and the link
+                os.unlink(target)
+                raise FileChangedError(errno.ESTALE, "was replaced while being moved", os.fsdecode(src))
     try:
-        os.link(src, target)  # FileExistsError if target appeared: never overwrites
-    except OSError as e:
-        if e.errno != errno.EXDEV:
-            raise
-        _copy_across(src, target)
-    os.unlink(src)
+        now = os.lstat(src)
+    except FileNotFoundError:
+        return  # removed meanwhile: its bytes are at target all the same
+    if not _same_file(now, st):
+        raise OSError(errno.ESTALE, f"was replaced while being moved; its checked bytes are in {printable(target)}",
+                      os.fsdecode(src))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(src)
 
 
-def _copy_across(src: Path, target: Path) -> None:
+class _Hashing:
+    """A reader that hashes what passes through it."""
+
+    def __init__(self, f, digest):
+        self.f, self.digest = f, digest
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.digest.update(data)
+        return data
+
+
+def _copy_across(src: Path, fin, st: os.stat_result, target: Path, sha256: str | None) -> None:
+    """Copy from `fin`, the descriptor place() checked, never from src's name again."""
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=target.parent)
     try:
-        with os.fdopen(fd, "wb") as fout, open(src, "rb") as fin:
-            shutil.copyfileobj(fin, fout, 1 << 20)
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as fout:
+            shutil.copyfileobj(_Hashing(fin, digest), fout, 1 << 20)
             fout.flush()
             os.fsync(fout.fileno())
-        _copy_owner(src, tmp)
-        shutil.copystat(src, tmp)  # after chown, which may clear set-id bits
+            _copy_metadata(fin.fileno(), st, fout.fileno())
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise FileChangedError(errno.ESTALE, "changed since it was checked (sha256 differs)", os.fsdecode(src))
         os.link(tmp, target)
     finally:
         try:
@@ -140,101 +222,140 @@ def _copy_across(src: Path, target: Path) -> None:
             pass
 
 
-def _copy_owner(src: Path, dst: str) -> None:
-    """src's owner and group on dst, or as much of it as this user may set (a group it belongs to)."""
-    st = os.stat(src)
+def _copy_metadata(src_fd: int, st: os.stat_result, dst_fd: int) -> None:
+    """src's owner and group on dst, or as much of it as this user may set (its own files; a group
+    it belongs to); then mode (after chown, which may clear set-id bits), extended attributes where
+    permitted, and times last."""
     for uid, gid in ((st.st_uid, st.st_gid), (-1, st.st_gid)):
         try:
-            os.chown(dst, uid, gid)
-            return
+            os.fchown(dst_fd, uid, gid)
+            break
         except PermissionError:
             continue
+    os.fchmod(dst_fd, stat.S_IMODE(st.st_mode))
+    if hasattr(os, "listxattr"):
+        with contextlib.suppress(OSError):
+            for name in os.listxattr(src_fd):
+                with contextlib.suppress(OSError):  # e.g. security.* needs privileges
+                    os.setxattr(dst_fd, name, os.getxattr(src_fd, name))
+    os.utime(dst_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 # ---- apply ----------------------------------------------------------------------------------------
 
+class _NotMoved(Exception):
+    """A duplicate changed or vanished just before its move: nothing moved, the apply goes on."""
+
+
 def apply(library: Library, groups: list[Group], action: str, quarantine: Path | str | None = None) -> ApplyResult:
     """Carry out `action` on every group; groups whose files changed since indexing are skipped, and
-    so is a duplicate with other hard links (moving one name of a file frees nothing); the rest of
-    its group goes on. The journal is written only if at least one step begins."""
+    so is a duplicate with other hard links (moving one name of a file frees nothing) or one that
+    changes or vanishes during the apply; the rest of its group goes on. The journal is written (and
+    recorded in the catalog) only if at least one step begins."""
     if action not in ACTIONS[1:]:
         raise InvalidArgumentError(f"must be one of {', '.join(ACTIONS[1:])}, got {action!r}", argument="action")
     root = library.root
     quarantine = Path(quarantine or library.folder / journals_.QUARANTINE).resolve()
     check_quarantine(root, library.folder, quarantine)
+    keepers = {root / os.fsdecode(group.keeper.raw_path) for group in groups}
     result = ApplyResult(None)
-    with JournalWriter(library.folder / "journals", action, root, quarantine) as log:
+
+    def record(path: Path) -> None:  # committed before the first step can move anything
+        library.catalog.record_journal(path.name, os.fsencode(root), os.fsencode(quarantine), action)
+
+    with JournalWriter(library.folder / "journals", action, root, quarantine, on_start=record) as log:
         for group in groups:
-            _apply_group(library, group, action, quarantine, log, result)
+            _apply_group(library, group, action, quarantine, log, result, keepers)
     result.journal = log.path if log.started else None
     return result
 
 
 def _apply_group(library: Library, group: Group, action: str, quarantine: Path, log: JournalWriter,
-                 result: ApplyResult) -> None:
+                 result: ApplyResult, keepers: set[Path]) -> None:
     root = library.root
     keeper = root / os.fsdecode(group.keeper.raw_path)
     others = [(m, root / os.fsdecode(m.raw_path)) for m in group.others]
-    problem = _group_problem(keeper, group, others, action)
-    if problem:  # the group is skipped whole: the plan no longer describes these files
-        result.skipped.append((group, problem))
+    checked = _check_group(keeper, group, others, action)
+    if isinstance(checked, str):  # the group is skipped whole: the plan no longer describes these files
+        result.skipped.append((group, checked))
         return
-    keeper_stat = os.stat(keeper)
     for member, src in others:
-        if os.lstat(src).st_nlink > 1:
+        st = checked[src]
+        if st.st_nlink > 1:
             result.skipped_files.append((src, "has other hard links: moving it would free nothing"))
             continue
+        if src in keepers:  # groups passed in that overlap: moving it would pull a kept copy away
+            result.skipped_files.append((src, "is the kept copy of another group"))
+            continue
         if not os.path.isfile(keeper):  # paranoia: the copy that stays must still be there
-            result.skipped.append((group, f"{shown(keeper)} vanished during the apply"))
+            result.skipped.append((group, f"{printable(keeper)} vanished during the apply"))
             return
+        step_no = log.new_step()
         try:
-            final = _move_journaled(log, len(result.done) + 1, action, src, quarantine / os.fsdecode(member.raw_path),
-                                    keeper, member, (keeper_stat.st_dev, keeper_stat.st_ino))
+            final = _move_journaled(log, step_no, action, src, quarantine / os.fsdecode(member.raw_path),
+                                    keeper, member, checked[keeper], st)
+        except _NotMoved as e:
+            result.skipped_files.append((src, str(e)))
+            continue
         except OSError as e:
-            raise ActionError(f"stopped at {shown(src)} ({e.strerror or e}); {len(result.done)} files were set "
-                              f"aside, journal {shown(log.path)} records them") from e
-        library.catalog.set_status(member.id, QUARANTINED, f"dedup {action}: bytes in {shown(final)}")
+            raise ActionError(f"stopped at {printable(src)} ({e.strerror or e}); {len(result.done)} files were set "
+                              f"aside, journal {printable(log.path)} records them") from e
+        # The row is set aside before the step is marked done: a done step's row was quarantined
+        # (undo relies on it), an unfinished one may still be embedded.
+        library.catalog.set_status(member.id, QUARANTINED, f"dedup {action}: bytes in {printable(final)}")
+        log.write({"type": "done", "step": step_no})
         result.done.append(Step(action, src, final, keeper, member.sha256, member.size, member.id))
 
 
-def _group_problem(keeper: Path, group: Group, others, action: str) -> str | None:
-    problem = _check(keeper, group.keeper.size, group.keeper.sha256)
-    problem = problem or next((p for m, path in others if (p := _check(path, m.size, m.sha256))), None)
+def _check_group(keeper: Path, group: Group, others, action: str) -> dict[Path, os.stat_result] | str:
+    """Every file of the group checked (path -> its stat when hashed), or why the group is skipped."""
+    checked = {keeper: _check(keeper, group.keeper.size, group.keeper.sha256)}
+    for member, path in others:
+        checked[path] = _check(path, member.size, member.sha256)
+    problem = next((c for c in checked.values() if isinstance(c, str)), None)
     if problem:
         return problem
-    kept = os.stat(keeper)
+    kept = checked[keeper]
     for _, path in others:
-        st = os.stat(path)
-        if (st.st_dev, st.st_ino) == (kept.st_dev, kept.st_ino):
-            return f"{shown(path)} is the kept file itself (a hard link): nothing to free"
+        st = checked[path]
+        if _same_file(st, kept):
+            return f"{printable(path)} is the kept file itself (a hard link): nothing to free"
         if action == "hardlink" and st.st_dev != kept.st_dev:
-            return f"{shown(path)} and the kept copy are on different filesystems: no hard link possible"
-    return None
+            return f"{printable(path)} and the kept copy are on different filesystems: no hard link possible"
+    return checked
+
+
+_VANISHED = (FileChangedError, NotRegularFileError, FileNotFoundError)  # raised before anything moved
 
 
 def _move_journaled(log: JournalWriter, step_no: int, action: str, src: Path, wanted: Path, keeper: Path, member,
-                    keeper_id) -> Path:
-    """One step: intent (with the final name) -> move -> link -> done. Returns where the bytes went."""
+                    kept: os.stat_result, st: os.stat_result) -> Path:
+    """One step: intent (with the final name) -> move -> link. Returns where the bytes went; the
+    caller marks it done. _NotMoved if src changed or vanished since it was checked."""
     while True:
         final = free_name(wanted)
         log.write({"type": "intent", "step": step_no, "op": action, "src": os.fsdecode(src), "dst": os.fsdecode(final),
-                   "keeper": os.fsdecode(keeper), "keeper_id": list(keeper_id), "sha256": member.sha256,
+                   "keeper": os.fsdecode(keeper), "keeper_id": [kept.st_dev, kept.st_ino], "sha256": member.sha256,
                    "size": member.size, "row_id": member.id})
         try:
-            place(src, final)
+            place(src, final, expect=st, sha256=member.sha256)
             break
         except FileExistsError:
             continue  # the name was taken meanwhile: a new intent names the next free one
+        except _VANISHED as e:
+            log.write({"type": "rolled-back", "step": step_no})
+            raise _NotMoved(f"changed or vanished during the apply ({e.strerror or e}): left where it is") from e
     try:
         if action == "hardlink":
-            os.link(keeper, src)
+            os.link(keeper, src, follow_symlinks=False)
         elif action == "symlink":
             os.symlink(keeper, src)
-    except OSError:
-        place(final, src)  # put the file back before reporting the failure
+    except OSError as e:
+        place(final, src, sha256=member.sha256)  # put the file back before reporting the failure
         log.write({"type": "rolled-back", "step": step_no})
+        if isinstance(e, FileNotFoundError):  # the kept copy vanished: the rest of its group is skipped
+            raise _NotMoved(f"not linked: {printable(keeper)} vanished during the apply; left where it is") from e
         raise
-    log.write({"type": "done", "step": step_no})
     return final
 
 
@@ -246,76 +367,121 @@ def journals(library: Library) -> list[Path]:
 
 def pending_journals(library: Library) -> list:
     """Journals not yet undone, oldest first (see retrieval.journal.pending)."""
-    return journals_.pending(library.folder)
+    return journals_.pending(library.folder, _undone_names(library.catalog.journal_records()))
 
 
-def undo(library: Library, journal: Path | None = None) -> UndoResult:
+def undo(library: Library, journal: Path | None = None, accept_missing: bool = False) -> UndoResult:
     """Restore every file of a journal (by default the newest one not yet undone).
 
     The whole journal is checked first; a malformed or forged one (paths outside this library's
-    root and quarantine, another library's root) raises JournalError and changes nothing. Then each
-    step is judged by what is on disk, so half-finished steps of a killed run are completed backwards
-    too. A quarantined copy is checked against the journal's sha256 before it moves back; anything
-    that cannot be restored exactly stays where it is and is reported (UndoIncomplete), and the
-    journal is marked undone only when nothing is left.
+    root and quarantine, a header other than the catalog recorded, another library's root, steps
+    sharing files) raises JournalError and changes nothing. Each step may only do what the catalog's
+    row at its src allows (see _right). Then each step is judged by what is on disk, so half-finished
+    steps of a killed run are completed backwards too. A quarantined copy is checked against the
+    journal's sha256 before it moves back; anything that cannot be restored exactly stays where it is
+    and is reported (UndoIncomplete), and the journal is marked undone only when nothing is left —
+    or, with `accept_missing`, when all that is left are files whose quarantined copy is gone: they
+    are recorded (journal, catalog) and the journal is closed.
     """
-    path = Path(journal) if journal is not None else journals_.newest_pending(library.folder)
+    recorded = library.catalog.journal_records()
+    path = Path(journal) if journal is not None else journals_.newest_pending(library.folder, _undone_names(recorded))
     record = journals_.read(path)
-    if record.undone:
-        raise JournalError(f"{shown(path)} was already undone")
+    row = recorded.get(path.name)
+    if record.undone or (row is not None and row[3] is not None):
+        raise JournalError(f"{printable(path)} was already undone")
     journals_.check_places(record, library.root, library.folder)  # before any file is touched
+    journals_.check_recorded(record, row and row[:3], library.folder)
+    rights = _rights(library, record)
     result = UndoResult([], 0, journal=path)
     for step in record.steps_backwards():
+        if step.step in record.rolled_back:  # written only once the file was back (or had never moved)
+            continue
         try:
-            outcome = _restore(step, library, record.header.quarantine)
+            outcome = _restore(step, library, record.header.quarantine, rights[step.step])
         except OSError as e:
-            outcome = f"{shown(step.src)} not restored: {e.strerror or e}"
+            outcome = f"{printable(step.src)} not restored: {e.strerror or e}"
         if isinstance(outcome, str):
             result.problems.append(outcome)
             continue
-        in_catalog = _mark_restored(library, step.src)  # also for steps a killed run left half done
+        in_catalog = library.catalog.unquarantine(_relative(library, step.src))  # also for steps a killed run left half done
         if outcome:
             result.restored.append(os.fsdecode(step.src))
             result.not_in_catalog += not in_catalog
     if result.problems:
-        raise UndoIncomplete(result)
-    journals_.mark_undone(path)
+        if not (accept_missing and all(isinstance(p, Missing) for p in result.problems)):
+            raise UndoIncomplete(result)
+        result.accepted, result.problems = result.problems, []
+    _close_journal(library, record, result.accepted)  # the catalog first: it decides what is pending
+    journals_.mark_undone(path, result.accepted)
     return result
 
 
-def _restore(step: Intent, library: Library, quarantine: Path) -> bool | str:
+def _right(step: Intent, row: tuple[str, str] | None, done: frozenset[int]) -> str:
+    """What undo may do at step.src (RESTORE, CREATE, SETTLE), or why nothing (a problem line).
+
+    The journal's sha256 is only the journal's word; the catalog's row at src says which bytes the
+    library had there. Whatever a step then does, src ends up with those bytes or is left alone."""
+    if row is None:  # an index run drops the row of a moved file: restoring it creates a file, never replaces one
+        return CREATE
+    sha256, status = row
+    if sha256 != step.sha256:
+        return (f"{printable(step.src)} not restored: the catalog knows other bytes at that path than the journal "
+                f"(replaced since the apply?); {printable(step.dst)} left in place")
+    if status == QUARANTINED:
+        return RESTORE
+    if status == EMBEDDED:  # a step a killed apply left half done, or one already put back
+        return SETTLE if step.step in done else RESTORE
+    return f"{printable(step.src)} not restored: the catalog has it as {printable(status)}, not set aside; left alone"
+
+
+def _rights(library: Library, record: Journal) -> dict[int, str]:
+    steps = record.steps_backwards()
+    rows = library.catalog.rows_at([_relative(library, step.src) for step in steps])
+    return {step.step: _right(step, rows.get(os.fsencode(step.src.relative_to(library.root))), record.done)
+            for step in steps}
+
+
+def _restore(step: Intent, library: Library, quarantine: Path, right: str) -> bool | str:
     """Put the quarantined bytes back at src. True: restored; False: nothing to restore (the step
     never moved anything, or a killed step was completed backwards); a string: why it was not
     restored (the quarantined copy is left where it is, src is never overwritten)."""
+    if right not in (RESTORE, CREATE, SETTLE):
+        return right
     # Checked again right before acting: folders may have been swapped for links since the journal was read.
     problem = journals_.place_problem(step, library.root, library.folder, quarantine)
     if problem:
-        return f"{shown(step.src)} not restored: {problem}"
+        return f"{printable(step.src)} not restored: {problem}"
     src, dst = step.src, step.dst
     if os.path.lexists(src):
         if step.op != "move" and _is_our_link(step):
+            if right == SETTLE or (right == CREATE and step.op != "symlink"):  # a symlink holds no bytes
+                return (f"{printable(src)} not restored: the catalog does not have it as set aside; "
+                        f"{printable(dst)} left in place")
             return _replace_link(step)
-        return _finish_backwards(step)
+        return _finish_backwards(step)  # never changes src
     if not os.path.lexists(dst):
-        return f"{shown(src)} not restored: its quarantined copy {shown(dst)} is missing"
-    problem = _quarantined_problem(step)
-    if problem:
-        return problem
-    place(dst, src)
+        return Missing(f"{printable(src)} not restored: its quarantined copy {printable(dst)} is missing", src)
+    if right == SETTLE:
+        return (f"{printable(src)} not restored: the catalog has it in place, not set aside; "
+                f"{printable(dst)} left in place")
+    checked = _quarantined(step)
+    if isinstance(checked, str):
+        return checked
+    place(dst, src, expect=checked, sha256=step.sha256)
     return True
 
 
 def _replace_link(step: Intent) -> bool | str:
     """src is the link apply left: swap it for the quarantined bytes, once they are checked."""
     if not os.path.lexists(step.dst):
-        return (f"{shown(step.src)} not restored: its quarantined copy {shown(step.dst)} is missing "
-                f"(the link to the kept copy stays)")
-    problem = _quarantined_problem(step)
-    if problem:
-        return problem
+        return Missing(f"{printable(step.src)} not restored: its quarantined copy {printable(step.dst)} is missing "
+                       f"(the link to the kept copy stays)", step.src)
+    checked = _quarantined(step)
+    if isinstance(checked, str):
+        return checked
     os.unlink(step.src)  # only the link we made; the kept copy keeps its bytes
     try:
-        place(step.dst, step.src)
+        place(step.dst, step.src, expect=checked, sha256=step.sha256)
     except OSError:
         _relink(step)  # leave things as they were: the link back, the bytes in quarantine
         raise
@@ -325,7 +491,7 @@ def _replace_link(step: Intent) -> bool | str:
 def _relink(step: Intent) -> None:
     try:
         if step.op == "hardlink":
-            os.link(step.keeper, step.src)
+            os.link(step.keeper, step.src, follow_symlinks=False)
         else:
             os.symlink(step.keeper, step.src)
     except OSError:
@@ -334,16 +500,18 @@ def _relink(step: Intent) -> None:
 
 def _finish_backwards(step: Intent) -> bool | str:
     """src exists and is not our link: either the step never moved anything, or a killed run left
-    it half done (two names for one file, or a whole copy on each side of a filesystem boundary)."""
+    it half done (two names for one file, or a whole copy on each side of a filesystem boundary).
+    src is never changed here; at most dst goes, when src holds the same bytes."""
     src, dst = step.src, step.dst
     if not os.path.lexists(dst):
         return False  # the step never moved anything
     s, d = os.lstat(src), os.lstat(dst)
-    if (s.st_dev, s.st_ino) == (d.st_dev, d.st_ino):
+    if _same_file(s, d):
         # Killed between link and unlink: src is whole. Two names of one file must show two links;
         # one name seen twice (a bind mount) shows one, and unlinking it would drop the only copy.
         if s.st_nlink < 2:
-            return f"{shown(src)} not restored: it is the same file as {shown(dst)} seen through a mount; left alone"
+            return (f"{printable(src)} not restored: it is the same file as {printable(dst)} seen through a mount; "
+                    f"left alone")
         os.unlink(dst)
         return False
     if _is_whole(src, s, step):
@@ -351,24 +519,29 @@ def _finish_backwards(step: Intent) -> bool | str:
             os.unlink(dst)  # killed mid cross-filesystem move: src is whole, dst our spare copy
         return False  # (a dst with other bytes is not ours: left alone)
     if step.op != "move":  # e.g. the kept copy was deleted or renamed since: src is its last name now
-        return (f"{shown(src)} was replaced since the apply (it is not the link to {shown(step.keeper)} the apply "
-                f"left); its old bytes stay in {shown(dst)}")
-    return f"{shown(src)} was replaced since the apply; its old bytes stay in {shown(dst)}"
+        return (f"{printable(src)} was replaced since the apply (it is not the link to {printable(step.keeper)} the "
+                f"apply left); its old bytes stay in {printable(dst)}")
+    return f"{printable(src)} was replaced since the apply; its old bytes stay in {printable(dst)}"
 
 
 def _is_whole(path: Path, st: os.stat_result, step: Intent) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_size == step.size and sha256_of(path) == step.sha256
 
 
-def _quarantined_problem(step: Intent) -> str | None:
-    """Why the quarantined copy may not go back (checked before anything moves), or None."""
+def _quarantined(step: Intent) -> os.stat_result | str:
+    """The quarantined copy's stat when it was hashed, if it may go back; else why not (checked
+    before anything moves)."""
+    where = f"{printable(step.src)} not restored: its quarantined copy {printable(step.dst)}"
     st = os.lstat(step.dst)
     if not stat.S_ISREG(st.st_mode):
-        return f"{shown(step.src)} not restored: its quarantined copy {shown(step.dst)} is no longer a regular file"
-    if not _is_whole(step.dst, st, step):
-        return (f"{shown(step.src)} not restored: its quarantined copy {shown(step.dst)} changed since the apply "
-                f"(sha256 differs); left in place")
-    return None
+        return f"{where} is no longer a regular file"
+    try:
+        digest, st = fingerprint(step.dst) if st.st_size == step.size else (None, st)
+    except OSError as e:  # swapped for a FIFO or removed just now
+        return f"{where} cannot be read: {e.strerror or e}"
+    if digest != step.sha256:
+        return f"{where} changed since the apply (sha256 differs); left in place"
+    return st
 
 
 def _is_our_link(step: Intent) -> bool:
@@ -383,11 +556,21 @@ def _is_our_link(step: Intent) -> bool:
         kept = os.lstat(step.keeper)
     except FileNotFoundError:
         return False
-    return (stat.S_ISREG(st.st_mode) and stat.S_ISREG(kept.st_mode) and st.st_nlink >= 2
-            and (st.st_dev, st.st_ino) == (kept.st_dev, kept.st_ino))
+    return (stat.S_ISREG(st.st_mode) and stat.S_ISREG(kept.st_mode) and st.st_nlink >= 2 and _same_file(st, kept))
 
 
-def _mark_restored(library: Library, src: Path) -> bool:
-    """quarantined -> embedded for this library's row at src (by path, never by a journal's row id:
-    another library's journal must not touch unrelated rows). True if a row for src exists."""
-    return library.catalog.unquarantine(os.fsencode(src.relative_to(library.root)))
+# ---- the catalog's side of applies and undos --------------------------------------------------
+
+def _undone_names(rows: dict) -> frozenset[str]:
+    return frozenset(name for name, row in rows.items() if row[3] is not None)
+
+
+def _relative(library: Library, path: Path) -> bytes:
+    return os.fsencode(path.relative_to(library.root))
+
+
+def _close_journal(library: Library, record: Journal, accepted: list[Missing]) -> None:
+    header = record.header
+    given_up = {_relative(library, lost.src): str(lost) for lost in accepted}
+    library.catalog.close_journal(record.path.name, os.fsencode(header.root), os.fsencode(header.quarantine),
+                                  header.action, given_up)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from indexer.decode import printable
 from indexer.errors import IndexerError, ModelMismatchError, NeedsRepairError, NotIndexedError, SweepRefusedError
 from model import (
     PRECISIONS,
@@ -22,31 +23,8 @@ from model import (
 from model.preprocess import MAX_SIZE, MIN_SIZE
 from retrieval.errors import ActionError, InvalidArgumentError, RetrievalError
 
-# Characters a terminal acts on instead of showing: C0/C1 controls and DEL (newlines could forge a
-# plan line such as "keep c.jpg", ESC sequences could clear the screen or retitle the window), the
-# Unicode line/paragraph separators, and the bidi embeddings/overrides/isolates that reorder text.
-_UNSAFE_CHARS = frozenset(
-    [chr(c) for c in range(0x20)] + [chr(c) for c in range(0x7F, 0xA0)]
-    + ["\u2028", "\u2029", "\u061c", "\u200e", "\u200f"]
-    + [chr(c) for c in range(0x202A, 0x202F)] + [chr(c) for c in range(0x2066, 0x206A)]
-)
-
-
-def _shown(text) -> str:
-    """`text` (a path, reason, ...) made safe to print: unsafe characters become `\\xNN` / `\\uNNNN`.
-
-    Backslashes stay as they are, so ordinary Windows paths read normally; surrogate escapes left by
-    undecodable (non-UTF-8) file names are shown as `\\udcNN` rather than crashing the echo.
-    """
-    text = str(text)
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if ch in _UNSAFE_CHARS or 0xD800 <= code <= 0xDFFF:
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
+# Every message and line built from file names is escaped by the one function the library uses too.
+_shown = printable
 
 
 class _Float(click.FloatRange):
@@ -112,6 +90,8 @@ def _translate_errors(func):
 
         try:
             return func(*args, **kwargs)
+        except BrokenPipeError:  # `dinoseek info | head`: the reader has what it wanted
+            _quiet_broken_pipe()
         except (ModelError, IndexerError, RetrievalError) as e:
             raise click.ClickException(_shown(_message(e))) from e
         except OSError as e:  # disk full, permissions on the library folder, ...
@@ -121,6 +101,32 @@ def _translate_errors(func):
             raise click.ClickException(_shown(f"catalog error: {reason}")) from e
 
     return wrapper
+
+
+def _quiet_broken_pipe() -> None:
+    """Exit 0 without the interpreter's own complaint when flushing stdout at exit (Python docs,
+    "Note on SIGPIPE")."""
+    import os
+    import sys
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(0)
+
+
+class _Date(click.ParamType):
+    """YYYY-MM-DD (or "YYYY-MM-DD HH:MM:SS"), a real calendar date, as the catalog stores it."""
+
+    name = "date"
+
+    def convert(self, value, param, ctx):
+        from datetime import datetime
+
+        for pattern in ("%Y-%m-%d", "%Y-%m-%d %H:%M:%S"):
+            try:
+                return datetime.strptime(value, pattern).strftime(pattern)
+            except (TypeError, ValueError):
+                continue
+        self.fail(f"{value!r} is not a date like 2023-06-30 (or \"2023-06-30 18:00:00\")", param, ctx)
 
 
 def model_options(func):
@@ -389,8 +395,8 @@ def filter_options(func):
     """SQL pre-filters shared by search, similar and dedup."""
     options = [
         click.option("--folder", help="Only images under this folder (relative to ROOT)."),
-        click.option("--after", "captured_after", help="Captured on or after this date (YYYY-MM-DD)."),
-        click.option("--before", "captured_before", help="Captured before this date (YYYY-MM-DD)."),
+        click.option("--after", "captured_after", type=_Date(), help="Captured on or after this date (YYYY-MM-DD)."),
+        click.option("--before", "captured_before", type=_Date(), help="Captured before this date (YYYY-MM-DD)."),
         click.option("--camera", help="Camera make/model contains this text."),
         click.option("--min-pixels", type=_COUNT64, help="At least this many pixels (width x height)."),
         click.option("--min-bytes", type=_COUNT64, help="Files of at least this many bytes."),
@@ -558,7 +564,7 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, keep_order, prote
                 click.echo(f"0 files {actions.PAST[action]}; nothing to undo")
             else:
                 click.echo(f"{len(result.done)} files {actions.PAST[action]}; journal {_shown(result.journal)} "
-                           f"(undo: dinoseek undo)")
+                           f"(undo: dinoseek undo {_shown(library.root)})")
 
 
 @main.command()
@@ -566,11 +572,15 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, keep_order, prote
 @click.option("--journal", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Journal to undo (default: the newest one not yet undone).")
 @click.option("--list", "list_only", is_flag=True, help="List the journals not yet undone, newest last.")
+@click.option("--accept-missing", is_flag=True,
+              help="Close the journal even though some quarantined copies are gone for good (they are listed and "
+                   "recorded); the next `undo` then moves on to the journal before it.")
 @_translate_errors
-def undo(root, library_dir, url, journal, list_only):
+def undo(root, library_dir, url, journal, list_only, accept_missing):
     """Restore the files a `dedup --apply` set aside, byte for byte.
 
-    A journal is checked whole before anything moves: one that names paths outside this library's
+    A journal is checked whole before anything moves: one this library's catalog has no record of
+    (or whose folders differ from the recorded ones), one that names paths outside this library's
     photo folder and quarantine, or another library's folder, is refused. Files whose quarantined
     copy changed or vanished stay where they are and are listed (exit 1).
 
@@ -578,6 +588,7 @@ def undo(root, library_dir, url, journal, list_only):
     Example:
       dinoseek undo ~/Pictures
       dinoseek undo ~/Pictures --list
+      dinoseek undo ~/Pictures --accept-missing
     """
     from indexer.library import Library
     from retrieval import actions
@@ -588,18 +599,27 @@ def undo(root, library_dir, url, journal, list_only):
         return
     with Library.open(root, folder=library_dir, url=url, write=True) as library:
         try:
-            result = actions.undo(library, journal)
+            result = actions.undo(library, journal, accept_missing=accept_missing)
         except actions.UndoIncomplete as e:
             result = e.result
     click.echo(f"restored {len(result.restored)} files")
     if result.not_in_catalog:
         click.echo(f"{result.not_in_catalog} of them left the catalog meanwhile: run "
                    f"`dinoseek index {_shown(root)}` to embed them again")
+    for problem in result.accepted:
+        click.echo(f"accepted as lost: {_shown(problem)}", err=True)
     for problem in result.problems:
         click.echo(_shown(problem), err=True)
     if result.problems:
+        missing = sum(isinstance(p, actions.Missing) for p in result.problems)
+        how = ("once they are put right, run undo again" if not missing else
+               "if those copies are gone for good, `--accept-missing` closes it without them" if
+               missing == len(result.problems) else
+               "put the changed copies right (or remove them) and run undo again, with `--accept-missing` for "
+               "copies gone for good")
         raise click.ClickException(f"{len(result.problems)} file(s) not restored, their quarantined copies left as "
-                                   f"they are; journal {_shown(result.journal.name)} stays pending")
+                                   f"they are; journal {_shown(result.journal.name)} stays pending ({how}; older "
+                                   f"journals: `dinoseek undo --list`, then `--journal FILE`)")
 
 
 def _list_journals(pending) -> None:

@@ -3,7 +3,8 @@
 A journal lives in the library folder, which more people may be able to write than the photos; so
 nothing in it is trusted. Every record is checked for shape, and every path in it for place (inside
 the journal's root or quarantine, which must be this library's, reached without symbolic links),
-before `undo` touches a single file: a forged or damaged journal changes nothing at all.
+before `undo` touches a single file: a forged or damaged journal changes nothing at all. What the
+catalog recorded of each apply (retrieval.actions) is checked against it there too.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexer.decode import display_path
+from indexer.decode import printable
+from model.files import read_regular
 
 from .errors import InvalidArgumentError, JournalError
 
@@ -25,12 +27,8 @@ OPS = ("move", "hardlink", "symlink")
 RECORD_TYPES = ("header", "intent", "done", "rolled-back", "undone")
 QUARANTINE = "quarantine"  # the default quarantine: a folder of the library folder
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def shown(path: bytes | str | Path) -> str:
-    """A path as one printable line: undecodable bytes as \\xNN, control characters escaped."""
-    text = display_path(path)
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+# A step takes about 600 bytes: this is well over a million files, and still a bounded read.
+MAX_JOURNAL_BYTES = 1 << 30
 
 
 def inside(path: Path, folder: Path) -> bool:
@@ -40,20 +38,20 @@ def inside(path: Path, folder: Path) -> bool:
 
 def check_quarantine(root: Path, library_folder: Path, quarantine: Path) -> None:
     """InvalidArgumentError unless `quarantine` (resolved) is a place apply may move copies to."""
-    where = shown(quarantine)
+    where = printable(quarantine)
     if inside(root, quarantine):  # `/`, the root itself, a folder above it: undo would reach the photos
-        what = "is the photo folder itself" if quarantine == root else f"contains the photo folder {shown(root)}"
+        what = "is the photo folder itself" if quarantine == root else f"contains the photo folder {printable(root)}"
         raise InvalidArgumentError(f"{where} {what}: choose a folder outside it", argument="quarantine")
     if inside(library_folder, quarantine):
-        raise InvalidArgumentError(f"{where} contains the library folder {shown(library_folder)}: choose another "
+        raise InvalidArgumentError(f"{where} contains the library folder {printable(library_folder)}: choose another "
                                    f"folder", argument="quarantine")
     if inside(quarantine, library_folder) and quarantine != library_folder / QUARANTINE:
         raise InvalidArgumentError(f"{where} is inside the library folder next to its catalog and journals: "
-                                   f"use {shown(library_folder / QUARANTINE)} or a folder outside it",
+                                   f"use {printable(library_folder / QUARANTINE)} or a folder outside it",
                                    argument="quarantine")
     if inside(quarantine, root) and not inside(quarantine, library_folder):
         raise InvalidArgumentError(f"{where} is inside the photo folder; the next index run would embed its files "
-                                   f"again: choose a folder outside {shown(root)}", argument="quarantine")
+                                   f"again: choose a folder outside {printable(root)}", argument="quarantine")
 
 
 @dataclass(frozen=True)
@@ -84,10 +82,12 @@ class Journal:
     header: Header
     intents: dict[int, list[Intent]]  # step -> its intents (a name taken meanwhile adds one)
     undone: bool
+    done: frozenset[int] = frozenset()  # steps apply finished (their catalog row was set aside first)
+    rolled_back: frozenset[int] = frozenset()  # steps apply undid itself (or that never moved): nothing to undo
 
     @property
     def files(self) -> int:
-        return len(self.intents)
+        return len(self.intents) - len(self.rolled_back.intersection(self.intents))
 
     def steps_backwards(self) -> list[Intent]:
         """The last intent of each step, latest step first. Only the last one can have moved
@@ -111,13 +111,21 @@ def new_name(folder: Path) -> Path:
 
 class JournalWriter:
     """Appends fsynced records; the file (and its header) appear only with the first step, so an
-    apply that does nothing leaves no journal for `undo` to pick instead of the real one."""
+    apply that does nothing leaves no journal for `undo` to pick instead of the real one.
+    `on_start(path)` runs just before the file is made (apply records the journal in the catalog)."""
 
-    def __init__(self, folder: Path, action: str, root: Path, quarantine: Path):
+    def __init__(self, folder: Path, action: str, root: Path, quarantine: Path,
+                 on_start: Callable[[Path], None] | None = None):
         self.path = new_name(folder)
         self._header = {"type": "header", "version": VERSION, "action": action, "root": os.fsdecode(root),
                         "quarantine": os.fsdecode(quarantine), "created": self.path.name[:22]}
         self._file = None
+        self._on_start = on_start
+        self.steps = 0  # step numbers handed out; a step that moved nothing keeps its number
+
+    def new_step(self) -> int:
+        self.steps += 1
+        return self.steps
 
     @property
     def started(self) -> bool:
@@ -125,6 +133,8 @@ class JournalWriter:
 
     def write(self, record: dict) -> None:
         if self._file is None:
+            if self._on_start is not None:
+                self._on_start(self.path)
             self.path.parent.mkdir(exist_ok=True)
             self._file = open(self.path, "x")
             self._append(self._header)
@@ -146,9 +156,13 @@ class JournalWriter:
         self.close()
 
 
-def mark_undone(journal: Path) -> None:
+def mark_undone(journal: Path, not_restored: list[str] = ()) -> None:
+    """The last record: nothing left to undo (`not_restored`: files the user gave up on, and why)."""
+    record = {"type": "undone", "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if not_restored:
+        record["not_restored"] = list(not_restored)
     with open(journal, "a") as f:
-        f.write(json.dumps({"type": "undone", "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+        f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -171,10 +185,12 @@ def read(path: Path) -> Journal:
             raise _refused(path, number, "damaged (not JSON)") from None
         records.append((number, record))
     if not records or not isinstance(records[0][1], dict) or records[0][1].get("type") != "header":
-        raise JournalError(f"{shown(path)} is not a dinoseek dedup journal")
+        raise JournalError(f"{printable(path)} is not a dinoseek dedup journal")
     header = _header(path, *records[0])
     intents: dict[int, list[Intent]] = {}
     undone = False
+    done: set[int] = set()
+    rolled_back: set[int] = set()
     for number, record in records[1:]:
         if not isinstance(record, dict):
             raise _refused(path, number, f"a record must be an object, got {_kind(record)}")
@@ -189,31 +205,24 @@ def read(path: Path) -> Journal:
             if earlier and earlier[0].src != intent.src:
                 raise _refused(path, number, f"step {intent.step} names two different files")
             earlier.append(intent)
-        elif kind in ("done", "rolled-back"):
-            _field(path, number, record, "step", int)
+        elif kind == "done":
+            done.add(_field(path, number, record, "step", int))
+        elif kind == "rolled-back":
+            rolled_back.add(_field(path, number, record, "step", int))
         else:
             undone = True
-    return Journal(path, header, intents, undone)
+    return Journal(path, header, intents, undone, frozenset(done - rolled_back), frozenset(rolled_back))
 
 
 def _lines(path: Path) -> list[str]:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO named like a journal must not hang us
+    try:  # a FIFO or device named like a journal must not hang us, nor a huge file exhaust memory
+        data = read_regular(path, max_bytes=MAX_JOURNAL_BYTES)
     except OSError as e:
-        raise JournalError(f"cannot read journal {shown(path)}: {e.strerror}") from e
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise JournalError(f"{shown(path)} is not a regular file")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read()
-    except OSError as e:
-        raise JournalError(f"cannot read journal {shown(path)}: {e.strerror}") from e
-    finally:
-        os.close(fd)
+        raise JournalError(f"cannot read journal {printable(path)}: {e.strerror or e}") from e
     try:
         return data.decode("ascii").splitlines()  # json.dumps escapes everything else
     except UnicodeDecodeError:
-        raise JournalError(f"{shown(path)} is not a dinoseek dedup journal (not text)") from None
+        raise JournalError(f"{printable(path)} is not a dinoseek dedup journal (not text)") from None
 
 
 def _header(path: Path, number: int, record: dict) -> Header:
@@ -259,7 +268,7 @@ def _field(path: Path, number: int, record: dict, name: str, kind: type):
 def _path(path: Path, number: int, record: dict, name: str) -> Path:
     text = _field(path, number, record, name, str)
     if "\0" in text or not os.path.isabs(text) or os.path.normpath(text) != text or text.startswith("//"):
-        raise _refused(path, number, f"{name!r} is not an absolute, normalised path: {shown(text[:200])}")
+        raise _refused(path, number, f"{name!r} is not an absolute, normalised path: {printable(text[:200])}")
     return Path(text)
 
 
@@ -269,41 +278,81 @@ def _kind(value) -> str:
 
 
 def _refused(path: Path, number: int, what: str) -> JournalError:
-    return JournalError(f"journal {shown(path.name)} refused, nothing was changed: line {number}: {what}")
+    return JournalError(f"journal {printable(path.name)} refused, nothing was changed: line {number}: {what}")
 
 
 # ---- reading: places ----------------------------------------------------------------------------
+
+def check_recorded(journal: Journal, recorded: tuple[bytes, bytes, str] | None, library_folder: Path) -> None:
+    """JournalError unless the catalog recorded this journal's apply (`recorded`: its root,
+    quarantine and action) with the root and quarantine its header names. The header alone proves
+    nothing: anyone who can write the library folder can write one naming any folder as quarantine.
+
+    Journals written before the catalog recorded applies (libraries migrated from revision 0002)
+    have no row. They are accepted only when they name this library's default quarantine, the one
+    folder such a journal may name that lies in no place apply did not create itself."""
+    header = journal.header
+    if recorded is None:
+        if header.quarantine == library_folder / QUARANTINE:
+            return
+        raise JournalError(f"journal {printable(journal.path.name)} refused, nothing was changed: not a journal of "
+                           f"this library (its catalog has no record of it, and it names the quarantine "
+                           f"{printable(header.quarantine)})")
+    root, quarantine, action = recorded
+    if (root, quarantine, action) != (os.fsencode(header.root), os.fsencode(header.quarantine), header.action):
+        raise JournalError(f"journal {printable(journal.path.name)} refused, nothing was changed: not a journal of "
+                           f"this library (its header differs from what the catalog recorded of it: root "
+                           f"{printable(root)}, quarantine {printable(quarantine)}, {action})")
+
 
 def check_places(journal: Journal, root: Path, library_folder: Path) -> None:
     """JournalError unless every path the journal names is one undo may touch: this library's root
     and a quarantine apply could have used, each reached without a symbolic link on the way."""
     header = journal.header
     if header.root != root:
-        raise JournalError(f"journal {shown(journal.path.name)} refused, nothing was changed: it belongs to the "
-                           f"photo folder {shown(header.root)}, not {shown(root)}")
+        raise JournalError(f"journal {printable(journal.path.name)} refused, nothing was changed: it belongs to the "
+                           f"photo folder {printable(header.root)}, not {printable(root)}")
     try:
         check_quarantine(root, library_folder, header.quarantine)
     except InvalidArgumentError as e:
-        raise JournalError(f"journal {shown(journal.path.name)} refused, nothing was changed: {e}") from None
+        raise JournalError(f"journal {printable(journal.path.name)} refused, nothing was changed: {e}") from None
     problem = symlinked(header.quarantine)
     if problem:
-        raise JournalError(f"journal {shown(journal.path.name)} refused, nothing was changed: {problem}")
+        raise JournalError(f"journal {printable(journal.path.name)} refused, nothing was changed: {problem}")
     for steps in journal.intents.values():
         for intent in steps:
             problem = place_problem(intent, root, library_folder, header.quarantine)
             if problem:
                 raise _refused(journal.path, intent.line, problem)
+    _check_steps_apart(journal)
+
+
+def _check_steps_apart(journal: Journal) -> None:
+    """Steps of one apply never share a file: each moves its own duplicate to its own new name, and
+    no duplicate is another group's kept copy. A step naming another's kept copy as its src could
+    otherwise swap the bytes of a photo that stays for those of its "quarantined copy"."""
+    keepers = {intent.keeper for steps in journal.intents.values() for intent in steps}
+    srcs: set[Path] = set()
+    dsts: set[Path] = set()
+    for intent in journal.steps_backwards():
+        if intent.src in keepers:
+            raise _refused(journal.path, intent.line, f"src {printable(intent.src)} is the kept copy of another step")
+        if intent.src in srcs or intent.dst in dsts:
+            name, path = ("src", intent.src) if intent.src in srcs else ("dst", intent.dst)
+            raise _refused(journal.path, intent.line, f"{name} {printable(path)} is named by another step too")
+        srcs.add(intent.src)
+        dsts.add(intent.dst)
 
 
 def place_problem(intent: Intent, root: Path, library_folder: Path, quarantine: Path) -> str | None:
     """Why one step's paths are not ones undo may touch, or None."""
     for name, path in (("src", intent.src), ("keeper", intent.keeper)):
         if path == root or not inside(path, root) or inside(path, library_folder) or inside(path, quarantine):
-            return f"{name} {shown(path)} is not a photo inside {shown(root)}"
+            return f"{name} {printable(path)} is not a photo inside {printable(root)}"
     if intent.dst == quarantine or not inside(intent.dst, quarantine):
-        return f"dst {shown(intent.dst)} is not inside the quarantine {shown(quarantine)}"
+        return f"dst {printable(intent.dst)} is not inside the quarantine {printable(quarantine)}"
     if intent.src == intent.keeper:
-        return f"src and keeper are the same file {shown(intent.src)}"
+        return f"src and keeper are the same file {printable(intent.src)}"
     for path in (intent.src, intent.dst, intent.keeper):
         problem = symlinked_folder(path)
         if problem:
@@ -323,7 +372,7 @@ def symlinked(folder: Path, named: Path | None = None) -> str | None:
     text = os.fsdecode(folder)
     real = os.path.realpath(text)
     if real != text:
-        return f"{shown(named or folder)} is reached through a symbolic link (really {shown(real)})"
+        return f"{printable(named or folder)} is reached through a symbolic link (really {printable(real)})"
     return None
 
 
@@ -333,10 +382,13 @@ def all_journals(library_folder: Path) -> list[Path]:
     return sorted((library_folder / "journals").glob("*.jsonl"))
 
 
-def pending(library_folder: Path) -> list[Journal | tuple[Path, str]]:
-    """Journals with steps not yet undone, oldest first; one that cannot be read as (path, why)."""
+def pending(library_folder: Path, undone: frozenset[str] = frozenset()) -> list[Journal | tuple[Path, str]]:
+    """Journals with steps not yet undone, oldest first; one that cannot be read as (path, why).
+    `undone`: names the catalog records as undone (whatever their file says)."""
     out: list[Journal | tuple[Path, str]] = []
     for path in all_journals(library_folder):
+        if path.name in undone:
+            continue
         try:
             journal = read(path)
         except JournalError as e:
@@ -347,13 +399,15 @@ def pending(library_folder: Path) -> list[Journal | tuple[Path, str]]:
     return out
 
 
-def newest_pending(library_folder: Path) -> Path:
+def newest_pending(library_folder: Path, undone: frozenset[str] = frozenset()) -> Path:
     paths = all_journals(library_folder)
     for path in reversed(paths):
+        if path.name in undone:
+            continue
         journal = read(path)  # the newest pending one damaged: say so rather than skip to an older one
         if journal.intents and not journal.undone:
             return path
-    folder = shown(library_folder / "journals")
+    folder = printable(library_folder / "journals")
     if paths:
         raise JournalError(f"every dedup journal in {folder} was already undone: nothing left to undo")
     raise JournalError(f"no dedup journal in {folder}: nothing to undo")

@@ -6,6 +6,7 @@ The libraries here need no model: their catalogs are written directly (exact dup
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -20,13 +21,17 @@ import time
 from pathlib import Path
 
 import pytest
+from alembic import command
 from click.testing import CliRunner
 
-from indexer.catalog import EMBEDDED, QUARANTINED, ImageRow
+from indexer import migrate
+from indexer.catalog import EMBEDDED, QUARANTINED, ImageRow, JournalRow
+from indexer.decode import printable
 from indexer.library import Library
 from retrieval import actions
+from retrieval import journal as journal_module
 from retrieval.actions import UndoIncomplete, apply, place, undo
-from retrieval.cli import main
+from retrieval.cli import _shown, main
 from retrieval.dedup import find_duplicates
 from retrieval.errors import JournalError
 
@@ -215,28 +220,105 @@ def test_forged_journal_through_the_cli_is_one_error_line(tmp_path, root):
     out = invoke("undo", root)
     assert out.exit_code == 1
     assert out.output == (f"Error: journal {result.journal.name} refused, nothing was changed: line 2: "
-                          f"'src' is not an absolute, normalised path: passwd\\n\\x1b[2Jrestored 3 files\n")
+                          f"'src' is not an absolute, normalised path: passwd\\x0a\\x1b[2Jrestored 3 files\n")
     recs[1]["src"] = "/etc/passwd"
     rewrite(result.journal, recs)
     assert invoke("undo", root).output == (f"Error: journal {result.journal.name} refused, nothing was changed: "
                                            f"line 2: src /etc/passwd is not a photo inside {root}\n")
 
 
+def forged_step(recs: list, src: Path, keeper: Path, dst: Path, step: int = 9) -> None:
+    """A step appended to a real journal: `src` is "our link" to `keeper`, its bytes are `dst`."""
+    recs.append({**recs[1], "step": step, "src": str(src), "keeper": str(keeper), "dst": str(dst),
+                 "sha256": sha(dst), "size": dst.stat().st_size})
+
+
 def test_forged_hardlink_step_cannot_replace_a_photo(tmp_path, root):
-    """A step claiming a1 is our link to a2 (another photo) and its bytes are in the quarantine."""
+    """A step claiming a1 (kept by another step) is our link to a2 and its bytes are in the quarantine."""
     result = applied(root, "hardlink")
     evil = root / ".dinoseek/quarantine/evil.jpg"
     evil.write_bytes(b"forged bytes")
     recs = records(result.journal)
-    recs.append({**recs[1], "step": 9, "src": str(root / "a/p1.jpg"), "keeper": str(root / "a/p2.jpg"),
-                 "dst": str(evil), "sha256": sha(evil), "size": evil.stat().st_size})
+    forged_step(recs, root / "a/p1.jpg", root / "a/p2.jpg", evil)
+    rewrite(result.journal, recs)
+    before = snapshot(tmp_path)
+    with Library.open(root, write=True) as library:
+        with pytest.raises(JournalError, match=f"line 8: src {re.escape(str(root))}/a/p1.jpg is the kept copy of "
+                                               f"another step$"):
+            undo(library)
+    assert snapshot(tmp_path) == before
+
+
+def test_forged_step_swapping_a_hardlink_and_its_kept_copy_is_refused(tmp_path, root):
+    """After a real hardlink apply, duplicate and keeper are one inode: a step naming the kept copy
+    as src and the duplicate's link as keeper passed the link test and replaced the kept photo."""
+    result = applied(root, "hardlink")
+    real = next(s for s in result.done if s.src == root / "b/p0-copy.jpg")
+    evil = root / ".dinoseek/quarantine/evil.jpg"
+    evil.write_bytes(b"forged bytes")
+    recs = records(result.journal)
+    forged_step(recs, real.keeper, real.src, evil)
+    rewrite(result.journal, recs)
+    before = snapshot(tmp_path)
+    with Library.open(root, write=True) as library:
+        with pytest.raises(JournalError, match="refused, nothing was changed: line 8: src .*/a/p0.jpg is the kept "
+                                               "copy of another step"):
+            undo(library)
+    assert snapshot(tmp_path) == before
+
+
+def test_forged_step_on_two_names_of_one_photo_cannot_replace_it(tmp_path):
+    """a/p1.jpg and album/p1.jpg are the user's own hard links (so "our link" to each other), and
+    no step keeps either: only the catalog knows the step's sha256 is not a/p1.jpg's."""
+    root = tmp_path / "photos"
+    make_photos(root)
+    (root / "album").mkdir()
+    os.link(root / "a/p1.jpg", root / "album/p1.jpg")
+    catalog(root)
+    result = applied(root, "hardlink")
+    assert {s.src.name for s in result.done} == {"p0-copy.jpg", "p2-copy.jpg"}  # p1's group: one inode, skipped
+    evil = root / ".dinoseek/quarantine/evil.jpg"
+    evil.write_bytes(b"forged bytes")
+    recs = records(result.journal)
+    forged_step(recs, root / "a/p1.jpg", root / "album/p1.jpg", evil)
     rewrite(result.journal, recs)
     photo = (root / "a/p1.jpg").read_bytes()
     with Library.open(root, write=True) as library:
-        with pytest.raises(UndoIncomplete, match="a/p1.jpg was replaced since the apply") as e:
+        with pytest.raises(UndoIncomplete) as e:
             undo(library)
-    assert len(e.value.result.restored) == 3  # the real steps were undone
-    assert (root / "a/p1.jpg").read_bytes() == photo and evil.read_bytes() == b"forged bytes"
+    assert e.value.result.problems == [f"{root}/a/p1.jpg not restored: the catalog knows other bytes at that path "
+                                       f"than the journal (replaced since the apply?); {evil} left in place"]
+    assert len(e.value.result.restored) == 2  # the real steps were undone
+    assert (root / "a/p1.jpg").read_bytes() == photo and os.path.samefile(root / "a/p1.jpg", root / "album/p1.jpg")
+    assert evil.read_bytes() == b"forged bytes"
+
+
+@pytest.mark.parametrize("how", ["planted", "edited"])
+def test_forged_quarantine_outside_the_library_touches_nothing(tmp_path, root, how):
+    """A header naming a folder outside root and library as quarantine passes every place check;
+    undo then deleted a "spare copy" there (src whole, dst same bytes) and fetched a file from there
+    into the photos. Only the catalog knows which quarantine an apply used."""
+    home = tmp_path / "home"
+    (home / "backup").mkdir(parents=True)
+    (home / "secret").mkdir()
+    shutil.copy(root / "a/p0.jpg", home / "backup/p0.jpg")  # the user's backup of a photo
+    (home / "secret/tax.pdf").write_bytes(b"private tax return")
+    result = applied(root)
+    recs = records(result.journal)
+    steps = [(root / "a/p0.jpg", home / "backup/p0.jpg"), (root / "a/tax.pdf", home / "secret/tax.pdf")]
+    forged = [dict(recs[0], quarantine=str(home))] + [
+        dict(recs[1], step=n, src=str(src), dst=str(dst), keeper=str(root / "b/x.jpg"), sha256=sha(dst),
+             size=dst.stat().st_size) for n, (src, dst) in enumerate(steps, 1)]
+    journal = result.journal if how == "edited" else result.journal.with_name("99991231T000000.000000Z-00000001.jsonl")
+    rewrite(journal, forged)
+    before = snapshot(tmp_path)
+    why = ("its catalog has no record of it, and it names the quarantine" if how == "planted" else
+           "its header differs from what the catalog recorded of it")
+    out = invoke("undo", root, "--journal", journal)
+    assert out.exit_code == 1
+    assert out.output.startswith(f"Error: journal {journal.name} refused, nothing was changed: not a journal of this "
+                                 f"library ({why}")
+    assert snapshot(tmp_path) == before
 
 
 MALFORMED = {
@@ -283,6 +365,32 @@ def test_damaged_line_and_non_journal_files(root):
     assert invoke("undo", root).output == f"Error: {result.journal} is not a dinoseek dedup journal (not text)\n"
 
 
+def test_one_escaping_for_journal_messages_and_the_terminal(root):
+    assert _shown is printable and journal_module.printable is printable
+    result = applied(root)
+    recs = records(result.journal)
+    recs[1]["src"] = "tab\tzero\u200bwidth\u202e.jpg"
+    rewrite(result.journal, recs)
+    assert invoke("undo", root).output == (f"Error: journal {result.journal.name} refused, nothing was changed: "
+                                           f"line 2: 'src' is not an absolute, normalised path: "
+                                           f"tab\\x09zero\\u200bwidth\\u202e.jpg\n")
+    assert printable(b"caf\xe9\n.jpg") == "caf\\xe9\\x0a.jpg" and printable(Path("a\tb")) == "a\\x09b"
+
+
+def test_oversized_or_fifo_journal_is_refused_unread(root, monkeypatch):
+    journal = applied(root).journal
+    monkeypatch.setattr(journal_module, "MAX_JOURNAL_BYTES", 100)
+    out = invoke("undo", root)
+    assert out.exit_code == 1 and out.output.startswith(f"Error: cannot read journal {journal}: ")
+    assert "more than the 100-byte limit" in out.output
+    monkeypatch.undo()
+    journal.unlink()
+    os.mkfifo(journal)
+    with deadline(20):
+        out = invoke("undo", root)
+    assert out.output == (f"Error: cannot read journal {journal}: is not a regular file (FIFO, device or socket)\n")
+
+
 # ---- another library's journal ------------------------------------------------------------------
 
 def test_journal_of_another_photo_folder_is_refused(tmp_path, root):
@@ -298,29 +406,68 @@ def test_journal_of_another_photo_folder_is_refused(tmp_path, root):
     assert snapshot(tmp_path) == before
 
 
-def test_undo_touches_only_quarantined_rows_at_the_journals_paths(tmp_path):
-    """Library B (its own folder, same photos) moves b/*; undoing its journal in library A must
-    leave A's unrelated rows with the same ids alone (they once became embedded, vectors NULL)."""
+def test_journal_of_another_library_of_the_same_photos_is_refused(tmp_path):
+    """Library B (its own folder, same photos) moves b/*; library A has no record of that apply
+    (and its rows with the same ids are other files): undoing B's journal in A changes nothing,
+    undoing it in B restores every file."""
     root = tmp_path / "photos"
     make_photos(root)
     catalog(root, reverse=True)  # A: other ids for the same paths
     catalog(root, folder=tmp_path / "libB")
     result = applied(root, folder=tmp_path / "libB")
-    ids = {step.row_id for step in result.done}
-    with Library.open(root, write=True) as a, a.catalog.session() as s, s.begin():
-        for row in s.query(ImageRow):
-            if row.id in ids:
-                assert not row.path.startswith(b"b/")  # same ids, other files in A
-                row.status, row.reason = "unreadable", "permission denied"
-            elif row.path == b"b/p0-copy.jpg":
-                row.status = QUARANTINED  # A had set this one aside itself: undo may bring it back
-    with Library.open(root, write=True) as a:
-        restored = undo(a, result.journal)
-        assert len(restored.restored) == 3
-        with a.catalog.session() as s:
-            rows = {r.path: (r.id, r.status, r.reason) for r in s.query(ImageRow)}
-    assert {rows[p][1:] for p in rows if rows[p][0] in ids} == {("unreadable", "permission denied")}
-    assert {rows[p][1] for p in rows if p.startswith(b"b/")} == {EMBEDDED}
+    with Library.open(root) as a, a.catalog.session() as s:
+        rows_before = {r.path: (r.id, r.status, r.reason) for r in s.query(ImageRow)}
+    before = snapshot(tmp_path)
+    out = invoke("undo", root, "--journal", result.journal)
+    assert out.exit_code == 1
+    assert out.output == (f"Error: journal {result.journal.name} refused, nothing was changed: not a journal of this "
+                          f"library (its catalog has no record of it, and it names the quarantine "
+                          f"{tmp_path / 'libB/quarantine'})\n")
+    assert snapshot(tmp_path) == before
+    with Library.open(root) as a, a.catalog.session() as s:
+        assert {r.path: (r.id, r.status, r.reason) for r in s.query(ImageRow)} == rows_before
+    with Library.open(root, write=True, folder=tmp_path / "libB") as b:
+        assert len(undo(b).restored) == 3
+
+
+# ---- journals written before the catalog recorded applies (revision 0003) ----------------------------
+
+def back_to_revision_0002(root: Path) -> None:
+    """The catalog as a version before 0003 left it (no record of any apply); the next open migrates it."""
+    with Library.open(root, write=True) as library, library.catalog.engine.begin() as connection:
+        config = migrate._config()
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0002")
+
+
+def test_journals_from_before_revision_0003_only_with_the_default_quarantine(tmp_path, root):
+    default = applied(root, count=1).journal
+    time.sleep(0.01)
+    outside = tmp_path / "elsewhere"
+    with Library.open(root, write=True) as library:
+        custom = apply(library, groups_of(library)[1:], "move", outside).journal
+    back_to_revision_0002(root)
+    before = snapshot(tmp_path)
+    out = invoke("undo", root)  # the newest: it names a quarantine no catalog row vouches for
+    assert out.exit_code == 1
+    assert out.output == (f"Error: journal {custom.name} refused, nothing was changed: not a journal of this library "
+                          f"(its catalog has no record of it, and it names the quarantine {outside})\n")
+    assert snapshot(tmp_path) == before
+    assert invoke("undo", root, "--journal", default).output == "restored 1 files\n"
+    with Library.open(root) as library, library.catalog.session() as s:
+        row = s.get(JournalRow, default.name)  # recorded when it was undone
+        assert row.undone_at is not None and row.quarantine == os.fsencode(root / ".dinoseek/quarantine")
+        assert s.get(JournalRow, custom.name) is None
+
+
+def test_the_catalog_decides_what_was_undone(root):
+    """A journal whose `undone` record was cut off is not pending again."""
+    journal = applied(root).journal
+    assert invoke("undo", root).output == "restored 3 files\n"
+    journal.write_text("".join(line + "\n" for line in journal.read_text().splitlines()[:-1]))
+    assert invoke("undo", root, "--list").output == "no journal to undo\n"
+    assert "nothing left to undo" in invoke("undo", root).output
+    assert invoke("undo", root, "--journal", journal).output == f"Error: {journal} was already undone\n"
 
 
 # ---- empty applies, picking and listing journals -------------------------------------------------
@@ -374,7 +521,8 @@ def test_hardlink_step_whose_quarantined_copy_was_deleted_is_reported(root):
         "restored 2 files",
         f"{gone.src} not restored: its quarantined copy {gone.dst} is missing (the link to the kept copy stays)",
         f"Error: 1 file(s) not restored, their quarantined copies left as they are; journal {result.journal.name} "
-        f"stays pending",
+        f"stays pending (if those copies are gone for good, `--accept-missing` closes it without them; older "
+        f"journals: `dinoseek undo --list`, then `--journal FILE`)",
     ]
     assert os.path.samefile(gone.src, gone.keeper)  # the link is still there; the kept copy untouched
     assert "undone" not in result.journal.read_text()
@@ -414,8 +562,134 @@ def test_escaped_names_in_the_report(tmp_path):
     result.done[0].dst.unlink()
     out = invoke("undo", root)
     assert out.exit_code == 1
-    assert out.output.splitlines()[1] == (f"{root}/b\\x1b[31m\\nc/p0-copy.jpg not restored: its quarantined copy "
-                                          f"{root}/.dinoseek/quarantine/b\\x1b[31m\\nc/p0-copy.jpg is missing")
+    assert out.output.splitlines()[1] == (f"{root}/b\\x1b[31m\\x0ac/p0-copy.jpg not restored: its quarantined copy "
+                                          f"{root}/.dinoseek/quarantine/b\\x1b[31m\\x0ac/p0-copy.jpg is missing")
+
+
+# ---- a journal that can never finish: --accept-missing ------------------------------------------------
+
+def test_accept_missing_closes_the_journal_and_undo_moves_on(root):
+    first = applied(root, count=1).journal
+    time.sleep(0.01)
+    second = applied(root)  # the other two groups
+    gone = second.done[0]
+    gone.dst.unlink()  # lost for good
+    lost = f"{gone.src} not restored: its quarantined copy {gone.dst} is missing"
+    for _ in range(2):  # every plain undo stops at the same journal
+        out = invoke("undo", root)
+        assert out.exit_code == 1
+        assert out.output.splitlines()[1:] == [lost, (
+            f"Error: 1 file(s) not restored, their quarantined copies left as they are; journal {second.journal.name} "
+            f"stays pending (if those copies are gone for good, `--accept-missing` closes it without them; older "
+            f"journals: `dinoseek undo --list`, then `--journal FILE`)")]
+    out = invoke("undo", root, "--accept-missing")
+    assert out.exit_code == 0
+    assert out.output.splitlines() == ["restored 0 files", f"accepted as lost: {lost}"]
+    last = records(second.journal)[-1]
+    assert last["type"] == "undone" and last["not_restored"] == [lost]
+    with Library.open(root) as library, library.catalog.session() as s:
+        row = s.get(JournalRow, second.journal.name)
+        assert row.undone_at is not None and row.note == lost
+        image = s.query(ImageRow).filter_by(path=os.fsencode(gone.src.relative_to(root))).one()
+        assert image.status == QUARANTINED
+        assert image.reason == f"not restored by undo, accepted as lost: {lost}"
+    assert invoke("undo", root).output == "restored 1 files\n"  # on to the older journal
+    assert records(first)[-1]["type"] == "undone"
+    assert invoke("undo", root, "--list").output == "no journal to undo\n"
+
+
+def test_accept_missing_does_not_close_over_a_copy_that_is_still_there(root):
+    result = applied(root)
+    result.done[0].dst.unlink()
+    result.done[1].dst.write_bytes(b"edited in the quarantine")  # not lost: it may be put right
+    out = invoke("undo", root, "--accept-missing")
+    assert out.exit_code == 1
+    assert "changed since the apply" in out.output and "stays pending (put the changed copies right" in out.output
+    assert "undone" not in result.journal.read_text()
+    result.done[1].dst.unlink()  # given up on too: now both can be accepted
+    assert invoke("undo", root, "--accept-missing").exit_code == 0
+
+
+# ---- files that change or vanish while apply or undo runs ---------------------------------------------
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail instead of hanging: SIGALRM interrupts a blocked open() or read()."""
+
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def swapped_for_a_fifo(monkeypatch, path: Path) -> None:
+    """`path` becomes a FIFO right after its lstat: os.lstat still reports the regular file."""
+    st, real = os.lstat(path), os.lstat
+    path.unlink()
+    os.mkfifo(path)
+    monkeypatch.setattr(actions.os, "lstat", lambda p, *a, **k: st if os.fspath(p) == str(path) else real(p, *a, **k))
+
+
+def test_duplicate_swapped_for_a_fifo_before_apply_is_skipped(root, monkeypatch):
+    swapped_for_a_fifo(monkeypatch, root / "b/p1-copy.jpg")
+    with deadline(20):
+        result = applied(root)
+    assert [g.keeper.path for g, _ in result.skipped] == ["a/p1.jpg"]
+    assert result.skipped[0][1] == (f"{root}/b/p1-copy.jpg cannot be read: is not a regular file (FIFO, device "
+                                    f"or socket)")
+    assert sorted(s.src.name for s in result.done) == ["p0-copy.jpg", "p2-copy.jpg"]
+
+
+def test_quarantined_copy_swapped_for_a_fifo_is_reported(root, monkeypatch):
+    result = applied(root)
+    fifo = result.done[0]
+    swapped_for_a_fifo(monkeypatch, fifo.dst)
+    with deadline(20), Library.open(root, write=True) as library:
+        with pytest.raises(UndoIncomplete) as e:
+            undo(library)
+    assert e.value.result.problems == [f"{fifo.src} not restored: its quarantined copy {fifo.dst} cannot be read: "
+                                       f"is not a regular file (FIFO, device or socket)"]
+    assert len(e.value.result.restored) == 2 and not os.path.lexists(fifo.src)
+
+
+@pytest.mark.parametrize("action", ["move", "hardlink"])
+def test_files_deleted_during_apply_are_skipped_and_the_rest_goes_on(root, monkeypatch, action):
+    """p0's kept copy is deleted once its duplicate is moved (hardlink: nothing to link to), p1's
+    duplicate right after its group was checked; p2's group is set aside as planned."""
+    real_check, real_place = actions._check_group, actions.place
+
+    def check_then_delete(keeper, group, others, action):
+        checked = real_check(keeper, group, others, action)
+        if keeper.name == "p1.jpg":
+            others[0][1].unlink()
+        return checked
+
+    def place_then_delete(src, target, **kwargs):
+        real_place(src, target, **kwargs)
+        if src == root / "b/p0-copy.jpg" and action == "hardlink":  # into the quarantine, not back
+            (root / "a/p0.jpg").unlink()
+
+    monkeypatch.setattr(actions, "_check_group", check_then_delete)
+    monkeypatch.setattr(actions, "place", place_then_delete)
+    result = applied(root, action)
+    skipped = [(root / "b/p1-copy.jpg", "changed or vanished during the apply (No such file or directory): left "
+                                        "where it is")]
+    if action == "hardlink":
+        skipped.insert(0, (root / "b/p0-copy.jpg", f"not linked: {root}/a/p0.jpg vanished during the apply; left "
+                                                   f"where it is"))
+        assert (root / "b/p0-copy.jpg").read_bytes() == random.Random(0).randbytes(4096)  # put back
+    assert result.skipped_files == skipped and not result.skipped
+    assert sorted(s.src.name for s in result.done) == (["p2-copy.jpg"] if action == "hardlink" else
+                                                       ["p0-copy.jpg", "p2-copy.jpg"])
+    monkeypatch.undo()
+    with Library.open(root, write=True) as library:
+        assert len(undo(library).restored) == len(result.done)
 
 
 # ---- crossing filesystems ---------------------------------------------------------------------------

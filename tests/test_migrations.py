@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+from alembic import command
 from sqlalchemy import create_engine, inspect
 
 from indexer import migrate
@@ -77,3 +78,24 @@ def test_revisions_are_found_through_the_installed_package(tmp_path, monkeypatch
     assert Path(migrate._config().get_main_option("script_location")) == installed / "migrations"
     engine = create_engine(f"sqlite:///{tmp_path / 'c.sqlite'}")
     assert migrate.upgrade(engine, None) is True and migrate.at_head(engine)
+
+
+def test_a_0002_catalog_gains_the_journals_table_and_keeps_its_rows(tmp_path):
+    """Revision 0003 adds the record of applies; an older catalog is backed up, then migrated."""
+    folder = tmp_path / ".dinoseek"
+    folder.mkdir()
+    catalog = folder / "catalog.sqlite"
+    engine = create_engine(f"sqlite:///{catalog}")
+    with engine.begin() as connection:
+        config = migrate._config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0002")
+        connection.exec_driver_sql("INSERT INTO images (path, path_text, folder, size, mtime_ns, status) "
+                                   "VALUES (x'612e6a7067', 'a.jpg', '.', 1, 0, 'embedded')")
+    engine.dispose()
+    with Library.open(tmp_path, write=True) as library:
+        assert migrate.current_revision(library.catalog.engine) == migrate.head_revision() == "0003"
+        assert library.info()["total"] == 1
+        assert "journals" in inspect(library.catalog.engine).get_table_names()
+    backup = sqlite3.connect(catalog.with_name("catalog.sqlite.bak-0002"))
+    assert "journals" not in {name for (name,) in backup.execute("select name from sqlite_master")}
