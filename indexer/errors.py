@@ -39,6 +39,10 @@ class NeedsRepairError(LibraryError):
         self.root = root  # the library's photo folder, where known
 
 
+class CatalogTooNewError(LibraryError):
+    """The catalog was written by a newer dinoseek whose schema this version does not know."""
+
+
 class LibraryLockedError(LibraryError):
     """Another process is writing to this library."""
 

@@ -141,6 +141,19 @@ class IndexSet:
             if old != path:
                 old.unlink(missing_ok=True)
 
+    def sync(self) -> None:
+        """Bring the indexes in line with the catalog after statuses changed outside an index run
+        (dedup --apply sets rows aside, undo brings them back): reconciled and, for writers, saved.
+        Kinds without an index file yet are left for the next index run to build."""
+        catalog_ids = self.catalog.embedded_ids()
+        for kind in KINDS:
+            index = self.loaded.get(kind)
+            if index is None:
+                if self.record(kind) is not None:
+                    self.load((kind,))
+            elif self._reconcile(kind, index, catalog_ids) and self.writable:
+                self.save(kind)
+
     def remove(self, ids) -> None:
         """Drop `ids` from every loaded index (their rows left the catalog)."""
         ids = list(ids)

@@ -13,6 +13,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
+from .errors import CatalogTooNewError
+
 log = logging.getLogger(__name__)
 
 
@@ -29,8 +31,14 @@ def head_revision() -> str:
 
 
 def current_revision(engine: Engine) -> str | None:
+    """The catalog's schema revision; CatalogTooNewError for one this version has no script for
+    (a newer dinoseek wrote it: Alembic could neither migrate nor read it safely)."""
     with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+        current = MigrationContext.configure(connection).get_current_revision()
+    if current is not None and current not in {s.revision for s in ScriptDirectory.from_config(_config()).walk_revisions()}:
+        raise CatalogTooNewError(f"the catalog's schema revision {current!r} is newer than this version of dinoseek "
+                                 f"knows (up to {head_revision()!r}); upgrade dinoseek to open it")
+    return current
 
 
 def at_head(engine: Engine) -> bool:

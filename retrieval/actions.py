@@ -24,7 +24,7 @@ from pathlib import Path
 from indexer.catalog import EMBEDDED, QUARANTINED
 from indexer.decode import printable
 from indexer.library import Library
-from model.files import NotRegularFileError, open_regular
+from model.files import NotRegularFileError, open_regular, sha256_file
 
 from . import journal as journals_
 from .dedup import Group
@@ -108,10 +108,7 @@ def fingerprint(path: Path) -> tuple[str, os.stat_result]:
     a FIFO swapped in is refused at once (never waited on), a symlink at `path` is not followed."""
     with open_regular(path, follow_symlinks=False) as f:
         st = os.fstat(f.fileno())
-        digest = hashlib.sha256()
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest(), st
+        return sha256_file(f), st
 
 
 def sha256_of(path: Path) -> str:
@@ -267,6 +264,8 @@ def apply(library: Library, groups: list[Group], action: str, quarantine: Path |
         for group in groups:
             _apply_group(library, group, action, quarantine, log, result, keepers)
     result.journal = log.path if log.started else None
+    if result.done:
+        library.index_set.sync()  # set-aside rows leave the indexes with the catalog (verify agrees)
     return result
 
 
@@ -407,6 +406,8 @@ def undo(library: Library, journal: Path | None = None, accept_missing: bool = F
         if outcome:
             result.restored.append(os.fsdecode(step.src))
             result.not_in_catalog += not in_catalog
+    if result.restored:
+        library.index_set.sync()  # restored rows are searchable again
     if result.problems:
         if not (accept_missing and all(isinstance(p, Missing) for p in result.problems)):
             raise UndoIncomplete(result)

@@ -36,15 +36,15 @@ def test_interrupted_migration_leaves_a_backup_and_reruns(tmp_path, monkeypatch)
         pass
     catalog = tmp_path / ".dinoseek/catalog.sqlite"
     db = sqlite3.connect(catalog)
-    db.execute("update alembic_version set version_num = 'older'")  # pretend a newer revision is pending
+    db.execute("update alembic_version set version_num = '0002'")  # pretend revision 0003 is pending
     db.commit()
     db.close()
     monkeypatch.setattr(migrate.command, "upgrade", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         Library.open(tmp_path, write=True)
-    backup = catalog.with_name("catalog.sqlite.bak-older")
+    backup = catalog.with_name("catalog.sqlite.bak-0002")
     assert backup.exists()
-    assert sqlite3.connect(backup).execute("select version_num from alembic_version").fetchone() == ("older",)
+    assert sqlite3.connect(backup).execute("select version_num from alembic_version").fetchone() == ("0002",)
     monkeypatch.undo()
     db = sqlite3.connect(catalog)  # the interrupted migration changed nothing: restore and re-run
     db.execute("update alembic_version set version_num = ?", (migrate.head_revision(),))
@@ -99,3 +99,25 @@ def test_a_0002_catalog_gains_the_journals_table_and_keeps_its_rows(tmp_path):
         assert "journals" in inspect(library.catalog.engine).get_table_names()
     backup = sqlite3.connect(catalog.with_name("catalog.sqlite.bak-0002"))
     assert "journals" not in {name for (name,) in backup.execute("select name from sqlite_master")}
+
+
+def test_a_catalog_from_a_newer_version_is_refused_in_one_line(tmp_path):
+    """A downgrade must not loop between "needs an upgrade" and an Alembic traceback."""
+    from click.testing import CliRunner
+
+    from indexer.errors import CatalogTooNewError
+    from retrieval.cli import main
+
+    with Library.open(tmp_path, write=True, create=True):
+        pass
+    db = sqlite3.connect(tmp_path / ".dinoseek/catalog.sqlite")
+    db.execute("update alembic_version set version_num = '0099_future'")
+    db.commit()
+    db.close()
+    for write in (False, True):
+        with pytest.raises(CatalogTooNewError, match="newer than this version"):
+            Library.open(tmp_path, write=write)
+    for args in (["info", str(tmp_path)], ["verify", "--repair", str(tmp_path)], ["undo", str(tmp_path)]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and result.output.startswith("Error: the catalog's schema revision '0099_future'")
+        assert "Traceback" not in result.output and len(result.output.splitlines()) == 1
