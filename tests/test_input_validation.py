@@ -450,3 +450,32 @@ def test_dev_zero_as_config_fails_fast(tmp_path, tiny_folder):
     (folder / "config.json").symlink_to("/dev/zero")
     with deadline(20), pytest.raises(CheckpointError, match="unreadable config.json"):
         load_vit(folder)
+
+
+def test_ctrl_c_while_the_cli_is_still_importing(monkeypatch, capsys):
+    """The entry point catches Ctrl-C during the seconds torch takes to import: one line, exit 130."""
+    import importlib.abc
+    import sys
+
+    from retrieval.entry import run
+
+    class Interrupting(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "retrieval.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "retrieval.cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "Aborted!\n"
+
+
+def test_importing_the_query_layer_does_not_load_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, retrieval, retrieval.entry; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
