@@ -8,9 +8,12 @@ be read until memory runs out; both are refused here in bounded time.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 from typing import BinaryIO
+
+HASH_CHUNK = 1 << 20  # bytes per read when hashing: files of any size hash in constant memory
 
 
 class NotRegularFileError(OSError):
@@ -60,6 +63,26 @@ def read_regular(path: str | bytes | os.PathLike, *, max_bytes: int | None = Non
     if len(data) > max_bytes:
         raise FileTooLargeError(errno.EFBIG, f"grew beyond the {max_bytes:,}-byte limit while being read", path)
     return data
+
+
+def hash_into(digest, f: BinaryIO) -> None:
+    """Feed the rest of the open binary file `f` to `digest` (a hashlib object), chunk by chunk."""
+    for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
+        digest.update(chunk)
+
+
+def sha256_file(source: BinaryIO | str | bytes | os.PathLike, *, follow_symlinks: bool = True) -> str:
+    """Hex sha256 of a file's bytes, streamed. `source` is a path, opened with `open_regular` (so a
+    FIFO or device is refused, and `follow_symlinks=False` refuses a symlink), or a binary file
+    object already open, hashed from its current position: callers that must fstat the very
+    descriptor they hash open it themselves."""
+    digest = hashlib.sha256()
+    if isinstance(source, (str, bytes, os.PathLike)):
+        with open_regular(source, follow_symlinks=follow_symlinks) as f:
+            hash_into(digest, f)
+    else:
+        hash_into(digest, source)
+    return digest.hexdigest()
 
 
 def _check(st: os.stat_result, path, max_bytes: int | None) -> None:

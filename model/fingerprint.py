@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .files import open_regular
+from .files import hash_into, open_regular
 
 
 def files_sha256(paths: Iterable[Path]) -> str:
@@ -17,8 +17,7 @@ def files_sha256(paths: Iterable[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
         with open_regular(path) as f:  # never blocks, should a weights file be swapped for a FIFO
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+            hash_into(digest, f)
     return digest.hexdigest()
 
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .quant import INT4_GROUP_SIZES, Int4Linear, int4_codes
+from .quant import Int4Linear, int4_codes, int4_group_size
 
 
 def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, damp: float = 0.01):
@@ -92,7 +92,7 @@ def quantize_vit_int4_gptq(vit: nn.Module, pixel_values: torch.Tensor) -> None:
         for parent in list(block.modules()):
             for name, child in list(parent.named_children()):
                 if child in hessians:
-                    group = next((g for g in INT4_GROUP_SIZES if child.in_features % g == 0), None)
+                    group = int4_group_size(child.in_features)
                     if group is None:
                         continue
                     codes, scale, zero = gptq_int4(child.weight, hessians[child], group)

@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 INT4_GROUP_SIZES = (128, 64, 32)  # tried in order; the first that divides in_features is used
 
 
+def int4_group_size(in_features: int) -> int | None:
+    """The int4 group size for a linear layer with `in_features` inputs, or None when no size in
+    INT4_GROUP_SIZES divides it (the layer then stays in full precision)."""
+    return next((g for g in INT4_GROUP_SIZES if in_features % g == 0), None)
+
+
 class Int8Linear(nn.Module):
     """y = x @ (q * scale).T + b with q int8 (out, in) and scale (out,)."""
 
@@ -105,7 +111,7 @@ def quantize_linears(module: nn.Module, bits: int, compute_dtype: torch.dtype) -
             if bits == 8:
                 parent.add_module(name, Int8Linear(child, compute_dtype))
             else:
-                group = next((g for g in INT4_GROUP_SIZES if child.in_features % g == 0), None)
+                group = int4_group_size(child.in_features)
                 if group is None:
                     log.warning("kept %s in full precision: in_features %d has no int4 group size", name, child.in_features)
                     continue
