@@ -11,7 +11,6 @@ import os
 import unicodedata
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -20,6 +19,7 @@ from model.files import FileTooLargeError, NotRegularFileError, read_regular
 from model.preprocess import RESIZE_SHORT, InputSpec, to_rgb
 
 from .errors import DecodeError
+from .paths import display_path  # noqa: F401 - its home before paths.py; callers import it from here
 
 # Formats we decode. Anything else Pillow can identify (PSD, EPS, PDF, FITS, ...) is refused before
 # its pixel data is touched: some of those plugins call out to other programs or parse complex data.
@@ -178,12 +178,6 @@ def _register_heif() -> None:
     except ImportError as e:
         raise DecodeError("needs-plugin", "HEIC/AVIF image: install pillow-heif to index it") from e
     register_heif_opener()
-
-
-def display_path(path: bytes | str | Path) -> str:
-    """A printable form of any path, undecodable bytes shown as \\xNN."""
-    raw = os.fsencode(path)
-    return raw.decode("utf-8", errors="backslashreplace")
 
 
 # Unicode categories a terminal acts on, or that hide or reorder what is shown: controls (C0, C1,

@@ -13,27 +13,25 @@ import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from model import Embedder, InputSpec
 
-from .catalog import EMBEDDED, QUARANTINED, TRANSIENT
+from .catalog import EMBEDDED, TRANSIENT
+from .catalog_gateway import blob_from_vector
 from .decode import DecodeError, display_path, load_pixels
-from .errors import LibraryError, SweepRefusedError
+from .errors import LibraryError
 from .library import Library, check_placement
-from .scan import ScanProblem, included, scan
+from .plan import MASS_DELETE_FRACTION, MASS_DELETE_MIN, Plan, Task, make_plan, path_rank, sweep_decision
+from .scan import scan
+
+__all__ = ["MASS_DELETE_FRACTION", "MASS_DELETE_MIN", "Decoded", "Failed", "Moved", "Options", "Progress", "Task",
+           "heif_available", "run_index"]
 
 log = logging.getLogger(__name__)
-
-# Which path of a file with several paths (hard links, followed symlinks) keeps its row: the one the
-# catalog embeds, then new paths, last a path dedup set aside — where it left a link to the keeper.
-_PATH_RANK = {EMBEDDED: 0, QUARANTINED: 2}
-# A sweep that would delete more than this share of a library stops: the disk is probably unmounted.
-MASS_DELETE_FRACTION = 0.5
-MASS_DELETE_MIN = 20  # small libraries may legitimately lose most files
 
 
 @dataclass
@@ -57,32 +55,49 @@ class Progress:
     counts: dict = field(default_factory=dict)
 
 
+# What reading one of the plan's files gives (in a worker process, so picklable).
+@dataclass(frozen=True, eq=False)
+class Decoded:
+    task: Task
+    meta: dict  # the row's columns read from the file: size, mtime_ns, sha256, width, height, ...
+    pixels: np.ndarray  # (size, size, 3) uint8, ready for the encoder
+
+
 @dataclass(frozen=True)
-class Task:
-    rel: bytes
-    size: int
-    mtime_ns: int
+class Moved:
+    """A file whose bytes the catalog already has vectors for (moved, or put back): not decoded."""
+
+    task: Task
+    meta: dict
 
 
-def _decode_task(root: bytes, task: Task, spec: InputSpec, moved_hashes: frozenset) -> tuple:
-    """Runs in a worker: ("moved", ...), ("image", ..., uint8 pixels) or ("failed", ...)."""
+@dataclass(frozen=True)
+class Failed:
+    task: Task
+    status: str  # a catalog status: "unreadable", "crashed", "needs-plugin", ...
+    reason: str
+
+
+DecodeResult = Decoded | Moved | Failed
+
+
+def _decode_task(root: bytes, task: Task, spec: InputSpec, moved_hashes: frozenset) -> DecodeResult:
+    """Runs in a worker: the file's pixels and columns, or Moved if its hash is in `moved_hashes`."""
     path = os.path.join(root, task.rel)
     try:
         decoded, pixels = load_pixels(path, spec)
-        if decoded.sha256 in moved_hashes:
-            pixels = None
     except DecodeError as e:
-        return ("failed", task, e.status, e.reason, None)
+        return Failed(task, e.status, e.reason)
     except Exception as e:  # noqa: BLE001 - one bad file must never end the run
-        return ("failed", task, "crashed", f"decoder error: {type(e).__name__}: {e}", None)
+        return Failed(task, "crashed", f"decoder error: {type(e).__name__}: {e}")
     meta = {
         "size": decoded.size, "mtime_ns": decoded.mtime_ns, "sha256": decoded.sha256, "width": decoded.width,
         "height": decoded.height, "format": decoded.format, "frames": decoded.frames,
         "captured_at": decoded.captured_at, "camera": decoded.camera,
     }
-    if pixels is None:
-        return ("moved", task, None, None, meta)
-    return ("image", task, None, pixels, meta)  # pixels: (size, size, 3) uint8
+    if decoded.sha256 in moved_hashes:
+        return Moved(task, meta)
+    return Decoded(task, meta, pixels)
 
 
 def run_index(
@@ -92,105 +107,30 @@ def run_index(
     on_progress: Callable[[Progress], None] | None = None,
 ) -> dict:
     """Bring the library up to date with its root folder; returns the run's counts."""
-    if not library.root.is_dir():
-        raise LibraryError(f"{library.root} is not a folder (unmounted disk?); nothing was changed")
-    check_placement(library.root, library.folder)
-    library.bind_model(encoder.manifest())
-    library.load_indexes()
+    _prepare(library, encoder)
     root = os.fsencode(library.root)
-
     existing = library.catalog.file_states()
-    retry = TRANSIENT | ({"needs-plugin"} if heif_available() else set())
-    seen: set[bytes] = set()
-    tasks: list[Task] = []
-    problems: list[ScanProblem] = []  # to record (new, or changed since last run)
-    unlisted: list[bytes] = []  # folders that could not be read
-    returned: dict[bytes, str] = {}  # quarantined path -> sha256 of its row: a file there again
-
-    def rank(rel: bytes) -> int:
-        return _PATH_RANK.get(existing[rel].status, 1) if rel in existing else 1
-
-    for item in scan(root, include=options.include, exclude=options.exclude,
-                     follow_symlinks=options.follow_symlinks, skip=(os.fsencode(library.folder),), rank=rank):
-        seen.add(item.rel)
-        if isinstance(item, ScanProblem):
-            if item.rel == b"":
-                raise LibraryError(f"cannot read {library.root}: {item.reason}")
-            if item.status == "unreadable":
-                unlisted.append(item.rel + b"/")
-            row = existing.get(item.rel)
-            if row is not None and row.status == QUARANTINED and item.status == "linked":
-                continue  # the link dedup left at a duplicate's old path: the row stays quarantined
-            if row is None or row.status != item.status:  # already recorded: leave the row alone
-                problems.append(item)
-            continue
-        row = existing.get(item.rel)
-        if not _needs_reading(row, item, retry):
-            continue
-        if row is not None and row.status == QUARANTINED and row.sha256 and row.usable:
-            returned[item.rel] = row.sha256  # the same bytes get their row and vectors back
-        tasks.append(Task(item.rel, item.size, item.mtime_ns))
-    if existing and not seen and not options.allow_mass_delete:
-        raise SweepRefusedError(f"{library.root} is empty but the library knows {len(existing)} files; is the disk "
-                                f"mounted? Nothing was changed")
-    # Only paths this run looked for can be missing: not those under folders that could not be
-    # listed, nor those the --include/--exclude filters leave out.
-    missing = {
-        path: row for path, row in existing.items()
-        if path not in seen and not path.startswith(tuple(unlisted) or (b"\0",))
-        and included(path, options.include, options.exclude)
-    }
-    moved_from = {row.sha256: path for path, row in missing.items()
-                  if row.status == EMBEDDED and row.sha256 and row.usable}
-
+    items = scan(root, include=options.include, exclude=options.exclude, follow_symlinks=options.follow_symlinks,
+                 skip=(os.fsencode(library.folder),), rank=path_rank(existing))
+    plan = make_plan(existing, items, retry_statuses=retry_statuses(), include=options.include,
+                     exclude=options.exclude, allow_mass_delete=options.allow_mass_delete, root=library.root)
     run_id = library.catalog.start_run()
-    counts = {"scanned": len(seen), "to_decode": len(tasks), "embedded": 0, "failed": 0, "moved": 0, "deleted": 0,
-              "restored": 0}
-    progress = Progress(total=len(tasks), counts=counts)
+    counts = {"scanned": plan.scanned, "to_decode": len(plan.to_read), "embedded": 0, "failed": 0, "moved": 0,
+              "deleted": 0, "restored": 0}
     writer = _BatchWriter(library, encoder, run_id, existing, counts, options.batch_size)
-    for problem in problems:
+    for problem in plan.problems:
         writer.failure(problem.rel, problem.status, problem.reason, None)
-    last_checkpoint = time.monotonic()
     try:
-        known = frozenset(moved_from) | frozenset(returned.values())  # hashes whose pixels need no decoding
-        for kind, task, status, payload, meta in _decoded(root, tasks, encoder, options, known):
-            if kind == "moved" and returned.get(task.rel) == meta["sha256"]:
-                writer.restore(task.rel, meta)  # put back unchanged: its row and vectors are good
-            elif kind == "moved":
-                old_path = moved_from.pop(meta["sha256"], None)
-                if old_path is not None:
-                    writer.move(old_path, task.rel, meta)
-                    missing.pop(old_path, None)
-                else:  # a second new copy of one moved file: it needs vectors of its own
-                    kind, task, status, payload, meta = _decode_task(root, task, encoder.input_spec, frozenset())
-            if kind == "image":
-                writer.image(task.rel, payload, meta)
-            elif kind == "failed":
-                writer.failure(task.rel, status, payload, task)
-            progress.done += 1
-            if on_progress:
-                on_progress(progress)
-            if time.monotonic() - last_checkpoint > options.checkpoint_seconds:
-                writer.flush()
-                for index_kind in library.indexes:
-                    library.index_set.save(index_kind)
-                last_checkpoint = time.monotonic()
+        moved = _execute(plan, root, library, encoder, options, writer, on_progress)
         writer.flush()
-        # The guard runs after moves were matched: reorganising folders is not a mass deletion.
-        # Files dedup set aside are expected to be gone and do not count towards it.
-        vanished = sum(1 for row in missing.values() if row.status != QUARANTINED)
-        if (vanished > MASS_DELETE_FRACTION * len(existing) and vanished >= MASS_DELETE_MIN
-                and not options.allow_mass_delete):
-            raise SweepRefusedError(
-                f"{vanished} of {len(existing)} catalogued files are gone from {library.root}; is the disk "
-                f"mounted? Nothing was deleted"
-            )
-        ids = [row.id for row in missing.values()]
+        # The share is taken of the rows the writer has not rewritten this run (`existing` shrinks
+        # as batches commit), as it always was.
+        ids = sweep_decision(plan, moved, allow_mass_delete=options.allow_mass_delete, catalogued=len(existing),
+                             root=library.root)
         library.delete_rows(ids)
         counts["deleted"] = len(ids)
         library.index_set.rebuild_if_outgrown()
-        for index_kind in library.indexes:
-            library.index_set.save(index_kind)
+        _save_indexes(library)
         _finish(library, run_id, "finished", counts)
     except BaseException:
         _finish(library, run_id, "failed", counts)
@@ -198,15 +138,60 @@ def run_index(
     return counts
 
 
-def _needs_reading(row, item, retry: set[str]) -> bool:
-    """Whether a scanned file must be decoded: it is new or changed (size, mtime), its last failure
-    may have gone away, its row lost its vectors, or it is a quarantined path that is a file of its
-    own again — put back by hand (a rename keeps size and mtime), so its row must be re-checked."""
-    if row is None or (row.size, row.mtime_ns) != (item.size, item.mtime_ns):
+def _prepare(library: Library, encoder: Embedder) -> None:
+    if not library.root.is_dir():
+        raise LibraryError(f"{library.root} is not a folder (unmounted disk?); nothing was changed")
+    check_placement(library.root, library.folder)
+    library.bind_model(encoder.manifest())
+    library.load_indexes()
+
+
+def _execute(plan: Plan, root: bytes, library: Library, encoder: Embedder, options: Options,
+             writer: _BatchWriter, on_progress: Callable[[Progress], None] | None) -> set[bytes]:
+    """Read the plan's files and hand each result to the writer, with a checkpoint now and then.
+    Returns the old paths of the files matched as moved."""
+    moved_from = dict(plan.moved_from)  # each old path is matched once
+    progress = Progress(total=len(plan.to_read), counts=writer.counts)
+    last_checkpoint = time.monotonic()
+    for result in _decoded(root, list(plan.to_read), encoder, options, plan.known_hashes):
+        if isinstance(result, Moved) and not _match_move(result, plan.returned, moved_from, writer):
+            # a second new copy of one moved file: it needs vectors of its own
+            result = _decode_task(root, result.task, encoder.input_spec, frozenset())
+        writer.record(result)
+        progress.done += 1
+        if on_progress:
+            on_progress(progress)
+        if time.monotonic() - last_checkpoint > options.checkpoint_seconds:
+            writer.flush()
+            _save_indexes(library)
+            last_checkpoint = time.monotonic()
+    return set(plan.moved_from.values()) - set(moved_from.values())
+
+
+def _match_move(result: Moved, returned: Mapping[bytes, str], moved_from: dict[str, bytes],
+                writer: _BatchWriter) -> bool:
+    """Record a file whose bytes the catalog has: put back where it was quarantined, or moved from
+    a missing path not matched yet. False when neither (it must be decoded after all)."""
+    rel, sha256 = result.task.rel, result.meta["sha256"]
+    if returned.get(rel) == sha256:
+        writer.restore(rel, result.meta)  # put back unchanged: its row and vectors are good
         return True
-    if row.status == EMBEDDED:
-        return not row.usable
-    return row.status in retry or row.status == QUARANTINED
+    old_path = moved_from.pop(sha256, None)
+    if old_path is None:
+        return False
+    writer.move(old_path, rel, result.meta)
+    return True
+
+
+def _save_indexes(library: Library) -> None:
+    for index_kind in library.indexes:
+        library.index_set.save(index_kind)
+
+
+def retry_statuses() -> frozenset[str]:
+    """The recorded failures a run tries again: transient ones, and files that needed a plugin
+    once the plugin is installed."""
+    return frozenset(TRANSIENT | ({"needs-plugin"} if heif_available() else set()))
 
 
 def heif_available() -> bool:
@@ -216,7 +201,8 @@ def heif_available() -> bool:
     return importlib.util.find_spec("pillow_heif") is not None
 
 
-def _decoded(root: bytes, tasks: list[Task], encoder: Embedder, options: Options, moved: frozenset) -> Iterator[tuple]:
+def _decoded(root: bytes, tasks: list[Task], encoder: Embedder, options: Options,
+             moved: frozenset) -> Iterator[DecodeResult]:
     """Decode results as they finish; at most `workers * 4` in flight so memory stays flat.
 
     A worker that dies costs the files in flight with it; a task running past
@@ -245,14 +231,14 @@ def _decoded(root: bytes, tasks: list[Task], encoder: Embedder, options: Options
             # the rest of the run goes on in a fresh pool.
             log.warning("a decode worker died; %d files in flight recorded as crashed", len(pending))
             for task in pending.values():
-                yield ("failed", task, "crashed", "decoder process died while reading this file", None)
+                yield Failed(task, "crashed", "decoder process died while reading this file")
         except _Overdue as overdue:
             log.warning("%d decode tasks took longer than %g s; restarting the decode workers",
                         len(overdue.tasks), options.decode_timeout)
             _kill_workers(pool)
             queue.extendleft(reversed(list(pending.values())))  # never ran to the end: decoded again
             for task in overdue.tasks:
-                yield ("failed", task, "crashed", f"decoding took longer than {options.decode_timeout:g} s", None)
+                yield Failed(task, "crashed", f"decoding took longer than {options.decode_timeout:g} s")
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -266,7 +252,7 @@ class _Overdue(Exception):
 
 
 def _drain(pool: cf.ProcessPoolExecutor, pending: dict, queue: collections.deque, window: int,
-           timeout: float | None, call_args: Callable[[Task], tuple]) -> Iterator[tuple]:
+           timeout: float | None, call_args: Callable[[Task], tuple]) -> Iterator[DecodeResult]:
     """Keep `window` tasks submitted and yield their results until `queue` and `pending` are empty.
 
     Raises BrokenProcessPool (pending then holds every task in flight, the failed one included) or
@@ -346,6 +332,13 @@ class _BatchWriter:
         if len(self.images) >= self.batch_size:
             self.flush()
 
+    def record(self, result: DecodeResult) -> None:
+        """A decoded image joins the batch, a failure becomes a row; a Moved one was matched already."""
+        if isinstance(result, Decoded):
+            self.image(result.task.rel, result.pixels, result.meta)
+        elif isinstance(result, Failed):
+            self.failure(result.task.rel, result.status, result.reason, result.task)
+
     def failure(self, rel: bytes, status: str, reason: str, task: Task | None) -> None:
         self.rows.append(_row(rel, status=status, reason=reason, run_id=self.run_id,
                               size=task.size if task else 0, mtime_ns=task.mtime_ns if task else 0))
@@ -367,7 +360,7 @@ class _BatchWriter:
             vectors = self.encoder.embed_pixels(np.stack([p for _, p, _ in self.images]))  # (B, S, S, 3) uint8
             for (rel, _, meta), cls_vec, patch_vec in zip(self.images, vectors.cls, vectors.patch):
                 new_rows.append(_row(rel, status=EMBEDDED, run_id=self.run_id, **meta,
-                                     cls=cls_vec.astype(np.float16).tobytes(), patch=patch_vec.astype(np.float16).tobytes()))
+                                     cls=blob_from_vector(cls_vec), patch=blob_from_vector(patch_vec)))
             self.counts["embedded"] += len(self.images)
         paths = [r["path"] for r in new_rows] + [new for _, new, _ in self.moves]
         replaced = [self.existing[p].id for p in paths if p in self.existing]

@@ -8,9 +8,7 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from model.files import open_regular
-
-from .decode import display_path
+from .paths import display_path
 
 IMAGE_EXTENSIONS = frozenset(
     {b".jpg", b".jpeg", b".jpe", b".jfif", b".png", b".webp", b".gif", b".tif", b".tiff", b".bmp",
@@ -181,6 +179,8 @@ def _is_candidate(ext: bytes, full: bytes) -> bool:
         return True
     if ext:
         return False
+    from model.files import open_regular  # here: importing `model` loads torch, which planning does without
+
     try:
         with open_regular(full) as f:  # a file swapped for a FIFO since the listing must not block
             head = f.read(16)
