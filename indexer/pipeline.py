@@ -1,4 +1,5 @@
-"""One indexing run: scan, decide what changed, decode in worker processes, embed, commit in batches.
+"""One indexing run: scan, plan (indexer.plan: what changed), decode in worker processes, embed,
+commit in batches, sweep.
 
 Crash safety: every batch of rows (with both vectors) is one catalog transaction; FAISS files are
 checkpoints that `Library.load_indexes` reconciles with the catalog, so a run killed at any moment

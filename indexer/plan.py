@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Protocol
 
 from .catalog import EMBEDDED, QUARANTINED
@@ -47,6 +46,9 @@ class Task:
 
 @dataclass(frozen=True)
 class Plan:
+    """A run's decisions; picklable, so another process (a distributed run) can execute it. Its
+    mappings are read-only by convention: an executor copies what it consumes."""
+
     catalogued: int  # rows the catalog held when the run began
     scanned: int  # paths the scan reported (files and problems)
     to_read: tuple[Task, ...]  # new, changed or to be re-checked: decoded, then embedded or recorded
@@ -108,8 +110,8 @@ def make_plan(
     missing = _missing(catalog_state, seen, tuple(unlisted), include, exclude)
     moved_from = {row.sha256: path for path, row in missing.items()
                   if row.status == EMBEDDED and row.sha256 and row.usable}
-    return Plan(len(catalog_state), len(seen), tuple(tasks), tuple(problems), MappingProxyType(missing),
-                MappingProxyType(moved_from), MappingProxyType(returned), tuple(unlisted))
+    return Plan(len(catalog_state), len(seen), tuple(tasks), tuple(problems), missing, moved_from, returned,
+                tuple(unlisted))
 
 
 def _records_problem(row: RowState | None, item: ScanProblem) -> bool:

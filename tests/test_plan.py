@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -179,3 +180,9 @@ def test_quarantined_rows_do_not_count_towards_the_guard():
 def test_path_rank_prefers_the_embedded_path_and_puts_quarantined_last():
     rank = path_rank(state(a_jpg=Row(1), q_jpg=Row(2, status=QUARANTINED), f_jpg=Row(3, status="corrupt")))
     assert [rank(p) for p in (b"a.jpg", b"new.jpg", b"f.jpg", b"q.jpg")] == [0, 1, 1, 2]
+
+
+def test_plan_pickles_for_another_process():
+    catalog = state(old_jpg=Row(1, sha256="h"), q_jpg=Row(2, status=QUARANTINED, sha256="g"))
+    p = plan(catalog, [entry(b"new.jpg"), entry(b"q.jpg", size=5), ScanProblem(b"x.psd", "unsupported", "no")])
+    assert pickle.loads(pickle.dumps(p)) == p
