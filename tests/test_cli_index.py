@@ -92,8 +92,13 @@ def test_sigkill_at_random_moments(tmp_path, tiny_folder):
     command = [sys.executable, "-m", "retrieval.cli", "index", str(root), "--weights", str(tiny_folder),
                "--precision", "fp32", "--batch-size", "4", "--workers", "1", "--checkpoint-seconds", "0"]
     rng = np.random.default_rng(7)
-    for delay in sorted(rng.uniform(2.0, 6.0, 5)):
+    for number, delay in enumerate(sorted(rng.uniform(0.0, 4.0, 5))):
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Time the kill from the moment this run began (its row in `runs`): starting Python and torch
+        # takes 1 to 5 s on a loaded machine, and a kill before that would test nothing.
+        deadline = time.monotonic() + 120
+        while _runs(root) <= number and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
         time.sleep(delay)
         process.send_signal(signal.SIGKILL)
         process.wait()
@@ -112,6 +117,18 @@ def test_sigkill_at_random_moments(tmp_path, tiny_folder):
         assert embedded == decodable
         assert library.verify() == []
         assert len(library.load_indexes()["cls"].ids()) == len(decodable)
+
+
+def _runs(root) -> int:
+    """Index runs the catalog has seen so far (0 before it exists)."""
+    import sqlite3
+
+    catalog = root / ".dinoseek" / "catalog.sqlite"
+    try:
+        with sqlite3.connect(f"file:{catalog}?mode=ro", uri=True, timeout=1) as db:
+            return db.execute("select count(*) from runs").fetchone()[0]
+    except sqlite3.Error:
+        return 0
 
 
 def _mkdir(path):
