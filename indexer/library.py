@@ -57,13 +57,13 @@ class Library:
         url: str | None = None,
         write: bool = False,
         create: bool = False,
-        index: str | None = None,
+        index_choice: str | None = None,
     ) -> "Library":
         """Open (or with create=True, make) the library of photo folder `root`.
 
         write=True takes the writer lock (a second writer gets LibraryLockedError); readers never
-        block. Pending migrations are applied; temp files of a killed writer are removed. `index`
-        is --index: "auto" or a FAISS factory string the indexes are rebuilt with (None: as recorded).
+        block. Pending migrations are applied; temp files of a killed writer are removed.
+        `index_choice` is --index: "auto" or a FAISS factory string the indexes are rebuilt with (None: as recorded).
 
         A catalog that is not a regular SQLite file, fails SQLite's quick check (writers), or is
         missing from a folder that held one is refused with LibraryError, never replaced by a new
@@ -97,7 +97,7 @@ class Library:
             if lock is not None:
                 lock.release()
             raise
-        return cls(root, folder, catalog, IndexSet(folder, catalog, writable=write, choice=index), write, lock)
+        return cls(root, folder, catalog, IndexSet(folder, catalog, writable=write, choice=index_choice), write, lock)
 
     def close(self) -> None:
         self.catalog.dispose()

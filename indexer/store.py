@@ -22,17 +22,10 @@ import numpy as np
 from model.files import FileTooLargeError, NotRegularFileError, read_regular
 
 from .errors import InvalidArgumentError
+from .tuning import (FLAT_FALLBACK_MAX, FLAT_LIMIT, MAX_PROBE_FRACTION, MIN_AUTO_RECALL, PQ_FROM, TARGET_RECALL,
+                     TRAIN_PER_LIST)
 
 log = logging.getLogger(__name__)
-
-TRAIN_PER_LIST = 64  # k-means training points per IVF list: quality plateaus well before faiss's 256
-FLAT_LIMIT = 50_000  # exact search up to here: ~1.5 ms/query for 384-d at this size
-PQ_FROM = 2_000_000  # from here on, 8-bit scalar quantization costs too much memory: use PQ
-TARGET_RECALL = 0.95  # nprobe is raised until recall@10 against exact search reaches this...
-MIN_AUTO_RECALL = 0.9  # an auto IVF index below this recall falls back to exact search...
-FLAT_FALLBACK_MAX = 5_000_000  # ...while the library is small enough for it (7.7 GB at 384-d)
-MAX_PROBE_FRACTION = 8  # ...or until it scans 1/8 of the lists: beyond that the vectors do not
-# cluster (random data) and IVF has stopped paying off; the recall reached is logged.
 
 
 def ivf_lists(count: int) -> int:

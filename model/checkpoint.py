@@ -188,9 +188,9 @@ def _convert_hf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, value in tensors.items():
         fused = _HF_FUSED.match(key)
         if fused:
-            layer, qkv_old, qkv_new, swiglu, kind = fused.groups()
+            layer, qkv_old, qkv_new, swiglu, param = fused.groups()  # param: "weight" or "bias"
             name = qkv_old or qkv_new or swiglu
-            target = f"blocks.{layer}.{'mlp.w12' if swiglu else 'attn.qkv'}.{kind}"
+            target = f"blocks.{layer}.{'mlp.w12' if swiglu else 'attn.qkv'}.{param}"
             parts.setdefault(target, {})[_FUSE_ORDER[name]] = value
             continue
         for pattern, replacement in _HF_RENAMES:
@@ -228,14 +228,14 @@ def drop_unused(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 _REQUIRED = object()
 
 
-def _field(hf_config: dict, name: str, kind: type, default=_REQUIRED):
-    """config.json field `name` of type `kind` (ints are not bools; floats accept ints)."""
+def _field(hf_config: dict, name: str, expected: type, default=_REQUIRED):
+    """config.json field `name` of type `expected` (ints are not bools; floats accept ints)."""
     value = hf_config.get(name, default)
     if value is _REQUIRED:
         raise CheckpointError(f"config.json: {name} is missing")
-    kinds = (int, float) if kind is float else (kind,)
-    if isinstance(value, bool) != (kind is bool) or not isinstance(value, kinds):
-        raise CheckpointError(f"config.json: {name} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    accepted = (int, float) if expected is float else (expected,)
+    if isinstance(value, bool) != (expected is bool) or not isinstance(value, accepted):
+        raise CheckpointError(f"config.json: {name} must be {expected.__name__}, got {type(value).__name__} {value!r}")
     return value
 
 

@@ -37,12 +37,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
     match = _DEVICE.fullmatch(text)
     if match is None:
         raise PrecisionError(f"device {text!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
-    kind, index = match.groups()
-    if kind == "cuda":
+    device_type, device_index = match.groups()
+    if device_type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceUnavailableError(f"device {text!r} requested but CUDA is not available")
         count = torch.cuda.device_count()
-        if index is not None and int(index) >= count:
+        if device_index is not None and int(device_index) >= count:
             raise PrecisionError(f"device {text!r} does not exist: this machine has {count} CUDA device(s), "
                                  f"cuda:0 to cuda:{count - 1}")
     return torch.device(text)

@@ -24,15 +24,12 @@ from indexer.catalog_gateway import Filters  # noqa: F401 - part of this API (se
 from indexer.decode import DecodeError, load_pixels, read_image
 from indexer.errors import NotIndexedError
 from indexer.library import Library
+from indexer.tuning import EXACT_FILTER_LIMIT, OVERFETCH
 from model import Embedder
 
 from .errors import InvalidArgumentError, QueryError
 
 KIND_CHOICES = (*KINDS, "both")
-# Filtered searches over at most this many images are brute force over the catalog's vectors
-# (exact); larger filtered sets go through FAISS with an id selector.
-EXACT_FILTER_LIMIT = 200_000
-OVERFETCH = 8  # extra FAISS results per query, to make up for rows deleted since the index loaded
 
 
 @dataclass(frozen=True)

@@ -295,7 +295,7 @@ def index(root, library_dir, url, model_name, weights, device, precision, worker
     loaded = load_weights(weights or model_name)
     if index_choice not in (None, "auto"):
         check_factory(index_choice, loaded.vit.config.embed_dim)
-    with Library.open(root, folder=library_dir, url=url, write=True, create=True, index=index_choice) as library:
+    with Library.open(root, folder=library_dir, url=url, write=True, create=True, index_choice=index_choice) as library:
         # Only now is the library's recorded preprocessing known, which an existing library keeps.
         encoder = encoder_for_library(library.manifest(), loaded, device=device, precision=precision, mode=mode)
         started = time.monotonic()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from indexer.library import Library
 from indexer.store import VectorIndex, ivf_lists, trained_ivf_flat, training_sample
+from indexer.tuning import DEDUP_BLOCK, DEDUP_NPROBE, EXACT_PAIRS_MAX
 from model import Embedder
 
 from .errors import InvalidArgumentError
@@ -15,14 +16,6 @@ from .grouping import complete_linkage, range_pairs
 from .keep import DEFAULT_ORDER, Member, choose_keeper, in_folder
 
 DEFAULT_THRESHOLD = 0.95  # cosine of CLS vectors; `dinoseek calibrate` recommends one for a library
-BLOCK = 4096  # query vectors per range-search block
-# IVF lists probed when looking for near duplicates. They sit next to each other, almost always in
-# the same list as their query or a neighbouring one, so a handful of lists finds them where a
-# nearest-neighbour search over the whole library needs many (measured: benchmarks/dedup.py).
-DEDUP_NPROBE = 16
-# Above this size an exact (Flat) library index is too slow for an all-pairs range search (N^2):
-# candidates then come from a temporary IVF-Flat over the catalog's vectors, probed as above.
-EXACT_PAIRS_MAX = 100_000
 
 
 @dataclass(frozen=True)
@@ -77,7 +70,7 @@ def find_duplicates(
     exact_only: bool = False,
     order: tuple[str, ...] = DEFAULT_ORDER,
     protected: tuple[str, ...] = (),
-    block: int = BLOCK,
+    block: int = DEDUP_BLOCK,
     folder: str | None = None,
     crop_encoder: Embedder | None = None,
     candidate_threshold: float | None = None,
@@ -132,7 +125,7 @@ def find_duplicates(
     return result
 
 
-def candidate_index(library: Library, kind: str, block: int = BLOCK) -> VectorIndex:
+def candidate_index(library: Library, kind: str, block: int = DEDUP_BLOCK) -> VectorIndex:
     """The index to find close pairs with: the library's own, unless it is exact and large; then
     a temporary IVF-Flat is trained on a sample and filled block by block (the library's exact
     index is not loaded at all, so memory stays at one copy of the vectors)."""

@@ -194,10 +194,10 @@ def read(path: Path) -> Journal:
     for number, record in records[1:]:
         if not isinstance(record, dict):
             raise _refused(path, number, f"a record must be an object, got {_kind(record)}")
-        kind = _field(path, number, record, "type", str)
-        if kind not in RECORD_TYPES or kind == "header":
-            raise _refused(path, number, f"unknown record type {kind[:40]!r}")
-        if kind == "intent":
+        record_type = _field(path, number, record, "type", str)
+        if record_type not in RECORD_TYPES or record_type == "header":
+            raise _refused(path, number, f"unknown record type {record_type[:40]!r}")
+        if record_type == "intent":
             intent = _intent(path, number, record)
             if intent.op != header.action:
                 raise _refused(path, number, f"a {intent.op} step in a {header.action} journal")
@@ -205,9 +205,9 @@ def read(path: Path) -> Journal:
             if earlier and earlier[0].src != intent.src:
                 raise _refused(path, number, f"step {intent.step} names two different files")
             earlier.append(intent)
-        elif kind == "done":
+        elif record_type == "done":
             done.add(_field(path, number, record, "step", int))
-        elif kind == "rolled-back":
+        elif record_type == "rolled-back":
             rolled_back.add(_field(path, number, record, "step", int))
         else:
             undone = True
@@ -255,12 +255,12 @@ def _intent(path: Path, number: int, record: dict) -> Intent:
                   _path(path, number, record, "keeper"), sha256, size, number)
 
 
-def _field(path: Path, number: int, record: dict, name: str, kind: type):
+def _field(path: Path, number: int, record: dict, name: str, expected: type):
     if name not in record:
         raise _refused(path, number, f"{name!r} is missing")
     value = record[name]
-    if type(value) is not kind:  # exact: a bool is no step number, a list no path
-        raise _refused(path, number, f"{name!r} must be {'an integer' if kind is int else 'a string'}, "
+    if type(value) is not expected:  # exact: a bool is no step number, a list no path
+        raise _refused(path, number, f"{name!r} must be {'an integer' if expected is int else 'a string'}, "
                                      f"got {_kind(value)}")
     return value
 

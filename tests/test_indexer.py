@@ -249,7 +249,7 @@ def test_explicit_factory_is_remembered_and_built_once_trainable(tmp_path, encod
     for i in range(6):
         synthetic_photo(80, 60, seed=i).save(root / f"{i}.jpg")
     folder = tmp_path / "lib"
-    with Library.open(root, folder=folder, write=True, create=True, index="IVF4,Flat") as library:
+    with Library.open(root, folder=folder, write=True, create=True, index_choice="IVF4,Flat") as library:
         run_index(library, encoder, Options(workers=0))
     assert not (root / ".dinoseek").exists()
     with Library.open(root, folder=folder) as library:
@@ -264,7 +264,7 @@ def test_explicit_factory_is_remembered_and_built_once_trainable(tmp_path, encod
         info = library.info()["indexes"]["cls"]
         assert (info["factory"], info["requested"]) == ("IVF4,Flat", "IVF4,Flat")
         assert library.verify() == []
-    with Library.open(root, folder=folder, write=True, index="HNSW16") as library:
+    with Library.open(root, folder=folder, write=True, index_choice="HNSW16") as library:
         with pytest.raises(ValueError, match="cannot remove vectors"):
             library.load_indexes()
 

@@ -1,0 +1,34 @@
+"""Search and index tuning: every size threshold and probe count, in one place, each with why.
+
+The store chooses and trains indexes with the first group, dedup and search read the rest. Tests
+shrink a value by patching the name in the module that uses it (`dedup.EXACT_PAIRS_MAX`), which
+imports it from here.
+"""
+
+# Choosing and training an index (indexer.store)
+TRAIN_PER_LIST = 64  # k-means training points per IVF list: quality plateaus well before faiss's 256
+FLAT_LIMIT = 50_000  # exact search up to here: ~1.5 ms/query for 384-d at this size
+PQ_FROM = 2_000_000  # from here on, 8-bit scalar quantization costs too much memory: use PQ
+TARGET_RECALL = 0.95  # nprobe is raised until recall@10 against exact search reaches this...
+MIN_AUTO_RECALL = 0.9  # an auto IVF index below this recall falls back to exact search...
+FLAT_FALLBACK_MAX = 5_000_000  # ...while the library is small enough for it (7.7 GB at 384-d)
+MAX_PROBE_FRACTION = 8  # ...or until it scans 1/8 of the lists: beyond that the vectors do not
+# cluster (random data) and IVF has stopped paying off; the recall reached is logged.
+
+# Searching (retrieval.api)
+# Filtered searches over at most this many images are brute force over the catalog's vectors
+# (exact, and no slower than FAISS with an id selector at this size); larger sets go through FAISS.
+EXACT_FILTER_LIMIT = 200_000
+OVERFETCH = 8  # extra FAISS results per query, to make up for rows deleted since the index loaded
+
+# Near-duplicate search (retrieval.dedup)
+# Vectors per block: range-search queries at a time, and rows added at a time to dedup's temporary
+# IVF. Memory is bounded by the block and the close pairs it finds, never N^2.
+DEDUP_BLOCK = 4096
+# IVF lists probed when looking for near duplicates. They sit next to each other, almost always in
+# the same list as their query or a neighbouring one, so a handful of lists finds them where a
+# nearest-neighbour search over the whole library needs many (measured: benchmarks/dedup.py).
+DEDUP_NPROBE = 16
+# Above this size an exact (Flat) library index is too slow for an all-pairs range search (N^2):
+# candidates then come from a temporary IVF-Flat over the catalog's vectors, probed as above.
+EXACT_PAIRS_MAX = 100_000
