@@ -52,12 +52,14 @@ class DecodedImage:
     camera: str | None  # EXIF Make + Model
 
 
-def load_pixels(path: str | os.PathLike | bytes, spec: InputSpec) -> tuple[DecodedImage, np.ndarray]:
+def load_pixels(path: str | os.PathLike | bytes, spec: InputSpec,
+                known: frozenset[str] = frozenset()) -> tuple[DecodedImage, np.ndarray | None]:
     """The one way from a file to model-ready pixels, for every caller (the indexer's workers,
     `embed`, search by file, crop re-ranking): decoded no smaller than `spec.decode_side`, then made
-    (size, size, 3) uint8 by `spec.pixels`. One file, one vector, whichever command reads it."""
+    (size, size, 3) uint8 by `spec.pixels`. One file, one vector, whichever command reads it.
+    Pixels are None for a file whose sha256 is in `known` (a moved file keeps its vectors)."""
     decoded = read_image(path, min_side=spec.decode_side)
-    return decoded, spec.pixels(decoded.image)
+    return decoded, None if decoded.sha256 in known else spec.pixels(decoded.image)
 
 
 def read_image(path: str | os.PathLike | bytes, *, min_side: int = RESIZE_SHORT, max_pixels: int = MAX_PIXELS) -> DecodedImage:

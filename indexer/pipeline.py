@@ -26,10 +26,10 @@ from .catalog_gateway import blob_from_vector
 from .decode import DecodeError, display_path, load_pixels
 from .errors import LibraryError
 from .library import Library, check_placement
-from .plan import MASS_DELETE_FRACTION, MASS_DELETE_MIN, Plan, Task, make_plan, path_rank, sweep_decision
+from .plan import Plan, Task, make_plan, path_rank, sweep_decision
 from .scan import scan
 
-__all__ = ["MASS_DELETE_FRACTION", "MASS_DELETE_MIN", "Decoded", "Failed", "Moved", "Options", "Progress", "Task",
+__all__ = ["Decoded", "Failed", "Moved", "Options", "Progress", "Task",
            "heif_available", "run_index"]
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def _decode_task(root: bytes, task: Task, spec: InputSpec, moved_hashes: frozens
     """Runs in a worker: the file's pixels and columns, or Moved if its hash is in `moved_hashes`."""
     path = os.path.join(root, task.rel)
     try:
-        decoded, pixels = load_pixels(path, spec)
+        decoded, pixels = load_pixels(path, spec, known=moved_hashes)
     except DecodeError as e:
         return Failed(task, e.status, e.reason)
     except Exception as e:  # noqa: BLE001 - one bad file must never end the run
@@ -96,7 +96,7 @@ def _decode_task(root: bytes, task: Task, spec: InputSpec, moved_hashes: frozens
         "height": decoded.height, "format": decoded.format, "frames": decoded.frames,
         "captured_at": decoded.captured_at, "camera": decoded.camera,
     }
-    if decoded.sha256 in moved_hashes:
+    if pixels is None:
         return Moved(task, meta)
     return Decoded(task, meta, pixels)
 

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -62,6 +62,8 @@ class VectorIndex:
     nprobe: int | None
     trained_on: int
     version: int = 0  # bumped on every add/remove, so a GPU copy is refreshed when stale
+    # (version, GPU index or this index, GPU resources): the copy searches use, made on first need.
+    _gpu: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def count(self) -> int:
@@ -116,7 +118,7 @@ class VectorIndex:
         """The GPU copy of the index where faiss-gpu and CUDA are present (made once), else itself."""
         if not gpu_available() or self.count == 0:
             return self.index
-        cached = getattr(self, "_gpu", None)
+        cached = self._gpu
         if cached is None or cached[0] != self.version:
             try:
                 resources = faiss.StandardGpuResources()

@@ -1,4 +1,5 @@
-"""Images -> `pixel_values`, equal to the reference image processor (transformers, PIL backend)."""
+"""Images -> `pixel_values`, equal to the reference image processor (transformers, PIL backend) for
+8-bit images; 16-bit and float images are scaled to 8 bits first, where the reference would clip."""
 
 from __future__ import annotations
 

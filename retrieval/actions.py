@@ -260,12 +260,14 @@ def apply(library: Library, groups: list[Group], action: str, quarantine: Path |
     def record(path: Path) -> None:  # committed before the first step can move anything
         library.catalog.record_journal(path.name, os.fsencode(root), os.fsencode(quarantine), action)
 
-    with JournalWriter(library.folder / "journals", action, root, quarantine, on_start=record) as log:
-        for group in groups:
-            _apply_group(library, group, action, quarantine, log, result, keepers)
+    try:
+        with JournalWriter(library.folder / "journals", action, root, quarantine, on_start=record) as log:
+            for group in groups:
+                _apply_group(library, group, action, quarantine, log, result, keepers)
+    finally:  # also after an apply that stopped part-way: what was set aside so far
+        if result.done:
+            library.index_set.sync()  # set-aside rows leave the indexes with the catalog (verify agrees)
     result.journal = log.path if log.started else None
-    if result.done:
-        library.index_set.sync()  # set-aside rows leave the indexes with the catalog (verify agrees)
     return result
 
 
