@@ -26,7 +26,7 @@ from .catalog_gateway import blob_from_vector
 from .decode import DecodeError, display_path, load_pixels
 from .errors import LibraryError
 from .library import Library, check_placement
-from .plan import Plan, Task, make_plan, path_rank, sweep_decision
+from .plan import Plan, Task, make_plan, path_rank, set_aside, sweep_decision
 from .scan import scan
 
 __all__ = ["Decoded", "Failed", "Moved", "Options", "Progress", "Task",
@@ -112,7 +112,7 @@ def run_index(
     root = os.fsencode(library.root)
     existing = library.catalog.file_states()
     items = scan(root, include=options.include, exclude=options.exclude, follow_symlinks=options.follow_symlinks,
-                 skip=(os.fsencode(library.folder),), rank=path_rank(existing))
+                 skip=(os.fsencode(library.folder),), rank=path_rank(existing), set_aside=set_aside(existing))
     plan = make_plan(existing, items, retry_statuses=retry_statuses(), include=options.include,
                      exclude=options.exclude, allow_mass_delete=options.allow_mass_delete, root=library.root)
     run_id = library.catalog.start_run()

@@ -71,6 +71,13 @@ def path_rank(catalog_state: Mapping[bytes, RowState]) -> Callable[[bytes], int]
     return rank
 
 
+def set_aside(catalog_state: Mapping[bytes, RowState]) -> Callable[[bytes], bool]:
+    """The scan's `set_aside`: paths whose rows dedup set aside (a symlink it left may sit there)."""
+    def is_set_aside(rel: bytes) -> bool:
+        return rel in catalog_state and catalog_state[rel].status == QUARANTINED
+    return is_set_aside
+
+
 def make_plan(
     catalog_state: Mapping[bytes, RowState],
     scan_items: Iterable[ScanEntry | ScanProblem],

@@ -45,6 +45,7 @@ def scan(
     follow_symlinks: bool = False,
     skip: tuple[bytes, ...] = (),
     rank: Callable[[bytes], int] = lambda rel: 0,
+    set_aside: Callable[[bytes], bool] = lambda rel: False,
 ) -> Iterator[ScanEntry | ScanProblem]:
     """Yield image candidates under root, depth-first in sorted order.
 
@@ -56,7 +57,9 @@ def scan(
     the first in scan order), not by the sort order alone: the indexer ranks the path the catalog
     already embeds first, so a link that dedup left at a duplicate's old path never displaces the
     kept photo. Files that may still lose to a better-ranked path (rank above 0) are yielded at the
-    end; by default every path ranks 0, and the first path seen is the file.
+    end; by default every path ranks 0, and the first path seen is the file. A symlink that is not
+    followed but sits at a path `set_aside` names (where dedup left a link to the kept copy) is
+    reported as "linked", so the row dedup set aside there is not mistaken for a vanished file.
     """
     root_bytes = os.fsencode(root)
     seen_dirs: set[tuple[int, int]] = set()
@@ -88,6 +91,8 @@ def scan(
             try:
                 is_link = entry.is_symlink()
                 if is_link and not follow_symlinks:
+                    if set_aside(rel):
+                        yield ScanProblem(rel, "linked", "symbolic link left by dedup, not followed")
                     continue
                 st = entry.stat(follow_symlinks=True)
             except OSError as e:

@@ -238,6 +238,25 @@ def _copy_metadata(src_fd: int, st: os.stat_result, dst_fd: int) -> None:
     os.utime(dst_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+# ---- links ----------------------------------------------------------------------------------------
+
+def link_target(keeper: Path, link: Path) -> str:
+    """What a symlink at `link` should hold to reach `keeper`: a path relative to the link's folder
+    (the library can then be moved or mounted elsewhere as a whole), or the absolute path when no
+    relative one exists (another drive on Windows)."""
+    try:
+        return os.path.relpath(keeper, link.parent)
+    except ValueError:
+        return os.fsdecode(keeper)
+
+
+def links_to(link: Path, keeper: Path) -> bool:
+    """Does the symlink at `link` name `keeper`, as apply writes it (relative to the link's folder,
+    or absolute as older applies did)? Compared as paths, without following any link."""
+    target = os.readlink(link)
+    return os.path.normpath(os.path.join(os.fsdecode(link.parent), target)) == os.path.normpath(os.fsdecode(keeper))
+
+
 # ---- apply ----------------------------------------------------------------------------------------
 
 class _NotMoved(Exception):
@@ -350,7 +369,7 @@ def _move_journaled(log: JournalWriter, step_no: int, action: str, src: Path, wa
         if action == "hardlink":
             os.link(keeper, src, follow_symlinks=False)
         elif action == "symlink":
-            os.symlink(keeper, src)
+            os.symlink(link_target(keeper, src), src)
     except OSError as e:
         place(final, src, sha256=member.sha256)  # put the file back before reporting the failure
         log.write({"type": "rolled-back", "step": step_no})
@@ -410,6 +429,7 @@ def undo(library: Library, journal: Path | None = None, accept_missing: bool = F
             result.not_in_catalog += not in_catalog
     if result.restored:
         library.index_set.sync()  # restored rows are searchable again
+    _remove_emptied_folders(record, record.header.quarantine)
     if result.problems:
         if not (accept_missing and all(isinstance(p, Missing) for p in result.problems)):
             raise UndoIncomplete(result)
@@ -496,7 +516,7 @@ def _relink(step: Intent) -> None:
         if step.op == "hardlink":
             os.link(step.keeper, step.src, follow_symlinks=False)
         else:
-            os.symlink(step.keeper, step.src)
+            os.symlink(link_target(step.keeper, step.src), step.src)
     except OSError:
         pass  # the bytes are still in the quarantine; the problem is reported either way
 
@@ -527,6 +547,19 @@ def _finish_backwards(step: Intent) -> bool | str:
     return f"{printable(src)} was replaced since the apply; its old bytes stay in {printable(dst)}"
 
 
+def _remove_emptied_folders(record: Journal, quarantine: Path) -> None:
+    """The folders apply made inside the quarantine for this journal's steps, where undo left them
+    empty: removed, deepest first, up to (never including) the quarantine itself. A folder holding
+    anything (a copy not restored, someone else's file) stays, and so do those above it."""
+    folders = {parent for step in record.steps_backwards() for parent in step.dst.parents
+               if quarantine in parent.parents}
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        if os.path.islink(folder):
+            continue  # never follow a link out of the quarantine
+        with contextlib.suppress(OSError):  # not empty, or gone already
+            os.rmdir(folder)
+
+
 def _is_whole(path: Path, st: os.stat_result, step: Intent) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_size == step.size and sha256_of(path) == step.sha256
 
@@ -553,7 +586,7 @@ def _is_our_link(step: Intent) -> bool:
     of any bytes."""
     src = step.src
     if step.op == "symlink":
-        return os.path.islink(src) and os.readlink(src) == os.fsdecode(step.keeper)
+        return os.path.islink(src) and links_to(src, step.keeper)
     st = os.lstat(src)
     try:
         kept = os.lstat(step.keeper)
