@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -104,9 +105,10 @@ def test_index_between_apply_and_undo(root, tiny_folder, action):
     assert set(statuses(root).values()) == {EMBEDDED}
 
 
-def test_repair_between_apply_and_undo(root):
+@pytest.mark.parametrize("action", ACTIONS)
+def test_repair_between_apply_and_undo(root, action):
     before = tree_hashes(root)
-    apply(root, "move")
+    apply(root, action)
     result = invoke("verify", root, "--repair")
     assert result.exit_code == 0, result.output
     undo(root)
@@ -133,3 +135,26 @@ def test_undo_removes_only_the_quarantine_folders_it_emptied(root):
     undo(root)
     assert quarantine_leftovers(root) == ["mine"]
     assert quarantine.is_dir()  # the quarantine itself stays
+
+
+def test_undo_still_recognises_an_absolute_link_of_an_older_apply(root):
+    before = tree_hashes(root)
+    apply(root, "symlink")
+    link = root / "a/p0.jpg"
+    keeper = (link.parent / os.readlink(link)).resolve()
+    link.unlink()
+    link.symlink_to(keeper)  # as applies before relative links wrote it
+    undo(root)
+    assert tree_hashes(root) == before and not os.path.islink(link)
+
+
+def test_scan_reports_only_set_aside_symlinks():
+    from indexer.scan import ScanProblem, scan
+
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "keep.jpg").write_bytes(b"x")
+        os.symlink("keep.jpg", Path(folder) / "dup.jpg")
+        os.symlink("keep.jpg", Path(folder) / "other.jpg")
+        items = [i for i in scan(folder, set_aside=lambda rel: rel == b"dup.jpg") if isinstance(i, ScanProblem)]
+        assert [(i.rel, i.status) for i in items] == [(b"dup.jpg", "linked")]  # other.jpg: ignored as before
