@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import date, datetime
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from .catalog import EMBEDDED, QUARANTINED, ImageRow, IndexFileRow, JournalRow, ManifestRow, RunRow, utcnow
 from .catalog_file import one_line, restore_hint
-from .errors import LibraryError, NeedsRepairError
+from .errors import InvalidArgumentError, LibraryError, NeedsRepairError
 
 # Ids per `IN (...)`: SQLite allows 32766 bound parameters (3.32+), PostgreSQL 65535; larger
 # chunks mean fewer round trips, which dominate the search API's cost at large batches.
@@ -66,18 +68,55 @@ def _digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
+# The date forms a filter accepts: ISO dates and datetimes (T or a space before the time, seconds
+# optional) and 2023/01/01. Checked by pattern first because datetime.fromisoformat also takes
+# "20230101" and week dates, and natural language ("yesterday") is deliberately not a date here.
+_CAPTURE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?)?")
+_SLASH_DATE = re.compile(r"\d{4}/\d{2}/\d{2}")
+
+
+def parse_capture_time(value: str | date) -> str:
+    """A date or datetime as the catalog stores capture times ("YYYY-MM-DD HH:MM:SS"), so that
+    string comparison in SQL is time comparison. A date alone means its midnight."""
+    if isinstance(value, (date, datetime)):  # datetime is a date too; a date has no time
+        value = value.isoformat(sep=" ", timespec="seconds") if isinstance(value, datetime) else value.isoformat()
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"expected a date string like 2023-06-30, got {type(value).__name__}")
+    text = value.strip()
+    if _SLASH_DATE.fullmatch(text):
+        text = text.replace("/", "-")
+    try:
+        if not _CAPTURE_TIME.fullmatch(text):
+            raise ValueError
+        parsed = datetime.fromisoformat(text)  # refuses 2023-13-45 and 2023-02-30
+    except ValueError:
+        raise InvalidArgumentError(
+            f"{value!r} is not a date: use YYYY-MM-DD, YYYY/MM/DD or YYYY-MM-DDTHH:MM[:SS]"
+        ) from None
+    return parsed.strftime("%Y-%m-%d %H:%M:%S")
+
+
 @dataclass(frozen=True)
 class Filters:
     """Metadata filters of a search; each None means "any"."""
 
     folder: str | None = None  # relative folder prefix, e.g. "2023/holiday"
-    captured_after: str | None = None  # "YYYY-MM-DD[ HH:MM:SS]", inclusive
+    # Any form parse_capture_time accepts; stored normalised to "YYYY-MM-DD HH:MM:SS".
+    captured_after: str | None = None  # inclusive
     captured_before: str | None = None  # exclusive
     camera: str | None = None  # substring of "Make Model", case-insensitive
     min_pixels: int | None = None  # width * height
     max_pixels: int | None = None
     min_bytes: int | None = None
     max_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        # Validated here so that the Python API refuses what the CLI refuses, instead of
+        # comparing "01-06-2023" as a string and silently matching the wrong photos.
+        for name in ("captured_after", "captured_before"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, parse_capture_time(value))
 
     def active(self) -> bool:
         return any(v is not None for v in vars(self).values())

@@ -15,6 +15,7 @@ import json
 import math
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
@@ -107,6 +108,31 @@ def _read_folder(folder: Path) -> RawCheckpoint:
     return RawCheckpoint(tensors, hf_config, files)
 
 
+def _not_a_checkpoint(path: Path, reason: str) -> CheckpointError:
+    return CheckpointError(f"{path} is not a DINOv2 checkpoint: {reason}")
+
+
+def _one_line(e: BaseException) -> str:
+    """The gist of a loader's error on one line. torch's weights_only refusal is a paragraph of
+    advice around the one phrase that matters ("WeightsUnpickler error: Unsupported operand 255"),
+    and its zip reader adds sentences of guesses after the first."""
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    line = lines[0]
+    if len(line) > 100 and ". " in line:
+        line = line.split(". ", 1)[0]
+    return line.rstrip(".")
+
+
+# What torch.load can read: a zip archive (torch.save since 1.6) or a legacy pickle (protocol 2+).
+_TORCH_MAGICS = (b"PK\x03\x04", b"\x80")
+
+
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
@@ -118,21 +144,34 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
             open_regular(path, max_bytes=MAX_WEIGHTS_BYTES).close()
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+            raise _not_a_checkpoint(path, f"not a readable safetensors file ({_one_line(e)})") from e
     try:
         with open_regular(path, max_bytes=MAX_WEIGHTS_BYTES) as f:
-            obj = torch.load(f, map_location="cpu", weights_only=True)
+            head = f.read(4)
+            # A photo or a text file would otherwise reach the unpickler and fail with a KeyError
+            # or a paragraph of torch's advice about weights_only.
+            if not head:
+                raise _not_a_checkpoint(path, "the file is empty")
+            if not head.startswith(_TORCH_MAGICS):
+                raise _not_a_checkpoint(path, f"neither a PyTorch file (zip or pickle) nor .safetensors (starts with {head!r})")
+            f.seek(0)
+            with warnings.catch_warnings():
+                # A protocol-4 pickle (or random bytes after 0x80) draws a two-line UserWarning.
+                warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+                obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # weights_only refuses anything that would execute code on load.
-        raise CheckpointError(f"{path}: refused to unpickle (only plain tensors are loaded): {e}") from e
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+        raise _not_a_checkpoint(path, f"refused to unpickle, only plain tensors are loaded ({_one_line(e)})") from e
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        # A corrupt pickle or zip fails in the unpickler's own ways (KeyError on an unknown memo
+        # id, EOFError on a truncated file): all of them mean the same to the user.
+        raise _not_a_checkpoint(path, f"not a readable PyTorch checkpoint ({_one_line(e) or type(e).__name__})") from e
     # Training checkpoints nest the weights ("teacher" holds the EMA backbone the paper releases).
     for key in ("teacher", "model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a dict of tensors (a state dict)")
+        raise _not_a_checkpoint(path, "expected a dict of tensors (a state dict)")
     return obj
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from indexer.catalog import KINDS
-from indexer.catalog_gateway import Filters  # noqa: F401 - part of this API (search filters)
+from indexer.catalog_gateway import Filters, parse_capture_time  # noqa: F401 - part of this API (search filters)
 from indexer.decode import DecodeError, load_pixels, read_image
 from indexer.errors import NotIndexedError
 from indexer.library import Library

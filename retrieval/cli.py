@@ -114,19 +114,17 @@ def _quiet_broken_pipe() -> None:
 
 
 class _Date(click.ParamType):
-    """YYYY-MM-DD (or "YYYY-MM-DD HH:MM:SS"), a real calendar date, as the catalog stores it."""
+    """A date or datetime in a form parse_capture_time accepts; the message is the library's."""
 
     name = "date"
 
     def convert(self, value, param, ctx):
-        from datetime import datetime
+        from indexer.catalog_gateway import parse_capture_time
 
-        for pattern in ("%Y-%m-%d", "%Y-%m-%d %H:%M:%S"):
-            try:
-                return datetime.strptime(value, pattern).strftime(pattern)
-            except (TypeError, ValueError):
-                continue
-        self.fail(f"{value!r} is not a date like 2023-06-30 (or \"2023-06-30 18:00:00\")", param, ctx)
+        try:
+            return parse_capture_time(value)
+        except IndexerError as e:
+            self.fail(str(e), param, ctx)
 
 
 def model_options(func):
@@ -395,8 +393,8 @@ def filter_options(func):
     """SQL pre-filters shared by search, similar and dedup."""
     options = [
         click.option("--folder", help="Only images under this folder (relative to ROOT)."),
-        click.option("--after", "captured_after", type=_Date(), help="Captured on or after this date (YYYY-MM-DD)."),
-        click.option("--before", "captured_before", type=_Date(), help="Captured before this date (YYYY-MM-DD)."),
+        click.option("--after", "captured_after", type=_Date(), help="Captured on or after this date (YYYY-MM-DD, YYYY/MM/DD or YYYY-MM-DDTHH:MM[:SS])."),
+        click.option("--before", "captured_before", type=_Date(), help="Captured before this date or time (exclusive; same forms as --after)."),
         click.option("--camera", help="Camera make/model contains this text."),
         click.option("--min-pixels", type=_COUNT64, help="At least this many pixels (width x height)."),
         click.option("--min-bytes", type=_COUNT64, help="Files of at least this many bytes."),
