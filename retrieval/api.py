@@ -224,7 +224,7 @@ class LibrarySearch:
             for score, row_id in zip(row_scores, row_ids):
                 found = rows.get(row_id)
                 if found is not None:  # deleted rows (and FAISS's -1 padding) never come back
-                    hits.append(Hit(row_id, found[1], score, found[0], found[2]))
+                    hits.append(Hit(row_id, found[1], min(1.0, max(-1.0, score)), found[0], found[2]))  # float16 rounding
                     if len(hits) == k:
                         break
             results.append(hits)

@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import math
+import shlex
 from pathlib import Path
 
 import click
@@ -44,9 +45,16 @@ _TOP_K = click.IntRange(1, 10_000)  # results per query: FAISS allocates k slots
 _SIMILARITY = _Float(0, 1, min_open=True)  # cosine similarity of unit vectors; 0 would match everything
 
 
-def _hint(e: Exception) -> str | None:
+def _root_arg(root) -> str:
+    """A library root as the user would type it again in a suggested command: printable, and quoted
+    for the shell when it has spaces or other special characters."""
+    return shlex.quote(_shown(root if root is not None else "."))
+
+
+def _hint(e: Exception, root=None) -> str | None:
     """How to fix `e` on this command line. Library messages state the problem in words that serve
-    Python callers too; the options and commands that fix it are named here."""
+    Python callers too; the options and commands that fix it are named here, with the ROOT the
+    user passed (`root`, from the command's arguments) so the suggestion can be run as it is."""
     if isinstance(e, DeviceUnavailableError):
         return "use --device cpu"
     if isinstance(e, PrecisionUnsupportedError):
@@ -56,17 +64,17 @@ def _hint(e: Exception) -> str | None:
     if isinstance(e, ModelMismatchError):
         return "use the same --model/--weights, or a new --library"
     if isinstance(e, NotIndexedError):
-        return f"run `dinoseek index {e.root}` first"
+        return f"run `dinoseek index {_root_arg(root if root is not None else e.root)}` first"
     if isinstance(e, NeedsRepairError):
-        return "run `dinoseek verify --repair" + (f" {e.root}`" if e.root else "`")
+        return f"run `dinoseek verify {_root_arg(root if root is not None else e.root)} --repair`"
     if isinstance(e, SweepRefusedError):
         return "pass --allow-mass-delete if they really were removed"
     if isinstance(e, ActionError):
-        return "`dinoseek undo` restores them"
+        return f"`dinoseek undo {_root_arg(root)}` restores them"
     return None
 
 
-def _message(e: Exception) -> str:
+def _message(e: Exception, root=None) -> str:
     """The one line a library error becomes: an argument at fault named by the option the user
     typed for it (`--in-folder`, not `folder`), then the fix."""
     text = str(e)
@@ -76,7 +84,7 @@ def _message(e: Exception) -> str:
         options = [p for p in params if isinstance(p, click.Option) and p.name == e.argument]
         if options:
             text = f"{options[0].opts[0]} {e.problem}"
-    hint = _hint(e)
+    hint = _hint(e, root)
     return f"{text}; {hint}" if hint else text
 
 
@@ -93,7 +101,7 @@ def _translate_errors(func):
         except BrokenPipeError:  # `dinoseek info | head`: the reader has what it wanted
             _quiet_broken_pipe()
         except (ModelError, IndexerError, RetrievalError) as e:
-            raise click.ClickException(_shown(_message(e))) from e
+            raise click.ClickException(_shown(_message(e, kwargs.get("root")))) from e
         except OSError as e:  # disk full, permissions on the library folder, ...
             raise click.ClickException(_shown(f"{e.filename or 'file system'}: {e.strerror or e}")) from e
         except SQLAlchemyError as e:
@@ -381,9 +389,10 @@ def verify(root, library_dir, url, repair, as_json):
     if problems:
         damaged = any(p.startswith("catalog:") for p in problems)  # no repair in place: a backup is needed
         raise click.ClickException(f"{len(problems)} problem(s); " + (
-            "the catalog file itself is damaged (see above)" if damaged else "run `dinoseek verify --repair`"))
+            "the catalog file itself is damaged (see above)" if damaged else
+            f"run `dinoseek verify {_root_arg(root)} --repair`"))
     if dropped and not as_json:
-        click.echo(f"{dropped} images with damaged vectors dropped: run `dinoseek index {_shown(root)}` to embed "
+        click.echo(f"{dropped} images with damaged vectors dropped: run `dinoseek index {_root_arg(root)}` to embed "
                    f"them again")
     if not as_json:
         click.echo("ok: catalog and indexes agree")
@@ -498,10 +507,13 @@ def similar(path, root, library_dir, url, k, kind, as_json, **filters):
 @click.option("--report", "report_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the groups to a .json, .csv or .html file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--exit-code", is_flag=True,
+              help="Exit 1 if duplicates were found, 0 if none (as `git diff --exit-code`). Errors exit 1 too "
+                   "(usage errors 2), with an `Error:` line on stderr.")
 @_translate_errors
 def dedup(root, library_dir, url, threshold, kind, exact_only, keep_order, protected, folder, crops,
           candidate_threshold, model_name, weights, device, precision, action, do_apply, quarantine, report_file,
-          as_json):
+          as_json, exit_code):
     """Find duplicate groups; with --action and --apply, set the extra copies aside (undoably).
 
     Nothing changes on disk without --apply. Applying moves the copies that are not kept into a
@@ -562,7 +574,9 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, keep_order, prote
                 click.echo(f"0 files {actions.PAST[action]}; nothing to undo")
             else:
                 click.echo(f"{len(result.done)} files {actions.PAST[action]}; journal {_shown(result.journal)} "
-                           f"(undo: dinoseek undo {_shown(library.root)})")
+                           f"(undo: `dinoseek undo {_root_arg(root)}`)")
+    if exit_code and groups:
+        raise click.exceptions.Exit(1)  # duplicates found: the `git diff --exit-code` convention
 
 
 @main.command()
@@ -603,7 +617,7 @@ def undo(root, library_dir, url, journal, list_only, accept_missing):
     click.echo(f"restored {len(result.restored)} files")
     if result.not_in_catalog:
         click.echo(f"{result.not_in_catalog} of them left the catalog meanwhile: run "
-                   f"`dinoseek index {_shown(root)}` to embed them again")
+                   f"`dinoseek index {_root_arg(root)}` to embed them again")
     for problem in result.accepted:
         click.echo(f"accepted as lost: {_shown(problem)}", err=True)
     for problem in result.problems:
@@ -617,7 +631,7 @@ def undo(root, library_dir, url, journal, list_only, accept_missing):
                "copies gone for good")
         raise click.ClickException(f"{len(result.problems)} file(s) not restored, their quarantined copies left as "
                                    f"they are; journal {_shown(result.journal.name)} stays pending ({how}; older "
-                                   f"journals: `dinoseek undo --list`, then `--journal FILE`)")
+                                   f"journals: `dinoseek undo {_root_arg(root)} --list`, then `--journal FILE`)")
 
 
 def _list_journals(pending) -> None:
@@ -666,7 +680,7 @@ def calibrate(root, library_dir, url, model_name, weights, device, precision, sa
     if recommended is None:
         click.echo("no threshold reaches 99% precision on this sample")
     else:
-        click.echo(f"recommended: dinoseek dedup --threshold {recommended:.2f}")
+        click.echo(f"recommended: dinoseek dedup {_root_arg(root)} --threshold {recommended:.2f}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,15 +99,18 @@ def find_duplicates(
         groups = [(ids, 1.0) for ids in library.catalog.exact_hash_groups()]
     else:
         index = candidate_index(library, kind, block)
+        # Byte copies first, at similarity 1: their float16 vectors may score 0.9999 against each
+        # other, which a threshold of 1 would miss; complete_linkage keeps the first score of a pair.
+        exact = exact_pairs(library.catalog.exact_hash_groups())
         if crop_encoder is None:
             blocks = library.catalog.vector_blocks(kind, block)
-            groups = complete_linkage(range_pairs(index, blocks, threshold, nprobe))
+            groups = complete_linkage(itertools.chain(exact, range_pairs(index, blocks, threshold, nprobe)))
         else:
             from .rerank import rerank
 
             low = candidate_threshold if candidate_threshold is not None else max(0.0, threshold - 0.15)
             candidates = range_pairs(index, library.catalog.vector_blocks(kind, block), low, nprobe)
-            groups = complete_linkage(rerank(candidates, library, crop_encoder, threshold))
+            groups = complete_linkage(itertools.chain(exact, rerank(candidates, library, crop_encoder, threshold)))
     members = _members(library, [i for ids, _ in groups for i in ids])
     result = []
     for ids, lowest in groups:
@@ -120,9 +124,15 @@ def find_duplicates(
         if len(shielded) > 1:
             reason = f"{reason}; all {len(shielded)} copies in protected folders stay"
         exact = len({m.sha256 for m in group_members}) == 1
+        lowest = min(1.0, max(-1.0, lowest))  # float16 vectors: a cosine may round to 1.0001
         result.append(Group("exact" if exact else "near", group_members, 1.0 if exact else lowest, keeper, reason,
                             shielded))
     return result
+
+
+def exact_pairs(hash_groups: list[list[int]]) -> list[tuple[int, int, float]]:
+    """Every pair of rows with one sha256, at similarity 1.0 (identical bytes, whatever the vectors say)."""
+    return [(a, b, 1.0) for ids in hash_groups for a, b in itertools.combinations(sorted(ids), 2)]
 
 
 def candidate_index(library: Library, kind: str, block: int = DEDUP_BLOCK) -> VectorIndex:

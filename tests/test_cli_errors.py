@@ -47,15 +47,15 @@ def indexed(tmp_path, tiny_folder):
      "--library"),
     (NotIndexedError("no library at /p/.dinoseek", Path("/p")), "no library at /p/.dinoseek; run `dinoseek index /p` first"),
     (NeedsRepairError("the catalog in /p/.dinoseek needs an upgrade", Path("/p")),
-     "the catalog in /p/.dinoseek needs an upgrade; run `dinoseek verify --repair /p`"),
+     "the catalog in /p/.dinoseek needs an upgrade; run `dinoseek verify /p --repair`"),
     (NeedsRepairError("an embedded image has no usable vectors in the catalog"),
-     "an embedded image has no usable vectors in the catalog; run `dinoseek verify --repair`"),
+     "an embedded image has no usable vectors in the catalog; run `dinoseek verify . --repair`"),
     (SweepRefusedError("/p is empty but the library knows 3 files; is the disk mounted? Nothing was changed"),
      "/p is empty but the library knows 3 files; is the disk mounted? Nothing was changed; pass --allow-mass-delete "
      "if they really were removed"),
     (ActionError("stopped at b.jpg (Operation not supported); 1 files were set aside, journal j.jsonl records them"),
      "stopped at b.jpg (Operation not supported); 1 files were set aside, journal j.jsonl records them; "
-     "`dinoseek undo` restores them"),
+     "`dinoseek undo .` restores them"),
 ])
 def test_the_cli_adds_the_flags_that_fix_an_error(error, line):
     assert _message(error) == line

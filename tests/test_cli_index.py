@@ -60,7 +60,7 @@ def test_verify_fails_then_repairs(indexed):
     result = invoke("verify", root)
     assert result.exit_code == 1
     assert f"patch: {patch_file.name} is missing or fails its checksum" in result.output
-    assert result.output.rstrip().endswith("Error: 1 problem(s); run `dinoseek verify --repair`")
+    assert result.output.rstrip().endswith(f"Error: 1 problem(s); run `dinoseek verify {root} --repair`")
     assert json.loads(invoke("verify", root, "--json").output.splitlines()[0])["ok"] is False
     result = invoke("verify", root, "--repair")
     assert result.exit_code == 0, result.output

@@ -522,7 +522,7 @@ def test_hardlink_step_whose_quarantined_copy_was_deleted_is_reported(root):
         f"{gone.src} not restored: its quarantined copy {gone.dst} is missing (the link to the kept copy stays)",
         f"Error: 1 file(s) not restored, their quarantined copies left as they are; journal {result.journal.name} "
         f"stays pending (if those copies are gone for good, `--accept-missing` closes it without them; older "
-        f"journals: `dinoseek undo --list`, then `--journal FILE`)",
+        f"journals: `dinoseek undo {root} --list`, then `--journal FILE`)",
     ]
     assert os.path.samefile(gone.src, gone.keeper)  # the link is still there; the kept copy untouched
     assert "undone" not in result.journal.read_text()
@@ -581,7 +581,7 @@ def test_accept_missing_closes_the_journal_and_undo_moves_on(root):
         assert out.output.splitlines()[1:] == [lost, (
             f"Error: 1 file(s) not restored, their quarantined copies left as they are; journal {second.journal.name} "
             f"stays pending (if those copies are gone for good, `--accept-missing` closes it without them; older "
-            f"journals: `dinoseek undo --list`, then `--journal FILE`)")]
+            f"journals: `dinoseek undo {root} --list`, then `--journal FILE`)")]
     out = invoke("undo", root, "--accept-missing")
     assert out.exit_code == 0
     assert out.output.splitlines() == ["restored 0 files", f"accepted as lost: {lost}"]

@@ -282,7 +282,7 @@ def test_cli_with_a_fifo_or_dev_zero_as_index_file(tmp_path, library_template, t
     ])
     assert time.monotonic() - started < CHILD_SECONDS
     verify, similar, search, dedup, fifo, zero, embed, repair, after = results
-    assert verify == (1, "Error: 1 problem(s); run `dinoseek verify --repair`")
+    assert verify == (1, f"Error: 1 problem(s); run `dinoseek verify {root} --repair`")
     assert similar[0] == 0 and json.loads(similar[1])[0]["path"] != "p0.jpg"  # answered from the rebuilt index
     assert search[0] == 0 and json.loads(search[1])[0]["path"] == "p1.jpg"
     assert dedup[0] == 0 and "groups" in json.loads(dedup[1])

@@ -67,7 +67,7 @@ def brute_force(root, vector, kind, keep=lambda row: True):
     with Library.open(root) as library, library.catalog.session() as s:
         rows = [r for r in s.query(ImageRow).filter(ImageRow.status == EMBEDDED) if keep(r)]
     matrix = np.stack([np.frombuffer(getattr(r, kind), np.float16).astype(np.float32) for r in rows])
-    scores = matrix @ vector
+    scores = np.clip(matrix @ vector, -1, 1)  # shown scores are cosines: float16 rounding clipped
     order = np.argsort(-scores, kind="stable")
     return [(rows[i].id, float(scores[i])) for i in order]
 
