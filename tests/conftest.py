@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import warnings
 from pathlib import Path
 
@@ -131,3 +133,19 @@ def small_folder(tmp_path_factory) -> Path:
 def photos() -> list[Image.Image]:
     sizes = [(640, 480), (333, 517), (1024, 229), (225, 225), (401, 300), (259, 1001), (512, 512), (300, 257)]
     return [synthetic_photo(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail instead of hanging: SIGALRM interrupts a blocked open() or read()."""
+
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -13,14 +13,13 @@ import shutil
 import signal
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import hf_to_original, hub_state_dict, random_hf_model, save_hf, synthetic_photo
+from conftest import deadline, hf_to_original, hub_state_dict, random_hf_model, save_hf, synthetic_photo
 from safetensors.torch import load_file, save_file
 
 from indexer.store import build_index, check_factory
@@ -43,21 +42,6 @@ def assert_one_line_error(result, exit_code: int, message: str) -> None:
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and message in errors[0], result.output
 
-
-@contextmanager
-def deadline(seconds: int):
-    """Fail instead of hanging: SIGALRM interrupts a blocked open() or read()."""
-
-    def expire(*_):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")

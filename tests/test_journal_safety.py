@@ -6,7 +6,6 @@ The libraries here need no model: their catalogs are written directly (exact dup
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -34,6 +33,8 @@ from retrieval.actions import UndoIncomplete, apply, place, undo
 from retrieval.cli import _shown, main
 from retrieval.dedup import find_duplicates
 from retrieval.errors import JournalError
+
+from conftest import deadline
 
 
 # ---- a model-free library -------------------------------------------------------------------------
@@ -611,21 +612,6 @@ def test_accept_missing_does_not_close_over_a_copy_that_is_still_there(root):
 
 
 # ---- files that change or vanish while apply or undo runs ---------------------------------------------
-
-@contextlib.contextmanager
-def deadline(seconds: int):
-    """Fail instead of hanging: SIGALRM interrupts a blocked open() or read()."""
-
-    def expire(*_):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def swapped_for_a_fifo(monkeypatch, path: Path) -> None:
