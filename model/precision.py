@@ -24,20 +24,32 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-_DEVICE = re.compile(r"(cpu|cuda)(?::(\d{1,4}))?")
+_DEVICE = re.compile(r"(cpu|cuda|mps)(?::(\d{1,4}))?")
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """`cpu`, `cuda` or `cuda:N` (string or torch.device), checked against this machine.
+    """`auto`, `cpu`, `cuda`, `cuda:N` or `mps` (string or torch.device), checked against this machine.
 
-    The one place devices are validated: torch.device() itself raises a RuntimeError listing a
-    dozen backends for a typo, and accepts `cuda:7` on a machine with one GPU until first use.
+    The one place devices are resolved and validated: `auto` is CUDA where present, else Apple's
+    MPS, else the CPU. torch.device() itself raises a RuntimeError listing a dozen backends for a
+    typo, and accepts `cuda:7` on a machine with one GPU until first use.
     """
     text = str(device).strip()
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
     match = _DEVICE.fullmatch(text)
     if match is None:
-        raise PrecisionError(f"device {text!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
+        raise PrecisionError(f"device {text!r} is not supported; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     device_type, device_index = match.groups()
+    if device_type == "mps" and not _mps_available():
+        raise DeviceUnavailableError(f"device {text!r} requested but Apple MPS is not available")
     if device_type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceUnavailableError(f"device {text!r} requested but CUDA is not available")
@@ -49,12 +61,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> fp16 on CUDA; bf16 on CPUs with native bf16, else fp32. Other names are validated."""
+    """'auto' -> fp16 on CUDA; fp32 on MPS; bf16 on CPUs with native bf16, else fp32. Other names
+    are validated."""
     if precision not in PRECISIONS:
         raise PrecisionError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         if device.type == "cuda":
             return "fp16"
+        if device.type == "mps":  # bf16 needs macOS 14+ there; fp32 works everywhere
+            return "fp32"
         return "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise PrecisionUnsupportedError("bf16 needs an Ampere or newer GPU")

@@ -142,7 +142,8 @@ def model_options(func):
                      help="DINOv2 preset; its weights come from the Hugging Face cache."),
         click.option("--weights", type=click.Path(exists=True, path_type=Path),
                      help="Local weights instead: an HF folder, .safetensors or original .pth file."),
-        click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N]."),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto (CUDA, else Apple MPS, else cpu), cpu, cuda[:N] or mps."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
                      help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."),
     ]

@@ -123,7 +123,7 @@ def test_index_numbers_are_bounded(root, tiny_folder):
 @pytest.mark.parametrize("device", ["tpu", "cuda:x", "cuda:-1", "gpu0", "cpu cuda"])
 def test_unknown_device(root, tiny_folder, device):
     result = invoke("embed", "--weights", tiny_folder, "--device", device, root / "a/p0.jpg")
-    assert_one_line_error(result, 1, f"device {device!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
+    assert_one_line_error(result, 1, f"device {device!r} is not supported; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 
 
 def test_cuda_without_cuda(root, tiny_folder, monkeypatch):

@@ -67,11 +67,13 @@ def test_auto_precision_on_cpu():
 
 @pytest.mark.parametrize(
     "device,precision,message",
-    [("cpu", "fp8", "unknown precision"), ("cuda", "fp16", "CUDA is not available"), ("mps", "fp32", "not supported")],
+    [("cpu", "fp8", "unknown precision"), ("cuda", "fp16", "CUDA is not available"), ("mps", "fp32", "MPS is not available"), ("tpu", "fp32", "not supported")],
 )
 def test_unsupported_precision_or_device(device, precision, message):
     if device == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
     with pytest.raises(PrecisionError, match=message):
         Encoder(build_vit(_tiny_config()), device=device, precision=precision)
 
