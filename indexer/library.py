@@ -29,6 +29,16 @@ DEFAULT_FOLDER = ".dinoseek"
 IDENTITY = ("arch", "weights_sha256", "preprocess", "dim")
 
 
+def find_library_root(start: Path) -> Path | None:
+    """The nearest of `start` and its ancestors holding DEFAULT_FOLDER/catalog.sqlite, as git finds
+    `.git`: commands run anywhere inside a photo folder use its library. None where there is none."""
+    start = Path(start).resolve()
+    for folder in (start, *start.parents):
+        if (folder / DEFAULT_FOLDER / CATALOG_NAME).is_file():
+            return folder
+    return None
+
+
 def check_placement(root: Path, folder: Path) -> None:
     """The library folder may sit inside the photo folder (ROOT/.dinoseek, ROOT/lib: the scan skips
     it), but not be the photo folder itself: its quarantine would be indexed as photos again."""

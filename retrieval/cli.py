@@ -243,21 +243,53 @@ def embed(images, model_name, weights, device, precision, mode, size, out, as_js
         click.echo(f"wrote {len(images)} vectors of dim {encoder.dim} ({encoder.precision}) to {_shown(out)}")
 
 
-def library_options(func):
-    """ROOT plus --library/--url, shared by every command that opens a library."""
+def _found_root(name: str):
+    """A command whose ROOT (`name`, as the user types it) was omitted runs on the library found from
+    the current folder upwards, as git finds its repository; resolved before the command runs, so
+    hints name it. An explicit ROOT, --library or --url is used as given (ROOT then defaults to `.`)."""
+
+    def decorator(func):
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            if kwargs["root"] is None:
+                if kwargs["library_dir"] is not None or kwargs["url"] is not None:
+                    kwargs["root"] = Path(".")
+                else:
+                    from indexer.library import find_library_root
+
+                    here = Path.cwd()
+                    kwargs["root"] = find_library_root(here)
+                    if kwargs["root"] is None:
+                        raise click.ClickException(_shown(
+                            f"no library in {here} or any folder above it; pass {name} or run `dinoseek index`"))
+            return func(*args, **kwargs)
+
+        return wrapper
+
+    return decorator
+
+
+def library_options(func=None, *, find: bool = True):
+    """ROOT plus --library/--url, shared by every command that opens a library. Without ROOT, the
+    library is found from the current folder upwards; with find=False (`index`) it is the current folder."""
+    if func is None:
+        return functools.partial(library_options, find=find)
     options = [
-        click.argument("root", type=click.Path(file_okay=False, path_type=Path), default=".", required=False),
+        click.argument("root", type=click.Path(file_okay=False, path_type=Path), default=None if find else ".",
+                       required=False),
         click.option("--library", "library_dir", type=click.Path(file_okay=False, path_type=Path),
                      help="Library folder (default: ROOT/.dinoseek)."),
         click.option("--url", help="SQLAlchemy URL of the catalog instead of the library's SQLite file."),
     ]
+    if find:
+        func = _found_root("ROOT")(func)
     for option in reversed(options):
         func = option(func)
     return func
 
 
 @main.command()
-@library_options
+@library_options(find=False)
 @model_options
 @click.option("--workers", type=click.IntRange(0, 1024), default=None,
               help="Decoding processes (default: CPU cores - 1; 0 = in-process).")
@@ -432,8 +464,8 @@ def _print_hits(hits, as_json: bool) -> None:
 
 @main.command()
 @click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=".", show_default=True,
-              help="The indexed photo folder.")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path),
+              help="The indexed photo folder [default: the nearest folder with a library, from here upwards].")
 @click.option("--library", "library_dir", type=click.Path(file_okay=False, path_type=Path), help="Library folder.")
 @click.option("--url", help="SQLAlchemy URL of the catalog.")
 @model_options
@@ -442,6 +474,7 @@ def _print_hits(hits, as_json: bool) -> None:
               help="Which vectors to compare: global (cls), pooled patches, or their average.")
 @filter_options
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@_found_root("--root")
 @_translate_errors
 def search(image, root, library_dir, url, model_name, weights, device, precision, k, kind, as_json, **filters):
     """Find the photos in the library most similar to IMAGE (any file, indexed or not).
@@ -460,14 +493,15 @@ def search(image, root, library_dir, url, model_name, weights, device, precision
 
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=".", show_default=True,
-              help="The indexed photo folder.")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path),
+              help="The indexed photo folder [default: the nearest folder with a library, from here upwards].")
 @click.option("--library", "library_dir", type=click.Path(file_okay=False, path_type=Path), help="Library folder.")
 @click.option("--url", help="SQLAlchemy URL of the catalog.")
 @click.option("-k", "--top", "k", type=_TOP_K, default=10, show_default=True, help="Number of results.")
 @click.option("--kind", type=click.Choice(["cls", "patch", "both"]), default="cls", show_default=True)
 @filter_options
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@_found_root("--root")
 @_translate_errors
 def similar(path, root, library_dir, url, k, kind, as_json, **filters):
     """Find the photos most similar to PATH, an image already in the library (no model needed).

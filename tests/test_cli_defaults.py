@@ -55,3 +55,69 @@ def test_embed_runs_with_the_default_device(tmp_path, tiny_folder, monkeypatch):
     Image.new("RGB", (64, 48), (200, 10, 10)).save(image)
     result = invoke("embed", "--weights", tiny_folder, image)
     assert result.exit_code == 0, result.output
+
+
+# ---- the library found from the current folder upwards ------------------------------------------
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, tiny_folder):
+    """A library indexed with `index` and no ROOT, run from the photo folder."""
+    from test_retrieval import make_library_photos
+
+    root = tmp_path_factory.mktemp("lib") / "photos"
+    make_library_photos(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        result = invoke("index", "--weights", tiny_folder, "--precision", "fp32", "--workers", 0)
+    assert result.exit_code == 0, result.output
+    assert (root / ".dinoseek" / "catalog.sqlite").is_file()
+    return root
+
+
+def test_find_library_root(indexed, tmp_path):
+    from indexer.library import find_library_root
+
+    assert find_library_root(indexed / "a") == indexed.resolve()
+    assert find_library_root(indexed) == indexed.resolve()
+    assert find_library_root(tmp_path) is None
+
+
+def test_library_found_from_a_subfolder(indexed, monkeypatch):
+    from test_retrieval import THRESHOLD
+
+    nested = indexed / "a" / "deeper"
+    nested.mkdir(exist_ok=True)
+    monkeypatch.chdir(nested)
+    result = invoke("info")
+    assert result.exit_code == 0, result.output
+    assert f"for {indexed.resolve()}: 11 files" in result.output
+    result = invoke("similar", indexed / "a/p1.jpg", "-k", 2, "--folder", "b")
+    assert result.exit_code == 0 and result.output.splitlines()[0].endswith("b/p1-small.jpg"), result.output
+    result = invoke("dedup", "--threshold", THRESHOLD)
+    assert result.exit_code == 0 and "3 groups" in result.output, result.output
+
+
+def test_hints_name_the_found_root(indexed, monkeypatch):
+    monkeypatch.chdir(indexed / "b")
+    result = invoke("dedup", "--threshold", 0.98, "--action", "move", "--apply")
+    assert result.exit_code == 0, result.output
+    assert f"`dinoseek undo {indexed.resolve()}`" in result.output
+    result = invoke("undo")
+    assert result.exit_code == 0, result.output
+
+
+def test_no_library_above_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for args in (["info"], ["dedup"], ["verify"], ["undo"], ["similar", "x.jpg"]):
+        result = invoke(*args)
+        name = "--root" if args[0] == "similar" else "ROOT"
+        assert result.exit_code == 1 and result.output == (
+            f"Error: no library in {tmp_path.resolve()} or any folder above it; "
+            f"pass {name} or run `dinoseek index`\n"), result.output
+
+
+def test_explicit_root_is_used_as_given(indexed, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("info", indexed)
+    assert result.exit_code == 0 and "11 files" in result.output
+    result = invoke("info", "--library", indexed / ".dinoseek")
+    assert result.exit_code == 0 and "11 files" in result.output, result.output
