@@ -24,6 +24,7 @@ from indexer.catalog_gateway import Filters, parse_capture_time  # noqa: F401 - 
 from indexer.decode import DecodeError, load_pixels, read_image
 from indexer.errors import NotIndexedError
 from indexer.library import Library
+from indexer.paths import under_root
 from indexer.tuning import EXACT_FILTER_LIMIT, OVERFETCH
 from model import Embedder
 
@@ -146,11 +147,9 @@ class LibrarySearch:
         return row_id, self._normalized(vector[None], kind)[0]
 
     def _relative(self, path) -> bytes:
-        raw = os.fsencode(path)
+        raw = os.fsencode(under_root(self.library.root, path))
         root = os.fsencode(self.library.root)
-        if os.path.isabs(raw):
-            raw = os.path.relpath(os.path.realpath(raw) if os.path.exists(raw) else raw, root)
-        return os.path.normpath(raw)
+        return os.path.normpath(os.path.relpath(os.path.realpath(raw) if os.path.exists(raw) else raw, root))
 
     # ---- search -------------------------------------------------------------------------------
     def search(self, query, k: int = 10, kind: str = "cls", filters: Filters | None = None, **filter_args) -> list[Hit]:

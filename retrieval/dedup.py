@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from indexer.library import Library
+from indexer.paths import under_root
 from indexer.store import VectorIndex, ivf_lists, trained_ivf_flat, training_sample
 from indexer.tuning import DEDUP_BLOCK, DEDUP_NPROBE, EXACT_PAIRS_MAX
 from model import Embedder
@@ -49,11 +50,10 @@ class Group:
 
 
 def folder_prefix(root: Path, folder: str | bytes | os.PathLike, argument: str = "protected") -> bytes:
-    """A folder given on the command line (absolute, ./relative or relative to the root; "." is the
-    root) as the raw bytes of its path relative to the root (b"" for the root itself), so that
+    """A folder given on the command line (absolute, relative to the current folder or to the root,
+    see indexer.paths.under_root; "." is the root) as the raw bytes of its path relative to the root (b"" for the root itself), so that
     names that are not UTF-8 compare exactly with the catalog's raw paths."""
-    path = Path(os.fsdecode(folder)).expanduser()
-    absolute = path if path.is_absolute() else root / path
+    absolute = root if os.path.normpath(os.fsdecode(folder)) == "." else under_root(root, folder)
     try:
         relative = absolute.resolve().relative_to(root.resolve())
     except ValueError:

@@ -121,3 +121,24 @@ def test_explicit_root_is_used_as_given(indexed, tmp_path, monkeypatch):
     assert result.exit_code == 0 and "11 files" in result.output
     result = invoke("info", "--library", indexed / ".dinoseek")
     assert result.exit_code == 0 and "11 files" in result.output, result.output
+
+
+# ---- paths typed relative to the current folder -------------------------------------------------
+def test_paths_relative_to_the_current_folder(indexed, monkeypatch):
+    """`similar photos/a/p1.jpg --root photos` and `--protect ./photos/b` from the folder above the
+    photos read the paths from where the user is, as tab completion wrote them."""
+    from test_retrieval import THRESHOLD
+
+    monkeypatch.chdir(indexed.parent)
+    result = invoke("similar", "photos/a/p1.jpg", "--root", "photos", "-k", 1, "--folder", "b")
+    assert result.exit_code == 0 and result.output.splitlines()[0].endswith("b/p1-small.jpg"), result.output
+    protected = invoke("dedup", "photos", "--threshold", THRESHOLD, "--protect", "./photos/b", "--json")
+    assert protected.exit_code == 0, protected.output
+    import json
+
+    kept = {m["path"] for g in json.loads(protected.output)["groups"] for m in g["members"] if m["keep"]}
+    assert kept and all(path.startswith("b/") for path in kept)
+    monkeypatch.chdir(indexed / "b")  # inside the root, root-relative names still work
+    assert invoke("similar", "a/p1.jpg", "-k", 1).exit_code == 0
+    everything = invoke("dedup", "--threshold", THRESHOLD, "--in-folder", ".")
+    assert everything.exit_code == 0 and "3 groups" in everything.output, everything.output
