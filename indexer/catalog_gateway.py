@@ -152,6 +152,9 @@ class Catalog:
     def __init__(self, engine: Engine, catalog_file: Path | None = None) -> None:
         self.engine = engine
         self.catalog_file = catalog_file  # the SQLite file, for restore hints (None with --url)
+        # The manifest never changes once recorded: read and checked once, not on every `dim()` (which
+        # every block of vectors, batch write and search asks for).
+        self._manifest: dict | None = None
 
     def session(self) -> Session:
         """A session of its own, for tests and tools that inspect the catalog directly."""
@@ -164,6 +167,8 @@ class Catalog:
     def manifest(self) -> dict | None:
         """The library's model manifest; LibraryError if the catalog's copy was damaged (it carries
         its own sha256: a changed digit of the weights' hash or of `dim` must not pass silently)."""
+        if self._manifest is not None:
+            return dict(self._manifest)
         try:
             with self.session() as s:
                 row = s.get(ManifestRow, 1)
@@ -177,7 +182,8 @@ class Catalog:
         recorded = data.pop(MANIFEST_DIGEST, None)  # libraries made before it was recorded have none
         if recorded is not None and recorded != _digest(data):
             raise LibraryError(f"the model manifest in the catalog is damaged; {restore_hint(self.catalog_file)}")
-        return data
+        self._manifest = data
+        return dict(data)
 
     def record_manifest(self, manifest: dict) -> None:
         """Store the model manifest (with its own checksum) of a library that has none yet."""
