@@ -8,7 +8,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from test_retrieval import THRESHOLD, make_library_photos, tree_hashes
+from test_retrieval import THRESHOLD, index_with_cli, make_library_photos, tree_hashes
 
 from retrieval.cli import main
 
@@ -21,8 +21,7 @@ def invoke(*args):
 def root(tmp_path, tiny_folder):
     root = tmp_path / "photos"
     make_library_photos(root)
-    result = invoke("index", root, "--weights", tiny_folder, "--precision", "fp32", "--workers", 0)
-    assert result.exit_code == 0, result.output
+    index_with_cli(root, tiny_folder)
     return root
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_retrieval import THRESHOLD, make_library_photos, tree_hashes
+from test_retrieval import THRESHOLD, index_with_cli, make_library_photos, tree_hashes
 
 from indexer.errors import NeedsRepairError
 from indexer.library import Library
@@ -25,8 +25,7 @@ def build(root: Path, weights: Path) -> Path:
     make_library_photos(root)
     for name in ("p3-copy.jpg", "p3-copy2.jpg"):  # a byte copy three times over, in another folder
         shutil.copyfile(root / "a" / "p3.jpg", root / "b" / name)
-    result = invoke("index", root, "--weights", weights, "--precision", "fp32", "--workers", 0)
-    assert result.exit_code == 0, result.output
+    index_with_cli(root, weights)
     return root
 
 

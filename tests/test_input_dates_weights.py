@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import synthetic_photo
 from safetensors.torch import save_file
-from test_retrieval import make_library_photos
+from test_retrieval import index_with_cli, make_library_photos
 
 from indexer.errors import InvalidArgumentError
 from model import CheckpointError
@@ -34,8 +34,7 @@ def root(tmp_path_factory, tiny_folder):
     """make_library_photos indexed: photos captured 2020..2023, the 2023 ones a/p3.jpg (05-04) and b/p7.jpg (05-08)."""
     root = tmp_path_factory.mktemp("dates") / "photos"
     make_library_photos(root)
-    result = invoke("index", root, "--weights", tiny_folder, "--precision", "fp32", "--workers", 0)
-    assert result.exit_code == 0, result.output
+    index_with_cli(root, tiny_folder)
     return root
 
 

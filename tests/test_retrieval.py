@@ -49,6 +49,17 @@ def make_library_photos(root):
     (root / "b" / "p2-reencoded.jpg").write_bytes(_jpeg(photos[2], quality=60))
 
 
+def index_with_cli(root, weights) -> None:
+    """`dinoseek index ROOT` with the tiny test weights, in process; the run must succeed."""
+    from click.testing import CliRunner
+
+    from retrieval.cli import main
+
+    result = CliRunner().invoke(main, ["index", str(root), "--weights", str(weights), "--precision", "fp32",
+                                       "--workers", "0"])
+    assert result.exit_code == 0, result.output
+
+
 @pytest.fixture(scope="module")
 def encoder(tiny_folder):
     return Encoder.from_pretrained(tiny_folder, precision="fp32")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_retrieval import THRESHOLD, make_library_photos, tree_hashes
+from test_retrieval import THRESHOLD, index_with_cli, make_library_photos, tree_hashes
 
 from indexer.catalog import EMBEDDED, QUARANTINED
 from indexer.library import Library
@@ -28,8 +28,7 @@ def indexed(tmp_path_factory, tiny_folder):
     """One indexed library, copied for each test (indexing is the slow part)."""
     root = tmp_path_factory.mktemp("indexed") / "photos"
     make_library_photos(root)
-    result = invoke("index", root, "--weights", tiny_folder, "--precision", "fp32", "--workers", 0)
-    assert result.exit_code == 0, result.output
+    index_with_cli(root, tiny_folder)
     return root
 
 
@@ -54,8 +53,7 @@ def assert_verify_ok(root):
 
 
 def index(root, tiny_folder):
-    result = invoke("index", root, "--weights", tiny_folder, "--precision", "fp32", "--workers", 0)
-    assert result.exit_code == 0, result.output
+    index_with_cli(root, tiny_folder)
 
 
 def undo(root):
