@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from indexer.library import Library  # noqa: E402
-from retrieval.dedup import find_duplicates  # noqa: E402
+from dinoseek.indexer.library import Library  # noqa: E402
+from dinoseek.retrieval.dedup import find_duplicates  # noqa: E402
 from synthetic_library import build  # noqa: E402
 
 

@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import PRESETS, Encoder, load_weights  # noqa: E402
-from model.precision import apply_precision, compute_dtype, resolve_device, resolve_precision  # noqa: E402
-from model.quant import weight_bytes  # noqa: E402
+from dinoseek.model import PRESETS, Encoder, load_weights  # noqa: E402
+from dinoseek.model.precision import apply_precision, compute_dtype, resolve_device, resolve_precision  # noqa: E402
+from dinoseek.model.quant import weight_bytes  # noqa: E402
 
 HF_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

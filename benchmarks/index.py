@@ -58,9 +58,9 @@ def rate(count: int, seconds: float) -> float:
 def measure_decode(paths, workers: int) -> dict:
     from PIL import Image
 
-    from indexer.decode import load_pixels
-    from indexer.pipeline import Options, Task, _decoded
-    from model import Embedder, Embeddings, InputSpec
+    from dinoseek.indexer.decode import load_pixels
+    from dinoseek.indexer.pipeline import Options, Task, _decoded
+    from dinoseek.model import Embedder, Embeddings, InputSpec
 
     spec = InputSpec("crop", 224)
     sample = paths[: min(len(paths), 12)]
@@ -99,7 +99,7 @@ def measure_decode(paths, workers: int) -> dict:
 def measure_encoder(weights: Path, precision: str, batch: int, device: str, repeats: int = 4) -> float:
     import torch
 
-    from model import Encoder
+    from dinoseek.model import Encoder
 
     encoder = Encoder.from_pretrained(weights, precision=precision, device=device)
     pixels = torch.randn(batch, 3, 224, 224)
@@ -119,9 +119,9 @@ def end_to_end(root: Path, weights: Path, precision: str, workers: int, batch: i
 
 
 def child(root: str, weights: str, precision: str, workers: str, batch: str, device: str) -> None:
-    from indexer.library import Library
-    from indexer.pipeline import Options, run_index
-    from model import Encoder
+    from dinoseek.indexer.library import Library
+    from dinoseek.indexer.pipeline import Options, run_index
+    from dinoseek.model import Encoder
 
     encoder = Encoder.from_pretrained(weights, precision=precision, device=device)
     with Library.open(root, write=True, create=True) as library:

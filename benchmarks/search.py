@@ -26,9 +26,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from indexer.library import Library  # noqa: E402
-from indexer.store import VectorIndex  # noqa: E402
-from retrieval.api import LibrarySearch  # noqa: E402
+from dinoseek.indexer.library import Library  # noqa: E402
+from dinoseek.indexer.store import VectorIndex  # noqa: E402
+from dinoseek.retrieval.api import LibrarySearch  # noqa: E402
 from synthetic_library import build, synthetic_vectors  # noqa: E402
 
 
@@ -65,7 +65,7 @@ def main() -> None:
         exact = VectorIndex(flat, "Flat", "Flat", None, args.n)
         _, truth = exact.search(queries, 10)
         print(f"{'index':<18}{'mode':<14}{'raw faiss':>12}{'our API':>12}{'overhead':>10}{'QPS (API)':>11}{'recall@10':>11}{'MB':>8}")
-        from indexer.store import auto_factory, build_index
+        from dinoseek.indexer.store import auto_factory, build_index
 
         ivf_factory = auto_factory(args.n, args.dim) if "IVF" in auto_factory(args.n, args.dim) else "IVF1024,SQ8"
         ivf = auto if auto.factory == ivf_factory else build_index(ivf_factory, args.dim, vectors, ids, requested=ivf_factory)

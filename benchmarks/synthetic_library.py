@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import insert
 
-from indexer.catalog import EMBEDDED, ImageRow
-from indexer.library import Library
+from dinoseek.indexer.catalog import EMBEDDED, ImageRow
+from dinoseek.indexer.library import Library
 
 MANIFEST = {"arch": {"synthetic": True}, "weights_sha256": "synthetic", "preprocess": {"mode": "crop", "size": 224},
             "precision": "fp32", "dim": None}

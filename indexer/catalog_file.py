@@ -14,7 +14,7 @@ from sqlalchemy import URL, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError
 
-from model.files import open_regular
+from dinoseek.model.files import open_regular
 
 from .errors import LibraryError
 

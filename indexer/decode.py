@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from model.files import FileTooLargeError, NotRegularFileError, read_regular
-from model.preprocess import RESIZE_SHORT, InputSpec, to_rgb
+from dinoseek.model.files import FileTooLargeError, NotRegularFileError, read_regular
+from dinoseek.model.preprocess import RESIZE_SHORT, InputSpec, to_rgb
 
 from .errors import DecodeError
 from .paths import display_path  # noqa: F401 - its home before paths.py; callers import it from here

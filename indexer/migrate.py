@@ -22,7 +22,7 @@ def _config() -> Config:
     config = Config()
     # The installed `migrations` package, found by import rather than as a folder next to this
     # one: that layout holds in a source checkout only, not once installed (or renamespaced).
-    config.set_main_option("script_location", str(importlib.resources.files("migrations")))
+    config.set_main_option("script_location", str(importlib.resources.files("dinoseek.migrations")))
     return config
 
 

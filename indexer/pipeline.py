@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model import Embedder, InputSpec
+from dinoseek.model import Embedder, InputSpec
 
 from .catalog import EMBEDDED, TRANSIENT
 from .catalog_gateway import blob_from_vector

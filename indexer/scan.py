@@ -184,7 +184,7 @@ def _is_candidate(ext: bytes, full: bytes) -> bool:
         return True
     if ext:
         return False
-    from model.files import open_regular  # here: importing `model` loads torch, which planning does without
+    from dinoseek.model.files import open_regular  # here: importing `model` loads torch, which planning does without
 
     try:
         with open_regular(full) as f:  # a file swapped for a FIFO since the listing must not block

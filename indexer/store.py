@@ -19,7 +19,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from model.files import FileTooLargeError, NotRegularFileError, read_regular
+from dinoseek.model.files import FileTooLargeError, NotRegularFileError, read_regular
 
 from .errors import InvalidArgumentError
 from .tuning import (FLAT_FALLBACK_MAX, FLAT_LIMIT, MAX_PROBE_FRACTION, MIN_AUTO_RECALL, PQ_FROM, TARGET_RECALL,

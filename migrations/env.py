@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from indexer.catalog import Base
+from dinoseek.indexer.catalog import Base
 
 connection = context.config.attributes["connection"]
 # SQLite runs DDL inside transactions; Alembic assumes it does not unless told, and an interrupted

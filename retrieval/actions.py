@@ -21,10 +21,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from indexer.catalog import EMBEDDED, QUARANTINED
-from indexer.decode import printable
-from indexer.library import Library
-from model.files import NotRegularFileError, open_regular, sha256_file
+from dinoseek.indexer.catalog import EMBEDDED, QUARANTINED
+from dinoseek.indexer.decode import printable
+from dinoseek.indexer.library import Library
+from dinoseek.model.files import NotRegularFileError, open_regular, sha256_file
 
 from . import journal as journals_
 from .dedup import Group

@@ -1,6 +1,6 @@
 """Query API: similarity search over a library, with metadata filters.
 
-    from retrieval import open_library
+    from dinoseek.retrieval import open_library
     with open_library("~/Pictures", weights="./dinov2-small") as lib:
         for hit in lib.search("query.jpg", k=10, folder="2023/"):
             print(hit.score, hit.path)
@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from indexer.catalog import KINDS
-from indexer.catalog_gateway import Filters, parse_capture_time  # noqa: F401 - part of this API (search filters)
-from indexer.decode import DecodeError, load_pixels, read_image
-from indexer.errors import NotIndexedError
-from indexer.library import Library
-from indexer.paths import under_root
-from indexer.tuning import EXACT_FILTER_LIMIT, OVERFETCH
-from model import Embedder
+from dinoseek.indexer.catalog import KINDS
+from dinoseek.indexer.catalog_gateway import Filters, parse_capture_time  # noqa: F401 - part of this API (search filters)
+from dinoseek.indexer.decode import DecodeError, load_pixels, read_image
+from dinoseek.indexer.errors import NotIndexedError
+from dinoseek.indexer.library import Library
+from dinoseek.indexer.paths import under_root
+from dinoseek.indexer.tuning import EXACT_FILTER_LIMIT, OVERFETCH
+from dinoseek.model import Embedder
 
 from .errors import InvalidArgumentError, QueryError
 
@@ -261,7 +261,7 @@ def open_library(
     try:
         encoder = None
         if model or weights:
-            from model import encoder_for_library
+            from dinoseek.model import encoder_for_library
 
             encoder = encoder_for_library(library.manifest(), weights or model, device=device, precision=precision)
         return LibrarySearch(library, encoder, owns_library=True)  # closed with it

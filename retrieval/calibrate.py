@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from indexer.catalog_gateway import vectors_from_blobs
-from indexer.decode import DecodeError, read_image
-from indexer.library import Library
-from model import Embedder
+from dinoseek.indexer.catalog_gateway import vectors_from_blobs
+from dinoseek.indexer.decode import DecodeError, read_image
+from dinoseek.indexer.library import Library
+from dinoseek.model import Embedder
 
 from .errors import CalibrationError
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import click
 
-from indexer.decode import printable
-from indexer.errors import IndexerError, ModelMismatchError, NeedsRepairError, NotIndexedError, SweepRefusedError
-from model import (
+from dinoseek.indexer.decode import printable
+from dinoseek.indexer.errors import IndexerError, ModelMismatchError, NeedsRepairError, NotIndexedError, SweepRefusedError
+from dinoseek.model import (
     PRECISIONS,
     PRESETS,
     DeviceUnavailableError,
@@ -21,8 +21,8 @@ from model import (
     PrecisionUnsupportedError,
     WeightsNotFoundError,
 )
-from model.preprocess import MAX_SIZE, MIN_SIZE
-from retrieval.errors import ActionError, InvalidArgumentError, RetrievalError
+from dinoseek.model.preprocess import MAX_SIZE, MIN_SIZE
+from dinoseek.retrieval.errors import ActionError, InvalidArgumentError, RetrievalError
 
 # Every message and line built from file names is escaped by the one function the library uses too.
 _shown = printable
@@ -127,7 +127,7 @@ class _Date(click.ParamType):
     name = "date"
 
     def convert(self, value, param, ctx):
-        from indexer.catalog_gateway import parse_capture_time
+        from dinoseek.indexer.catalog_gateway import parse_capture_time
 
         try:
             return parse_capture_time(value)
@@ -214,8 +214,8 @@ def embed(images, model_name, weights, device, precision, mode, size, out, as_js
     """
     import numpy as np
 
-    from indexer.decode import DecodeError, load_pixels
-    from model import Encoder
+    from dinoseek.indexer.decode import DecodeError, load_pixels
+    from dinoseek.model import Encoder
 
     encoder = Encoder.from_pretrained(weights or model_name, device=device, precision=precision, mode=mode, size=size)
     pixels = []
@@ -255,7 +255,7 @@ def _found_root(name: str):
                 if kwargs["library_dir"] is not None or kwargs["url"] is not None:
                     kwargs["root"] = Path(".")
                 else:
-                    from indexer.library import find_library_root
+                    from dinoseek.indexer.library import find_library_root
 
                     here = Path.cwd()
                     kwargs["root"] = find_library_root(here)
@@ -317,10 +317,10 @@ def index(root, library_dir, url, model_name, weights, device, precision, worker
     """
     import time
 
-    from indexer.library import Library
-    from indexer.pipeline import Options, run_index
-    from indexer.store import check_factory
-    from model import check_settings, encoder_for_library, load_weights
+    from dinoseek.indexer.library import Library
+    from dinoseek.indexer.pipeline import Options, run_index
+    from dinoseek.indexer.store import check_factory
+    from dinoseek.model import check_settings, encoder_for_library, load_weights
 
     if not root.is_dir():
         raise click.ClickException(f"{_shown(root)} is not a folder (unmounted disk?)")
@@ -371,7 +371,7 @@ def info(root, library_dir, url, as_json):
     Example:
       dinoseek info ~/Pictures --json
     """
-    from indexer.library import Library
+    from dinoseek.indexer.library import Library
 
     with Library.open(root, folder=library_dir, url=url) as library:
         data = library.info()
@@ -406,7 +406,7 @@ def verify(root, library_dir, url, repair, as_json):
     Example:
       dinoseek verify ~/Pictures --repair
     """
-    from indexer.library import Library
+    from dinoseek.indexer.library import Library
 
     dropped = 0
     with Library.open(root, folder=library_dir, url=url, write=repair) as library:
@@ -448,7 +448,7 @@ def filter_options(func):
 
 
 def _filters(kwargs: dict):
-    from retrieval.api import Filters
+    from dinoseek.retrieval.api import Filters
 
     names = ("folder", "captured_after", "captured_before", "camera", "min_pixels", "min_bytes", "max_bytes")
     return Filters(**{n: kwargs.pop(n) for n in names})
@@ -483,7 +483,7 @@ def search(image, root, library_dir, url, model_name, weights, device, precision
     Example:
       dinoseek search query.jpg --root ~/Pictures --weights ./dinov2-small -k 20 --after 2023-01-01
     """
-    from retrieval.api import open_library
+    from dinoseek.retrieval.api import open_library
 
     with open_library(root, folder=library_dir, url=url, model=None if weights else model_name, weights=weights,
                       device=device, precision=precision) as lib:
@@ -510,7 +510,7 @@ def similar(path, root, library_dir, url, k, kind, as_json, **filters):
     Example:
       dinoseek similar ~/Pictures/2023/IMG_0042.jpg --root ~/Pictures --json
     """
-    from retrieval.api import open_library
+    from dinoseek.retrieval.api import open_library
 
     with open_library(root, folder=library_dir, url=url) as lib:
         hits = lib.similar(path, k=k, kind=kind, filters=_filters(filters))
@@ -560,10 +560,10 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, keep_order, prote
       dinoseek dedup ~/Pictures --report dups.html
       dinoseek dedup ~/Pictures --threshold 0.97 --protect originals --action move --apply
     """
-    from indexer.library import Library
-    from retrieval import actions
-    from retrieval.dedup import DEFAULT_THRESHOLD, find_duplicates
-    from retrieval.report import to_json, write_report
+    from dinoseek.indexer.library import Library
+    from dinoseek.retrieval import actions
+    from dinoseek.retrieval.dedup import DEFAULT_THRESHOLD, find_duplicates
+    from dinoseek.retrieval.report import to_json, write_report
 
     # `is None`, not `or`: a threshold the user typed is never swapped for the default.
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
@@ -576,7 +576,7 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, keep_order, prote
     with Library.open(root, folder=library_dir, url=url, write=do_apply) as library:
         crop_encoder = None
         if crops:
-            from model import encoder_for_library
+            from dinoseek.model import encoder_for_library
 
             crop_encoder = encoder_for_library(library.manifest(), weights or model_name, device=device,
                                                precision=precision)
@@ -637,8 +637,8 @@ def undo(root, library_dir, url, journal, list_only, accept_missing):
       dinoseek undo ~/Pictures --list
       dinoseek undo ~/Pictures --accept-missing
     """
-    from indexer.library import Library
-    from retrieval import actions
+    from dinoseek.indexer.library import Library
+    from dinoseek.retrieval import actions
 
     if list_only:
         with Library.open(root, folder=library_dir, url=url) as library:
@@ -695,9 +695,9 @@ def calibrate(root, library_dir, url, model_name, weights, device, precision, sa
     Example:
       dinoseek calibrate ~/Pictures --weights ./dinov2-small --sample 100
     """
-    from indexer.library import Library
-    from model import encoder_for_library
-    from retrieval.calibrate import calibrate as run
+    from dinoseek.indexer.library import Library
+    from dinoseek.model import encoder_for_library
+    from dinoseek.retrieval.calibrate import calibrate as run
 
     with Library.open(root, folder=library_dir, url=url) as library:
         encoder = encoder_for_library(library.manifest(), weights or model_name, device=device, precision=precision)

@@ -7,11 +7,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexer.library import Library
-from indexer.paths import under_root
-from indexer.store import VectorIndex, ivf_lists, trained_ivf_flat, training_sample
-from indexer.tuning import DEDUP_BLOCK, DEDUP_NPROBE, EXACT_PAIRS_MAX
-from model import Embedder
+from dinoseek.indexer.library import Library
+from dinoseek.indexer.paths import under_root
+from dinoseek.indexer.store import VectorIndex, ivf_lists, trained_ivf_flat, training_sample
+from dinoseek.indexer.tuning import DEDUP_BLOCK, DEDUP_NPROBE, EXACT_PAIRS_MAX
+from dinoseek.model import Embedder
 
 from .errors import InvalidArgumentError
 from .grouping import complete_linkage, range_pairs

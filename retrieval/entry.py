@@ -8,7 +8,7 @@ import sys
 
 def run() -> None:
     try:
-        from retrieval.cli import main
+        from dinoseek.retrieval.cli import main
     except KeyboardInterrupt:
         print("Aborted!", file=sys.stderr)
         sys.exit(130)

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexer.decode import printable
-from model.files import read_regular
+from dinoseek.indexer.decode import printable
+from dinoseek.model.files import read_regular
 
 from .errors import InvalidArgumentError, JournalError
 

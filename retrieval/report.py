@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from indexer.decode import DecodeError, read_image
+from dinoseek.indexer.decode import DecodeError, read_image
 
 from .dedup import Group
 from .errors import InvalidArgumentError

@@ -16,9 +16,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from indexer.decode import DecodeError, load_pixels
-from indexer.library import Library
-from model import Embedder
+from dinoseek.indexer.decode import DecodeError, load_pixels
+from dinoseek.indexer.library import Library
+from dinoseek.model import Embedder
 
 
 def chamfer(a: np.ndarray, b: np.ndarray) -> float:

@@ -8,11 +8,11 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.exc import NoResultFound
 
-import indexer.catalog_gateway as gateway
-from indexer.catalog import EMBEDDED, QUARANTINED, ImageRow, RunRow
-from indexer.catalog_gateway import Filters, chunks
-from indexer.errors import LibraryError
-from indexer.library import Library
+import dinoseek.indexer.catalog_gateway as gateway
+from dinoseek.indexer.catalog import EMBEDDED, QUARANTINED, ImageRow, RunRow
+from dinoseek.indexer.catalog_gateway import Filters, chunks
+from dinoseek.indexer.errors import LibraryError
+from dinoseek.indexer.library import Library
 
 DIM = 4
 MANIFEST = {"arch": {"test": True}, "weights_sha256": "0" * 64, "preprocess": {"mode": "crop", "size": 224},

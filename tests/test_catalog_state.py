@@ -23,15 +23,15 @@ from click.testing import CliRunner
 from conftest import synthetic_photo
 from sqlalchemy import update
 
-from indexer.catalog import EMBEDDED, QUARANTINED, ImageRow
-from indexer.errors import LibraryError, NeedsRepairError
-from indexer.library import Library
-from indexer.pipeline import Options, run_index
-from model import Encoder
-from retrieval.actions import apply, undo
-from retrieval.api import LibrarySearch
-from retrieval.cli import main
-from retrieval.dedup import find_duplicates
+from dinoseek.indexer.catalog import EMBEDDED, QUARANTINED, ImageRow
+from dinoseek.indexer.errors import LibraryError, NeedsRepairError
+from dinoseek.indexer.library import Library
+from dinoseek.indexer.pipeline import Options, run_index
+from dinoseek.model import Encoder
+from dinoseek.retrieval.actions import apply, undo
+from dinoseek.retrieval.api import LibrarySearch
+from dinoseek.retrieval.cli import main
+from dinoseek.retrieval.dedup import find_duplicates
 
 THRESHOLD = 0.98  # as in test_retrieval: a half-size copy is above it, distinct photos below
 

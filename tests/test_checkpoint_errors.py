@@ -9,7 +9,7 @@ import torch
 from conftest import hf_to_original, hub_state_dict, random_hf_model, save_hf
 from safetensors.torch import save_file
 
-from model import CheckpointError, ViTConfig, load_vit
+from dinoseek.model import CheckpointError, ViTConfig, load_vit
 
 
 @pytest.fixture(scope="module")

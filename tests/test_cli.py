@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import synthetic_photo
 
-from retrieval.cli import main
+from dinoseek.retrieval.cli import main
 
 
 @pytest.fixture

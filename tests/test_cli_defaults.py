@@ -6,8 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from model.precision import resolve_device, resolve_precision
-from retrieval.cli import main
+from dinoseek.model.precision import resolve_device, resolve_precision
+from dinoseek.retrieval.cli import main
 
 
 def invoke(*args):
@@ -39,7 +39,7 @@ def test_auto_device_prefers_cuda_then_mps(monkeypatch):
 
 
 def test_mps_requested_without_mps(monkeypatch):
-    from model.errors import DeviceUnavailableError
+    from dinoseek.model.errors import DeviceUnavailableError
 
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(DeviceUnavailableError, match="Apple MPS is not available"):
@@ -74,7 +74,7 @@ def indexed(tmp_path_factory, tiny_folder):
 
 
 def test_find_library_root(indexed, tmp_path):
-    from indexer.library import find_library_root
+    from dinoseek.indexer.library import find_library_root
 
     assert find_library_root(indexed / "a") == indexed.resolve()
     assert find_library_root(indexed) == indexed.resolve()

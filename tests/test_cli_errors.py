@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import synthetic_photo
 
-from indexer.errors import ModelMismatchError, NeedsRepairError, NotIndexedError, SweepRefusedError
-from model import DeviceUnavailableError, PrecisionUnsupportedError, WeightsNotFoundError
-from retrieval.cli import _message, main
-from retrieval.errors import ActionError
+from dinoseek.indexer.errors import ModelMismatchError, NeedsRepairError, NotIndexedError, SweepRefusedError
+from dinoseek.model import DeviceUnavailableError, PrecisionUnsupportedError, WeightsNotFoundError
+from dinoseek.retrieval.cli import _message, main
+from dinoseek.retrieval.errors import ActionError
 
 REPO = Path(__file__).resolve().parents[1]
 # A flag (`--weights`) or a command line (`dinoseek index ...`); "dinoseek catalog" is just the product's name.
@@ -62,12 +62,12 @@ def test_the_cli_adds_the_flags_that_fix_an_error(error, line):
 
 
 def test_a_plain_value_error_is_a_bug_with_a_traceback(indexed, monkeypatch):
-    import indexer.library
+    from dinoseek.indexer import library
 
     def broken(self):
         raise ValueError("operands could not be broadcast together")  # what numpy raises on a real bug
 
-    monkeypatch.setattr(indexer.library.Library, "info", broken)
+    monkeypatch.setattr(library.Library, "info", broken)
     result = invoke("info", indexed)
     assert isinstance(result.exception, ValueError)  # not swallowed into "Error: ..."
     assert "Error: operands" not in result.output

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from collection import make_collection
 from conftest import synthetic_photo
 
-from indexer.catalog import EMBEDDED, ImageRow
-from indexer.library import Library
-from retrieval.cli import main
+from dinoseek.indexer.catalog import EMBEDDED, ImageRow
+from dinoseek.indexer.library import Library
+from dinoseek.retrieval.cli import main
 
 
 def invoke(*args):
@@ -89,7 +89,7 @@ def test_sigkill_at_random_moments(tmp_path, tiny_folder):
     for i in range(160):
         synthetic_photo(360, 270, seed=1000 + i).save(root / "bulk" / f"{i:03d}.jpg" if (root / "bulk").exists()
                                                       else _mkdir(root / "bulk") / f"{i:03d}.jpg", quality=85)
-    command = [sys.executable, "-m", "retrieval.cli", "index", str(root), "--weights", str(tiny_folder),
+    command = [sys.executable, "-m", "dinoseek.retrieval.cli", "index", str(root), "--weights", str(tiny_folder),
                "--precision", "fp32", "--batch-size", "4", "--workers", "1", "--checkpoint-seconds", "0"]
     rng = np.random.default_rng(7)
     for number, delay in enumerate(sorted(rng.uniform(0.0, 4.0, 5))):

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from test_retrieval import THRESHOLD, index_with_cli, make_library_photos, tree_hashes
 
-from retrieval.cli import main
+from dinoseek.retrieval.cli import main
 
 
 def invoke(*args):
@@ -109,7 +109,7 @@ def test_end_to_end_subprocess(tmp_path, tiny_folder):
     before = tree_hashes(root)
 
     def run(*args):
-        out = subprocess.run([sys.executable, "-m", "retrieval.cli", *map(str, args)], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-m", "dinoseek.retrieval.cli", *map(str, args)], capture_output=True, text=True,
                              timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         return out.stdout
@@ -148,7 +148,7 @@ def test_sigkill_during_apply_then_undo_restores_every_byte(tmp_path, tiny_folde
         for i in range(6):
             (folder / f"p{i}.png").write_bytes((root / "orig" / f"p{i}.png").read_bytes())
     before = tree_hashes(root)
-    cli = [sys.executable, "-m", "retrieval.cli"]
+    cli = [sys.executable, "-m", "dinoseek.retrieval.cli"]
     subprocess.run([*cli, "index", str(root), "--weights", str(tiny_folder), "--precision", "fp32"], check=True,
                    capture_output=True, timeout=300)
     rng = np.random.default_rng(3)

@@ -8,7 +8,7 @@ from collection import make_collection
 from conftest import synthetic_photo
 from PIL import Image
 
-from indexer.decode import DecodeError, read_image, to_rgb
+from dinoseek.indexer.decode import DecodeError, read_image, to_rgb
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_float_and_int32_modes_scale_to_their_range():
 @pytest.mark.slow
 def test_draft_decoding_does_not_move_vectors(tmp_path, small_folder):
     """JPEG DCT downscaling before the resize: cosine >= 0.99 to a full decode (12 MP photos)."""
-    from model import Encoder, InputSpec
+    from dinoseek.model import Encoder, InputSpec
 
     encoder = Encoder.from_pretrained(small_folder, precision="fp32")
     for mode, size in (("crop", 224), ("full", 224)):

@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 from test_retrieval import THRESHOLD, index_with_cli, make_library_photos, tree_hashes
 
-from indexer.errors import NeedsRepairError
-from indexer.library import Library
-from retrieval.cli import _hint, main
-from retrieval.dedup import find_duplicates
-from retrieval.errors import ActionError
+from dinoseek.indexer.errors import NeedsRepairError
+from dinoseek.indexer.library import Library
+from dinoseek.retrieval.cli import _hint, main
+from dinoseek.retrieval.dedup import find_duplicates
+from dinoseek.retrieval.errors import ActionError
 
 
 def invoke(*args):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import random_hf_model, save_hf, synthetic_photo
 
-from model import Encoder, preprocess
+from dinoseek.model import Encoder, preprocess
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +80,8 @@ def test_bad_full_size_is_rejected_before_loading(tiny_folder):
 def test_fingerprint_comes_from_the_loader_or_the_tensors(tiny_folder):
     import hashlib
 
-    from model import build_vit, load_weights
-    from model.fingerprint import tensors_sha256
+    from dinoseek.model import build_vit, load_weights
+    from dinoseek.model.fingerprint import tensors_sha256
 
     files_sha = hashlib.sha256((tiny_folder / "model.safetensors").read_bytes()).hexdigest()
     assert Encoder.from_weights(load_weights(tiny_folder), precision="fp32").weights_sha256 == files_sha
@@ -99,7 +99,7 @@ def test_fingerprint_comes_from_the_loader_or_the_tensors(tiny_folder):
 
 
 def test_encoder_is_an_embedder(tiny_folder):
-    from model import Embedder
+    from dinoseek.model import Embedder
 
     encoder = Encoder.from_pretrained(tiny_folder, precision="fp32")
     assert isinstance(encoder, Embedder)

@@ -6,9 +6,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import synthetic_photo
 
-from model import InvalidArgumentError, encoder_for_library, load_weights
-from retrieval.api import open_library
-from retrieval.cli import main
+from dinoseek.model import InvalidArgumentError, encoder_for_library, load_weights
+from dinoseek.retrieval.api import open_library
+from dinoseek.retrieval.cli import main
 
 FULL = {"preprocess": {"mode": "full", "size": 112}}
 
@@ -63,18 +63,18 @@ def test_reindexing_with_another_mode_is_one_line(full_library):
 
 
 def test_every_command_uses_the_library_encoder(full_library, tiny_folder, monkeypatch):
-    import model.encoder
+    from dinoseek.model import encoder as encoder_module
 
     root, weights = full_library
     made = []
-    real = model.encoder.Encoder.from_weights.__func__
+    real = encoder_module.Encoder.from_weights.__func__
 
     def recording(cls, *args, **kwargs):
         encoder = real(cls, *args, **kwargs)
         made.append(encoder.input_spec.mode)
         return encoder
 
-    monkeypatch.setattr(model.encoder.Encoder, "from_weights", classmethod(recording))
+    monkeypatch.setattr(encoder_module.Encoder, "from_weights", classmethod(recording))
     with open_library(root, weights=tiny_folder, precision="fp32") as lib:
         assert lib.encoder.input_spec.mode == "full"
     cli = ["--weights", str(tiny_folder), "--precision", "fp32"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from indexer.store import build_index
-from retrieval.grouping import complete_linkage, range_pairs
+from dinoseek.indexer.store import build_index
+from dinoseek.retrieval.grouping import complete_linkage, range_pairs
 
 
 def test_chain_does_not_merge():

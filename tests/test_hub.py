@@ -8,8 +8,8 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-import model.hub
-from model import WeightsNotFoundError, load_vit
+from dinoseek.model import hub
+from dinoseek.model import WeightsNotFoundError, load_vit
 
 
 def fake_hub_cache(cache, repo: str, snapshot_source) -> None:
@@ -64,4 +64,4 @@ def test_download_failure_says_how_to_pass_a_file(hub_cache, monkeypatch):
 
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset"):
-        model.hub.resolve_preset("huge")
+        hub.resolve_preset("huge")

@@ -8,15 +8,15 @@ from click.testing import CliRunner
 from conftest import synthetic_photo
 from PIL import Image
 
-import indexer.decode
-from indexer.decode import load_pixels, read_image
-from indexer.library import Library
-from indexer.pipeline import Options, run_index
-from model import Encoder, InputSpec, preprocess
-from model.preprocess import normalize, to_rgb
-from retrieval.api import open_library
-from retrieval.cli import main
-from retrieval.rerank import patch_tokens
+from dinoseek.indexer import decode
+from dinoseek.indexer.decode import load_pixels, read_image
+from dinoseek.indexer.library import Library
+from dinoseek.indexer.pipeline import Options, run_index
+from dinoseek.model import Encoder, InputSpec, preprocess
+from dinoseek.model.preprocess import normalize, to_rgb
+from dinoseek.retrieval.api import open_library
+from dinoseek.retrieval.cli import main
+from dinoseek.retrieval.rerank import patch_tokens
 
 
 # ---- the spec ---------------------------------------------------------------------------------------
@@ -42,7 +42,7 @@ def test_spec_pixels_are_what_preprocess_normalizes():
 
 
 def test_one_to_rgb_and_it_scales_16_bit():
-    assert indexer.decode.to_rgb is to_rgb  # the decoder's and the reference-parity one are the same
+    assert decode.to_rgb is to_rgb  # the decoder's and the reference-parity one are the same
     grey16 = Image.fromarray((np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16))
     assert grey16.mode.startswith("I;16")
     scaled = Image.fromarray((np.linspace(0, 255, 64 * 64).reshape(64, 64) + 0.5).astype(np.uint8), "L")
@@ -114,7 +114,7 @@ def test_every_caller_hands_the_encoder_the_same_pixels(tiny_folder, tmp_path, m
 
 
 def test_calibrate_embeds_through_the_spec(tiny_folder, tmp_path, monkeypatch):
-    from retrieval.calibrate import calibrate
+    from dinoseek.retrieval.calibrate import calibrate
 
     root = tmp_path / "photos"
     root.mkdir()
@@ -124,7 +124,7 @@ def test_calibrate_embeds_through_the_spec(tiny_folder, tmp_path, monkeypatch):
     with Library.open(root, write=True, create=True) as library:
         run_index(library, encoder, Options(workers=0))
     sides, shapes = [], []
-    real_read, real_embed = indexer.decode.read_image, Encoder.embed_pixels
+    real_read, real_embed = decode.read_image, Encoder.embed_pixels
 
     def reading(path, *, min_side, **kwargs):
         sides.append(min_side)
@@ -134,7 +134,7 @@ def test_calibrate_embeds_through_the_spec(tiny_folder, tmp_path, monkeypatch):
         shapes.append(pixels.shape[1:])
         return real_embed(self, pixels, **kwargs)
 
-    monkeypatch.setattr("retrieval.calibrate.read_image", reading)
+    monkeypatch.setattr("dinoseek.retrieval.calibrate.read_image", reading)
     monkeypatch.setattr(Encoder, "embed_pixels", embedding)
     with Library.open(root) as library:
         _, _, used = calibrate(library, encoder, sample=3)

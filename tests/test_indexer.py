@@ -12,12 +12,12 @@ from conftest import synthetic_photo
 
 from sqlalchemy import update
 
-from indexer.catalog import EMBEDDED, ImageRow, IndexFileRow
-from indexer.errors import LibraryLockedError, ModelMismatchError, SweepRefusedError
-from indexer.library import Library
-from indexer.pipeline import Options, run_index
-from indexer.pipeline import _decode_task as _real_decode_task
-from model import Encoder
+from dinoseek.indexer.catalog import EMBEDDED, ImageRow, IndexFileRow
+from dinoseek.indexer.errors import LibraryLockedError, ModelMismatchError, SweepRefusedError
+from dinoseek.indexer.library import Library
+from dinoseek.indexer.pipeline import Options, run_index
+from dinoseek.indexer.pipeline import _decode_task as _real_decode_task
+from dinoseek.model import Encoder
 
 LINKED_OR_HIDDEN = {".hidden/secret.jpg"}
 
@@ -301,7 +301,7 @@ def test_hard_links_and_followed_symlinks(tmp_path, encoder):
 
 
 def test_root_missing(tmp_path, encoder):
-    from indexer.errors import LibraryError
+    from dinoseek.indexer.errors import LibraryError
 
     root = tmp_path / "photos"
     root.mkdir()
@@ -330,7 +330,7 @@ def _fragile_decode(root_bytes, task, *args):
 
 
 def test_a_dying_decode_worker_is_recorded_and_the_run_goes_on(collection, encoder, monkeypatch):
-    import indexer.pipeline as pipeline
+    import dinoseek.indexer.pipeline as pipeline
 
     root, expected = collection
     monkeypatch.setattr(pipeline, "_decode_task", _fragile_decode)
@@ -348,7 +348,7 @@ def test_a_dying_decode_worker_is_recorded_and_the_run_goes_on(collection, encod
 
 def test_unlistable_folder_keeps_its_rows_run_after_run(tmp_path, encoder, monkeypatch):
     """Permission denied on a folder (simulated, so it also holds when tests run as root)."""
-    import indexer.scan as scan_module
+    import dinoseek.indexer.scan as scan_module
 
     root = tmp_path / "photos"
     (root / "private").mkdir(parents=True)

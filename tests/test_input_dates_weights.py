@@ -16,11 +16,11 @@ from conftest import synthetic_photo
 from safetensors.torch import save_file
 from test_retrieval import index_with_cli, make_library_photos
 
-from indexer.errors import InvalidArgumentError
-from model import CheckpointError
-from model.checkpoint import read_checkpoint
-from retrieval.api import Filters, parse_capture_time
-from retrieval.cli import main
+from dinoseek.indexer.errors import InvalidArgumentError
+from dinoseek.model import CheckpointError
+from dinoseek.model.checkpoint import read_checkpoint
+from dinoseek.retrieval.api import Filters, parse_capture_time
+from dinoseek.retrieval.cli import main
 
 DATE_FORMS = "use YYYY-MM-DD, YYYY/MM/DD or YYYY-MM-DDTHH:MM[:SS]"
 
@@ -101,7 +101,7 @@ def test_cli_date_forms_filter(root):
 
 
 def test_api_date_forms_filter(root):
-    from retrieval.api import open_library
+    from dinoseek.retrieval.api import open_library
 
     with open_library(root) as lib:
         hits = lib.similar("a/p0.jpg", k=20, captured_after="2023/01/01")
@@ -172,7 +172,7 @@ def test_cli_weights_photo(root):
 # --- a reader that stops early -----------------------------------------------------------------
 
 def _dinoseek(*args):
-    return [sys.executable, "-m", "retrieval.cli", *map(str, args)]
+    return [sys.executable, "-m", "dinoseek.retrieval.cli", *map(str, args)]
 
 
 @pytest.mark.parametrize("args", [("dedup", "{root}", "--threshold", "0.5"),

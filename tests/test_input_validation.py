@@ -22,10 +22,10 @@ from click.testing import CliRunner
 from conftest import deadline, hf_to_original, hub_state_dict, random_hf_model, save_hf, synthetic_photo
 from safetensors.torch import load_file, save_file
 
-from indexer.store import build_index, check_factory
-from model import CheckpointError, PrecisionError, load_vit
-from model.precision import resolve_device
-from retrieval.cli import main
+from dinoseek.indexer.store import build_index, check_factory
+from dinoseek.model import CheckpointError, PrecisionError, load_vit
+from dinoseek.model.precision import resolve_device
+from dinoseek.retrieval.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -198,12 +198,12 @@ def test_usable_factories_work_at_every_size(factory):
 
 # ---- Ctrl-C --------------------------------------------------------------------------------------
 def test_ctrl_c_in_process_is_aborted_with_exit_130(root, tiny_folder, monkeypatch):
-    import indexer.pipeline
+    from dinoseek.indexer import pipeline
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(indexer.pipeline, "run_index", interrupted)
+    monkeypatch.setattr(pipeline, "run_index", interrupted)
     result = invoke("index", root, "--weights", tiny_folder, "--workers", 0)
     assert result.exit_code == 130 and result.output == "Aborted!\n"
 
@@ -214,7 +214,7 @@ def test_ctrl_c_during_index_is_one_line_and_the_library_stays_consistent(tmp_pa
     root.mkdir()
     for i in range(120):  # interrupted after 20: the rest takes long enough for the signal to land
         synthetic_photo(96, 72, seed=i).save(root / f"p{i:03d}.jpg", quality=85)
-    command = [sys.executable, "-m", "retrieval.cli", "index", root, "--weights", tiny_folder, "--precision", "fp32",
+    command = [sys.executable, "-m", "dinoseek.retrieval.cli", "index", root, "--weights", tiny_folder, "--precision", "fp32",
                "--batch-size", "2", "--checkpoint-seconds", "0"]
 
     def run(*extra):
@@ -237,10 +237,10 @@ def test_ctrl_c_during_index_is_one_line_and_the_library_stays_consistent(tmp_pa
 
     rerun = run("--workers", "0")
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    verify = subprocess.run([sys.executable, "-m", "retrieval.cli", "verify", str(root)], capture_output=True,
+    verify = subprocess.run([sys.executable, "-m", "dinoseek.retrieval.cli", "verify", str(root)], capture_output=True,
                             text=True, cwd=REPO, timeout=300)
     assert verify.returncode == 0 and "ok: catalog and indexes agree" in verify.stdout, verify.stdout + verify.stderr
-    info = json.loads(subprocess.run([sys.executable, "-m", "retrieval.cli", "info", str(root), "--json"],
+    info = json.loads(subprocess.run([sys.executable, "-m", "dinoseek.retrieval.cli", "info", str(root), "--json"],
                                      capture_output=True, text=True, cwd=REPO, timeout=300).stdout)
     assert info["counts"] == {"embedded": 120}
 
@@ -441,15 +441,15 @@ def test_ctrl_c_while_the_cli_is_still_importing(monkeypatch, capsys):
     import importlib.abc
     import sys
 
-    from retrieval.entry import run
+    from dinoseek.retrieval.entry import run
 
     class Interrupting(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name == "retrieval.cli":
+            if name == "dinoseek.retrieval.cli":
                 raise KeyboardInterrupt
             return None
 
-    monkeypatch.delitem(sys.modules, "retrieval.cli", raising=False)
+    monkeypatch.delitem(sys.modules, "dinoseek.retrieval.cli", raising=False)
     monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
     with pytest.raises(SystemExit) as exit_info:
         run()

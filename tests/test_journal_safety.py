@@ -23,16 +23,16 @@ import pytest
 from alembic import command
 from click.testing import CliRunner
 
-from indexer import migrate
-from indexer.catalog import EMBEDDED, QUARANTINED, ImageRow, JournalRow
-from indexer.decode import printable
-from indexer.library import Library
-from retrieval import actions
-from retrieval import journal as journal_module
-from retrieval.actions import UndoIncomplete, apply, place, undo
-from retrieval.cli import _shown, main
-from retrieval.dedup import find_duplicates
-from retrieval.errors import JournalError
+from dinoseek.indexer import migrate
+from dinoseek.indexer.catalog import EMBEDDED, QUARANTINED, ImageRow, JournalRow
+from dinoseek.indexer.decode import printable
+from dinoseek.indexer.library import Library
+from dinoseek.retrieval import actions
+from dinoseek.retrieval import journal as journal_module
+from dinoseek.retrieval.actions import UndoIncomplete, apply, place, undo
+from dinoseek.retrieval.cli import _shown, main
+from dinoseek.retrieval.dedup import find_duplicates
+from dinoseek.retrieval.errors import JournalError
 
 from conftest import deadline
 
@@ -798,7 +798,7 @@ def test_sigkill_during_undo_then_undo_again_restores_every_byte(tmp_path):
     journal = applied(root).journal
     quarantined = root / ".dinoseek/quarantine/b"
     assert len(os.listdir(quarantined)) == n
-    cli = [sys.executable, "-m", "retrieval.cli", "undo", str(root)]
+    cli = [sys.executable, "-m", "dinoseek.retrieval.cli", "undo", str(root)]
     started = time.monotonic()
     for target in sorted(random.Random(5).sample(range(20, n - 100), 3)):
         process = subprocess.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

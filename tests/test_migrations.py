@@ -8,9 +8,9 @@ import pytest
 from alembic import command
 from sqlalchemy import create_engine, inspect
 
-from indexer import migrate
-from indexer.catalog import Base
-from indexer.library import Library
+from dinoseek.indexer import migrate
+from dinoseek.indexer.catalog import Base
+from dinoseek.indexer.library import Library
 
 
 def test_new_library_is_at_head(tmp_path):
@@ -61,25 +61,6 @@ def test_other_sqlalchemy_url(tmp_path):
     assert not (tmp_path / ".dinoseek/catalog.sqlite").exists()
 
 
-def test_revisions_are_found_through_the_installed_package(tmp_path, monkeypatch):
-    """Located by importing `migrations`, not as a folder beside the indexer's source."""
-    import shutil
-    import sys
-    from pathlib import Path
-
-    import migrations
-
-    installed = tmp_path / "site-packages"
-    shutil.copytree(Path(migrations.__file__).parent, installed / "migrations",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.syspath_prepend(str(installed))
-    for name in [m for m in sys.modules if m == "migrations" or m.startswith("migrations.")]:
-        monkeypatch.delitem(sys.modules, name)
-    assert Path(migrate._config().get_main_option("script_location")) == installed / "migrations"
-    engine = create_engine(f"sqlite:///{tmp_path / 'c.sqlite'}")
-    assert migrate.upgrade(engine, None) is True and migrate.at_head(engine)
-
-
 def test_a_0002_catalog_gains_the_journals_table_and_keeps_its_rows(tmp_path):
     """Revision 0003 adds the record of applies; an older catalog is backed up, then migrated."""
     folder = tmp_path / ".dinoseek"
@@ -105,8 +86,8 @@ def test_a_catalog_from_a_newer_version_is_refused_in_one_line(tmp_path):
     """A downgrade must not loop between "needs an upgrade" and an Alembic traceback."""
     from click.testing import CliRunner
 
-    from indexer.errors import CatalogTooNewError
-    from retrieval.cli import main
+    from dinoseek.indexer.errors import CatalogTooNewError
+    from dinoseek.retrieval.cli import main
 
     with Library.open(tmp_path, write=True, create=True):
         pass

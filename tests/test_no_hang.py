@@ -24,14 +24,14 @@ from click.testing import CliRunner
 from conftest import synthetic_photo
 from PIL import Image
 
-from indexer.catalog import EMBEDDED, ImageRow
-from indexer.decode import MAX_FILE_BYTES, DecodeError, read_image
-from indexer.library import Library
-from indexer.pipeline import Options, run_index
-from indexer.pipeline import _decode_task as _real_decode_task
-from indexer.store import build_index, max_index_bytes, read_index
-from model import Encoder
-from retrieval.cli import main
+from dinoseek.indexer.catalog import EMBEDDED, ImageRow
+from dinoseek.indexer.decode import MAX_FILE_BYTES, DecodeError, read_image
+from dinoseek.indexer.library import Library
+from dinoseek.indexer.pipeline import Options, run_index
+from dinoseek.indexer.pipeline import _decode_task as _real_decode_task
+from dinoseek.indexer.store import build_index, max_index_bytes, read_index
+from dinoseek.model import Encoder
+from dinoseek.retrieval.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD_MEMORY = 4 << 30  # address space of the CLI child: far below what /dev/zero would take
@@ -92,7 +92,7 @@ def test_fifo_and_device_photos_are_unreadable_at_once(tmp_path):
 
 
 def test_oversized_photo_is_refused_unread(tmp_path, monkeypatch):
-    import indexer.decode as decode
+    import dinoseek.indexer.decode as decode
 
     path = tmp_path / "big.jpg"
     synthetic_photo(64, 48).save(path)
@@ -105,7 +105,7 @@ def test_oversized_photo_is_refused_unread(tmp_path, monkeypatch):
 
 def _swap_for_fifo_after_scan(monkeypatch, victim: Path):
     """The scan sees `victim` as a regular photo; then, before decoding, it becomes a FIFO."""
-    import indexer.pipeline as pipeline
+    import dinoseek.indexer.pipeline as pipeline
 
     real_scan = pipeline.scan
 
@@ -153,7 +153,7 @@ def _gone_or_zombie(pid: int) -> bool:
 
 
 def test_a_hung_decode_task_times_out_and_the_run_finishes(tmp_path, encoder, monkeypatch):
-    import indexer.pipeline as pipeline
+    import dinoseek.indexer.pipeline as pipeline
 
     root = photos(tmp_path / "photos", count=10)
     monkeypatch.setattr(pipeline, "_decode_task", _hanging_decode)
@@ -227,7 +227,7 @@ def library_template(tmp_path_factory, encoder):
 _CHILD = textwrap.dedent("""
     import json, sys
     from click.testing import CliRunner
-    from retrieval.cli import main
+    from dinoseek.retrieval.cli import main
     out = []
     for args in json.loads(sys.argv[1]):
         result = CliRunner().invoke(main, args)

@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import synthetic_photo
 
-from retrieval.cli import _shown, main
-from retrieval.dedup import Group
-from retrieval.keep import Member
-from retrieval.report import to_csv
+from dinoseek.retrieval.cli import _shown, main
+from dinoseek.retrieval.dedup import Group
+from dinoseek.retrieval.keep import Member
+from dinoseek.retrieval.report import to_csv
 
 # File names an attacker can leave in a photo folder (anything but "/" and NUL is allowed).
 FORGED_LINE = "x.jpg\nkeep c.jpg — forged.jpg"  # would print a plan line of its own
@@ -160,8 +160,8 @@ def test_embed_output_is_escaped(root, tiny_folder, tmp_path):
 def test_log_lines_are_escaped():
     import logging
 
-    from retrieval.cli import _LogFormatter
+    from dinoseek.retrieval.cli import _LogFormatter
 
-    record = logging.LogRecord("indexer.store", logging.WARNING, __file__, 1, "%s: not read", ("x\x1b[2J\n.faiss",), None)
+    record = logging.LogRecord("dinoseek.indexer.store", logging.WARNING, __file__, 1, "%s: not read", ("x\x1b[2J\n.faiss",), None)
     line = _LogFormatter("%(levelname)s %(name)s: %(message)s").format(record)
-    assert line == "WARNING indexer.store: x\\x1b[2J\\x0a.faiss: not read"
+    assert line == "WARNING dinoseek.indexer.store: x\\x1b[2J\\x0a.faiss: not read"

@@ -7,7 +7,7 @@ import torch
 from conftest import hf_to_original, hub_state_dict, random_hf_model, save_hf
 from safetensors.torch import save_file
 
-from model import load_vit
+from dinoseek.model import load_vit
 
 SIZES = [(224, 224), (196, 310), (98, 98)]  # native grid, non-square not a multiple of 14, no resampling
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from indexer.catalog import EMBEDDED, QUARANTINED, TRANSIENT
-from indexer.errors import LibraryError, SweepRefusedError
-from indexer.plan import MASS_DELETE_MIN, Task, make_plan, path_rank, sweep_decision
-from indexer.scan import ScanEntry, ScanProblem
+from dinoseek.indexer.catalog import EMBEDDED, QUARANTINED, TRANSIENT
+from dinoseek.indexer.errors import LibraryError, SweepRefusedError
+from dinoseek.indexer.plan import MASS_DELETE_MIN, Task, make_plan, path_rank, sweep_decision
+from dinoseek.indexer.scan import ScanEntry, ScanProblem
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def plan(catalog, items, *, retry=TRANSIENT, **kwargs):
 
 
 def test_import_needs_neither_torch_nor_faiss():
-    code = "import indexer.plan, sys; assert 'torch' not in sys.modules and 'faiss' not in sys.modules"
+    code = "import dinoseek.indexer.plan, sys; assert 'torch' not in sys.modules and 'faiss' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

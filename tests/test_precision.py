@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import synthetic_photo
 
-from model import Encoder, PrecisionError, build_vit, load_vit
-from model.quant import Int4Linear, Int8Linear, quantize_linears, weight_bytes
+from dinoseek.model import Encoder, PrecisionError, build_vit, load_vit
+from dinoseek.model.quant import Int4Linear, Int8Linear, quantize_linears, weight_bytes
 
 # Held-out photos: other seeds and sizes than the built-in int4 calibration set.
 PHOTOS = [synthetic_photo(300 + 37 * i, 260 + 23 * i, seed=500 + i) for i in range(6)]
@@ -59,7 +59,7 @@ def test_int4_group_size_falls_back_for_narrow_layers():
 
 
 def test_auto_precision_on_cpu():
-    from model.precision import cpu_has_native_bf16
+    from dinoseek.model.precision import cpu_has_native_bf16
 
     encoder = Encoder(build_vit(_tiny_config()), precision="auto")
     assert encoder.precision == ("bf16" if cpu_has_native_bf16() else "fp32")
@@ -87,6 +87,6 @@ def test_cuda_precisions_match_cpu_fp32(small_folder, fp32_vectors, precision):
 
 
 def _tiny_config():
-    from model import ViTConfig
+    from dinoseek.model import ViTConfig
 
     return ViTConfig(embed_dim=64, depth=1, num_heads=1, mlp_hidden=128, pos_grid=4)

@@ -8,8 +8,8 @@ import torch
 from conftest import synthetic_photo
 from PIL import Image
 
-from model import preprocess
-from model.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from dinoseek.model import preprocess
+from dinoseek.model.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_rejects_non_images():
 
 
 def test_batch_normalization_equals_per_image():
-    from model.preprocess import normalize, normalize_batch, resize_for_mode
+    from dinoseek.model.preprocess import normalize, normalize_batch, resize_for_mode
 
     arrays = np.stack([np.asarray(resize_for_mode(synthetic_photo(300, 280, seed=i), "crop", 224)) for i in range(3)])
     expected = np.stack([normalize(a) for a in arrays])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import PRESETS, build_vit
-from model.checkpoint import check_compatible, config_from_hf, convert_state_dict, drop_unused
+from dinoseek.model import PRESETS, build_vit
+from dinoseek.model.checkpoint import check_compatible, config_from_hf, convert_state_dict, drop_unused
 
 # config.json values of the facebook/dinov2-* and facebook/dinov2-with-registers-* Hub repos.
 OFFICIAL = {

@@ -13,16 +13,16 @@ from conftest import synthetic_photo
 from PIL import Image
 from sqlalchemy import delete
 
-from indexer.catalog import EMBEDDED, ImageRow
-from indexer.library import Library
-from indexer.pipeline import Options, run_index
-from model import Encoder
-from retrieval import QueryError
-from retrieval.actions import apply, undo
-from retrieval.api import Filters, LibrarySearch
-from retrieval.dedup import find_duplicates
-from retrieval.errors import JournalError
-from retrieval.report import to_csv, to_html, to_json
+from dinoseek.indexer.catalog import EMBEDDED, ImageRow
+from dinoseek.indexer.library import Library
+from dinoseek.indexer.pipeline import Options, run_index
+from dinoseek.model import Encoder
+from dinoseek.retrieval import QueryError
+from dinoseek.retrieval.actions import apply, undo
+from dinoseek.retrieval.api import Filters, LibrarySearch
+from dinoseek.retrieval.dedup import find_duplicates
+from dinoseek.retrieval.errors import JournalError
+from dinoseek.retrieval.report import to_csv, to_html, to_json
 
 THRESHOLD = 0.98  # random-weight test model: distinct photos stay below ~0.96, edited copies above 0.99
 
@@ -53,7 +53,7 @@ def index_with_cli(root, weights) -> None:
     """`dinoseek index ROOT` with the tiny test weights, in process; the run must succeed."""
     from click.testing import CliRunner
 
-    from retrieval.cli import main
+    from dinoseek.retrieval.cli import main
 
     result = CliRunner().invoke(main, ["index", str(root), "--weights", str(weights), "--precision", "fp32",
                                        "--workers", "0"])
@@ -302,7 +302,7 @@ def test_crops_group_only_with_patch_token_reranking(tmp_path, small_folder):
 
 
 def test_large_exact_libraries_find_pairs_through_a_temporary_ivf(library_root, monkeypatch):
-    import retrieval.dedup as dedup
+    import dinoseek.retrieval.dedup as dedup
 
     with Library.open(library_root) as library:
         exact = find_duplicates(library, threshold=THRESHOLD)
@@ -316,8 +316,8 @@ def test_large_exact_libraries_find_pairs_through_a_temporary_ivf(library_root, 
 
 
 def test_a_search_closes_only_the_library_it_owns(library_root, monkeypatch):
-    from indexer.errors import LibraryLockedError
-    from retrieval.api import open_library
+    from dinoseek.indexer.errors import LibraryLockedError
+    from dinoseek.retrieval.api import open_library
 
     with Library.open(library_root, write=True) as library:
         with LibrarySearch(library) as lib:  # handed a library: the caller's to close
@@ -334,7 +334,7 @@ def test_a_search_closes_only_the_library_it_owns(library_root, monkeypatch):
 
 
 def test_large_filtered_sets_go_through_a_faiss_id_selector(library_root, encoder, monkeypatch):
-    import retrieval.api as api
+    import dinoseek.retrieval.api as api
 
     vector = encoder.embed([synthetic_photo(300, 300, seed=11)]).cls[0]
     monkeypatch.setattr(api, "EXACT_FILTER_LIMIT", 0)  # force the FAISS path
@@ -370,7 +370,7 @@ def test_hard_links_to_the_keeper_are_not_duplicates_to_free(library_root):
 
 
 def test_failed_link_puts_the_file_back(library_root, monkeypatch):
-    import retrieval.actions as actions
+    import dinoseek.retrieval.actions as actions
 
     def no_links(*args):
         raise OSError(95, "Operation not supported")

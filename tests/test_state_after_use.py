@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 from test_retrieval import THRESHOLD, index_with_cli, make_library_photos, tree_hashes
 
-from indexer.catalog import EMBEDDED, QUARANTINED
-from indexer.library import Library
-from retrieval.cli import main
+from dinoseek.indexer.catalog import EMBEDDED, QUARANTINED
+from dinoseek.indexer.library import Library
+from dinoseek.retrieval.cli import main
 
 ACTIONS = ["move", "hardlink", "symlink"]
 
@@ -147,7 +147,7 @@ def test_undo_still_recognises_an_absolute_link_of_an_older_apply(root):
 
 
 def test_scan_reports_only_set_aside_symlinks():
-    from indexer.scan import ScanProblem, scan
+    from dinoseek.indexer.scan import ScanProblem, scan
 
     import tempfile
     with tempfile.TemporaryDirectory() as folder:

@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from indexer.store import (TRAIN_PER_LIST, auto_factory, build_index, read_index, remove_temp_files, trained_ivf_flat,
+from dinoseek.indexer.store import (TRAIN_PER_LIST, auto_factory, build_index, read_index, remove_temp_files, trained_ivf_flat,
                            training_sample, write_atomic)
 
 
