@@ -168,8 +168,19 @@ class _LogFormatter(logging.Formatter):
         return _shown(super().formatMessage(record))
 
 
+def _verbose_after_command(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        logging.getLogger().setLevel(logging.INFO)
+
+
 class _Group(click.Group):
     """The `dinoseek` group: the one place every command's errors pass through on their way out."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        # `dinoseek index ROOT -v` works as well as `dinoseek -v index ROOT`.
+        cmd.params.append(click.Option(["-v", "--verbose"], is_flag=True, expose_value=False,
+                                       callback=_verbose_after_command, help="Log progress to stderr."))
+        super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context):
         try:

@@ -142,3 +142,19 @@ def test_paths_relative_to_the_current_folder(indexed, monkeypatch):
     assert invoke("similar", "a/p1.jpg", "-k", 1).exit_code == 0
     everything = invoke("dedup", "--threshold", THRESHOLD, "--in-folder", ".")
     assert everything.exit_code == 0 and "3 groups" in everything.output, everything.output
+
+
+# ---- -v after the subcommand ---------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["index", "search", "dedup", "undo", "info", "verify", "embed"])
+def test_verbose_is_accepted_after_every_subcommand(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0 and "-v, --verbose" in result.output
+
+
+def test_verbose_after_the_subcommand_turns_on_progress_logging(tmp_path, monkeypatch):
+    import logging
+
+    root_logger = logging.getLogger()
+    monkeypatch.setattr(root_logger, "level", logging.WARNING)
+    invoke("info", tmp_path, "-v")  # no library here: the error does not matter, the flag does
+    assert root_logger.level == logging.INFO
