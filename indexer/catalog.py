@@ -106,3 +106,5 @@ class JournalRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     undone_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     note: Mapped[str | None] = mapped_column(Text)  # files undo could not restore and the user accepted
+    # `dinoseek purge` deleted the quarantined copies (revision 0004): undo refuses, `undo --list` says so
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -334,9 +334,10 @@ class Catalog:
             s.add(JournalRow(name=name, root=root, quarantine=quarantine, action=action))
 
     def journal_records(self) -> dict[str, tuple[bytes, bytes, str, object]]:
-        """name -> (root, quarantine, action, undone_at) of every apply recorded."""
+        """name -> (root, quarantine, action, undone_at, purged_at) of every apply recorded."""
         with self.session() as s:
-            return {r.name: (r.root, r.quarantine, r.action, r.undone_at) for r in s.scalars(select(JournalRow))}
+            return {r.name: (r.root, r.quarantine, r.action, r.undone_at, r.purged_at)
+                    for r in s.scalars(select(JournalRow))}
 
     def close_journal(self, name: str, root: bytes, quarantine: bytes, action: str,
                       given_up: dict[bytes, str]) -> None:
@@ -352,6 +353,30 @@ class Catalog:
             for path, why in given_up.items():
                 s.execute(update(ImageRow).where(ImageRow.path == path, ImageRow.status == QUARANTINED)
                           .values(reason=f"not restored by undo, accepted as lost: {why}"))
+
+    def journal_applied_at(self) -> dict[str, datetime]:
+        """name -> when the catalog recorded the apply (UTC), for `purge --older-than`."""
+        with self.session() as s:
+            return {name: at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+                    for name, at in s.execute(select(JournalRow.name, JournalRow.created_at))}
+
+    def purge_journal(self, name: str, root: bytes, quarantine: bytes, action: str,
+                      set_aside: list[tuple[bytes, str]]) -> int:
+        """Mark a journal purged (revision 0004; one written before 0003 gets its row now) and, in the
+        same transaction, delete the rows it set aside: each (raw relative path, sha256) only while
+        that row is still quarantined with those bytes, so a photo put back or replaced since keeps
+        its row. Returns how many rows were deleted."""
+        deleted = 0
+        with self.session() as s, s.begin():
+            row = s.get(JournalRow, name)
+            if row is None:
+                row = JournalRow(name=name, root=root, quarantine=quarantine, action=action)
+                s.add(row)
+            row.purged_at = utcnow()
+            for path, sha256 in set_aside:
+                deleted += s.execute(delete(ImageRow).where(ImageRow.path == path, ImageRow.sha256 == sha256,
+                                                            ImageRow.status == QUARANTINED)).rowcount
+        return deleted
 
     def delete_rows(self, ids: Iterable[int]) -> None:
         with self.session() as s, s.begin():

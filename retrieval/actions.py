@@ -1,12 +1,21 @@
 """Acting on duplicate groups safely: plan, journal every step before it happens, apply, undo.
 
-Nothing is ever deleted. `move` puts a duplicate into the quarantine folder (relative path kept);
+Nothing is ever deleted here (only `dinoseek purge`, retrieval.purge, empties the quarantine on
+purpose). `move` puts a duplicate into the quarantine folder (relative path kept);
 `hardlink` / `symlink` do the same and then leave a link to the kept copy at the old path. Every
 apply is recorded in the catalog, and every step is written (and fsynced) to a journal, with its
 final destination, before it happens and marked done after, so `undo` can restore the files byte
 for byte even after a crash mid-step. Undo trusts no journal: it checks all of it first against
 itself (retrieval.journal) and against the catalog, then only ever moves bytes between this
 library's photo folder and its recorded quarantine, after checking them.
+
+Sidecars (retrieval.sidecars: XMP, AAE, a same-stem RAW, a Live Photo's MOV) travel with a moved
+photo: each is its own journaled step (with its sha256, `sidecar_of` the photo's step), set aside
+right after its photo and restored by undo under the same checks. With `hardlink` / `symlink` they
+stay where they are, beside the link: the link stands in for the photo at its old path, so the
+edits in its XMP, its Live Photo video and its RAW stay paired by name with what is shown there,
+and nothing about them changes (nothing to undo). A sidecar of a *removed* duplicate describes that
+copy, not the kept one, so it is never merged into or swapped for the kept copy's sidecars.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from . import journal as journals_
 from .dedup import Group
 from .errors import ActionError, InvalidArgumentError, JournalError
 from .journal import Intent, Journal, JournalWriter, check_quarantine
+from .sidecars import sidecars_of
 
 ACTIONS = ("report", "move", "hardlink", "symlink")
 PAST = {"move": "moved", "hardlink": "hard-linked", "symlink": "symlinked"}
@@ -71,15 +81,18 @@ class ApplyResult:
     done: list[Step] = field(default_factory=list)
     skipped: list[tuple[Group, str]] = field(default_factory=list)  # group, why
     skipped_files: list[tuple[Path, str]] = field(default_factory=list)  # one duplicate, why (its group went on)
+    sidecars: list[tuple[Path, Path]] = field(default_factory=list)  # (sidecar, where it went) moved with a photo
+    sidecars_left: list[tuple[Path, str]] = field(default_factory=list)  # a sidecar left beside its moved photo, why
 
 
 @dataclass
 class UndoResult:
-    restored: list[str]
+    restored: list[str]  # photos
     not_in_catalog: int  # restored files whose rows an index run dropped meanwhile: re-index them
     problems: list[str] = field(default_factory=list)  # one line per file not restored (left in quarantine)
     journal: Path | None = None
     accepted: list[str] = field(default_factory=list)  # files given up on (accept_missing): their copies are gone
+    sidecars: list[str] = field(default_factory=list)  # sidecars restored beside their photos
 
 
 class UndoIncomplete(JournalError):
@@ -259,6 +272,14 @@ def links_to(link: Path, keeper: Path) -> bool:
 
 # ---- apply ----------------------------------------------------------------------------------------
 
+def planned_sidecars(library: Library, group: Group, action: str) -> dict[bytes, list[Path]]:
+    """For a dry run: raw path of each duplicate -> the sidecars that would move with it (only
+    `move` moves sidecars; links leave them beside the link)."""
+    if action != "move":
+        return {}
+    return {m.raw_path: sidecars_of(library.root / os.fsdecode(m.raw_path)) for m in group.others}
+
+
 class _NotMoved(Exception):
     """A duplicate changed or vanished just before its move: nothing moved, the apply goes on."""
 
@@ -310,6 +331,8 @@ def _apply_group(library: Library, group: Group, action: str, quarantine: Path, 
         if not os.path.isfile(keeper):  # paranoia: the copy that stays must still be there
             result.skipped.append((group, f"{printable(keeper)} vanished during the apply"))
             return
+        # Listed before the photo moves: what is beside it now is what belongs with it.
+        companions = sidecars_of(src) if action == "move" else []
         step_no = log.new_step()
         try:
             final = _move_journaled(log, step_no, action, src, quarantine / os.fsdecode(member.raw_path),
@@ -325,6 +348,32 @@ def _apply_group(library: Library, group: Group, action: str, quarantine: Path, 
         library.catalog.set_status(member.id, QUARANTINED, f"dedup {action}: bytes in {printable(final)}")
         log.write({"type": "done", "step": step_no})
         result.done.append(Step(action, src, final, keeper, member.sha256, member.size, member.id))
+        for sidecar in companions:
+            _move_sidecar(log, step_no, sidecar, final.parent / sidecar.name, keeper, member, result)
+
+
+def _move_sidecar(log: JournalWriter, photo_step: int, sidecar: Path, wanted: Path, keeper: Path, member,
+                  result: ApplyResult) -> None:
+    """One sidecar step, journaled like a photo's: hashed now (it has no catalog row), moved only if
+    still those bytes. One that changes or vanishes meanwhile stays where it is and is reported."""
+    try:
+        sha256, st = fingerprint(sidecar)
+    except OSError as e:
+        result.sidecars_left.append((sidecar, f"cannot be read ({e.strerror or e}): left where it is"))
+        return
+    step_no = log.new_step()
+    record = {"type": "intent", "step": step_no, "op": "move", "src": os.fsdecode(sidecar), "keeper": os.fsdecode(keeper),
+              "sha256": sha256, "size": st.st_size, "row_id": member.id, "sidecar_of": photo_step}
+    try:
+        final = _place_journaled(log, step_no, record, sidecar, wanted, st, sha256)
+    except _NotMoved as e:
+        result.sidecars_left.append((sidecar, str(e)))
+        return
+    except OSError as e:
+        raise ActionError(f"stopped at {printable(sidecar)} ({e.strerror or e}); {len(result.done)} files were set "
+                          f"aside, journal {printable(log.path)} records them") from e
+    log.write({"type": "done", "step": step_no})
+    result.sidecars.append((sidecar, final))
 
 
 def _check_group(keeper: Path, group: Group, others, action: str) -> dict[Path, os.stat_result] | str:
@@ -352,19 +401,10 @@ def _move_journaled(log: JournalWriter, step_no: int, action: str, src: Path, wa
                     kept: os.stat_result, st: os.stat_result) -> Path:
     """One step: intent (with the final name) -> move -> link. Returns where the bytes went; the
     caller marks it done. _NotMoved if src changed or vanished since it was checked."""
-    while True:
-        final = free_name(wanted)
-        log.write({"type": "intent", "step": step_no, "op": action, "src": os.fsdecode(src), "dst": os.fsdecode(final),
-                   "keeper": os.fsdecode(keeper), "keeper_id": [kept.st_dev, kept.st_ino], "sha256": member.sha256,
-                   "size": member.size, "row_id": member.id})
-        try:
-            place(src, final, expect=st, sha256=member.sha256)
-            break
-        except FileExistsError:
-            continue  # the name was taken meanwhile: a new intent names the next free one
-        except _VANISHED as e:
-            log.write({"type": "rolled-back", "step": step_no})
-            raise _NotMoved(f"changed or vanished during the apply ({e.strerror or e}): left where it is") from e
+    record = {"type": "intent", "step": step_no, "op": action, "src": os.fsdecode(src), "keeper": os.fsdecode(keeper),
+              "keeper_id": [kept.st_dev, kept.st_ino], "sha256": member.sha256, "size": member.size,
+              "row_id": member.id}
+    final = _place_journaled(log, step_no, record, src, wanted, st, member.sha256)
     try:
         if action == "hardlink":
             os.link(keeper, src, follow_symlinks=False)
@@ -379,6 +419,23 @@ def _move_journaled(log: JournalWriter, step_no: int, action: str, src: Path, wa
     return final
 
 
+def _place_journaled(log: JournalWriter, step_no: int, record: dict, src: Path, wanted: Path, st: os.stat_result,
+                     sha256: str) -> Path:
+    """Intent (with the final name) -> move. Returns where the bytes went; _NotMoved (after a
+    rolled-back record) if src changed or vanished since it was checked."""
+    while True:
+        final = free_name(wanted)
+        log.write({**record, "dst": os.fsdecode(final)})
+        try:
+            place(src, final, expect=st, sha256=sha256)
+            return final
+        except FileExistsError:
+            continue  # the name was taken meanwhile: a new intent names the next free one
+        except _VANISHED as e:
+            log.write({"type": "rolled-back", "step": step_no})
+            raise _NotMoved(f"changed or vanished during the apply ({e.strerror or e}): left where it is") from e
+
+
 # ---- undo -----------------------------------------------------------------------------------------
 
 def journals(library: Library) -> list[Path]:
@@ -386,8 +443,29 @@ def journals(library: Library) -> list[Path]:
 
 
 def pending_journals(library: Library) -> list:
-    """Journals not yet undone, oldest first (see retrieval.journal.pending)."""
+    """Journals not yet undone nor purged, oldest first (see retrieval.journal.pending)."""
     return journals_.pending(library.folder, _undone_names(library.catalog.journal_records()))
+
+
+def listed_journals(library: Library) -> list:
+    """What `undo --list` shows, oldest first: the pending journals, and the purged ones (their
+    `purged` set from the catalog too, which outranks the file) so the user sees why those cannot
+    be undone."""
+    rows = library.catalog.journal_records()
+    purged = []
+    for path in journals_.all_journals(library.folder):
+        row = rows.get(path.name)
+        if row is not None and row[3] is not None:
+            continue  # undone: its files are back
+        try:
+            journal = journals_.read(path)
+        except JournalError:
+            continue  # pending() reports a damaged one already
+        if journal.purged or (row is not None and row[4] is not None):
+            journal.purged = True
+            purged.append(journal)
+    listed = pending_journals(library) + purged
+    return sorted(listed, key=lambda j: (j[0] if isinstance(j, tuple) else j.path).name)
 
 
 def undo(library: Library, journal: Path | None = None, accept_missing: bool = False) -> UndoResult:
@@ -407,6 +485,8 @@ def undo(library: Library, journal: Path | None = None, accept_missing: bool = F
     path = Path(journal) if journal is not None else journals_.newest_pending(library.folder, _undone_names(recorded))
     record = journals_.read(path)
     row = recorded.get(path.name)
+    if record.purged or (row is not None and row[4] is not None):
+        raise JournalError(f"{printable(path)} was purged: its quarantined copies were deleted, nothing to undo")
     if record.undone or (row is not None and row[3] is not None):
         raise JournalError(f"{printable(path)} was already undone")
     journals_.check_places(record, library.root, library.folder)  # before any file is touched
@@ -423,13 +503,17 @@ def undo(library: Library, journal: Path | None = None, accept_missing: bool = F
         if isinstance(outcome, str):
             result.problems.append(outcome)
             continue
+        if step.sidecar_of is not None:  # no row of its own (a RAW's "unsupported" row was never set aside)
+            if outcome:
+                result.sidecars.append(os.fsdecode(step.src))
+            continue
         in_catalog = library.catalog.unquarantine(_relative(library, step.src))  # also for steps a killed run left half done
         if outcome:
             result.restored.append(os.fsdecode(step.src))
             result.not_in_catalog += not in_catalog
     if result.restored:
         library.index_set.sync()  # restored rows are searchable again
-    _remove_emptied_folders(record, record.header.quarantine)
+    remove_emptied_folders(record, record.header.quarantine)
     if result.problems:
         if not (accept_missing and all(isinstance(p, Missing) for p in result.problems)):
             raise UndoIncomplete(result)
@@ -459,9 +543,23 @@ def _right(step: Intent, row: tuple[str, str] | None, done: frozenset[int]) -> s
 
 def _rights(library: Library, record: Journal) -> dict[int, str]:
     steps = record.steps_backwards()
-    rows = library.catalog.rows_at([_relative(library, step.src) for step in steps])
-    return {step.step: _right(step, rows.get(os.fsencode(step.src.relative_to(library.root))), record.done)
-            for step in steps}
+    photos = [step for step in steps if step.sidecar_of is None]
+    rows = library.catalog.rows_at([_relative(library, step.src) for step in photos])
+    rights = {step.step: _right(step, rows.get(os.fsencode(step.src.relative_to(library.root))), record.done)
+              for step in photos}
+    for step in steps:
+        if step.sidecar_of is not None:
+            rights[step.step] = _sidecar_right(step, rights[step.sidecar_of])
+    return rights
+
+
+def _sidecar_right(step: Intent, photo_right: str) -> str:
+    """A sidecar has no row: it may come back wherever its photo's row allows anything at all, and
+    only as CREATE (its old name is free, or a spare copy is cleaned up; an existing file there is
+    never replaced). Where the catalog refuses its photo, the sidecar stays in quarantine too."""
+    if photo_right in (RESTORE, CREATE, SETTLE):
+        return CREATE
+    return f"{printable(step.src)} not restored: it is a sidecar of a photo that is not restored; left in place"
 
 
 def _restore(step: Intent, library: Library, quarantine: Path, right: str) -> bool | str:
@@ -547,9 +645,9 @@ def _finish_backwards(step: Intent) -> bool | str:
     return f"{printable(src)} was replaced since the apply; its old bytes stay in {printable(dst)}"
 
 
-def _remove_emptied_folders(record: Journal, quarantine: Path) -> None:
-    """The folders apply made inside the quarantine for this journal's steps, where undo left them
-    empty: removed, deepest first, up to (never including) the quarantine itself. A folder holding
+def remove_emptied_folders(record: Journal, quarantine: Path) -> None:
+    """The folders apply made inside the quarantine for this journal's steps, where undo (or purge)
+    left them empty: removed, deepest first, up to (never including) the quarantine itself. A folder holding
     anything (a copy not restored, someone else's file) stays, and so do those above it."""
     folders = {parent for step in record.steps_backwards() for parent in step.dst.parents
                if quarantine in parent.parents}
@@ -598,7 +696,8 @@ def _is_our_link(step: Intent) -> bool:
 # ---- the catalog's side of applies and undos --------------------------------------------------
 
 def _undone_names(rows: dict) -> frozenset[str]:
-    return frozenset(name for name, row in rows.items() if row[3] is not None)
+    """Journals the catalog records as closed, undone or purged: nothing left to undo."""
+    return frozenset(name for name, row in rows.items() if row[3] is not None or row[4] is not None)
 
 
 def _relative(library: Library, path: Path) -> bytes:

@@ -21,10 +21,11 @@ from dinoseek.indexer.decode import printable
 from dinoseek.model.files import read_regular
 
 from .errors import InvalidArgumentError, JournalError
+from .sidecars import is_sidecar_name
 
 VERSION = 1
 OPS = ("move", "hardlink", "symlink")
-RECORD_TYPES = ("header", "intent", "done", "rolled-back", "undone")
+RECORD_TYPES = ("header", "intent", "done", "rolled-back", "undone", "purged")
 QUARANTINE = "quarantine"  # the default quarantine: a folder of the library folder
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # A step takes about 600 bytes: this is well over a million files, and still a bounded read.
@@ -74,6 +75,8 @@ class Intent:
     sha256: str
     size: int
     line: int  # in the journal file, for messages
+    # A sidecar (XMP, AAE, RAW, Live Photo MOV) moved with the photo of step `sidecar_of`; None for a photo.
+    sidecar_of: int | None = None
 
 
 @dataclass
@@ -84,6 +87,12 @@ class Journal:
     undone: bool
     done: frozenset[int] = frozenset()  # steps apply finished (their catalog row was set aside first)
     rolled_back: frozenset[int] = frozenset()  # steps apply undid itself (or that never moved): nothing to undo
+    purged: bool = False  # `dinoseek purge` deleted its quarantined copies: nothing left to undo
+
+    @property
+    def photos(self) -> int:
+        """Photos set aside (sidecars that moved with them not counted)."""
+        return sum(1 for n, steps in self.intents.items() if steps[0].sidecar_of is None and n not in self.rolled_back)
 
     @property
     def files(self) -> int:
@@ -156,15 +165,25 @@ class JournalWriter:
         self.close()
 
 
+def mark_purged(journal: Path, files: int, size: int) -> None:
+    """The last record: `dinoseek purge` deleted the quarantined copies (`files`, `size` bytes)."""
+    _append_last(journal, {"type": "purged", "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           "files": files, "bytes": size})
+
+
+def _append_last(journal: Path, record: dict) -> None:
+    with open(journal, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def mark_undone(journal: Path, not_restored: list[str] = ()) -> None:
     """The last record: nothing left to undo (`not_restored`: files the user gave up on, and why)."""
     record = {"type": "undone", "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if not_restored:
         record["not_restored"] = list(not_restored)
-    with open(journal, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    _append_last(journal, record)
 
 
 # ---- reading: shape ------------------------------------------------------------------------------
@@ -188,7 +207,7 @@ def read(path: Path) -> Journal:
         raise JournalError(f"{printable(path)} is not a dinoseek dedup journal")
     header = _header(path, *records[0])
     intents: dict[int, list[Intent]] = {}
-    undone = False
+    undone = purged = False
     done: set[int] = set()
     rolled_back: set[int] = set()
     for number, record in records[1:]:
@@ -201,6 +220,8 @@ def read(path: Path) -> Journal:
             intent = _intent(path, number, record)
             if intent.op != header.action:
                 raise _refused(path, number, f"a {intent.op} step in a {header.action} journal")
+            if intent.sidecar_of is not None and header.action != "move":  # links leave sidecars in place
+                raise _refused(path, number, f"a sidecar step in a {header.action} journal")
             earlier = intents.setdefault(intent.step, [])
             if earlier and earlier[0].src != intent.src:
                 raise _refused(path, number, f"step {intent.step} names two different files")
@@ -209,9 +230,30 @@ def read(path: Path) -> Journal:
             done.add(_field(path, number, record, "step", int))
         elif record_type == "rolled-back":
             rolled_back.add(_field(path, number, record, "step", int))
+        elif record_type == "purged":
+            purged = True
         else:
             undone = True
-    return Journal(path, header, intents, undone, frozenset(done - rolled_back), frozenset(rolled_back))
+    _check_sidecar_steps(path, intents)
+    return Journal(path, header, intents, undone, frozenset(done - rolled_back), frozenset(rolled_back), purged)
+
+
+def _check_sidecar_steps(path: Path, intents: dict[int, list[Intent]]) -> None:
+    """A sidecar step belongs to an earlier photo step of the same journal: beside that photo (same
+    folder, a sidecar's name for it), moved into the folder that photo went to, with the same kept
+    copy. So a forged step can name no file but a companion of a photo this apply set aside."""
+    for steps in intents.values():
+        for intent in steps:
+            if intent.sidecar_of is None:
+                continue
+            photos = intents.get(intent.sidecar_of)
+            if intent.sidecar_of >= intent.step or not photos or photos[0].sidecar_of is not None:
+                raise _refused(path, intent.line, f"'sidecar_of' names no earlier photo step ({intent.sidecar_of})")
+            photo = photos[-1]
+            if (intent.src.parent != photo.src.parent or intent.dst.parent != photo.dst.parent
+                    or intent.keeper != photo.keeper or not is_sidecar_name(photo.src.name, intent.src.name)):
+                raise _refused(path, intent.line, f"{printable(intent.src)} is not a sidecar of "
+                                                  f"{printable(photo.src)} moved with it")
 
 
 def _lines(path: Path) -> list[str]:
@@ -251,8 +293,11 @@ def _intent(path: Path, number: int, record: dict) -> Intent:
     if keeper_id is not None and not (isinstance(keeper_id, list) and len(keeper_id) == 2
                                       and all(type(v) is int for v in keeper_id)):
         raise _refused(path, number, "'keeper_id' must be two integers")
+    sidecar_of = record.get("sidecar_of")
+    if sidecar_of is not None and type(sidecar_of) is not int:
+        raise _refused(path, number, f"'sidecar_of' must be an integer, got {_kind(sidecar_of)}")
     return Intent(step, op, _path(path, number, record, "src"), _path(path, number, record, "dst"),
-                  _path(path, number, record, "keeper"), sha256, size, number)
+                  _path(path, number, record, "keeper"), sha256, size, number, sidecar_of)
 
 
 def _field(path: Path, number: int, record: dict, name: str, expected: type):
@@ -383,8 +428,8 @@ def all_journals(library_folder: Path) -> list[Path]:
 
 
 def pending(library_folder: Path, undone: frozenset[str] = frozenset()) -> list[Journal | tuple[Path, str]]:
-    """Journals with steps not yet undone, oldest first; one that cannot be read as (path, why).
-    `undone`: names the catalog records as undone (whatever their file says)."""
+    """Journals with steps not yet undone (nor purged), oldest first; one that cannot be read as
+    (path, why). `undone`: names the catalog records as undone or purged (whatever their file says)."""
     out: list[Journal | tuple[Path, str]] = []
     for path in all_journals(library_folder):
         if path.name in undone:
@@ -394,7 +439,7 @@ def pending(library_folder: Path, undone: frozenset[str] = frozenset()) -> list[
         except JournalError as e:
             out.append((path, str(e)))
             continue
-        if journal.intents and not journal.undone:  # a journal without steps has nothing to undo
+        if journal.intents and not journal.undone and not journal.purged:  # without steps: nothing to undo
             out.append(journal)
     return out
 
@@ -405,7 +450,7 @@ def newest_pending(library_folder: Path, undone: frozenset[str] = frozenset()) -
         if path.name in undone:
             continue
         journal = read(path)  # the newest pending one damaged: say so rather than skip to an older one
-        if journal.intents and not journal.undone:
+        if journal.intents and not journal.undone and not journal.purged:
             return path
     folder = printable(library_folder / "journals")
     if paths:

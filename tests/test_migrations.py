@@ -75,7 +75,7 @@ def test_a_0002_catalog_gains_the_journals_table_and_keeps_its_rows(tmp_path):
                                    "VALUES (x'612e6a7067', 'a.jpg', '.', 1, 0, 'embedded')")
     engine.dispose()
     with Library.open(tmp_path, write=True) as library:
-        assert migrate.current_revision(library.catalog.engine) == migrate.head_revision() == "0003"
+        assert migrate.current_revision(library.catalog.engine) == migrate.head_revision()
         assert library.info()["total"] == 1
         assert "journals" in inspect(library.catalog.engine).get_table_names()
     backup = sqlite3.connect(catalog.with_name("catalog.sqlite.bak-0002"))
