@@ -190,6 +190,12 @@ class Catalog:
         with self.session() as s, s.begin():
             s.add(ManifestRow(id=1, data={**manifest, MANIFEST_DIGEST: _digest(manifest)}))
 
+    def replace_manifest(self, manifest: dict) -> None:
+        """Rewrite the recorded manifest (where the weights are now); the next read sees it."""
+        with self.session() as s, s.begin():
+            s.get(ManifestRow, 1).data = {**manifest, MANIFEST_DIGEST: _digest(manifest)}
+        self._manifest = None  # the cached copy is stale
+
     def dim(self) -> int | None:
         manifest = self.manifest()
         return manifest["dim"] if manifest else None

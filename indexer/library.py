@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+from sqlalchemy.exc import OperationalError
+
+from dinoseek.model.encoder import WEIGHTS_SOURCE
 
 from . import migrate
 from .catalog import KINDS  # noqa: F401 - re-exported: the vector kinds callers iterate over
@@ -19,14 +25,20 @@ from .catalog_gateway import Catalog
 from .damage import damaged_rows, describe_damage
 from .errors import LibraryError, ModelMismatchError, NeedsRepairError, NotIndexedError
 from .index_set import IndexSet
-from .lock import WriterLock
+from .lock import LOCK_FILE, WriterLock
 from .store import VectorIndex, remove_temp_files
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FOLDER = ".dinoseek"
-# Manifest fields that define which vectors may share an index (precision alone may differ).
+# Manifest fields that define which vectors may share an index (precision alone may differ; where
+# the weights were loaded from, WEIGHTS_SOURCE, may change as they move: their sha256 is the identity).
 IDENTITY = ("arch", "weights_sha256", "preprocess", "dim")
+# What opening a new library writes in its folder before any model is recorded: all that a failed
+# first run removes again (never anything else: the folder may be one the user made and filled).
+FIRST_FILES = (CATALOG_NAME, f"{CATALOG_NAME}-wal", f"{CATALOG_NAME}-shm", f"{CATALOG_NAME}-journal", LOCK_FILE)
+
+T = TypeVar("T")
 
 
 def find_library_root(start: Path) -> Path | None:
@@ -56,6 +68,10 @@ class Library:
     index_set: IndexSet
     writable: bool  # opened with write=True: holds the writer lock
     _lock: WriterLock | None = None
+    # Made by this open (create=True on a folder without a catalog): the folders it created, deepest
+    # first, and the names the folder held before. A `with` block that fails before a model is
+    # recorded removes them again, so a failed first run leaves no half-made library behind.
+    _made: tuple[tuple[Path, ...], frozenset[str]] | None = None
 
     # ---- opening and closing -------------------------------------------------------------
     @classmethod
@@ -86,10 +102,13 @@ class Library:
         if create:
             check_placement(root, folder)
         has_catalog = url is not None or catalog_present(folder, catalog_file)
+        made = None
         if not folder.is_dir() or not has_catalog:
             if not create:
                 raise NotIndexedError(f"no library at {folder}", root)
+            new_folders = tuple(f for f in (folder, *folder.parents) if not f.exists())
             folder.mkdir(parents=True, exist_ok=True)
+            made = (new_folders, frozenset(os.listdir(folder)))
         writable = os.access(folder, os.W_OK)
         if (write or create) and not writable:
             raise LibraryError(f"{folder} is read-only: indexing, applying dedup plans, undo and repair need to write "
@@ -106,8 +125,11 @@ class Library:
         except BaseException:
             if lock is not None:
                 lock.release()
+            if made is not None:
+                _remove_made(folder, made)
             raise
-        return cls(root, folder, catalog, IndexSet(folder, catalog, writable=write, choice=index_choice), write, lock)
+        return cls(root, folder, catalog, IndexSet(folder, catalog, writable=write, choice=index_choice), write, lock,
+                   made)
 
     def close(self) -> None:
         self.catalog.dispose()
@@ -118,8 +140,22 @@ class Library:
     def __enter__(self) -> "Library":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        unused = exc_type is not None and self._made is not None and self._no_model_yet()
         self.close()
+        if unused:
+            self._discard()
+
+    def _no_model_yet(self) -> bool:
+        try:
+            return self.catalog.manifest() is None
+        except (LibraryError, OperationalError):
+            return False  # cannot tell: keep it
+
+    def _discard(self) -> None:
+        """A first run failed or was interrupted before it recorded a model: leave the folder as it was."""
+        _remove_made(self.folder, self._made)
+        log.info("no model was recorded in the new library %s: removed again", self.folder)
 
     # ---- model manifest -------------------------------------------------------------------
     def manifest(self) -> dict | None:
@@ -130,14 +166,20 @@ class Library:
         return self.catalog.dim()
 
     def bind_model(self, manifest: dict) -> None:
-        """Record the model on first use; refuse a different one afterwards."""
+        """Record the model on first use (with where its weights are, so later commands load them
+        unasked); refuse a different one afterwards."""
         if self.manifest() is None:
-            self.catalog.record_manifest(manifest)
+            source = manifest.get(WEIGHTS_SOURCE)
+            self.catalog.record_manifest({**manifest, **({WEIGHTS_SOURCE: self._located(source)} if source else {})})
             return
         self.check_model(manifest)
 
     def check_model(self, manifest: dict) -> None:
-        """Raise ModelMismatchError unless `manifest` makes vectors comparable with this library's."""
+        """Raise ModelMismatchError unless `manifest` makes vectors comparable with this library's.
+
+        Where the weights were found is recorded when the library's record no longer leads to them
+        (moved, or a library made before it was recorded): their sha256 just matched, so later
+        commands find them there without being told."""
         current = self.manifest()
         if current is None:
             raise NotIndexedError(f"{self.folder} has no vectors yet", self.root)
@@ -147,6 +189,32 @@ class Library:
         if current.get("precision") != manifest.get("precision"):
             log.warning("library vectors were made at %s, this run uses %s", current.get("precision"),
                         manifest.get("precision"))
+        source = manifest.get(WEIGHTS_SOURCE)
+        if source and not _still_there(current.get(WEIGHTS_SOURCE)):
+            self._rewrite_manifest({**current, WEIGHTS_SOURCE: self._located(source)})
+
+    def _located(self, source: dict) -> dict:
+        """A weights source as recorded: a path also relative to the photo folder, where it is
+        looked for when the library and its weights moved together."""
+        if "path" not in source:
+            return dict(source)
+        try:
+            relative = os.path.relpath(os.path.realpath(source["path"]), self.root)
+        except ValueError:  # another drive (Windows): no relative path
+            return dict(source)
+        return {**source, "relative": relative}
+
+    def _rewrite_manifest(self, manifest: dict) -> None:
+        """Replace the recorded manifest (only where the weights are changes: see check_model).
+        Readers try too; where the catalog cannot be written (a read-only mount, a busy writer)
+        the weights are still used, just not remembered."""
+        try:
+            self.catalog.replace_manifest(manifest)
+        except OperationalError as e:
+            log.warning("could not record where this library's weights are now (%s); give them again next time",
+                        str(e.orig).splitlines()[0] if e.orig else e)
+            return
+        log.info("the library now records its weights at %s", manifest[WEIGHTS_SOURCE])
 
     # ---- indexes and rows -------------------------------------------------------------------
     @property
@@ -209,6 +277,59 @@ class Library:
             self.delete_rows(list(damaged))
         self.load_indexes()
         return len(damaged)
+
+
+def open_for_indexing(
+    root: str | Path,
+    prepare: Callable[[dict | None], T],
+    *,
+    folder: str | Path | None = None,
+    url: str | None = None,
+    index_choice: str | None = None,
+) -> tuple[Library, T]:
+    """Open the library of `root` for writing, and `prepare(manifest)` for it (load the model: the
+    manifest says which, and with what preprocessing; None for a new library).
+
+    An existing library is opened first, since its manifest decides the model. A new one is
+    created only once `prepare` has succeeded: a first run whose weights are missing or unreadable
+    leaves no library folder behind. The caller closes the library (`with library:`).
+    """
+    try:
+        library = Library.open(root, folder=folder, url=url, write=True, index_choice=index_choice)
+    except NotIndexedError:
+        prepared = prepare(None)
+        return Library.open(root, folder=folder, url=url, write=True, create=True, index_choice=index_choice), prepared
+    try:
+        return library, prepare(library.manifest())
+    except BaseException:
+        library.close()
+        raise
+
+
+def _still_there(recorded) -> bool:
+    """Whether a recorded weights source still leads to its weights: a Hub repo id always does
+    (found in whichever cache there is), a path while something is there. Weights found only by
+    their path relative to the photo folder have moved: their new place is recorded."""
+    if not isinstance(recorded, dict):
+        return False
+    return bool(recorded.get("hub")) or (isinstance(recorded.get("path"), str) and os.path.exists(recorded["path"]))
+
+
+def _remove_made(folder: Path, made: tuple[tuple[Path, ...], frozenset[str]]) -> None:
+    """Remove the library files a new library's first open wrote (FIRST_FILES the folder did not
+    hold before) and the folders it created, deepest first, while they are empty."""
+    new_folders, names_before = made
+    for name in FIRST_FILES:
+        if name not in names_before:
+            try:
+                (folder / name).unlink()
+            except FileNotFoundError:
+                pass
+    for created in new_folders:  # a folder something else was put in meanwhile stays
+        try:
+            created.rmdir()
+        except OSError:
+            break
 
 
 def _open_catalog(url: str | None, catalog_file: Path | None, *, writable: bool, check: bool) -> Catalog:

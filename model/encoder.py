@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -11,13 +12,22 @@ import torch
 from PIL import Image
 
 from .embedder import Embeddings
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, WeightsNotFoundError
 from .fingerprint import tensors_sha256
 from .load import Weights, load_weights
 from .precision import apply_precision, compute_dtype, resolve_device, resolve_precision
 from .preprocess import CROP, InputSpec, normalize_batch, preprocess
 from .quant import weight_bytes
 from .vit import DinoVisionTransformer
+
+log = logging.getLogger(__name__)
+
+# The preset a command uses when neither it nor the library names a model.
+DEFAULT_MODEL = "small"
+# Manifest key: where the weights were loaded from (`load.describe_source`; the library adds
+# "relative", the path from its root). Not part of the model's identity: the sha256 is. Libraries
+# made before it was recorded have none, and learn it the next time their weights are given.
+WEIGHTS_SOURCE = "weights_source"
 
 
 class Encoder:
@@ -38,11 +48,14 @@ class Encoder:
         mode: str = "crop",
         size: int = CROP,
         fingerprint: str | Callable[[], str] | None = None,
+        source: dict | None = None,
     ) -> None:
         """`fingerprint` identifies the weights in library manifests: a sha256, or a function giving
         it when first needed (`Weights.fingerprint`, over the checkpoint files). None for a model
-        built in memory: its tensors are hashed, before precision changes them."""
+        built in memory: its tensors are hashed, before precision changes them. `source` says where
+        the weights were loaded from (`Weights.source`), for a library to load them again unasked."""
         self._fingerprint = tensors_sha256(vit) if fingerprint is None else fingerprint
+        self.source = source
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.dtype = compute_dtype(self.precision, self.device)
@@ -80,7 +93,7 @@ class Encoder:
     ) -> "Encoder":
         """An encoder over weights already loaded (`load_weights`), fingerprinted by their files."""
         return cls(weights.vit, device=device, precision=precision, mode=mode, size=size,
-                   fingerprint=weights.fingerprint)
+                   fingerprint=weights.fingerprint, source=weights.source)
 
     @property
     def dim(self) -> int:
@@ -139,8 +152,9 @@ class Encoder:
         return self._fingerprint
 
     def manifest(self) -> dict:
-        """What a library records so vectors from another model are never mixed in."""
-        return {
+        """What a library records so vectors from another model are never mixed in, and so that
+        later commands load the same weights with the same preprocessing unasked."""
+        manifest = {
             "arch": asdict(self.vit.config),
             "weights_sha256": self.weights_sha256,
             "preprocess": self.input_spec.as_dict(),
@@ -148,6 +162,9 @@ class Encoder:
             "dim": self.dim,
             "weight_bytes": weight_bytes(self.vit),
         }
+        if self.source is not None:  # a model built in memory has no place to be loaded from again
+            manifest[WEIGHTS_SOURCE] = dict(self.source)
+        return manifest
 
 
 def check_settings(*, device: str | torch.device = "cpu", precision: str = "auto", mode: str = "crop",
@@ -160,8 +177,9 @@ def check_settings(*, device: str | torch.device = "cpu", precision: str = "auto
 
 def encoder_for_library(
     manifest: dict | None,
-    source: str | Path | Weights,
+    source: str | Path | Weights | None = None,
     *,
+    root: str | Path | None = None,
     device: str | torch.device = "cpu",
     precision: str = "auto",
     mode: str | None = None,
@@ -170,11 +188,14 @@ def encoder_for_library(
     """The encoder for a library with this model `manifest` (None: a new library), built in this one
     place for every command.
 
+    `source` is a preset name, a weights path, or `Weights` already loaded; None (no --model or
+    --weights given) loads the weights the library recorded (`library_weights`, `root` being the
+    library's photo folder), or the default preset for a new library.
+
     A new library gets the input asked for (default crop at 224 px). An existing one gets the
     preprocessing it recorded, since only vectors made the same way compare; asking for another
-    mode or size is refused rather than ignored. `source` is a preset name, a weights path, or
-    `Weights` already loaded. Whether the weights are the library's is the library's check
-    (`check_model`, `bind_model`), which knows everything else that must match.
+    mode or size is refused rather than ignored. Whether the weights are the library's is the
+    library's check (`check_model`, `bind_model`), which knows everything else that must match.
     """
     recorded = (manifest or {}).get("preprocess")
     if recorded is None:
@@ -191,4 +212,32 @@ def encoder_for_library(
     settings = dict(device=device, precision=precision, mode=spec.mode, size=spec.size)
     if isinstance(source, Weights):
         return Encoder.from_weights(source, **settings)
-    return Encoder.from_pretrained(source, **settings)
+    return Encoder.from_pretrained(library_weights(manifest, root) if source is None else source, **settings)
+
+
+def library_weights(manifest: dict | None, root: str | Path | None = None) -> str | Path:
+    """The weights to load for a library when the command names none: those it recorded.
+
+    A Hub repo id is found in the Hugging Face cache as a preset is. A recorded path that is gone
+    is looked for where it was relative to the library's photo folder `root` (photos and weights
+    moved together); otherwise WeightsNotFoundError names the recorded path. A new library, or one
+    made before the source was recorded, gets the default preset. Whichever file is found, the
+    library checks its sha256 before using it.
+    """
+    recorded = (manifest or {}).get(WEIGHTS_SOURCE)
+    if not isinstance(recorded, dict):
+        return DEFAULT_MODEL
+    if recorded.get("hub"):
+        return recorded["hub"]
+    if not isinstance(recorded.get("path"), str):  # a source this version does not know: as if none
+        return DEFAULT_MODEL
+    path = Path(recorded["path"])
+    if path.exists():
+        return path
+    relative = recorded.get("relative")
+    if relative is not None and root is not None:
+        beside = Path(root).resolve() / relative
+        if beside.exists():
+            log.info("weights not at %s any more; using %s, found where they were relative to %s", path, beside, root)
+            return beside
+    raise WeightsNotFoundError(f"the weights this library was built with are no longer at {path}")

@@ -27,9 +27,16 @@ def resolve_preset(name: str) -> Path:
     """
     if name not in HUB_REPOS:
         raise InvalidArgumentError(f"unknown preset {name!r}; expected one of {', '.join(HUB_REPOS)}")
+    return resolve_repo(HUB_REPOS[name])
+
+
+def resolve_repo(repo: str) -> Path:
+    """`resolve_preset` by the repo id itself (`facebook/dinov2-small`), as library manifests record it.
+    Only the presets' repos: anything else on the Hub is not a DINOv2 checkpoint we know how to read."""
+    if repo not in HUB_REPOS.values():
+        raise InvalidArgumentError(f"unknown Hub repo {repo!r}; expected one of {', '.join(HUB_REPOS.values())}")
     from huggingface_hub import snapshot_download
 
-    repo = HUB_REPOS[name]
     try:
         return _complete(Path(snapshot_download(repo, allow_patterns=_PATTERNS, local_files_only=True)), repo)
     except WeightsNotFoundError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +22,31 @@ from .checkpoint import (
 from .config import HUB_REPOS, PRESETS, ViTConfig
 from .errors import InvalidArgumentError
 from .fingerprint import files_sha256
-from .hub import resolve_preset
+from .hub import resolve_preset, resolve_repo
 from .vit import DinoVisionTransformer
 
 
 def resolve_source(source: str | Path) -> Path:
-    """A preset name (`small`, `base-reg`, ...) resolves through the Hub cache; anything else is a path."""
-    if isinstance(source, str) and source in HUB_REPOS and not Path(source).exists():
-        return resolve_preset(source)
+    """A preset name (`small`, `base-reg`, ...) or its repo id (`facebook/dinov2-small`) resolves
+    through the Hub cache; anything else is a path."""
+    if isinstance(source, str) and not Path(source).exists():
+        if source in HUB_REPOS:
+            return resolve_preset(source)
+        if source in HUB_REPOS.values():
+            return resolve_repo(source)
     return Path(source)
+
+
+def describe_source(source: str | Path) -> dict:
+    """Where weights came from, as a library manifest records it to load them again later:
+    `{"hub": repo id}` for a preset (found again in the Hugging Face cache wherever that is), or
+    `{"path": absolute path}` for files."""
+    if isinstance(source, str) and not Path(source).exists():
+        if source in HUB_REPOS:
+            return {"hub": HUB_REPOS[source]}
+        if source in HUB_REPOS.values():
+            return {"hub": source}
+    return {"path": os.path.abspath(source)}  # not resolved: a symlink may be re-pointed later
 
 
 @dataclass(frozen=True)
@@ -40,6 +57,8 @@ class Weights:
     # sha256 of the files read. A function, called once when a library manifest needs it: hashing
     # gigabytes is left to the commands that record or check one.
     fingerprint: Callable[[], str]
+    # Where they were loaded from (`describe_source`), so a library can load them again unasked.
+    source: dict | None = None
 
 
 def load_vit(
@@ -84,7 +103,7 @@ def load_weights(
     model = model.fold_scales().to(device=device, dtype=dtype).eval().requires_grad_(False)
     # Over the files, not the module: the fingerprint stays that of the checkpoint, whatever casts
     # or quantization later do to the model.
-    return Weights(model, functools.partial(files_sha256, raw.files))
+    return Weights(model, functools.partial(files_sha256, raw.files), describe_source(source))
 
 
 def build_vit(config: ViTConfig | str, *, device: str | torch.device = "cpu") -> DinoVisionTransformer:

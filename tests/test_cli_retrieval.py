@@ -38,9 +38,15 @@ def test_search_and_similar(root, tiny_folder):
     assert result.exit_code == 1 and result.output == "Error: a/nope.jpg is not an embedded image of this library\n"
 
 
-def test_search_without_weights_of_the_library_model(root, tmp_path, monkeypatch):
+def test_search_in_a_library_that_does_not_record_its_weights_asks_for_them(root, tmp_path, monkeypatch):
+    """Libraries made before the weights' place was recorded: the default preset is tried, then --weights asked for."""
     import huggingface_hub.constants
 
+    from dinoseek.indexer.library import Library
+    from dinoseek.model.encoder import WEIGHTS_SOURCE
+
+    with Library.open(root, write=True) as library:
+        library.catalog.replace_manifest({k: v for k, v in library.manifest().items() if k != WEIGHTS_SOURCE})
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = invoke("search", root / "a/p0.jpg", "--root", root)

@@ -21,7 +21,7 @@ from test_journal_safety import applied, catalog, make_photos, records, rewrite,
 from test_retrieval import THRESHOLD, index_with_cli, make_library_photos
 
 from dinoseek.indexer import migrate
-from dinoseek.indexer.catalog import QUARANTINED, ImageRow, JournalRow, utcnow
+from dinoseek.indexer.catalog import QUARANTINED, JournalRow, utcnow
 from dinoseek.indexer.library import Library
 from dinoseek.retrieval.cli import main
 
@@ -147,7 +147,7 @@ def test_purge_leaves_a_changed_quarantined_copy_and_its_whole_journal(root):
     changed.write_bytes(b"x" * 4096)  # same size: only the sha256 tells
     out = invoke("purge", root, "--apply")
     assert out.exit_code == 1
-    assert f"changed since the apply (sha256 differs); left in place" in out.output
+    assert "changed since the apply (sha256 differs); left in place" in out.output
     assert len([p for p in quarantine(root).rglob("*") if p.is_file()]) == 3  # not one deleted
     assert records(result.journal)[-1]["type"] == "done"
     assert list(rows(root).values()).count(QUARANTINED) == 3
