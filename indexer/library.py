@@ -96,8 +96,8 @@ class Library:
         one. On a folder that cannot be written (a read-only mount) readers open the catalog
         read-only and writers are refused.
         """
-        root = Path(root).resolve()
-        folder = Path(folder).resolve() if folder else root / DEFAULT_FOLDER
+        root = Path(root).expanduser().resolve()  # "~/Pictures" from Python as from a shell
+        folder = Path(folder).expanduser().resolve() if folder else root / DEFAULT_FOLDER
         catalog_file = None if url else folder / CATALOG_NAME
         if create:
             check_placement(root, folder)

@@ -34,7 +34,7 @@ def resolve_source(source: str | Path) -> Path:
             return resolve_preset(source)
         if source in HUB_REPOS.values():
             return resolve_repo(source)
-    return Path(source)
+    return Path(source).expanduser()
 
 
 def describe_source(source: str | Path) -> dict:
@@ -46,7 +46,7 @@ def describe_source(source: str | Path) -> dict:
             return {"hub": HUB_REPOS[source]}
         if source in HUB_REPOS.values():
             return {"hub": source}
-    return {"path": os.path.abspath(source)}  # not resolved: a symlink may be re-pointed later
+    return {"path": os.path.abspath(os.path.expanduser(source))}  # not resolved: a symlink may be re-pointed later
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -158,3 +160,19 @@ def test_verbose_after_the_subcommand_turns_on_progress_logging(tmp_path, monkey
     monkeypatch.setattr(root_logger, "level", logging.WARNING)
     invoke("info", tmp_path, "-v")  # no library here: the error does not matter, the flag does
     assert root_logger.level == logging.INFO
+
+
+# ---- ~ in Python paths ---------------------------------------------------------------------------
+def test_python_api_expands_the_home_folder(tmp_path, monkeypatch, tiny_folder):
+    from test_retrieval import index_with_cli, make_library_photos
+
+    from dinoseek.indexer.library import Library
+    from dinoseek.retrieval import open_library
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_library_photos(tmp_path / "Pictures")
+    index_with_cli(tmp_path / "Pictures", tiny_folder)
+    with Library.open("~/Pictures") as library:
+        assert library.root == (tmp_path / "Pictures").resolve()
+    with open_library("~/Pictures", weights="~/" + os.path.relpath(tiny_folder, tmp_path)) as lib:
+        assert lib.search(tmp_path / "Pictures" / "a" / "p3.jpg", k=1)[0].path == "a/p3.jpg"
