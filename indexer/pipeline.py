@@ -4,6 +4,11 @@ commit in batches, sweep.
 Crash safety: every batch of rows (with both vectors) is one catalog transaction; FAISS files are
 checkpoints that `Library.load_indexes` reconciles with the catalog, so a run killed at any moment
 leaves a library that opens, verifies after repair, and is completed by re-running.
+
+Progress: the scan and the reading of the plan's files are reported as steps of
+`dinoseek.model.progress` (counts only; the application decides how they are shown). Files that
+cannot be read are logged one line each and recorded; Ctrl-C becomes `IndexInterrupted`, which
+says how many of the run's files the catalog holds.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import concurrent.futures as cf
 import logging
 import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dinoseek.model import Embedder, InputSpec
+from dinoseek.model.progress import progress
 
 from .catalog import EMBEDDED, TRANSIENT
 from .catalog_gateway import blob_from_vector
@@ -29,7 +36,7 @@ from .library import Library, check_placement
 from .plan import Plan, Task, make_plan, path_rank, set_aside, sweep_decision
 from .scan import scan
 
-__all__ = ["Decoded", "Failed", "Moved", "Options", "Progress", "Task",
+__all__ = ["Decoded", "Failed", "IndexInterrupted", "Moved", "Options", "Progress", "Task",
            "heif_available", "run_index"]
 
 log = logging.getLogger(__name__)
@@ -54,6 +61,15 @@ class Progress:
     total: int  # files to decode this run
     done: int = 0
     counts: dict = field(default_factory=dict)
+
+
+class IndexInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, after the plan was made: `saved` of the `total` files the run had to read
+    are committed to the catalog (every finished batch is kept); re-running does the rest."""
+
+    def __init__(self, saved: int, total: int) -> None:
+        super().__init__(f"interrupted: {saved} of {total} files saved in the catalog")
+        self.saved, self.total = saved, total
 
 
 # What reading one of the plan's files gives (in a worker process, so picklable).
@@ -113,8 +129,9 @@ def run_index(
     existing = library.catalog.file_states()
     items = scan(root, include=options.include, exclude=options.exclude, follow_symlinks=options.follow_symlinks,
                  skip=(os.fsencode(library.folder),), rank=path_rank(existing), set_aside=set_aside(existing))
-    plan = make_plan(existing, items, retry_statuses=retry_statuses(), include=options.include,
-                     exclude=options.exclude, allow_mass_delete=options.allow_mass_delete, root=library.root)
+    with progress(None, "scan", unit="files") as scanning:  # a large tree takes a while to walk
+        plan = make_plan(existing, scanning.count(items), retry_statuses=retry_statuses(), include=options.include,
+                         exclude=options.exclude, allow_mass_delete=options.allow_mass_delete, root=library.root)
     run_id = library.catalog.start_run()
     counts = {"scanned": plan.scanned, "to_decode": len(plan.to_read), "embedded": 0, "failed": 0, "moved": 0,
               "deleted": 0, "restored": 0}
@@ -133,6 +150,9 @@ def run_index(
         library.index_set.rebuild_if_outgrown()
         _save_indexes(library)
         _finish(library, run_id, "finished", counts)
+    except KeyboardInterrupt as e:
+        _finish(library, run_id, "failed", counts)
+        raise IndexInterrupted(writer.saved, len(plan.to_read)) from e
     except BaseException:
         _finish(library, run_id, "failed", counts)
         raise
@@ -152,20 +172,22 @@ def _execute(plan: Plan, root: bytes, library: Library, encoder: Embedder, optio
     """Read the plan's files and hand each result to the writer, with a checkpoint now and then.
     Returns the old paths of the files matched as moved."""
     moved_from = dict(plan.moved_from)  # each old path is matched once
-    progress = Progress(total=len(plan.to_read), counts=writer.counts)
+    reported = Progress(total=len(plan.to_read), counts=writer.counts)
     last_checkpoint = time.monotonic()
-    for result in _decoded(root, list(plan.to_read), encoder, options, plan.known_hashes):
-        if isinstance(result, Moved) and not _match_move(result, plan.returned, moved_from, writer):
-            # a second new copy of one moved file: it needs vectors of its own
-            result = _decode_task(root, result.task, encoder.input_spec, frozenset())
-        writer.record(result)
-        progress.done += 1
-        if on_progress:
-            on_progress(progress)
-        if time.monotonic() - last_checkpoint > options.checkpoint_seconds:
-            writer.flush()
-            _save_indexes(library)
-            last_checkpoint = time.monotonic()
+    with progress(len(plan.to_read), "index", unit="images") as step:
+        for result in _decoded(root, list(plan.to_read), encoder, options, plan.known_hashes):
+            if isinstance(result, Moved) and not _match_move(result, plan.returned, moved_from, writer):
+                # a second new copy of one moved file: it needs vectors of its own
+                result = _decode_task(root, result.task, encoder.input_spec, frozenset())
+            writer.record(result)
+            reported.done += 1
+            step.update()
+            if on_progress:
+                on_progress(reported)
+            if time.monotonic() - last_checkpoint > options.checkpoint_seconds:
+                writer.flush()
+                _save_indexes(library)
+                last_checkpoint = time.monotonic()
     return set(plan.moved_from.values()) - set(moved_from.values())
 
 
@@ -217,8 +239,7 @@ def _decoded(root: bytes, tasks: list[Task], encoder: Embedder, options: Options
         for task in tasks:
             yield _decode_task(root, task, *args)
         return
-    # fork: workers start instantly and only run Pillow/numpy code (never torch's thread pools).
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context(worker_start_method())
     window = max(options.workers * 4, options.batch_size)
     queue = collections.deque(tasks)
     while True:
@@ -302,6 +323,12 @@ def _kill_workers(pool: cf.ProcessPoolExecutor) -> None:
             pass
 
 
+def worker_start_method() -> str:
+    """fork on Linux: workers start instantly and only run Pillow/numpy code (never torch's thread
+    pools). Elsewhere (macOS) forking a process that loaded torch and Apple's frameworks is unsafe."""
+    return "fork" if sys.platform == "linux" else "spawn"
+
+
 def _worker_init() -> None:
     """Decode workers die with the indexer (Linux): a killed run leaves no orphans behind."""
     import signal
@@ -327,6 +354,8 @@ class _BatchWriter:
         self.rows: list[dict] = []  # failure rows waiting for the next commit
         self.moves: list[tuple[bytes, bytes, dict]] = []
         self.restores: list[tuple[bytes, dict]] = []  # quarantined rows whose file is back, unchanged
+        # The plan's files handed over (`unsaved`) and committed (`saved`): what Ctrl-C reports.
+        self.unsaved = self.saved = 0
 
     def image(self, rel: bytes, pixels: np.ndarray, meta: dict) -> None:
         self.images.append((rel, pixels, meta))
@@ -336,11 +365,15 @@ class _BatchWriter:
     def record(self, result: DecodeResult) -> None:
         """A decoded image joins the batch, a failure becomes a row; a Moved one was matched already."""
         if isinstance(result, Decoded):
+            self.unsaved += 1  # before image(): a full batch is committed, this file with it
             self.image(result.task.rel, result.pixels, result.meta)
         elif isinstance(result, Failed):
+            self.unsaved += 1
             self.failure(result.task.rel, result.status, result.reason, result.task)
 
     def failure(self, rel: bytes, status: str, reason: str, task: Task | None) -> None:
+        # One line per file (the run goes on): progress shows counts only, this says which file and why.
+        log.info("skipped %s: %s (%s)", display_path(rel), reason, status)
         self.rows.append(_row(rel, status=status, reason=reason, run_id=self.run_id,
                               size=task.size if task else 0, mtime_ns=task.mtime_ns if task else 0))
         self.counts["failed"] += 1
@@ -348,10 +381,12 @@ class _BatchWriter:
     def move(self, old: bytes, new: bytes, meta: dict) -> None:
         self.moves.append((old, new, meta))
         self.counts["moved"] += 1
+        self.unsaved += 1
 
     def restore(self, rel: bytes, meta: dict) -> None:
         self.restores.append((rel, meta))
         self.counts["restored"] += 1
+        self.unsaved += 1
 
     def flush(self) -> None:
         if not (self.images or self.rows or self.moves or self.restores):
@@ -374,6 +409,7 @@ class _BatchWriter:
             inserts=new_rows,
             restores=[(rel, {"status": EMBEDDED, "reason": None, "run_id": self.run_id, "size": meta["size"],
                              "mtime_ns": meta["mtime_ns"]}) for rel, meta in self.restores])
+        self.saved, self.unsaved = self.saved + self.unsaved, 0  # committed: they survive a Ctrl-C from here on
         self.library.index_set.remove(replaced)
         for p in paths + [rel for rel, _ in self.restores]:
             self.existing.pop(p, None)

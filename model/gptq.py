@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .progress import track
 from .quant import Int4Linear, int4_codes, int4_group_size
 
 
@@ -74,7 +75,8 @@ def quantize_vit_int4_gptq(vit: nn.Module, pixel_values: torch.Tensor) -> None:
     Runs in float32 (the model must be float32); cast the model to the compute dtype afterwards.
     """
     tokens = vit.embed_tokens(pixel_values.to(vit.patch_embed.proj.weight.dtype))  # (B, T, D)
-    for block in vit.blocks:
+    # Minutes for the larger models on a CPU (each block: a forward pass, then GPTQ per linear layer).
+    for block in track(vit.blocks, "int4 calibration", unit="blocks"):
         hessians: dict[nn.Linear, torch.Tensor] = {}
 
         def record(module, inputs, _output):

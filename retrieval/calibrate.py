@@ -20,6 +20,7 @@ from dinoseek.indexer.catalog_gateway import vectors_from_blobs
 from dinoseek.indexer.decode import DecodeError, read_image
 from dinoseek.indexer.library import Library
 from dinoseek.model import Embedder
+from dinoseek.model.progress import progress
 
 from .errors import CalibrationError
 
@@ -62,23 +63,32 @@ def calibrate(library: Library, encoder: Embedder, *, sample: int = 50, kind: st
     # Read at twice the side the encoder needs: the 50% resize must still leave it that much.
     side = 2 * spec.decode_side
     originals, copies, owners, edits = [], [], [], []  # copies: pixels of the altered images
-    for row_id, raw, blob in rows:
-        if len(originals) >= sample:
-            break
-        try:
-            image = read_image(os.path.join(os.fsencode(library.root), raw), min_side=side).image
-        except DecodeError:
-            continue  # gone or changed since indexing: pick another
-        owner = len(originals)
-        originals.append(vectors_from_blobs([blob], library.dim())[0])
-        for name, alter in ALTERATIONS.items():
-            copies.append(spec.pixels(alter(image)))  # the path every other caller takes to the model
-            owners.append(owner)
-            edits.append(name)
+    # Counted in photos used: one that cannot be read is replaced by the next, so the count only
+    # moves when a photo and its altered copies are ready.
+    with progress(min(sample, len(rows)), "calibrate: altering", unit="photos") as step:
+        for row_id, raw, blob in rows:
+            if len(originals) >= sample:
+                break
+            try:
+                image = read_image(os.path.join(os.fsencode(library.root), raw), min_side=side).image
+            except DecodeError:
+                continue  # gone or changed since indexing: pick another
+            owner = len(originals)
+            originals.append(vectors_from_blobs([blob], library.dim())[0])
+            for name, alter in ALTERATIONS.items():
+                copies.append(spec.pixels(alter(image)))  # the path every other caller takes to the model
+                owners.append(owner)
+                edits.append(name)
+            step.update()
     if len(originals) < 2:
         raise CalibrationError("calibration could not read 2 of the library's photos")
-    embedded = np.concatenate([getattr(encoder.embed_pixels(np.stack(copies[i:i + 32])), kind)
-                               for i in range(0, len(copies), 32)])
+    batches = []
+    with progress(len(copies), "calibrate: embedding", unit="copies") as step:
+        for i in range(0, len(copies), 32):
+            batch = copies[i:i + 32]
+            batches.append(getattr(encoder.embed_pixels(np.stack(batch)), kind))
+            step.update(len(batch))
+    embedded = np.concatenate(batches)
     sims = embedded @ np.stack(originals).T  # (copies, originals)
     positive = np.zeros_like(sims, dtype=bool)
     positive[np.arange(len(owners)), owners] = True

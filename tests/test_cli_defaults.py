@@ -156,10 +156,10 @@ def test_verbose_is_accepted_after_every_subcommand(command):
 def test_verbose_after_the_subcommand_turns_on_progress_logging(tmp_path, monkeypatch):
     import logging
 
-    root_logger = logging.getLogger()
-    monkeypatch.setattr(root_logger, "level", logging.WARNING)
+    ours = logging.getLogger("dinoseek")
+    monkeypatch.setattr(ours, "level", logging.NOTSET)
     invoke("info", tmp_path, "-v")  # no library here: the error does not matter, the flag does
-    assert root_logger.level == logging.INFO
+    assert ours.level == logging.INFO and logging.getLogger("alembic").getEffectiveLevel() > logging.INFO
 
 
 # ---- ~ in Python paths ---------------------------------------------------------------------------

@@ -368,3 +368,19 @@ def test_unlistable_folder_keeps_its_rows_run_after_run(tmp_path, encoder, monke
         catalog = rows(root)
         assert catalog[b"private"].status == "unreadable" and "Permission denied" in catalog[b"private"].reason
         assert catalog[b"private/a.jpg"].status == EMBEDDED
+
+
+def test_decode_workers_also_run_when_started_by_spawn(tmp_path, tiny_folder, monkeypatch):
+    """What macOS uses (fork is unsafe there): the same run, the same rows."""
+    from test_retrieval import make_library_photos
+
+    from dinoseek.indexer import pipeline
+    from dinoseek.indexer.library import Library
+    from dinoseek.model import Encoder
+
+    monkeypatch.setattr(pipeline, "worker_start_method", lambda: "spawn")
+    make_library_photos(tmp_path / "photos")
+    encoder = Encoder.from_pretrained(tiny_folder, precision="fp32")
+    with Library.open(tmp_path / "photos", write=True, create=True) as library:
+        pipeline.run_index(library, encoder, pipeline.Options(workers=2))
+        assert library.info()["counts"] == {"embedded": 11}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -197,7 +198,7 @@ def test_usable_factories_work_at_every_size(factory):
 
 
 # ---- Ctrl-C --------------------------------------------------------------------------------------
-def test_ctrl_c_in_process_is_aborted_with_exit_130(root, tiny_folder, monkeypatch):
+def test_ctrl_c_in_process_is_one_line_with_exit_130(root, tiny_folder, monkeypatch):
     from dinoseek.indexer import pipeline
 
     def interrupted(*args, **kwargs):
@@ -205,7 +206,9 @@ def test_ctrl_c_in_process_is_aborted_with_exit_130(root, tiny_folder, monkeypat
 
     monkeypatch.setattr(pipeline, "run_index", interrupted)
     result = invoke("index", root, "--weights", tiny_folder, "--workers", 0)
-    assert result.exit_code == 130 and result.output == "Aborted!\n"
+    assert result.exit_code == 130
+    assert result.output == (f"interrupted before any image was saved; run `dinoseek index {root} --weights "
+                             f"{tiny_folder}` again\n")
 
 
 @pytest.mark.slow
@@ -223,16 +226,18 @@ def test_ctrl_c_during_index_is_one_line_and_the_library_stays_consistent(tmp_pa
     # A new session, and the signal sent to its whole process group: what a terminal's Ctrl-C does,
     # so the decode workers get it too.
     process = subprocess.Popen([*map(str, command), "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               cwd=REPO, start_new_session=True)
-    seen = 0
-    for line in process.stderr:  # the progress bar: one line per image when not on a terminal
-        seen += b"embedding (" in line
-        if seen >= 20:
+                               cwd=REPO, start_new_session=True,
+                               env={**os.environ, "DINOSEEK_PROGRESS_INTERVAL": "0"})  # a count line per image
+    for line in process.stderr:  # "index: 20/120 images (16%), ..."
+        if line.startswith(b"index: ") and int(line.split(b"/")[0].split()[-1]) >= 20:
             break
     os.killpg(process.pid, signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err.decode()[-2000:]
-    assert "Traceback" not in err.decode() and err.decode().rstrip().endswith("Aborted!")
+    last = err.decode().rstrip().splitlines()[-1]
+    assert "Traceback" not in err.decode() and re.fullmatch(
+        r"interrupted: \d+ of 120 images saved in the catalog; run "
+        + re.escape(f"`dinoseek index {root} --weights {tiny_folder}` again to resume"), last), last
     assert b"embedded," not in out  # the run did not finish
 
     rerun = run("--workers", "0")
@@ -457,9 +462,10 @@ def test_ctrl_c_while_the_cli_is_still_importing(monkeypatch, capsys):
     assert capsys.readouterr().err == "Aborted!\n"
 
 
-def test_importing_the_query_layer_does_not_load_torch():
+def test_importing_the_query_layer_does_not_load_torch(tmp_path):
     import subprocess
     import sys
 
-    code = "import sys, retrieval, retrieval.entry; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    code = ("import sys, dinoseek.retrieval, dinoseek.retrieval.entry; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)  # the installed package, not ./retrieval
