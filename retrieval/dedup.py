@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import faiss
+import numpy as np
 
 from dinoseek.indexer.library import Library
 from dinoseek.indexer.paths import under_root
@@ -14,10 +17,15 @@ from dinoseek.indexer.tuning import DEDUP_BLOCK, DEDUP_NPROBE, EXACT_PAIRS_MAX
 from dinoseek.model import Embedder
 
 from .errors import InvalidArgumentError
-from .grouping import complete_linkage, range_pairs
-from .keep import DEFAULT_ORDER, Member, choose_keeper, in_folder
+from .grouping import linked_groups, rescored_pairs, unit_rows
+from .keep import DEFAULT_ORDER, Member, check_order, choose_keeper, in_folder
+from .sidecars import RAW_SUFFIXES, raw_partner
 
 DEFAULT_THRESHOLD = 0.95  # cosine of CLS vectors; `dinoseek calibrate` recommends one for a library
+# Candidates are searched this far below the threshold in a compressed index, then re-scored
+# exactly (see score_margin).
+SQ_MARGIN = 0.01
+PQ_MARGIN = 0.1
 
 
 @dataclass(frozen=True)
@@ -26,8 +34,13 @@ class Group:
     members: list[Member]  # sorted by id
     min_similarity: float  # lowest pairwise similarity inside the group (1.0 for exact)
     keeper: Member
-    reason: str  # why the keeper stays
+    reason: str  # why the keeper stays: true against every member that goes
     protected_ids: frozenset[int] = frozenset()  # members in a --protect folder: they all stay too
+    reasons: dict[int, str] = field(default_factory=dict)  # member id -> why it goes (keep.choose_keeper)
+    # member id -> cosine of its catalog vectors with the keeper's (1.0 for identical bytes)
+    similarities: dict[int, float] = field(default_factory=dict)
+    # member id -> the patch-token score that joined it to the keeper, where --crops re-ranking did
+    crop_similarities: dict[int, float] = field(default_factory=dict)
 
     def keeps(self, member: Member) -> bool:
         return member.id == self.keeper.id or member.id in self.protected_ids
@@ -37,15 +50,30 @@ class Group:
         """The members an action applies to: neither the keeper nor protected."""
         return [m for m in self.members if not self.keeps(m)]
 
+    def reason_for(self, member: Member) -> str:
+        """The keeper's reason for the keeper; each other member's own (the group's if none recorded)."""
+        return self.reason if member.id == self.keeper.id else self.reasons.get(member.id, self.reason)
+
+    def similarity_to_keeper(self, member: Member) -> float | None:
+        return 1.0 if member.id == self.keeper.id else self.similarities.get(member.id)
+
     def to_dict(self) -> dict:
+        def similarity(m: Member):
+            value = self.similarity_to_keeper(m)
+            return None if value is None else round(value, 6)
+
         return {
             "kind": self.kind,
             "min_similarity": round(self.min_similarity, 6),
             "keep": self.keeper.path,
             "reason": self.reason,
             "members": [{"id": m.id, "path": m.path, "bytes": m.size, "width": m.width, "height": m.height,
-                         "format": m.format, "captured_at": m.captured_at, "sha256": m.sha256,
-                         "keep": self.keeps(m)} for m in self.members],
+                         "format": m.format, "captured_at": m.captured_at, "camera": m.camera,
+                         "raw_partner": m.raw_partner, "sha256": m.sha256, "keep": self.keeps(m),
+                         "similarity": similarity(m), "reason": self.reason_for(m),
+                         **({"crop_similarity": round(self.crop_similarities[m.id], 6)}
+                            if m.id in self.crop_similarities else {})}
+                        for m in self.members],
         }
 
 
@@ -81,8 +109,14 @@ def find_duplicates(
 
     Exact copies have similarity 1 and so land in the same near group; a group is labelled
     "exact" when all its members share one hash. Truncated or otherwise failed files are never
-    members (only embedded rows are). With `crop_encoder`, pairs down to `candidate_threshold`
-    are re-scored with patch tokens (retrieval.rerank) so crops of one photo group together.
+    members (only embedded rows are). Every score that decides is exact: candidates from the
+    library's index (compressed or not) are re-scored as cosines of the catalog's vectors before the
+    threshold applies (grouping.rescored_pairs). With `crop_encoder`, pairs down to
+    `candidate_threshold` are re-scored with patch tokens (retrieval.rerank) so crops of one photo
+    group together.
+
+    Each group names its keeper and why (retrieval.keep: `order`, default keep.DEFAULT_ORDER), and
+    for every other member its own reason and its exact similarity to the keeper.
 
     `protected` folders: every member inside one stays (the keeper is one of them, reason "in a
     protected folder"); a group with every member protected has nothing to act on and is left out.
@@ -93,24 +127,32 @@ def find_duplicates(
         raise InvalidArgumentError(f"must be in (0, 1], got {threshold}", argument="threshold")
     protected = tuple(folder_prefix(library.root, p) for p in protected)
     prefix = None if folder is None else folder_prefix(library.root, folder, "folder")
+    order = check_order(tuple(order))
     if protected and "protected" not in order:
         order = ("protected", *order)  # --protect always wins, whatever --keep lists
-    if exact_only:
-        groups = [(ids, 1.0) for ids in library.catalog.exact_hash_groups()]
+    if exact_only:  # each hash is one group as it is (no pairs: a file copied 1,000 times is 1 group)
+        groups, scores = [(ids, 1.0) for ids in library.catalog.exact_hash_groups()], None
     else:
         index = candidate_index(library, kind, block)
+        blocks = library.catalog.vector_blocks(kind, block)
+        margin = score_margin(index)
+
+        def vectors_of(ids):
+            return library.catalog.vectors(kind, ids)
+
         # Byte copies first, at similarity 1: their float16 vectors may score 0.9999 against each
-        # other, which a threshold of 1 would miss; complete_linkage keeps the first score of a pair.
+        # other, which a threshold of 1 would miss; linked_groups keeps the first score of a pair.
         exact = exact_pairs(library.catalog.exact_hash_groups())
         if crop_encoder is None:
-            blocks = library.catalog.vector_blocks(kind, block)
-            groups = complete_linkage(itertools.chain(exact, range_pairs(index, blocks, threshold, nprobe)))
+            pairs = rescored_pairs(index, blocks, threshold, vectors_of, nprobe=nprobe, margin=margin)
+            groups, scores = linked_groups(itertools.chain(exact, pairs))
         else:
             from .rerank import rerank
 
             low = candidate_threshold if candidate_threshold is not None else max(0.0, threshold - 0.15)
-            candidates = range_pairs(index, library.catalog.vector_blocks(kind, block), low, nprobe)
-            groups = complete_linkage(itertools.chain(exact, rerank(candidates, library, crop_encoder, threshold)))
+            candidates = rescored_pairs(index, blocks, low, vectors_of, nprobe=nprobe, margin=margin)
+            groups, scores = linked_groups(itertools.chain(exact, rerank(candidates, library, crop_encoder,
+                                                                         threshold)))
     members = _members(library, [i for ids, _ in groups for i in ids])
     result = []
     for ids, lowest in groups:
@@ -120,14 +162,62 @@ def find_duplicates(
         shielded = frozenset(m.id for m in group_members if any(in_folder(m, p) for p in protected))
         if len(group_members) < 2 or len(shielded) == len(group_members):
             continue
-        keeper, reason = choose_keeper(group_members, order, protected)
+        decision = choose_keeper(group_members, order, protected)
+        reason = decision.reason
         if len(shielded) > 1:
             reason = f"{reason}; all {len(shielded)} copies in protected folders stay"
         exact = len({m.sha256 for m in group_members}) == 1
         lowest = min(1.0, max(-1.0, lowest))  # float16 vectors: a cosine may round to 1.0001
-        result.append(Group("exact" if exact else "near", group_members, 1.0 if exact else lowest, keeper, reason,
-                            shielded))
+        result.append(Group("exact" if exact else "near", group_members, 1.0 if exact else lowest, decision.keeper,
+                            reason, shielded, decision.reasons))
+    if result:
+        result = _with_similarities(library, result, kind, scores)
     return result
+
+
+def score_margin(index: VectorIndex) -> float:
+    """How far below the threshold to look for candidates in `index`, by how far its scores can be off.
+
+    Flat and IVF-Flat store the vectors: their scores are exact (0). SQ8 errs by ~0.002 on unit
+    vectors (measured, 128 and 384 dimensions): 0.01. PQ and RaBitQ err by up to ~0.1 on clustered
+    vectors and more on random ones: 0.1 finds nearly all pairs of real photos; one still missed is a
+    duplicate left unreported, never a wrong group, since every candidate is re-scored exactly.
+    """
+    inner = faiss.downcast_index(index.index.index)
+    if isinstance(inner, (faiss.IndexScalarQuantizer, faiss.IndexIVFScalarQuantizer)):
+        return SQ_MARGIN
+    if isinstance(inner, (faiss.IndexFlat, faiss.IndexIVFFlat)):
+        return 0.0
+    return PQ_MARGIN
+
+
+def _with_similarities(library: Library, groups: list[Group], kind: str,
+                       scores: dict[int, dict[int, float]] | None) -> list[Group]:
+    """Groups with each member's exact similarity to its keeper: 1.0 for identical bytes, else the
+    cosine of the two catalog vectors (float16, re-normalised). `scores` (None for --exact) are the
+    pair scores the groups were linked by: where one exceeds the cosine, --crops re-ranking joined
+    the pair, and that score is kept as its crop similarity."""
+    unit: dict[int, np.ndarray] = {}
+    if scores is not None:
+        ids, vectors = library.catalog.vectors(kind, sorted({m.id for g in groups for m in g.members}))
+        unit = dict(zip(ids.tolist(), unit_rows(vectors)))
+    out = []
+    for group in groups:
+        keeper = group.keeper
+        similarities, crops = {}, {}
+        for m in group.members:
+            if m.id == keeper.id:
+                continue
+            if m.sha256 and m.sha256 == keeper.sha256 or scores is None:
+                similarities[m.id] = 1.0
+                continue
+            if m.id in unit and keeper.id in unit:
+                similarities[m.id] = float(np.clip(unit[m.id] @ unit[keeper.id], -1.0, 1.0))
+            linked = scores.get(keeper.id, {}).get(m.id)
+            if linked is not None and m.id in similarities and linked > similarities[m.id] + 1e-6:
+                crops[m.id] = linked
+        out.append(replace(group, similarities=similarities, crop_similarities=crops))
+    return out
 
 
 def exact_pairs(hash_groups: list[list[int]]) -> list[tuple[int, int, float]]:
@@ -154,6 +244,29 @@ def candidate_index(library: Library, kind: str, block: int = DEDUP_BLOCK) -> Ve
 
 
 def _members(library: Library, ids: list[int]) -> dict[int, Member]:
+    """The keep rules' view of these rows: catalog fields, and whether a RAW file sits beside each."""
+    cameras = {r[0]: r[-1] for r in library.catalog.hit_rows(sorted(set(ids)))}  # (..., camera)
+    has_raw = _RawFolders(library.root)
     return {r.id: Member(r.id, r.path_text, r.path, r.size, r.width or 0, r.height or 0, r.format or "",
-                         r.captured_at, r.sha256 or "", r.mtime_ns)
+                         r.captured_at, r.sha256 or "", r.mtime_ns, camera=cameras.get(r.id),
+                         raw_partner=has_raw(r.path))
             for r in library.catalog.members(ids)}
+
+
+class _RawFolders:
+    """Whether a photo has a RAW partner (sidecars.raw_partner), listing each folder once first: most
+    folders hold no RAW at all, and a big one would otherwise be listed again for every member in it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.folders: dict[bytes, bool] = {}
+
+    def __call__(self, raw_path: bytes) -> bool:
+        folder = os.path.dirname(raw_path)
+        if folder not in self.folders:
+            try:
+                with os.scandir(self.root / os.fsdecode(folder)) as entries:
+                    self.folders[folder] = any(os.path.splitext(e.name)[1].lower() in RAW_SUFFIXES for e in entries)
+            except OSError:
+                self.folders[folder] = False
+        return self.folders[folder] and raw_partner(self.root / os.fsdecode(raw_path)) is not None

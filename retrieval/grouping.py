@@ -4,11 +4,15 @@ Candidate pairs come from range searches over the whole library in blocks (memor
 block size and the number of close pairs, never N^2). Groups are then formed by complete linkage:
 two groups merge only if every member of one is above the threshold with every member of the
 other, so A~B and B~C never put A with C unless A~C too.
+
+Scores that decide are exact: a compressed index (SQ8, PQ) only proposes candidate pairs, searched a
+margin below the threshold, and each candidate is re-scored as the cosine of the catalog's own vectors
+before the threshold is applied (`rescored_pairs`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -28,12 +32,53 @@ def range_pairs(index, blocks: Iterable[tuple[np.ndarray, np.ndarray]], threshol
                     yield int(a), int(b), float(score)
 
 
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float16 storage leaves them a little off): their inner products
+    are cosines. All-zero rows stay zero."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms == 0, 1, norms)
+
+
+def rescored_pairs(index, blocks: Iterable[tuple[np.ndarray, np.ndarray]], threshold: float,
+                   vectors_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], *,
+                   nprobe: int | None = None, margin: float = 0.0) -> Iterator[tuple[int, int, float]]:
+    """Like `range_pairs`, with exact scores: candidates are searched at `threshold - margin` (a
+    compressed index's scores err both ways), then each is re-scored as the cosine of the two
+    vectors `vectors_of(ids)` returns ((ids, vectors) of those still present, as Catalog.vectors
+    does) and kept only at >= threshold. Block by block, so memory stays bounded as in range_pairs.
+    """
+    for ids, vectors in blocks:
+        queries = unit_rows(vectors)  # (B, D)
+        lims, _, found = index.range_search(vectors, threshold - margin, nprobe)
+        rows = np.repeat(np.arange(len(ids)), np.diff(lims).astype(np.int64))  # query row of each candidate
+        keep = found > ids[rows]  # each pair once (a < b); also drops FAISS's -1 padding
+        rows, partners = rows[keep], found[keep]
+        if not len(partners):
+            continue
+        present, partner_vectors = vectors_of(np.unique(partners))  # rows deleted meanwhile drop out
+        position = np.searchsorted(present, partners)
+        known = (position < len(present)) & (present[np.minimum(position, len(present) - 1)] == partners)
+        rows, partners, position = rows[known], partners[known], position[known]
+        sims = np.einsum("ij,ij->i", queries[rows], unit_rows(partner_vectors)[position])  # (P,)
+        for row, b, sim in zip(rows.tolist(), partners.tolist(), sims.tolist()):
+            if sim >= threshold:
+                yield int(ids[row]), b, min(1.0, sim)
+
+
 def complete_linkage(pairs: Iterable[tuple[int, int, float]]) -> list[tuple[list[int], float]]:
     """Groups (sorted members, lowest pairwise similarity) of size >= 2, strongest pairs first.
 
     Edges are taken in order of decreasing similarity; two groups merge only when all their cross
     pairs are edges, so every pair inside a group is above the threshold.
     """
+    return linked_groups(pairs)[0]
+
+
+def linked_groups(pairs: Iterable[tuple[int, int, float]]) -> tuple[list[tuple[list[int], float]],
+                                                                    dict[int, dict[int, float]]]:
+    """`complete_linkage`'s groups, and the score of every pair it was given (id -> id -> score,
+    both ways; the first score of a pair counts), so callers can report each member's score."""
     neighbours: dict[int, dict[int, float]] = {}
     edges = []
     for a, b, sim in pairs:
@@ -64,4 +109,4 @@ def complete_linkage(pairs: Iterable[tuple[int, int, float]]) -> list[tuple[list
         lowest[ga] = min(lowest[ga], lowest[gb], min(cross))
         del members[gb]
     groups = [(sorted(m), lowest[g]) for g, m in members.items() if len(m) > 1]
-    return sorted(groups, key=lambda g: (-len(g[0]), g[0][0]))
+    return sorted(groups, key=lambda g: (-len(g[0]), g[0][0])), neighbours

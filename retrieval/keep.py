@@ -1,16 +1,48 @@
-"""Which copy of a duplicate group stays, and why."""
+"""Which copy of a duplicate group stays, and why — for the group and for every member.
+
+The default order answers "which file would the photographer keep?" from what the catalog knows
+(pixels, format, size, EXIF capture time and make/model, modification time) and one look at the
+folder (a RAW file beside a JPEG):
+
+1. ``protected``: a copy in a ``--protect`` folder (the user said so).
+2. ``resolution``: clearly more *real* pixels. Two rules make "real" precise:
+   - a difference counts only from REAL_PIXEL_RATIO (1.2x the pixel count, ~10% per side) up; below
+     it copies tie (a few rows cropped, a re-save) and the next rules decide;
+   - a copy without camera metadata gets no credit for pixels beyond the best camera copy in its
+     group: an upscale (or a screenshot taken on a bigger screen) has more pixels but no more
+     detail, and from the catalog it cannot be told from a full-size copy that lost its EXIF, so
+     the camera's copy is trusted. A downscaled copy, with or without EXIF, loses here.
+3. ``original``: evidence the file came from the camera: the JPEG/HEIC of a RAW+JPEG pair (a RAW
+   file of the same name beside it), then EXIF make/model *and* capture time, then one of them.
+   So an export, re-save or screenshot (no camera metadata) never beats the original it came from.
+4. ``size``: the largest file *of its format*; sizes of different formats are not compared (a PNG
+   re-save of a JPEG is larger, not better). Among same-format copies with the same pixels the
+   larger one was encoded at a higher quality (a lower-quality re-encode loses).
+5. ``oldest``: the earliest EXIF capture time (copies without one last).
+6. ``format``: lossless first (after all of the above a lossless copy can only be as good).
+7. ``modified``: the earliest modification time: a copy cannot be older than what it was copied
+   from. For byte-identical copies this is what decides after ``protected`` (and a RAW beside one).
+
+Full ties go to the shorter path, then the path's bytes: stable across runs and re-indexing (row ids
+are not). An explicit ``--keep`` order uses its rules in that order, then ``modified``, then the path.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
 
 from .errors import InvalidArgumentError
 
 # Lower is better: lossless first, then formats that keep more of the original.
 FORMAT_RANK = {"PNG": 0, "TIFF": 0, "BMP": 1, "HEIF": 2, "AVIF": 2, "JPEG": 3, "MPO": 3, "WEBP": 4, "GIF": 5}
-RULES = ("protected", "resolution", "size", "oldest", "format")
+RULES = ("protected", "resolution", "original", "size", "oldest", "format", "modified")
 DEFAULT_ORDER = RULES
+# A pixel count counts as more only from this factor up (1.2: about 10% more per side). Resizing by
+# less than that, or cropping a few rows, changes too little detail to outweigh provenance.
+REAL_PIXEL_RATIO = 1.2
 
 
 @dataclass(frozen=True)
@@ -22,9 +54,22 @@ class Member:
     width: int
     height: int
     format: str
-    captured_at: str | None
+    captured_at: str | None  # EXIF capture time, "YYYY-MM-DD HH:MM:SS"
     sha256: str
     mtime_ns: int
+    camera: str | None = None  # EXIF make and model
+    raw_partner: bool = False  # a RAW file of the same name beside it (retrieval.sidecars.raw_partner)
+
+    @property
+    def pixels(self) -> int:
+        return max(self.width or 0, 0) * max(self.height or 0, 0)
+
+
+@dataclass(frozen=True)
+class Decision:
+    keeper: Member
+    reason: str  # why the keeper stays: true against every member that goes
+    reasons: dict[int, str] = field(default_factory=dict)  # member id -> why it goes (or stays, if protected)
 
 
 def in_folder(member: Member, folder: bytes | str) -> bool:
@@ -34,39 +79,165 @@ def in_folder(member: Member, folder: bytes | str) -> bool:
     return prefix in (b"", b".") or member.raw_path.startswith(prefix + b"/")
 
 
-def _key(member: Member, rule: str, protected: tuple[bytes | str, ...]):
-    """Sort key for one rule; smaller sorts first (= preferred)."""
-    if rule == "protected":
-        return 0 if any(in_folder(member, p) for p in protected) else 1
-    if rule == "resolution":
-        return -(member.width or 0) * (member.height or 0)
-    if rule == "size":
-        return -member.size
-    if rule == "oldest":
-        return member.captured_at or "9999"
-    if rule == "format":
-        return FORMAT_RANK.get(member.format, 9)
-    raise InvalidArgumentError(f"unknown keep rule {rule!r}; expected one of {', '.join(RULES)}")
+def provenance(member: Member) -> int:
+    """0: half of a RAW+JPEG pair; 1: EXIF make/model and capture time; 2: one of them; 3: neither."""
+    if member.raw_partner:
+        return 0
+    return 3 - (member.camera is not None) - (member.captured_at is not None)
 
 
-def _describe(member: Member, rule: str) -> str:
-    return {
-        "protected": "in a protected folder",
-        "resolution": f"highest resolution ({member.width}x{member.height})",
-        "size": f"largest file ({member.size:,} bytes)",
-        "oldest": f"earliest capture time ({member.captured_at})",
-        "format": f"preferred format ({member.format})",
-    }[rule]
+def is_camera_copy(member: Member) -> bool:
+    return provenance(member) < 3
+
+
+class _Ranking:
+    """Sort keys of one group's members, rule by rule; smaller sorts first (= preferred)."""
+
+    def __init__(self, members: list[Member], protected: tuple[bytes | str, ...]) -> None:
+        self.protected = protected
+        camera_pixels = [m.pixels for m in members if is_camera_copy(m)]
+        self.cap = max(camera_pixels) if camera_pixels else None  # see rule 2 in the module docstring
+        self.best = max(self.credited(m) for m in members)
+        self.largest_of_format = {}
+        for m in members:
+            self.largest_of_format[m.format] = max(self.largest_of_format.get(m.format, 0), m.size)
+
+    def credited(self, member: Member) -> int:
+        """Pixels that count: a copy without camera metadata gets none beyond the best camera copy."""
+        if self.cap is None or is_camera_copy(member):
+            return member.pixels
+        return min(member.pixels, self.cap)
+
+    def full_resolution(self, member: Member) -> bool:
+        return self.credited(member) * REAL_PIXEL_RATIO > self.best
+
+    def key(self, member: Member, rule: str):
+        if rule == "protected":
+            return 0 if any(in_folder(member, p) for p in self.protected) else 1
+        if rule == "resolution":  # every copy within the ratio of the best ties; the others by pixels
+            return (0, 0) if self.full_resolution(member) else (1, -self.credited(member))
+        if rule == "original":
+            return provenance(member)
+        if rule == "size":
+            return 0 if member.size == self.largest_of_format[member.format] else 1
+        if rule == "oldest":
+            return member.captured_at or "9999"
+        if rule == "format":
+            return FORMAT_RANK.get(member.format, 9)
+        assert rule == "modified", rule  # check_order let only RULES through
+        return member.mtime_ns
+
+
+def check_order(order: tuple[str, ...]) -> tuple[str, ...]:
+    """`order` if every rule in it is known; InvalidArgumentError naming the first one that is not."""
+    for rule in order:
+        if rule not in RULES:
+            raise InvalidArgumentError(f"has an unknown rule {rule!r}; expected some of {', '.join(RULES)}",
+                                       argument="order")
+    if not order:
+        raise InvalidArgumentError(f"needs at least one rule of {', '.join(RULES)}", argument="order")
+    return order
 
 
 def choose_keeper(members: list[Member], order: tuple[str, ...] = DEFAULT_ORDER,
-                  protected: tuple[bytes | str, ...] = ()) -> tuple[Member, str]:
-    """The member to keep and the reason: the first rule (in `order`) that separates it from the
-    runner-up; full ties go to the shortest path (then the oldest row)."""
-    keys = {m.id: tuple(_key(m, r, protected) for r in order) + (len(m.path), m.path, m.id) for m in members}
-    ranked = sorted(members, key=lambda m: keys[m.id])
-    keeper, runner_up = ranked[0], ranked[1]
-    for position, rule in enumerate(order):
-        if keys[keeper.id][position] != keys[runner_up.id][position]:
-            return keeper, _describe(keeper, rule)
-    return keeper, "all copies equal by the keep rules: shortest path"
+                  protected: tuple[bytes | str, ...] = ()) -> Decision:
+    """The member to keep, why (true against every member that goes), and each member's own reason.
+
+    Each member's reason is the first rule of `order` (then `modified`, then the path) on which it
+    differs from the keeper; the keeper's reason lists those rules, with how many copies each decided.
+    """
+    order = check_order(tuple(order))
+    if len(members) < 2:
+        raise InvalidArgumentError(f"a duplicate group has at least 2 members, got {len(members)}")
+    rules = order + (() if "modified" in order else ("modified",))
+    ranking = _Ranking(members, protected)
+    keys = {m.id: tuple(ranking.key(m, r) for r in rules) + (len(m.raw_path), m.raw_path) for m in members}
+    keeper = min(members, key=lambda m: keys[m.id])
+    reasons, deciding = {}, Counter()
+    for m in members:
+        if m.id == keeper.id:
+            continue
+        if ranking.key(m, "protected") == 0:
+            reasons[m.id] = "in a protected folder: stays too"
+            continue
+        rule = next((r for position, r in enumerate(rules) if keys[m.id][position] != keys[keeper.id][position]),
+                    "path")
+        reasons[m.id] = _why_not(m, keeper, rule, ranking)
+        deciding[rule] += 1
+    return Decision(keeper, _why(keeper, deciding, rules + ("path",)), reasons)
+
+
+# ---- wording -------------------------------------------------------------------------------------
+
+def _when(mtime_ns: int, other_ns: int | None = None) -> str:
+    """Local time to the second; to the microsecond when `other_ns` falls in the same second."""
+    shown = "%Y-%m-%d %H:%M:%S" + (".%f" if other_ns is not None and mtime_ns // 10**9 == other_ns // 10**9 else "")
+    return datetime.fromtimestamp(mtime_ns / 1e9).strftime(shown)
+
+
+def _camera_text(member: Member) -> str:
+    parts = [member.camera, member.captured_at and f"captured {member.captured_at}"]
+    return ", ".join(p for p in parts if p)
+
+
+def _describe(keeper: Member, rule: str) -> str:
+    """What the keeper has that the copies this rule decided against lack."""
+    if rule == "protected":
+        return "in a protected folder"
+    if rule == "resolution":
+        return f"highest resolution ({keeper.width}x{keeper.height})"
+    if rule == "original":
+        if keeper.raw_partner:
+            return "camera original: the JPEG of a RAW+JPEG pair"
+        return f"camera original ({_camera_text(keeper)})"
+    if rule == "size":
+        return f"largest file of its format ({keeper.format}, {keeper.size:,} bytes)"
+    if rule == "oldest":
+        return f"earliest capture time ({keeper.captured_at})"
+    if rule == "format":
+        return f"preferred format ({keeper.format})"
+    if rule == "modified":
+        return f"earliest modification time ({_when(keeper.mtime_ns)})"
+    return "equal by every keep rule: chosen by path (shorter, then alphabetical)"
+
+
+def _why(keeper: Member, deciding: Counter, rules: tuple[str, ...]) -> str:
+    """The keeper's reason. One rule: its description; several: each with the copies it decided."""
+    used = [r for r in rules if deciding[r]]
+    if len(used) == 1:
+        return _describe(keeper, used[0])
+    return "; ".join(f"{_describe(keeper, r)}, over {deciding[r]} {'copy' if deciding[r] == 1 else 'copies'}"
+                     for r in used)
+
+
+def _why_not(member: Member, keeper: Member, rule: str, ranking: _Ranking) -> str:
+    """Why `member` goes: how it compares with the keeper on the first rule where they differ."""
+    if rule == "protected":
+        return "not in a protected folder"
+    if rule == "resolution":
+        return f"lower resolution ({member.width}x{member.height} vs {keeper.width}x{keeper.height})"
+    if rule == "original":
+        if member.pixels >= keeper.pixels * REAL_PIXEL_RATIO and not is_camera_copy(member):
+            return (f"more pixels ({member.width}x{member.height} vs {keeper.width}x{keeper.height}) but no "
+                    f"camera metadata: an upscale or re-save, not the original")
+        if keeper.raw_partner:
+            return "the kept copy is the JPEG of a RAW+JPEG pair"
+        if not is_camera_copy(member):
+            return f"no camera metadata (the kept copy has {_camera_text(keeper)})"
+        return f"less camera metadata ({_camera_text(member)} vs {_camera_text(keeper)})"
+    if rule == "size":
+        largest = ranking.largest_of_format[member.format]
+        if member.format == keeper.format:
+            return f"smaller {member.format} file ({member.size:,} bytes vs {largest:,})"
+        return f"a larger {member.format} copy exists ({member.size:,} bytes vs {largest:,})"
+    if rule == "oldest":
+        if member.captured_at is None:
+            return f"no capture time (the kept copy: {keeper.captured_at})"
+        return f"later capture time ({member.captured_at} vs {keeper.captured_at})"
+    if rule == "format":
+        return f"less preferred format ({member.format} vs {keeper.format})"
+    copy = "identical bytes, " if member.sha256 and member.sha256 == keeper.sha256 else ""
+    if rule == "modified":
+        later, earlier = _when(member.mtime_ns, keeper.mtime_ns), _when(keeper.mtime_ns, member.mtime_ns)
+        return f"{copy}modified later ({later} vs {earlier})"
+    return f"{copy}equal by every keep rule; the kept copy's path comes first"
