@@ -255,15 +255,20 @@ def open_library(
     weights: str | Path | None = None,
     device: str = "cpu",
     precision: str = "auto",
+    load_model: bool = False,
 ) -> LibrarySearch:
-    """Open a library for searching; `model`/`weights` load an encoder for image queries."""
+    """Open a library for searching. An encoder for image queries is loaded when `model`/`weights`
+    name one (it must be the library's), or with `load_model=True` the one the library recorded
+    (its weights path or Hub repo, and its preprocessing). Without either, searches take vectors
+    and `similar` works, with no model loaded."""
     library = Library.open(Path(root).expanduser(), folder=folder, url=url)
     try:
-        encoder = None
-        if model or weights:
+        encoder, manifest = None, library.manifest()
+        if (model or weights or load_model) and manifest is not None:  # none: not indexed yet, said below
             from dinoseek.model import encoder_for_library
 
-            encoder = encoder_for_library(library.manifest(), weights or model, device=device, precision=precision)
+            encoder = encoder_for_library(manifest, weights or model, root=library.root, device=device,
+                                          precision=precision)
         return LibrarySearch(library, encoder, owns_library=True)  # closed with it
     except BaseException:
         library.close()

@@ -138,10 +138,12 @@ class _Date(click.ParamType):
 def model_options(func):
     """--model/--weights/--device/--precision, shared by every command that embeds."""
     options = [
-        click.option("--model", "model_name", type=click.Choice(sorted(PRESETS)), default="small", show_default=True,
-                     help="DINOv2 preset; its weights come from the Hugging Face cache."),
+        click.option("--model", "model_name", type=click.Choice(sorted(PRESETS)), default=None,
+                     help="DINOv2 preset; its weights come from the Hugging Face cache [default: the model the "
+                          "library was built with, else small]."),
         click.option("--weights", type=click.Path(exists=True, path_type=Path),
-                     help="Local weights instead: an HF folder, .safetensors or original .pth file."),
+                     help="Local weights instead: an HF folder, .safetensors or original .pth file. A library "
+                          "remembers them (and follows them when moved: give the new place once)."),
         click.option("--device", default="auto", show_default=True,
                      help="auto (CUDA, else Apple MPS, else cpu), cpu, cuda[:N] or mps."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
@@ -153,12 +155,13 @@ def model_options(func):
 
 
 class _Interrupted(click.ClickException):
-    """Ctrl-C: one line and exit 130 (128 + SIGINT, as shells report it), never a traceback."""
+    """Ctrl-C: one line and exit 130 (128 + SIGINT, as shells report it), never a traceback. The
+    line is the message: "Aborted!", or what a command saved and how to go on."""
 
     exit_code = 130
 
     def show(self, file=None) -> None:
-        click.echo("Aborted!", err=True)
+        click.echo(self.message, err=True)
 
 
 class _LogFormatter(logging.Formatter):
@@ -168,9 +171,13 @@ class _LogFormatter(logging.Formatter):
         return _shown(super().formatMessage(record))
 
 
-def _verbose_after_command(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+_VERBOSE_HELP = "Log details to stderr: each skipped file and why, index upkeep (progress is shown without it)."
+
+
+def _verbose(ctx: click.Context | None = None, param: click.Parameter | None = None, value: bool = True) -> None:
+    # dinoseek's own loggers only: -v is about our progress and skipped files, not Alembic's or FAISS's.
     if value:
-        logging.getLogger().setLevel(logging.INFO)
+        logging.getLogger("dinoseek").setLevel(logging.INFO)
 
 
 class _Group(click.Group):
@@ -179,7 +186,7 @@ class _Group(click.Group):
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         # `dinoseek index ROOT -v` works as well as `dinoseek -v index ROOT`.
         cmd.params.append(click.Option(["-v", "--verbose"], is_flag=True, expose_value=False,
-                                       callback=_verbose_after_command, help="Log progress to stderr."))
+                                       callback=_verbose, help=_VERBOSE_HELP))
         super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context):
@@ -193,65 +200,111 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             # Library code cleans up on the way out (a run is recorded as failed, locks released);
             # what is left is a consistent library that the next run completes.
-            raise _Interrupted("interrupted") from None
+            raise _Interrupted("Aborted!") from None
 
 
 @click.group(cls=_Group)
-@click.option("-v", "--verbose", is_flag=True, help="Log progress to stderr.")
+@click.option("-v", "--verbose", is_flag=True, help=_VERBOSE_HELP)
 @click.version_option(package_name="dinoseek")
-def main(verbose: bool) -> None:
-    """Search and de-duplicate photo libraries with DINOv2 embeddings."""
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
+    """Search and de-duplicate photo libraries with DINOv2 embeddings.
+
+    Long steps show progress on stderr: a bar with counts, rate and ETA on a terminal, otherwise a
+    line with counts every DINOSEEK_PROGRESS_INTERVAL seconds (default 10). DINOSEEK_PROGRESS=off
+    hides it. stdout carries only results (pure JSON with --json).
+    """
+    from dinoseek.model.progress import showing_progress
+
     handler = logging.StreamHandler()
     handler.setFormatter(_LogFormatter("%(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    _verbose(value=verbose)
+    ctx.with_resource(showing_progress())  # until the command ends; log lines go around a bar
 
 
 @main.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@click.option("--from-file", "path_list", type=click.File("rb"),
+              help="Also embed the paths listed in this file, one per line ('-': standard input); read as it "
+                   "arrives, so a pipe from `find` starts at once. Folders in it are walked too.")
+@click.option("-0", "--null", is_flag=True, help="Paths in --from-file are separated by NUL bytes (find -print0).")
 @model_options
 @click.option("--mode", type=click.Choice(["crop", "full"]), default="crop", show_default=True,
               help="crop: the reference 256/224 center crop. full: the whole frame resized to --size.")
 @click.option("--size", type=click.IntRange(MIN_SIZE, MAX_SIZE), default=224, show_default=True,
               help="Input side in pixels (multiple of 14 for full).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write cls/patch arrays to this .npz file.")
-@click.option("--json", "as_json", is_flag=True, help="Print the vectors as JSON.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True,
+              help="Images per encoder batch; output is written after each batch.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Write cls.npy, patch.npy (N x D float32) and paths.jsonl (line i: row i) into this folder, "
+                   "a batch at a time.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object per image (JSON Lines): path, cls, patch; or path, status, error.")
 @_translate_errors
-def embed(images, model_name, weights, device, precision, mode, size, out, as_json):
-    """Embed IMAGES and print (or save) their CLS and pooled-patch vectors.
+def embed(images, path_list, null, model_name, weights, device, precision, mode, size, batch_size, out, as_json):
+    """Embed IMAGES (files, or folders walked as `index` walks them) and print or save their CLS and
+    pooled-patch vectors, a batch at a time: memory stays flat however many files there are.
+
+    Files are read by the indexer's decoder, so each gets the vector `index` stores for it. A file
+    that cannot be read is skipped with one line on stderr; a summary line ends the run there. Exit
+    status 0 when at least one image was embedded, 1 when none was.
 
     \b
     Example:
-      dinoseek embed --weights ./dinov2-small photo1.jpg photo2.png --out vectors.npz
+      dinoseek embed --weights ./dinov2-small photo1.jpg photo2.png --json
+      find ~/Pictures -name '*.jpg' -print0 | dinoseek embed --from-file - -0 --out vectors/
     """
+    import contextlib
+    import itertools
+
     import numpy as np
 
-    from dinoseek.indexer.decode import DecodeError, load_pixels
     from dinoseek.model import Encoder
+    from dinoseek.model.encoder import DEFAULT_MODEL
+    from dinoseek.retrieval.embed import Embedded, VectorFolder, embed_paths, image_paths, read_path_list
 
-    encoder = Encoder.from_pretrained(weights or model_name, device=device, precision=precision, mode=mode, size=size)
-    pixels = []
-    for path in images:
-        # The indexer's own path from file to pixels: format allowlist (no EPS handed to
-        # Ghostscript), bomb and size limits, regular files only, EXIF orientation, the encoder's
-        # decode size — so a file gets the same vector here as from `dinoseek index`.
-        try:
-            pixels.append(load_pixels(path, encoder.input_spec)[1])
-        except DecodeError as e:
-            raise click.ClickException(f"cannot decode {_shown(path)}: {e.reason}") from e
-    vectors = encoder.embed_pixels(np.stack(pixels))
+    if not images and path_list is None:
+        raise click.UsageError("give IMAGES (files or folders) or --from-file LIST")
+    if null and path_list is None:
+        raise click.UsageError("--null applies to --from-file")
     if out:
-        np.savez(out, paths=np.array([str(p) for p in images]), cls=vectors.cls, patch=vectors.patch)
-    if as_json:
-        rows = [
-            {"path": str(p), "cls": c.tolist(), "patch": q.tolist()}
-            for p, c, q in zip(images, vectors.cls, vectors.patch)
-        ]
-        click.echo(json.dumps(rows))
-    elif not out:
-        for path, c in zip(images, vectors.cls):
-            click.echo(f"{_shown(path)}\tdim={c.shape[0]}\tcls[:4]={np.round(c[:4], 4).tolist()}")
-    else:
-        click.echo(f"wrote {len(images)} vectors of dim {encoder.dim} ({encoder.precision}) to {_shown(out)}")
+        VectorFolder.check(out)  # before the model loads: a taken --out fails in an instant
+    encoder = Encoder.from_pretrained(weights or model_name or DEFAULT_MODEL, device=device, precision=precision,
+                                      mode=mode, size=size)
+    sources = itertools.chain(images, read_path_list(path_list, null=null) if path_list is not None else ())
+    # Only a run over named files knows its length up front; folders and lists are counted as they come.
+    total = len(images) if path_list is None and not any(p.is_dir() for p in images) else None
+    embedded = skipped = 0
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(VectorFolder(out, encoder.dim)) if out else None
+        # Progress is reported per batch inside embed_paths (model.progress; shown on stderr).
+        for batch in embed_paths(image_paths(sources), encoder, batch_size, total=total):
+            lines = []
+            for result in batch:
+                if isinstance(result, Embedded):
+                    embedded += 1
+                    if as_json:
+                        lines.append(json.dumps(result.to_dict()))
+                    elif not out:
+                        lines.append(f"{_shown(result.path)}\tdim={result.cls.shape[0]}\t"
+                                     f"cls[:4]={np.round(result.cls[:4], 4).tolist()}")
+                else:
+                    skipped += 1
+                    click.echo(f"skipped {_shown(result.path)}: {_shown(result.reason)}", err=True)
+                    if as_json:
+                        lines.append(json.dumps(result.to_dict()))
+            if writer is not None:
+                writer.append(batch)
+            if lines:
+                click.echo("\n".join(lines))  # one write, flushed, per batch: a reader sees each batch at once
+        if writer is not None and not embedded:
+            writer.discard_if_empty()  # so the same --out can be used again
+    if not embedded:
+        raise click.ClickException(f"nothing embedded: {skipped} file(s) skipped (see above)" if skipped else
+                                   "no image files found (JPEG, PNG, WebP, GIF, TIFF, BMP, AVIF, HEIC)")
+    where = f"; written to {_shown(out)}" if out else ""
+    click.echo(f"{embedded} embedded (dim {encoder.dim}, {encoder.precision}), {skipped} skipped{where}", err=True)
 
 
 def _found_root(name: str):
@@ -311,6 +364,9 @@ def library_options(func=None, *, find: bool = True):
                    "string; remembered for later runs.")
 @click.option("--mode", type=click.Choice(["crop", "full"]), default=None,
               help="Preprocessing of a new library [default: crop]; an existing one keeps the mode it recorded.")
+@click.option("--size", type=click.IntRange(MIN_SIZE, MAX_SIZE), default=None,
+              help="Input side in pixels of a new library [default: 224; a multiple of 14 for full]; an existing "
+                   "one keeps the size it recorded.")
 @click.option("--include", multiple=True, help="Only paths matching this glob (repeatable).")
 @click.option("--exclude", multiple=True, help="Skip paths matching this glob (repeatable).")
 @click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links (loop-safe).")
@@ -319,7 +375,7 @@ def library_options(func=None, *, find: bool = True):
               help="How often the FAISS files are checkpointed during a run.")
 @_translate_errors
 def index(root, library_dir, url, model_name, weights, device, precision, workers, batch_size, index_choice, mode,
-          include, exclude, follow_symlinks, allow_mass_delete, checkpoint_seconds):
+          size, include, exclude, follow_symlinks, allow_mass_delete, checkpoint_seconds):
     """Index the photos under ROOT: new and changed files are embedded, removed ones dropped.
 
     \b
@@ -328,10 +384,10 @@ def index(root, library_dir, url, model_name, weights, device, precision, worker
     """
     import time
 
-    from dinoseek.indexer.library import Library
-    from dinoseek.indexer.pipeline import Options, run_index
+    from dinoseek.indexer.library import open_for_indexing
+    from dinoseek.indexer.pipeline import IndexInterrupted, Options, run_index
     from dinoseek.indexer.store import check_factory
-    from dinoseek.model import check_settings, encoder_for_library, load_weights
+    from dinoseek.model import check_settings, encoder_for_library
 
     if not root.is_dir():
         raise click.ClickException(f"{_shown(root)} is not a folder (unmounted disk?)")
@@ -339,36 +395,48 @@ def index(root, library_dir, url, model_name, weights, device, precision, worker
                       allow_mass_delete=allow_mass_delete, checkpoint_seconds=checkpoint_seconds)
     if workers is not None:
         options.workers = workers
-    # The model first: its width is what a FAISS factory string is checked against, and bad
-    # settings, weights or --index must fail before a library folder is created.
-    check_settings(device=device, precision=precision, mode=mode or "crop")
-    loaded = load_weights(weights or model_name)
-    if index_choice not in (None, "auto"):
-        check_factory(index_choice, loaded.vit.config.embed_dim)
-    with Library.open(root, folder=library_dir, url=url, write=True, create=True, index_choice=index_choice) as library:
-        # Only now is the library's recorded preprocessing known, which an existing library keeps.
-        encoder = encoder_for_library(library.manifest(), loaded, device=device, precision=precision, mode=mode)
-        started = time.monotonic()
-        bar = None
+    check_settings(device=device, precision=precision)
 
-        def on_progress(progress):
-            nonlocal bar
-            if bar is None:
-                bar = click.progressbar(length=progress.total, label="embedding", show_eta=True, show_pos=True,
-                                        file=click.get_text_stream("stderr"))
-                bar.__enter__()
-            rate = progress.done / max(time.monotonic() - started, 1e-9)
-            bar.label = f"embedding ({rate:.1f} img/s)"
-            bar.update(1)
+    def model_for(manifest):
+        # The library's recorded model and preprocessing unless flags say otherwise (which must fit
+        # them). Its width is what a FAISS factory string is checked against; missing weights, bad
+        # settings or --index fail before a new library folder is created.
+        encoder = encoder_for_library(manifest, weights or model_name, root=root, device=device, precision=precision,
+                                      mode=mode, size=size)
+        if index_choice not in (None, "auto"):
+            check_factory(index_choice, encoder.dim)
+        return encoder
 
-        try:
-            counts = run_index(library, encoder, options, on_progress)
-        finally:
-            if bar is not None:
-                bar.__exit__(None, None, None)
+    again = _rerun("index", root, library_dir, url, model_name, weights)
+    try:
+        library, encoder = open_for_indexing(root, model_for, folder=library_dir, url=url, index_choice=index_choice)
+        with library:
+            started = time.monotonic()
+            counts = run_index(library, encoder, options)  # progress of the scan and the images: on stderr
+    except IndexInterrupted as e:
+        # Every committed batch stays, and the next run reads only what the catalog does not have.
+        raise _Interrupted(f"interrupted: {e.saved:,} of {e.total:,} images saved in the catalog; "
+                           f"run `{again}` again to resume") from None
+    except KeyboardInterrupt:
+        raise _Interrupted(f"interrupted before any image was saved; run `{again}` again") from None
     seconds = time.monotonic() - started
     click.echo(f"{counts['embedded']} embedded, {counts['moved']} moved, {counts['failed']} failed, "
                f"{counts['deleted']} removed, {counts['scanned']} files seen in {seconds:.1f}s")
+
+
+def _rerun(command: str, root, library_dir, url, model_name: str | None, weights) -> str:
+    """`dinoseek COMMAND ROOT` with the options the user gave to pick the library and the model,
+    shell-quoted: the command line that does it again."""
+    words = ["dinoseek", command, _root_arg(root)]
+    if library_dir is not None:
+        words += ["--library", _root_arg(library_dir)]
+    if url is not None:
+        words += ["--url", shlex.quote(_shown(url))]
+    if weights is not None:
+        words += ["--weights", _root_arg(weights)]
+    elif model_name is not None:
+        words += ["--model", model_name]
+    return " ".join(words)
 
 
 @main.command()
@@ -497,7 +565,7 @@ def search(image, root, library_dir, url, model_name, weights, device, precision
     from dinoseek.retrieval.api import open_library
 
     with open_library(root, folder=library_dir, url=url, model=None if weights else model_name, weights=weights,
-                      device=device, precision=precision) as lib:
+                      device=device, precision=precision, load_model=True) as lib:
         hits = lib.search(image, k=k, kind=kind, filters=_filters(filters))
     _print_hits(hits, as_json)
 
@@ -534,14 +602,18 @@ def similar(path, root, library_dir, url, k, kind, as_json, **filters):
               help="Similarity for near duplicates, in (0, 1] [default: 0.95].")
 @click.option("--kind", type=click.Choice(["cls", "patch"]), default="cls", show_default=True)
 @click.option("--exact", "exact_only", is_flag=True, help="Only byte-identical copies.")
-@click.option("--keep", "keep_order", default="protected,resolution,size,oldest,format", show_default=True,
-              help="Keep rules, in order of priority.")
+@click.option("--keep", "order", default="protected,resolution,original,size,oldest,format,modified",
+              show_default=True,
+              help="Keep rules, in order of priority: protected (--protect folders); resolution (1.2x the pixels or "
+                   "more; an upscale without camera EXIF gets no credit); original (RAW+JPEG pair, then camera "
+                   "EXIF); size (within one format); oldest (capture time); format (lossless first); modified "
+                   "(earliest file time). Ties: shorter path.")
 @click.option("--protect", "protected", multiple=True,
               help="Folder (under ROOT) whose copies are always the ones kept (repeatable).")
 @click.option("--in-folder", "folder",
               help="Only groups with a member under this folder (each group is shown and acted on whole).")
 @click.option("--crops", is_flag=True, help="Re-rank candidates with patch tokens so crops group with their "
-                                             "source (re-reads those files; needs --model/--weights).")
+                                             "source (re-reads those files with the library's model).")
 @click.option("--candidates", "candidate_threshold", type=_SIMILARITY,
               help="With --crops: lowest global similarity to re-rank [default: threshold - 0.15].")
 @model_options
@@ -557,14 +629,17 @@ def similar(path, root, library_dir, url, k, kind, as_json, **filters):
               help="Exit 1 if duplicates were found, 0 if none (as `git diff --exit-code`). Errors exit 1 too "
                    "(usage errors 2), with an `Error:` line on stderr.")
 @_translate_errors
-def dedup(root, library_dir, url, threshold, kind, exact_only, keep_order, protected, folder, crops,
+def dedup(root, library_dir, url, threshold, kind, exact_only, order, protected, folder, crops,
           candidate_threshold, model_name, weights, device, precision, action, do_apply, quarantine, report_file,
           as_json, exit_code):
     """Find duplicate groups; with --action and --apply, set the extra copies aside (undoably).
 
     Nothing changes on disk without --apply. Applying moves the copies that are not kept into a
     quarantine folder (paths preserved), or replaces them by links to the kept copy; every step is
-    journaled, and `dinoseek undo` restores them.
+    journaled, and `dinoseek undo` restores them. Every copy that goes is listed with its similarity
+    to the kept one (exact cosine) and its own reason; the plan ends with the files and bytes that
+    leave the photo folder, and whether the quarantine's filesystem is the photos' own (then no
+    space is freed until `dinoseek purge`).
 
     \b
     Example:
@@ -574,7 +649,7 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, keep_order, prote
     from dinoseek.indexer.library import Library
     from dinoseek.retrieval import actions
     from dinoseek.retrieval.dedup import DEFAULT_THRESHOLD, find_duplicates
-    from dinoseek.retrieval.report import to_json, write_report
+    from dinoseek.retrieval.report import member_note, plan_summary, to_json, write_report
 
     # `is None`, not `or`: a threshold the user typed is never swapped for the default.
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
@@ -583,31 +658,39 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, keep_order, prote
     if candidate_threshold is not None and candidate_threshold > threshold:
         raise click.BadParameter(f"{candidate_threshold} is above the --threshold {threshold}; candidates for "
                                  f"re-ranking are the pairs below it", param_hint="'--candidates'")
-    order = tuple(r.strip() for r in keep_order.split(",") if r.strip())
+    order = tuple(r.strip() for r in order.split(",") if r.strip())
     with Library.open(root, folder=library_dir, url=url, write=do_apply) as library:
         crop_encoder = None
         if crops:
             from dinoseek.model import encoder_for_library
 
-            crop_encoder = encoder_for_library(library.manifest(), weights or model_name, device=device,
-                                               precision=precision)
+            crop_encoder = encoder_for_library(library.manifest(), weights or model_name, root=library.root,
+                                               device=device, precision=precision)
             library.check_model(crop_encoder.manifest())
         groups = find_duplicates(library, threshold=threshold, kind=kind, exact_only=exact_only,
                                  order=order, protected=protected, folder=folder, crop_encoder=crop_encoder,
                                  candidate_threshold=candidate_threshold)
+        # What leaves the photo folder, and whether the quarantine's disk is the photos' (space back only on purge)
+        summary = plan_summary(library, groups, action, quarantine, applied=do_apply) if groups else None
         if report_file:
-            write_report(groups, report_file, library.root, action)
+            write_report(groups, report_file, library.root, action, summary)
         if as_json:
-            click.echo(to_json(groups, action))
+            click.echo(to_json(groups, action, summary))
         else:
             for number, group in enumerate(groups, 1):
                 click.echo(f"group {number} ({group.kind}, min similarity {group.min_similarity:.3f}): "
                            f"keep {_shown(group.keeper.path)} — {_shown(group.reason)}")
+                sidecars = actions.planned_sidecars(library, group, action)
                 for member in group.others:
-                    click.echo(f"    {action if action != 'report' else 'duplicate'}: {_shown(member.path)}")
+                    click.echo(f"    {action if action != 'report' else 'duplicate'}: {_shown(member.path)} — "
+                               f"{_shown(member_note(group, member))}")
+                    for sidecar in sidecars.get(member.raw_path, ()):
+                        click.echo(f"        with sidecar: {_shown(sidecar.name)}")
             extra = sum(len(g.others) for g in groups)
             click.echo(f"{len(groups)} groups, {extra} files {'to act on' if action != 'report' else 'duplicated'}"
                        + ("" if do_apply or action == "report" else " (dry run: add --apply)"))
+            if summary is not None and summary.files:
+                click.echo(_shown(summary.text()))
         if do_apply:
             if action == "report":
                 raise click.ClickException("--apply needs --action move, hardlink or symlink")
@@ -616,11 +699,14 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, keep_order, prote
                 click.echo(f"skipped group keeping {_shown(group.keeper.path)}: {_shown(why)}", err=True)
             for path, why in result.skipped_files:
                 click.echo(f"skipped {_shown(path)}: {_shown(why)}", err=True)
+            for path, why in result.sidecars_left:
+                click.echo(f"sidecar left beside its moved photo {_shown(path)}: {_shown(why)}", err=True)
             if result.journal is None:  # no journal written: `undo` still finds the previous one
                 click.echo(f"0 files {actions.PAST[action]}; nothing to undo")
             else:
-                click.echo(f"{len(result.done)} files {actions.PAST[action]}; journal {_shown(result.journal)} "
-                           f"(undo: `dinoseek undo {_root_arg(root)}`)")
+                with_sidecars = f" (with {len(result.sidecars)} sidecars)" if result.sidecars else ""
+                click.echo(f"{len(result.done)} files {actions.PAST[action]}{with_sidecars}; journal "
+                           f"{_shown(result.journal)} (undo: `dinoseek undo {_root_arg(root)}`)")
     if exit_code and groups:
         raise click.exceptions.Exit(1)  # duplicates found: the `git diff --exit-code` convention
 
@@ -629,7 +715,7 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, keep_order, prote
 @library_options
 @click.option("--journal", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Journal to undo (default: the newest one not yet undone).")
-@click.option("--list", "list_only", is_flag=True, help="List the journals not yet undone, newest last.")
+@click.option("--list", "list_only", is_flag=True, help="List the journals not yet undone (and those purged), newest last.")
 @click.option("--accept-missing", is_flag=True,
               help="Close the journal even though some quarantined copies are gone for good (they are listed and "
                    "recorded); the next `undo` then moves on to the journal before it.")
@@ -653,7 +739,7 @@ def undo(root, library_dir, url, journal, list_only, accept_missing):
 
     if list_only:
         with Library.open(root, folder=library_dir, url=url) as library:
-            _list_journals(actions.pending_journals(library))
+            _list_journals(actions.listed_journals(library))
         return
     with Library.open(root, folder=library_dir, url=url, write=True) as library:
         try:
@@ -661,6 +747,8 @@ def undo(root, library_dir, url, journal, list_only, accept_missing):
         except actions.UndoIncomplete as e:
             result = e.result
     click.echo(f"restored {len(result.restored)} files")
+    if result.sidecars:
+        click.echo(f"restored {len(result.sidecars)} sidecars beside them")
     if result.not_in_catalog:
         click.echo(f"{result.not_in_catalog} of them left the catalog meanwhile: run "
                    f"`dinoseek index {_root_arg(root)}` to embed them again")
@@ -680,6 +768,53 @@ def undo(root, library_dir, url, journal, list_only, accept_missing):
                                    f"journals: `dinoseek undo {_root_arg(root)} --list`, then `--journal FILE`)")
 
 
+@main.command()
+@library_options
+@click.option("--older-than", "older_than", type=click.FloatRange(min=0), metavar="DAYS",
+              help="Only journals applied more than DAYS ago [default: every journal not undone].")
+@click.option("--apply", "do_apply", is_flag=True, help="Delete them for good (default: a dry run listing them).")
+@_translate_errors
+def purge(root, library_dir, url, older_than, do_apply):
+    """Empty the quarantine on purpose: delete the copies `dedup --apply` set aside, for good.
+
+    Without --apply, lists the quarantined copies (and sidecars) that would be deleted and their
+    bytes. With --apply, deletes them, removes their rows from the catalog, and records in the
+    catalog and the journal that the bytes are gone: `undo` then refuses that journal and
+    `undo --list` shows it as purged. Only files inside the quarantine that still hold the bytes
+    the journal recorded are deleted; a journal with any other file is left whole and reported.
+
+    \b
+    Example:
+      dinoseek purge ~/Pictures --older-than 30
+      dinoseek purge ~/Pictures --older-than 30 --apply
+    """
+    from dinoseek.indexer.library import Library
+    from dinoseek.retrieval import purge as purging
+
+    with Library.open(root, folder=library_dir, url=url, write=do_apply) as library:
+        plan = purging.plan_purge(library, older_than)
+        for path, why in plan.skipped:
+            click.echo(f"skipped {_shown(path.name)}: {_shown(why)}", err=True)
+        for item in plan.journals:
+            click.echo(f"journal {_shown(item.journal.path.name)} ({item.journal.header.action}, applied "
+                       f"{item.applied_at:%Y-%m-%d %H:%M} UTC): {item.files} files, {item.bytes} bytes")
+            for copy in item.copies:
+                if copy.present:
+                    click.echo(f"    {_shown(copy.step.dst)}  {copy.size} bytes")
+        if not do_apply:
+            click.echo(f"{plan.files} files, {plan.bytes} bytes in {len(plan.journals)} journals would be deleted "
+                       f"(dry run: add --apply)")
+            return
+        result = purging.purge(library, plan)
+    for problem in result.problems:
+        click.echo(_shown(problem), err=True)
+    click.echo(f"deleted {result.files} files, {result.bytes} bytes; {len(result.journals)} journals purged, "
+               f"{result.rows} rows left the catalog")
+    not_purged = len(result.problems) + len(plan.skipped)
+    if not_purged:
+        raise click.ClickException(f"{not_purged} journal(s) not purged (listed above); they stay as they are")
+
+
 def _list_journals(pending) -> None:
     if not pending:
         click.echo("no journal to undo")
@@ -687,8 +822,11 @@ def _list_journals(pending) -> None:
         if isinstance(journal, tuple):
             path, why = journal
             click.echo(f"{_shown(path)}: {_shown(why)}")
+        elif journal.purged:  # listed so the user sees why it cannot be undone
+            click.echo(f"{journal.date}  {journal.header.action:<8} purged: its quarantined copies were deleted  "
+                       f"{_shown(journal.path)}")
         else:
-            click.echo(f"{journal.date}  {journal.header.action:<8} {journal.files:>6} files  {_shown(journal.path)}")
+            click.echo(f"{journal.date}  {journal.header.action:<8} {journal.photos:>6} files  {_shown(journal.path)}")
 
 
 @main.command()
@@ -710,9 +848,15 @@ def calibrate(root, library_dir, url, model_name, weights, device, precision, sa
     from dinoseek.model import encoder_for_library
     from dinoseek.retrieval.calibrate import calibrate as run
 
-    with Library.open(root, folder=library_dir, url=url) as library:
-        encoder = encoder_for_library(library.manifest(), weights or model_name, device=device, precision=precision)
-        table, recommended, used = run(library, encoder, sample=sample, kind=kind)
+    try:
+        with Library.open(root, folder=library_dir, url=url) as library:
+            encoder = encoder_for_library(library.manifest(), weights or model_name, root=library.root,
+                                          device=device, precision=precision)
+            table, recommended, used = run(library, encoder, sample=sample, kind=kind)
+    except KeyboardInterrupt:  # calibration only reads the library: nothing to save, nothing to resume
+        again = _rerun("calibrate", root, library_dir, url, model_name, weights)
+        raise _Interrupted(f"interrupted: calibration changes nothing in the library; `{again}` starts it "
+                           f"again") from None
     if as_json:
         click.echo(json.dumps({"photos": used, "recommended": recommended,
                                "rows": [vars(r) for r in table]}, indent=2))
