@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -60,10 +61,16 @@ def scan(
     end; by default every path ranks 0, and the first path seen is the file. A symlink that is not
     followed but sits at a path `set_aside` names (where dedup left a link to the kept copy) is
     reported as "linked", so the row dedup set aside there is not mistaken for a vanished file.
+
+    Memory: one entry per folder, and one per file only for files a second path can reach (several
+    hard links, a file bind-mounted under the root, or any file once symlinks are followed); an
+    ordinary file is yielded without being remembered, so a walk over many files holds no
+    per-file state.
     """
     root_bytes = os.fsencode(root)
     seen_dirs: set[tuple[int, int]] = set()
     files = _Inodes(rank)
+    mounted = _mounted_files(root_bytes)
     skip_real = {os.path.realpath(s) for s in skip}
     skip_keys = {key for s in skip if (key := _inode(s)) is not None}
     stack = [b""]
@@ -114,9 +121,10 @@ def scan(
                 continue
             if not _is_candidate(ext, entry.path):
                 continue
-            # Only a file with several hard links, or any file once symlinks are followed, can
-            # meet a second path to itself later in the walk.
-            shared = follow_symlinks or st.st_nlink > 1
+            # Only these files can meet a second path to themselves in the walk: several hard links,
+            # a file mounted over another path (one link, two names), or anything once symlinks are
+            # followed. A folder reached twice (a bind mount) is entered once: see seen_dirs above.
+            shared = follow_symlinks or st.st_nlink > 1 or key in mounted
             yield from files.offer(key, ScanEntry(rel, st.st_size, st.st_mtime_ns), shared)
         stack.extend(reversed(subdirs))
     yield from files.held()
@@ -125,15 +133,21 @@ def scan(
 class _Inodes:
     """Which path of each inode is the file (best rank, then first seen); the others are "linked".
 
-    A path that a better-ranked one may still displace is held back until the walk ends.
+    Only inodes offered as `shared` (a second path may reach them) are remembered; a path that a
+    better-ranked one may still displace is held back until the walk ends.
     """
 
     def __init__(self, rank: Callable[[bytes], int]) -> None:
         self.rank = rank
-        self.best: dict[tuple[int, int], tuple[bytes, int]] = {}  # inode -> (path, its rank)
+        self.best: dict[tuple[int, int], tuple[bytes, int]] = {}  # shared inode -> (path, its rank)
         self.waiting: dict[tuple[int, int], ScanEntry] = {}  # inode -> entry held back
 
     def offer(self, key: tuple[int, int], entry: ScanEntry, shared: bool) -> Iterator[ScanEntry | ScanProblem]:
+        if not shared and key not in self.best:
+            # No other path leads here: the file is this path, and nothing needs remembering. (An
+            # inode already remembered lost a link during the walk: still its earlier path's.)
+            yield entry
+            return
         rank = self.rank(entry.rel)
         if key not in self.best:
             self.best[key] = (entry.rel, rank)
@@ -161,6 +175,42 @@ class _Inodes:
 
 def _linked(rel: bytes, same_as: bytes) -> ScanProblem:
     return ScanProblem(rel, "linked", f"same file as {display_path(same_as)}")
+
+
+_MOUNTINFO = "/proc/self/mountinfo"
+
+
+def _mounted_files(root: bytes, mountinfo: str = _MOUNTINFO) -> frozenset[tuple[int, int]]:
+    """(st_dev, st_ino) of the regular files mounted at or under `root`.
+
+    `mount --bind FILE OTHER` shows one file, with one link, at two paths: its inode is the only
+    sign, so these few files are remembered like hard links. Folders need nothing of the kind (the
+    walk enters each folder inode once). Linux lists mounts in /proc/self/mountinfo (proc(5): the
+    5th field is the mount point, with space, tab, newline and backslash written as \\ooo). Without
+    that file (macOS, BSD) none are found: there a file reached through a file mount is walked twice.
+    """
+    try:
+        with open(mountinfo, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return frozenset()
+    real_root = os.path.realpath(root)
+    under = real_root.rstrip(b"/") + b"/"
+    keys = set()
+    for line in lines:
+        fields = line.split(b" ")
+        if len(fields) < 5:
+            continue
+        point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
+        if point != real_root and not point.startswith(under):
+            continue
+        try:
+            st = os.stat(point)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            keys.add((st.st_dev, st.st_ino))
+    return frozenset(keys)
 
 
 def _inode(path: bytes) -> tuple[int, int] | None:

@@ -88,8 +88,8 @@ def image_paths(sources: Iterable[bytes | str | os.PathLike], *, follow_symlinks
     unreadable folders, second links) comes out as `Skipped`. Any other path is yielded as it is:
     a file named explicitly is the decoder's to accept or refuse, whatever its extension.
 
-    Memory: the scanner remembers the inode of each file it walks (so a second link to it is
-    known), about 250 bytes per file (25 MB for 100,000); named files and lists cost nothing per file."""
+    Memory: the scanner remembers only files a second path could reach (hard links, followed
+    symlinks, bind mounts), so walking a folder costs nothing per ordinary file."""
     for source in sources:
         raw = os.fsencode(source)
         if not os.path.isdir(raw):

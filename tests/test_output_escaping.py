@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+from datetime import datetime
 
 import pytest
 from click.testing import CliRunner
@@ -87,14 +89,28 @@ def test_csv_empty_capture_date_stays_empty():
 
 
 # ---- the terminal -----------------------------------------------------------------------------------
+ORIGINAL_MTIME = 1_600_000_000  # a.jpg; copy i of CRAFTED is i + 1 minutes younger, so a.jpg is kept
+
+
+def copied_at(name: str) -> int:
+    return ORIGINAL_MTIME + 60 * (CRAFTED.index(name) + 1)
+
+
+def local_time(seconds: int) -> str:
+    """How a keep reason shows a modification time: local time, to the second."""
+    return datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory, tiny_folder):
     root = tmp_path_factory.mktemp("escaping") / "photos"
     root.mkdir()
     original = root / "a.jpg"
     synthetic_photo(160, 120, seed=0).save(original, quality=90)
+    os.utime(original, (ORIGINAL_MTIME, ORIGINAL_MTIME))
     for name in CRAFTED:  # exact copies: each is a duplicate of a.jpg
         (root / name).write_bytes(original.read_bytes())
+        os.utime(root / name, (copied_at(name), copied_at(name)))
     (root / ("broken\x1b[31m\nkeep me.jpg")).write_bytes(b"<html>not a photo</html>")
     result = invoke("index", root, "--weights", tiny_folder, "--precision", "fp32", "--workers", 0)
     assert result.exit_code == 0, result.output
@@ -106,11 +122,26 @@ def test_dedup_plan_cannot_be_forged(root):
     assert result.exit_code == 0, result.output
     assert_safe(result.output)
     lines = result.output.splitlines()
-    # One header, one line per copy, one summary: a name cannot add a line of its own.
-    assert len(lines) == 1 + len(CRAFTED) + 1, lines
+    # One header, one line per copy, the count and the summary: a name cannot add a line of its own.
+    assert len(lines) == 1 + len(CRAFTED) + 2, lines
     assert not any(line.startswith("keep c.jpg") for line in lines)
-    assert "    move: x.jpg\\x0akeep c.jpg — forged.jpg" in lines
-    assert "    move: \\x1b[2J\\x1b[Hclear.jpg" in lines and "    move: gpj.\\u202eexe.jpg" in lines
+
+    def moved(shown: str, name: str) -> str:
+        return (f"    move: {shown} — similarity 1.000: identical bytes, modified later "
+                f"({local_time(copied_at(name))} vs {local_time(ORIGINAL_MTIME)})")
+
+    size = (root / "a.jpg").stat().st_size * len(CRAFTED)
+    kept = f"keep a.jpg — earliest modification time ({local_time(ORIGINAL_MTIME)})"
+    assert lines == [
+        f"group 1 (exact, min similarity 1.000): {kept}",
+        moved("\\x1b[2J\\x1b[Hclear.jpg", CLEAR_SCREEN),  # members in scan order: by the name's bytes
+        moved("\\x1b]0;owned\\x07title.jpg", TITLE),
+        moved("gpj.\\u202eexe.jpg", BIDI),
+        moved("x.jpg\\x0akeep c.jpg — forged.jpg", FORGED_LINE),
+        "1 groups, 4 files to act on (dry run: add --apply)",
+        (f"4 files ({size / 1000:.1f} kB) would leave the photo folder for {root.resolve()}/.dinoseek/quarantine "
+         "(the same filesystem as the photos: no space is freed until `dinoseek purge`)"),
+    ]
 
 
 def test_dedup_json_keeps_names_exact(root):
@@ -139,9 +170,12 @@ def test_error_messages_are_escaped(root, tiny_folder):
     result = invoke("similar", "nope\x1b[2J\n.jpg", "--root", root)
     assert result.exit_code == 1
     assert result.output == "Error: nope\\x1b[2J\\x0a.jpg is not an embedded image of this library\n"
+    # A file embed cannot read: one escaped line for it, then one for the run, both on stderr.
     result = invoke("embed", "--weights", tiny_folder, root / "broken\x1b[31m\nkeep me.jpg")
-    assert result.exit_code == 1 and result.output.startswith("Error: cannot decode ")
-    assert_safe(result.output) and len(result.output.splitlines()) == 1
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == (f"skipped {root}/broken\\x1b[31m\\x0akeep me.jpg: not an image Pillow recognises\n"
+                             "Error: nothing embedded: 1 file(s) skipped (see above)\n")
+    assert_safe(result.output)
     result = invoke("index", root / "missing\x1b[2J", "--weights", tiny_folder)
     assert result.exit_code == 1 and "\\x1b[2J" in result.output
     assert_safe(result.output)
@@ -151,10 +185,21 @@ def test_embed_output_is_escaped(root, tiny_folder, tmp_path):
     result = invoke("embed", "--weights", tiny_folder, "--precision", "fp32", root / FORGED_LINE, root / BIDI)
     assert result.exit_code == 0, result.output
     assert_safe(result.output)
-    assert len(result.output.splitlines()) == 2
-    out = tmp_path / "v\x1b[2J.npz"
-    result = invoke("embed", "--weights", tiny_folder, "--out", out, root / "a.jpg")
-    assert result.exit_code == 0 and result.output.rstrip().endswith("v\\x1b[2J.npz")
+    lines = result.stdout.splitlines()  # one line per image: a name cannot add one
+    assert [line.split("\t")[0] for line in lines] == [f"{root}/x.jpg\\x0akeep c.jpg — forged.jpg",
+                                                       f"{root}/gpj.\\u202eexe.jpg"]
+    assert result.stderr == "2 embedded (dim 128, fp32), 0 skipped\n"
+    # JSON Lines: one object per image, the name escaped by JSON and exact once parsed.
+    result = invoke("embed", "--weights", tiny_folder, "--precision", "fp32", "--json", root / FORGED_LINE,
+                    root / TITLE)
+    assert result.exit_code == 0, result.output
+    assert_safe(result.output)
+    assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == [str(root / FORGED_LINE),
+                                                                                str(root / TITLE)]
+    out = tmp_path / "v\x1b[2J"
+    result = invoke("embed", "--weights", tiny_folder, "--precision", "fp32", "--out", out, root / "a.jpg")
+    assert result.exit_code == 0 and result.stdout == ""
+    assert result.stderr == f"1 embedded (dim 128, fp32), 0 skipped; written to {tmp_path}/v\\x1b[2J\n"
 
 
 def test_log_lines_are_escaped():

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+from datetime import datetime
 
 import numpy as np
 import pytest
@@ -166,20 +167,55 @@ def test_batch_search(library_root, encoder):
         assert batch[1] == lib.search(vectors[1], k=4)
 
 
-def test_groups_keep_rules_and_no_chaining(library_root):
-    with Library.open(library_root) as library:
+def _local_time(ns: int) -> str:
+    """How keep reasons show a modification time: local time, to the second."""
+    return datetime.fromtimestamp(ns / 1e9).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def test_groups_keep_rules_and_no_chaining(tmp_path, encoder):
+    root = tmp_path / "photos"
+    make_library_photos(root)
+    # Byte copies are decided by the earlier modification time (a copy is never older than what it
+    # was copied from), not by the path: the longer path is made the older file, so it must win.
+    older, newer = 1_600_000_000 * 10**9, 1_600_000_060 * 10**9
+    os.utime(root / "b/p0-copy.jpg", ns=(older, older))
+    os.utime(root / "a/p0.jpg", ns=(newer, newer))
+    with Library.open(root, write=True, create=True) as library:
+        run_index(library, encoder, Options(workers=0))
+    with Library.open(root) as library:
         groups = find_duplicates(library, threshold=THRESHOLD)
         by_keeper = {g.keeper.path: g for g in groups}
         assert sorted(sorted(m.path for m in g.members) for g in groups) == [
             ["a/p0.jpg", "b/p0-copy.jpg"], ["a/p1.jpg", "b/p1-small.jpg"], ["a/p2.jpg", "b/p2-reencoded.jpg"]]
-        assert by_keeper["a/p1.jpg"].reason == "highest resolution (640x480)"
-        assert by_keeper["a/p2.jpg"].reason.startswith("largest file")
+        assert set(by_keeper) == {"b/p0-copy.jpg", "a/p1.jpg", "a/p2.jpg"}
+        # Each group: the keeper's reason, and the member that goes with its own reason.
+        reasons = {g.keeper.path: (g.reason, [(m.path, g.reason_for(m)) for m in g.others]) for g in groups}
+        camera = "Pixel 7, captured 2022-05-03 10:00:00"
+        assert reasons == {
+            "b/p0-copy.jpg": (f"earliest modification time ({_local_time(older)})",
+                              [("a/p0.jpg", (f"identical bytes, modified later ({_local_time(newer)} vs "
+                                             f"{_local_time(older)})"))]),
+            "a/p1.jpg": ("highest resolution (640x480)", [("b/p1-small.jpg", "lower resolution (320x240 vs 640x480)")]),
+            # p2-reencoded has no EXIF: the camera's copy stays, whatever the file sizes
+            "a/p2.jpg": (f"camera original ({camera})",
+                         [("b/p2-reencoded.jpg", f"no camera metadata (the kept copy has {camera})")]),
+        }
         exact = [g for g in groups if g.kind == "exact"]
         assert len(exact) == 1 and exact[0].min_similarity == 1.0
-        assert exact[0].reason == "all copies equal by the keep rules: shortest path"
+        # Each member's similarity is the exact cosine of its catalog vector with the keeper's.
+        ids, vectors = library.catalog.vectors("cls", sorted(m.id for g in groups for m in g.members))
+        unit = dict(zip(ids.tolist(), vectors / np.linalg.norm(vectors, axis=1, keepdims=True)))
+        for g in groups:
+            (other,) = g.others
+            expected = 1.0 if g.kind == "exact" else float(unit[other.id] @ unit[g.keeper.id])
+            assert g.similarity_to_keeper(other) == pytest.approx(expected, abs=1e-6)
+            assert g.similarity_to_keeper(other) >= THRESHOLD and g.similarity_to_keeper(g.keeper) == 1.0
         protected = find_duplicates(library, threshold=THRESHOLD, protected=("b",))
         assert {g.keeper.path for g in protected} == {"b/p0-copy.jpg", "b/p1-small.jpg", "b/p2-reencoded.jpg"}
         assert all(g.reason == "in a protected folder" for g in protected)
+        assert {m.path: g.reason_for(m) for g in protected for m in g.others} == {
+            "a/p0.jpg": "not in a protected folder", "a/p1.jpg": "not in a protected folder",
+            "a/p2.jpg": "not in a protected folder"}
         assert [len(g.members) for g in find_duplicates(library, exact_only=True)] == [2]
         assert len(find_duplicates(library, threshold=THRESHOLD, folder="a")) == 3
 
