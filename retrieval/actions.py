@@ -16,6 +16,11 @@ stay where they are, beside the link: the link stands in for the photo at its ol
 edits in its XMP, its Live Photo video and its RAW stay paired by name with what is shown there,
 and nothing about them changes (nothing to undo). A sidecar of a *removed* duplicate describes that
 copy, not the kept one, so it is never merged into or swapped for the kept copy's sidecars.
+
+Apply and undo report their progress in files (model.progress). Ctrl-C takes effect between two
+steps, never inside one (a photo and its sidecars are one step here): ApplyInterrupted and
+UndoInterrupted then carry what was done, all of it journaled, recorded in the catalog and
+consistent, so `undo` or the same command again picks up from there.
 """
 
 from __future__ import annotations
@@ -25,15 +30,21 @@ import errno
 import hashlib
 import os
 import shutil
+import signal
 import stat
 import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dinoseek.indexer.catalog import EMBEDDED, QUARANTINED
 from dinoseek.indexer.decode import printable
 from dinoseek.indexer.library import Library
+from dinoseek.indexer.paths import display_path
 from dinoseek.model.files import NotRegularFileError, open_regular, sha256_file
+from dinoseek.model.progress import Step as Shown
+from dinoseek.model.progress import progress
 
 from . import journal as journals_
 from .dedup import Group
@@ -84,6 +95,21 @@ class ApplyResult:
     sidecars: list[tuple[Path, Path]] = field(default_factory=list)  # (sidecar, where it went) moved with a photo
     sidecars_left: list[tuple[Path, str]] = field(default_factory=list)  # a sidecar left beside its moved photo, why
 
+    def to_dict(self, root: Path) -> dict:
+        """For `dedup --apply --json`: the journal, what moved where, and each duplicate left alone
+        with why (paths relative to `root` where they are under it, printable as in the plan)."""
+        def shown(path: Path) -> str:
+            return display_path(path.relative_to(root)) if root in path.parents else display_path(path)
+
+        left = [{"path": shown(root / os.fsdecode(m.raw_path)), "reason": why}
+                for group, why in self.skipped for m in group.others]
+        left += [{"path": shown(path), "reason": why} for path, why in self.skipped_files]
+        return {"journal": None if self.journal is None else display_path(self.journal),
+                "files": [{"path": shown(step.src), "to": display_path(step.dst)} for step in self.done],
+                "sidecars": [{"path": shown(src), "to": display_path(dst)} for src, dst in self.sidecars],
+                "skipped": left,
+                "sidecars_left": [{"path": shown(path), "reason": why} for path, why in self.sidecars_left]}
+
 
 @dataclass
 class UndoResult:
@@ -103,6 +129,59 @@ class UndoIncomplete(JournalError):
         first = result.problems[0] + (f" (and {len(result.problems) - 1} more)" if len(result.problems) > 1 else "")
         super().__init__(f"undo of {printable(result.journal.name)} incomplete: {len(result.problems)} file(s) not "
                          f"restored, {len(result.restored)} restored: {first}")
+
+
+class ApplyInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an apply, between two steps: `result` holds the steps done (journaled in
+    `result.journal`, None if none began, and set aside in the catalog) of the `planned` files."""
+
+    def __init__(self, result: ApplyResult, planned: int) -> None:
+        super().__init__(f"interrupted: {len(result.done)} of {planned} files done")
+        self.result, self.planned = result, planned
+
+
+class UndoInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an undo, between two steps: `result` holds the files restored so far, of the
+    `to_restore` this undo set out to put back; the journal stays pending, so undo again finishes it."""
+
+    def __init__(self, result: UndoResult, to_restore: int) -> None:
+        super().__init__(f"interrupted: {len(result.restored)} of {to_restore} files restored")
+        self.result, self.to_restore = result, to_restore
+
+
+@contextlib.contextmanager
+def interrupts_between_steps() -> Iterator[Callable[[], None]]:
+    """Ctrl-C lands between steps, not inside one: yields `checkpoint()`, to call before each step,
+    which raises the KeyboardInterrupt of a Ctrl-C pressed meanwhile (and so does leaving the block).
+
+    A step cut short is still safe (the journal lets undo finish it backwards), but then the
+    catalog and the disk disagree about that file until undo runs, and a re-run skips its group;
+    a step is short (one file's hash, link or copy), so waiting for it costs little. A second
+    Ctrl-C interrupts at once, for a step stuck on a slow disk. Only where Python's own handler is
+    installed, in the main thread: a server's or a caller's own handler is left alone.
+    """
+    pressed = False
+
+    def on_interrupt(signum, frame) -> None:
+        nonlocal pressed
+        if pressed:
+            raise KeyboardInterrupt
+        pressed = True
+
+    def checkpoint() -> None:
+        if pressed:
+            raise KeyboardInterrupt
+
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield checkpoint  # never pressed: Ctrl-C behaves as the caller set it up
+        return
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield checkpoint
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    checkpoint()  # pressed during the last step
 
 
 # ---- checking files -------------------------------------------------------------------------------
@@ -288,7 +367,10 @@ def apply(library: Library, groups: list[Group], action: str, quarantine: Path |
     """Carry out `action` on every group; groups whose files changed since indexing are skipped, and
     so is a duplicate with other hard links (moving one name of a file frees nothing) or one that
     changes or vanishes during the apply; the rest of its group goes on. The journal is written (and
-    recorded in the catalog) only if at least one step begins."""
+    recorded in the catalog) only if at least one step begins.
+
+    Reported as the step "apply", in files (the duplicates planned). Ctrl-C raises ApplyInterrupted
+    once the step under way is done (see interrupts_between_steps)."""
     if action not in ACTIONS[1:]:
         raise InvalidArgumentError(f"must be one of {', '.join(ACTIONS[1:])}, got {action!r}", argument="action")
     root = library.root
@@ -296,14 +378,22 @@ def apply(library: Library, groups: list[Group], action: str, quarantine: Path |
     check_quarantine(root, library.folder, quarantine)
     keepers = {root / os.fsdecode(group.keeper.raw_path) for group in groups}
     result = ApplyResult(None)
+    planned = sum(len(group.others) for group in groups)
+    log = None
 
     def record(path: Path) -> None:  # committed before the first step can move anything
         library.catalog.record_journal(path.name, os.fsencode(root), os.fsencode(quarantine), action)
 
     try:
-        with JournalWriter(library.folder / "journals", action, root, quarantine, on_start=record) as log:
+        with (JournalWriter(library.folder / "journals", action, root, quarantine, on_start=record) as log,
+              progress(planned, "apply", unit="files") as shown, interrupts_between_steps() as checkpoint):
             for group in groups:
-                _apply_group(library, group, action, quarantine, log, result, keepers)
+                handled = shown.done + len(group.others)
+                _apply_group(library, group, action, quarantine, log, result, keepers, shown, checkpoint)
+                shown.update(handled - shown.done)  # a group skipped whole (or cut short) is handled too
+    except KeyboardInterrupt as e:
+        result.journal = log.path if log is not None and log.started else None
+        raise ApplyInterrupted(result, planned) from e
     finally:  # also after an apply that stopped part-way: what was set aside so far
         if result.done:
             library.index_set.sync()  # set-aside rows leave the indexes with the catalog (verify agrees)
@@ -312,7 +402,7 @@ def apply(library: Library, groups: list[Group], action: str, quarantine: Path |
 
 
 def _apply_group(library: Library, group: Group, action: str, quarantine: Path, log: JournalWriter,
-                 result: ApplyResult, keepers: set[Path]) -> None:
+                 result: ApplyResult, keepers: set[Path], shown: Shown, checkpoint: Callable[[], None]) -> None:
     root = library.root
     keeper = root / os.fsdecode(group.keeper.raw_path)
     others = [(m, root / os.fsdecode(m.raw_path)) for m in group.others]
@@ -320,7 +410,8 @@ def _apply_group(library: Library, group: Group, action: str, quarantine: Path, 
     if isinstance(checked, str):  # the group is skipped whole: the plan no longer describes these files
         result.skipped.append((group, checked))
         return
-    for member, src in others:
+    for member, src in shown.count(others):
+        checkpoint()  # a photo and its sidecars are one step: Ctrl-C waits until all of it is done
         st = checked[src]
         if st.st_nlink > 1:
             result.skipped_files.append((src, "has other hard links: moving it would free nothing"))
@@ -480,6 +571,10 @@ def undo(library: Library, journal: Path | None = None, accept_missing: bool = F
     and is reported (UndoIncomplete), and the journal is marked undone only when nothing is left —
     or, with `accept_missing`, when all that is left are files whose quarantined copy is gone: they
     are recorded (journal, catalog) and the journal is closed.
+
+    Reported as the step "undo", in files. Ctrl-C raises UndoInterrupted once the file under way is
+    back; the journal stays pending, and undo again finishes it (the files already back are settled,
+    the catalog having them in place).
     """
     recorded = library.catalog.journal_records()
     path = Path(journal) if journal is not None else journals_.newest_pending(library.folder, _undone_names(recorded))
@@ -493,26 +588,19 @@ def undo(library: Library, journal: Path | None = None, accept_missing: bool = F
     journals_.check_recorded(record, row and row[:3], library.folder)
     rights = _rights(library, record)
     result = UndoResult([], 0, journal=path)
-    for step in record.steps_backwards():
-        if step.step in record.rolled_back:  # written only once the file was back (or had never moved)
-            continue
-        try:
-            outcome = _restore(step, library, record.header.quarantine, rights[step.step])
-        except OSError as e:
-            outcome = f"{printable(step.src)} not restored: {e.strerror or e}"
-        if isinstance(outcome, str):
-            result.problems.append(outcome)
-            continue
-        if step.sidecar_of is not None:  # no row of its own (a RAW's "unsupported" row was never set aside)
-            if outcome:
-                result.sidecars.append(os.fsdecode(step.src))
-            continue
-        in_catalog = library.catalog.unquarantine(_relative(library, step.src))  # also for steps a killed run left half done
-        if outcome:
-            result.restored.append(os.fsdecode(step.src))
-            result.not_in_catalog += not in_catalog
-    if result.restored:
-        library.index_set.sync()  # restored rows are searchable again
+    # rolled-back steps: written only once the file was back (or had never moved)
+    steps = [step for step in record.steps_backwards() if step.step not in record.rolled_back]
+    to_restore = sum(step.sidecar_of is None and rights[step.step] in (RESTORE, CREATE) for step in steps)
+    try:
+        with progress(len(steps), "undo", unit="files") as shown, interrupts_between_steps() as checkpoint:
+            for step in shown.count(steps):
+                checkpoint()
+                _undo_step(step, library, record, rights[step.step], result)
+    except KeyboardInterrupt as e:
+        raise UndoInterrupted(result, to_restore) from e
+    finally:
+        if result.restored:
+            library.index_set.sync()  # restored rows are searchable again
     remove_emptied_folders(record, record.header.quarantine)
     if result.problems:
         if not (accept_missing and all(isinstance(p, Missing) for p in result.problems)):
@@ -521,6 +609,25 @@ def undo(library: Library, journal: Path | None = None, accept_missing: bool = F
     _close_journal(library, record, result.accepted)  # the catalog first: it decides what is pending
     journals_.mark_undone(path, result.accepted)
     return result
+
+
+def _undo_step(step: Intent, library: Library, record: Journal, right: str, result: UndoResult) -> None:
+    """One file back (a photo with its catalog row, or a sidecar), or the reason it is not in `result`."""
+    try:
+        outcome = _restore(step, library, record.header.quarantine, right)
+    except OSError as e:
+        outcome = f"{printable(step.src)} not restored: {e.strerror or e}"
+    if isinstance(outcome, str):
+        result.problems.append(outcome)
+        return
+    if step.sidecar_of is not None:  # no row of its own (a RAW's "unsupported" row was never set aside)
+        if outcome:
+            result.sidecars.append(os.fsdecode(step.src))
+        return
+    in_catalog = library.catalog.unquarantine(_relative(library, step.src))  # also for steps a killed run left half done
+    if outcome:
+        result.restored.append(os.fsdecode(step.src))
+        result.not_in_catalog += not in_catalog
 
 
 def _right(step: Intent, row: tuple[str, str] | None, done: frozenset[int]) -> str:

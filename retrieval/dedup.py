@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from dataclasses import dataclass, field, replace
@@ -15,6 +16,7 @@ from dinoseek.indexer.paths import under_root
 from dinoseek.indexer.store import VectorIndex, ivf_lists, trained_ivf_flat, training_sample
 from dinoseek.indexer.tuning import DEDUP_BLOCK, DEDUP_NPROBE, EXACT_PAIRS_MAX
 from dinoseek.model import Embedder
+from dinoseek.model.progress import progress
 
 from .errors import InvalidArgumentError
 from .grouping import linked_groups, rescored_pairs, unit_rows
@@ -143,16 +145,18 @@ def find_duplicates(
         # Byte copies first, at similarity 1: their float16 vectors may score 0.9999 against each
         # other, which a threshold of 1 would miss; linked_groups keeps the first score of a pair.
         exact = exact_pairs(library.catalog.exact_hash_groups())
-        if crop_encoder is None:
-            pairs = rescored_pairs(index, blocks, threshold, vectors_of, nprobe=nprobe, margin=margin)
-            groups, scores = linked_groups(itertools.chain(exact, pairs))
-        else:
-            from .rerank import rerank
+        low = threshold if crop_encoder is None else (
+            candidate_threshold if candidate_threshold is not None else max(0.0, threshold - 0.15))
+        # closing(): a search cut short (Ctrl-C while grouping) ends its progress step now, not when collected
+        with contextlib.closing(rescored_pairs(index, blocks, low, vectors_of, nprobe=nprobe, margin=margin,
+                                               total=index.count)) as candidates:
+            if crop_encoder is None:
+                groups, scores = linked_groups(itertools.chain(exact, candidates))
+            else:
+                from .rerank import rerank
 
-            low = candidate_threshold if candidate_threshold is not None else max(0.0, threshold - 0.15)
-            candidates = rescored_pairs(index, blocks, low, vectors_of, nprobe=nprobe, margin=margin)
-            groups, scores = linked_groups(itertools.chain(exact, rerank(candidates, library, crop_encoder,
-                                                                         threshold)))
+                groups, scores = linked_groups(itertools.chain(exact, rerank(candidates, library, crop_encoder,
+                                                                             threshold)))
     members = _members(library, [i for ids, _ in groups for i in ids])
     result = []
     for ids, lowest in groups:
@@ -238,8 +242,10 @@ def candidate_index(library: Library, kind: str, block: int = DEDUP_BLOCK) -> Ve
     index = trained_ivf_flat(library.dim(), nlist, sample, nprobe=DEDUP_NPROBE, requested="dedup",
                              trained_on=len(ids))
     del sample
-    for block_ids, vectors in library.catalog.vector_blocks(kind, block):
-        index.add(block_ids, vectors)
+    with progress(len(ids), "dedup: search index", unit="images") as step:
+        for block_ids, vectors in library.catalog.vector_blocks(kind, block):
+            index.add(block_ids, vectors)
+            step.update(len(block_ids))
     return index
 
 

@@ -8,6 +8,9 @@ other, so A~B and B~C never put A with C unless A~C too.
 Scores that decide are exact: a compressed index (SQ8, PQ) only proposes candidate pairs, searched a
 margin below the threshold, and each candidate is re-scored as the cosine of the catalog's own vectors
 before the threshold is applied (`rescored_pairs`).
+
+Both long loops report progress (model.progress): the candidate search per block of query images,
+the linkage per pair taken.
 """
 
 from __future__ import annotations
@@ -15,6 +18,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
+
+from dinoseek.model.progress import progress
+
+# Pairs linked between progress updates: one update per pair would cost more than the linking itself.
+_PAIRS_PER_UPDATE = 4096
 
 
 def range_pairs(index, blocks: Iterable[tuple[np.ndarray, np.ndarray]], threshold: float,
@@ -42,28 +50,32 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
 
 def rescored_pairs(index, blocks: Iterable[tuple[np.ndarray, np.ndarray]], threshold: float,
                    vectors_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], *,
-                   nprobe: int | None = None, margin: float = 0.0) -> Iterator[tuple[int, int, float]]:
+                   nprobe: int | None = None, margin: float = 0.0,
+                   total: int | None = None) -> Iterator[tuple[int, int, float]]:
     """Like `range_pairs`, with exact scores: candidates are searched at `threshold - margin` (a
     compressed index's scores err both ways), then each is re-scored as the cosine of the two
     vectors `vectors_of(ids)` returns ((ids, vectors) of those still present, as Catalog.vectors
     does) and kept only at >= threshold. Block by block, so memory stays bounded as in range_pairs.
+
+    Reported as the step "dedup: candidates", in images searched (`total`: how many the blocks hold).
     """
-    for ids, vectors in blocks:
-        queries = unit_rows(vectors)  # (B, D)
-        lims, _, found = index.range_search(vectors, threshold - margin, nprobe)
-        rows = np.repeat(np.arange(len(ids)), np.diff(lims).astype(np.int64))  # query row of each candidate
-        keep = found > ids[rows]  # each pair once (a < b); also drops FAISS's -1 padding
-        rows, partners = rows[keep], found[keep]
-        if not len(partners):
-            continue
-        present, partner_vectors = vectors_of(np.unique(partners))  # rows deleted meanwhile drop out
-        position = np.searchsorted(present, partners)
-        known = (position < len(present)) & (present[np.minimum(position, len(present) - 1)] == partners)
-        rows, partners, position = rows[known], partners[known], position[known]
-        sims = np.einsum("ij,ij->i", queries[rows], unit_rows(partner_vectors)[position])  # (P,)
-        for row, b, sim in zip(rows.tolist(), partners.tolist(), sims.tolist()):
-            if sim >= threshold:
-                yield int(ids[row]), b, min(1.0, sim)
+    with progress(total, "dedup: candidates", unit="images") as step:
+        for ids, vectors in blocks:
+            queries = unit_rows(vectors)  # (B, D)
+            lims, _, found = index.range_search(vectors, threshold - margin, nprobe)
+            rows = np.repeat(np.arange(len(ids)), np.diff(lims).astype(np.int64))  # query row of each candidate
+            keep = found > ids[rows]  # each pair once (a < b); also drops FAISS's -1 padding
+            rows, partners = rows[keep], found[keep]
+            if len(partners):
+                present, partner_vectors = vectors_of(np.unique(partners))  # rows deleted meanwhile drop out
+                position = np.searchsorted(present, partners)
+                known = (position < len(present)) & (present[np.minimum(position, len(present) - 1)] == partners)
+                rows, partners, position = rows[known], partners[known], position[known]
+                sims = np.einsum("ij,ij->i", queries[rows], unit_rows(partner_vectors)[position])  # (P,)
+                for row, b, sim in zip(rows.tolist(), partners.tolist(), sims.tolist()):
+                    if sim >= threshold:
+                        yield int(ids[row]), b, min(1.0, sim)
+            step.update(len(ids))
 
 
 def complete_linkage(pairs: Iterable[tuple[int, int, float]]) -> list[tuple[list[int], float]]:
@@ -93,20 +105,24 @@ def linked_groups(pairs: Iterable[tuple[int, int, float]]) -> tuple[list[tuple[l
     group_of = {node: node for node in neighbours}
     members = {node: [node] for node in neighbours}
     lowest = {node: 1.0 for node in neighbours}
-    for sim, a, b in edges:
-        ga, gb = group_of[a], group_of[b]
-        if ga == gb:
-            continue
-        left, right = members[ga], members[gb]
-        cross = [neighbours[x].get(y) for x in left for y in right]
-        if any(c is None for c in cross):
-            continue  # some pair across the two groups is not similar enough: no chaining
-        if len(left) < len(right):
-            ga, gb, left, right = gb, ga, right, left
-        left.extend(right)
-        for node in right:
-            group_of[node] = ga
-        lowest[ga] = min(lowest[ga], lowest[gb], min(cross))
-        del members[gb]
+    with progress(len(edges), "dedup: grouping", unit="pairs") as step:
+        for taken, (sim, a, b) in enumerate(edges):
+            if taken and taken % _PAIRS_PER_UPDATE == 0:
+                step.update(_PAIRS_PER_UPDATE)
+            ga, gb = group_of[a], group_of[b]
+            if ga == gb:
+                continue
+            left, right = members[ga], members[gb]
+            cross = [neighbours[x].get(y) for x in left for y in right]
+            if any(c is None for c in cross):
+                continue  # some pair across the two groups is not similar enough: no chaining
+            if len(left) < len(right):
+                ga, gb, left, right = gb, ga, right, left
+            left.extend(right)
+            for node in right:
+                group_of[node] = ga
+            lowest[ga] = min(lowest[ga], lowest[gb], min(cross))
+            del members[gb]
+        step.update(len(edges) - step.done)
     groups = [(sorted(m), lowest[g]) for g, m in members.items() if len(m) > 1]
     return sorted(groups, key=lambda g: (-len(g[0]), g[0][0])), neighbours

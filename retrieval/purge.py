@@ -10,21 +10,29 @@ first one is deleted; one that fails keeps the whole journal (still undoable) an
 Order, so that a killed purge is finished by running it again: delete the copies (a copy already
 gone is fine), then in one catalog transaction delete their rows and mark the journal purged (undo
 then refuses it), then append a "purged" record to the journal, then remove emptied folders.
+
+Progress is reported as the step "purge", in quarantined copies checked (hashing them is the long
+part). Ctrl-C takes effect before a journal's copies are checked or between two checks, never
+while a journal's copies are being deleted: a journal is purged whole or not at all, and
+PurgeInterrupted says how many were.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from dinoseek.indexer.decode import printable
 from dinoseek.indexer.library import Library
+from dinoseek.model.progress import Step as Shown
+from dinoseek.model.progress import progress
 
 from . import journal as journals_
-from .actions import _identity, fingerprint, pending_journals, remove_emptied_folders
+from .actions import _identity, fingerprint, interrupts_between_steps, pending_journals, remove_emptied_folders
 from .errors import ActionError, InvalidArgumentError, JournalError
 from .journal import Intent, Journal
 
@@ -74,6 +82,15 @@ class PurgeResult:
     problems: list[str] = field(default_factory=list)  # one line per journal not purged (kept, still undoable)
 
 
+class PurgeInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a purge: `result` holds the journals purged whole (of the `planned`); the
+    others are as they were, still undoable."""
+
+    def __init__(self, result: PurgeResult, planned: int) -> None:
+        super().__init__(f"interrupted: {len(result.journals)} of {planned} journals purged")
+        self.result, self.planned = result, planned
+
+
 def plan_purge(library: Library, older_than_days: float | None = None, now: datetime | None = None) -> PurgePlan:
     """Which quarantined copies a purge would delete: those of every journal not undone nor purged
     (applied more than `older_than_days` ago, when given). Reads the disk, changes nothing; copies
@@ -111,28 +128,37 @@ def purge(library: Library, plan: PurgePlan) -> PurgeResult:
     result = PurgeResult()
     recorded = library.catalog.journal_records()
     try:
-        for item in plan.journals:
-            _purge_journal(library, item, recorded.get(item.journal.path.name), result)
+        with (progress(sum(len(item.copies) for item in plan.journals), "purge", unit="copies") as shown,
+              interrupts_between_steps() as checkpoint):
+            for item in plan.journals:
+                handled = shown.done + len(item.copies)
+                _purge_journal(library, item, recorded.get(item.journal.path.name), result, shown, checkpoint)
+                shown.update(handled - shown.done)  # a journal left whole is handled too
+    except KeyboardInterrupt as e:
+        raise PurgeInterrupted(result, len(plan.journals)) from e
     finally:
         if result.rows:
             library.index_set.sync()  # the catalog and its indexes agree again (verify)
     return result
 
 
-def _purge_journal(library: Library, item: JournalPurge, row, result: PurgeResult) -> None:
+def _purge_journal(library: Library, item: JournalPurge, row, result: PurgeResult, shown: Shown,
+                   checkpoint: Callable[[], None]) -> None:
     journal = item.journal
     name = printable(journal.path.name)
     if row is not None and (row[3] is not None or row[4] is not None):
         result.problems.append(f"journal {name} was undone or purged since the plan: left alone")
         return
     checked = []
-    for copy in item.copies:  # all of them before the first deletion
+    for copy in shown.count(item.copies):  # all of them before the first deletion
+        checkpoint()  # checking changes nothing: Ctrl-C may stop it
         problem = journals_.place_problem(copy.step, library.root, library.folder, journal.header.quarantine)
         outcome = f"{printable(copy.step.dst)}: {problem}" if problem else _still_ours(copy.step)
         if isinstance(outcome, str):
             result.problems.append(f"journal {name} not purged: {outcome}")
             return
         checked.append((copy.step, outcome))
+    checkpoint()  # the last chance: from here on the journal is purged whole (no checkpoint below)
     files = size = 0
     for step, st in checked:
         if st is None:

@@ -9,11 +9,14 @@ import html
 import io
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from dinoseek.indexer.decode import DecodeError, read_image
 from dinoseek.indexer.library import Library
+from dinoseek.indexer.paths import display_path
+from dinoseek.model.progress import progress
 
 from .dedup import Group
 from .errors import InvalidArgumentError
@@ -120,12 +123,30 @@ def member_note(group: Group, member: Member) -> str:
     return f"{score}: {group.reason_for(member)}" if score else group.reason_for(member)
 
 
-def to_json(groups: list[Group], action: str = "report", summary: PlanSummary | None = None) -> str:
-    data = {"action": action, "groups": [g.to_dict() for g in groups],
+def to_json(groups: list[Group], action: str = "report", summary: PlanSummary | None = None,
+            sidecars: Mapping[bytes, list[Path]] | None = None, applied: dict | None = None) -> str:
+    """The plan as JSON. `sidecars` (actions.planned_sidecars of each group, for `move`): every member
+    that goes also lists, under "sidecars", the files that would move with it (paths relative to the
+    root, like its own; [] when none). `applied` (actions.ApplyResult.to_dict): what an apply did."""
+    data = {"action": action, "groups": [_group_dict(g, sidecars) for g in groups],
             "files_to_act_on": sum(len(g.others) for g in groups)}
     if summary is not None:
         data["summary"] = summary.to_dict()
+    if applied is not None:
+        data["applied"] = applied
     return json.dumps(data, indent=2)
+
+
+def _group_dict(group: Group, sidecars: Mapping[bytes, list[Path]] | None) -> dict:
+    data = group.to_dict()
+    if sidecars is None:
+        return data
+    for member, entry in zip(group.members, data["members"]):  # to_dict keeps the members' order
+        if not group.keeps(member):
+            folder = os.path.dirname(member.raw_path)
+            entry["sidecars"] = [display_path(os.path.join(folder, os.fsencode(p.name)))
+                                 for p in sidecars.get(member.raw_path, ())]
+    return data
 
 
 # A cell starting with one of these is a formula to Excel, LibreOffice and Google Sheets (tab and CR
@@ -171,7 +192,8 @@ def _thumbnail(path: Path, side: int = 160) -> str | None:
 
 def to_html(groups: list[Group], root: Path, title: str = "dinoseek duplicates",
             summary: PlanSummary | None = None) -> str:
-    """One page, no external files: thumbnails are embedded as data URIs."""
+    """One page, no external files: thumbnails are embedded as data URIs (the long part: reported
+    as the step "report: thumbnails", in images)."""
     esc = html.escape
     parts = [f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>body{{font:14px system-ui,sans-serif;margin:2em;background:#fafafa}}
@@ -183,30 +205,33 @@ def to_html(groups: list[Group], root: Path, title: str = "dinoseek duplicates",
 Green: kept. Dashed red: duplicates.</p>"""]
     if summary is not None:
         parts.append(f'<p class="summary">{esc(summary.text())}</p>')
-    for number, group in enumerate(groups, 1):
-        parts.append(f'<div class="group"><h2>Group {number}: {group.kind}, lowest similarity '
-                     f'{group.min_similarity:.3f}</h2><p>Keeps <b>{esc(group.keeper.path)}</b>: {esc(group.reason)}</p>'
-                     f'<div class="cards">')
-        for m in group.members:
-            uri = _thumbnail(root / os.fsdecode(m.raw_path))
-            img = f'<img src="{uri}" alt="">' if uri else "<i>(unreadable now)</i>"
-            css = "keep" if group.keeps(m) else "drop"
-            why = group.reason if m.id == group.keeper.id else member_note(group, m)
-            parts.append(f'<div class="card {css}">{img}<div class="meta">{esc(m.path)}<br>{m.width}x{m.height} '
-                         f'{esc(m.format)}, {m.size:,} bytes<br>{esc(m.captured_at or "")}</div>'
-                         f'<div class="why">{"kept: " if group.keeps(m) else "goes: "}{esc(why)}</div></div>')
-        parts.append("</div></div>")
+    with progress(sum(len(g.members) for g in groups), "report: thumbnails", unit="images") as step:
+        for number, group in enumerate(groups, 1):
+            parts.append(f'<div class="group"><h2>Group {number}: {group.kind}, lowest similarity '
+                         f'{group.min_similarity:.3f}</h2><p>Keeps <b>{esc(group.keeper.path)}</b>: {esc(group.reason)}</p>'
+                         f'<div class="cards">')
+            for m in group.members:
+                uri = _thumbnail(root / os.fsdecode(m.raw_path))
+                step.update()
+                img = f'<img src="{uri}" alt="">' if uri else "<i>(unreadable now)</i>"
+                css = "keep" if group.keeps(m) else "drop"
+                why = group.reason if m.id == group.keeper.id else member_note(group, m)
+                parts.append(f'<div class="card {css}">{img}<div class="meta">{esc(m.path)}<br>{m.width}x{m.height} '
+                             f'{esc(m.format)}, {m.size:,} bytes<br>{esc(m.captured_at or "")}</div>'
+                             f'<div class="why">{"kept: " if group.keeps(m) else "goes: "}{esc(why)}</div></div>')
+            parts.append("</div></div>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
 def write_report(groups: list[Group], path: Path, root: Path, action: str = "report",
-                 summary: PlanSummary | None = None) -> None:
+                 summary: PlanSummary | None = None, sidecars: Mapping[bytes, list[Path]] | None = None) -> None:
     """Format chosen by extension: .json, .csv or .html (JSON and HTML carry the summary too; CSV
-    has one row per member, whose bytes and keep columns add up to it)."""
+    has one row per member, whose bytes and keep columns add up to it; JSON lists `sidecars`, see
+    to_json)."""
     suffix = path.suffix.lower()
     if suffix == ".json":
-        text = to_json(groups, action, summary)
+        text = to_json(groups, action, summary, sidecars)
     elif suffix == ".csv":
         text = to_csv(groups)
     elif suffix in (".html", ".htm"):

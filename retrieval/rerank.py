@@ -19,6 +19,7 @@ import numpy as np
 from dinoseek.indexer.decode import DecodeError, load_pixels
 from dinoseek.indexer.library import Library
 from dinoseek.model import Embedder
+from dinoseek.model.progress import progress, track
 
 
 def chamfer(a: np.ndarray, b: np.ndarray) -> float:
@@ -28,7 +29,8 @@ def chamfer(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def patch_tokens(library: Library, encoder: Embedder, ids: Iterable[int], batch: int = 16) -> dict[int, np.ndarray]:
-    """Unit patch tokens per image id (re-read from disk; files that changed are left out)."""
+    """Unit patch tokens per image id (re-read from disk; files that changed are left out). Reported
+    as the step "dedup: crops", in images read and embedded."""
     paths = library.catalog.embedded_paths(ids)  # chunked: a long candidate list never makes one huge IN (...)
     root = os.fsencode(library.root)
     tokens: dict[int, np.ndarray] = {}
@@ -41,15 +43,21 @@ def patch_tokens(library: Library, encoder: Embedder, ids: Iterable[int], batch:
             tokens[row_id] = t
         pending.clear()
 
-    for row_id, raw in paths.items():
-        try:  # as the indexer read them; a FIFO or device swapped in since is refused without blocking
-            pending.append((row_id, load_pixels(os.path.join(root, raw), encoder.input_spec)[1]))
-        except DecodeError:
-            continue
-        if len(pending) >= batch:
+    with progress(len(paths), "dedup: crops", unit="images") as step:
+        for row_id, raw in paths.items():
+            try:  # as the indexer read them; a FIFO or device swapped in since is refused without blocking
+                pending.append((row_id, load_pixels(os.path.join(root, raw), encoder.input_spec)[1]))
+            except DecodeError:
+                step.update()
+                continue
+            if len(pending) >= batch:
+                done = len(pending)
+                flush()
+                step.update(done)  # counted once embedded: the encoder is most of the time
+        if pending:
+            done = len(pending)
             flush()
-    if pending:
-        flush()
+            step.update(done)
     return tokens
 
 
@@ -58,7 +66,7 @@ def rerank(pairs: Iterable[tuple[int, int, float]], library: Library, encoder: E
     pairs = list(pairs)
     tokens = patch_tokens(library, encoder, [i for a, b, _ in pairs for i in (a, b)])
     kept = []
-    for a, b, sim in pairs:
+    for a, b, sim in track(pairs, "dedup: crop matching", unit="pairs"):
         if sim < threshold and a in tokens and b in tokens:
             sim = max(sim, chamfer(tokens[a], tokens[b]))
         if sim >= threshold:
