@@ -262,6 +262,7 @@ def embed(images, path_list, null, model_name, weights, device, precision, mode,
 
     from dinoseek.model import Encoder
     from dinoseek.model.encoder import DEFAULT_MODEL
+    from dinoseek.model.progress import echo as progress_echo
     from dinoseek.retrieval.embed import Embedded, VectorFolder, embed_paths, image_paths, read_path_list
 
     if not images and path_list is None:
@@ -291,7 +292,7 @@ def embed(images, path_list, null, model_name, weights, device, precision, mode,
                                      f"cls[:4]={np.round(result.cls[:4], 4).tolist()}")
                 else:
                     skipped += 1
-                    click.echo(f"skipped {_shown(result.path)}: {_shown(result.reason)}", err=True)
+                    progress_echo(f"skipped {_shown(result.path)}: {_shown(result.reason)}")  # above the bar
                     if as_json:
                         lines.append(json.dumps(result.to_dict()))
             if writer is not None:
@@ -624,7 +625,9 @@ def similar(path, root, library_dir, url, k, kind, as_json, **filters):
               help="Where moved copies go (default: the library's quarantine folder).")
 @click.option("--report", "report_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the groups to a .json, .csv or .html file.")
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the plan as JSON (with --action move, each duplicate lists the sidecars that go with it; "
+                   "with --apply, printed once applied, what was done under \"applied\"). Nothing else on stdout.")
 @click.option("--exit-code", is_flag=True,
               help="Exit 1 if duplicates were found, 0 if none (as `git diff --exit-code`). Errors exit 1 too "
                    "(usage errors 2), with an `Error:` line on stderr.")
@@ -639,7 +642,8 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, order, protected,
     journaled, and `dinoseek undo` restores them. Every copy that goes is listed with its similarity
     to the kept one (exact cosine) and its own reason; the plan ends with the files and bytes that
     leave the photo folder, and whether the quarantine's filesystem is the photos' own (then no
-    space is freed until `dinoseek purge`).
+    space is freed until `dinoseek purge`). Ctrl-C during --apply stops between two files and says
+    how many were set aside: `dinoseek undo` puts them back, the same command again goes on.
 
     \b
     Example:
@@ -659,56 +663,89 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, order, protected,
         raise click.BadParameter(f"{candidate_threshold} is above the --threshold {threshold}; candidates for "
                                  f"re-ranking are the pairs below it", param_hint="'--candidates'")
     order = tuple(r.strip() for r in order.split(",") if r.strip())
-    with Library.open(root, folder=library_dir, url=url, write=do_apply) as library:
-        crop_encoder = None
-        if crops:
-            from dinoseek.model import encoder_for_library
+    try:
+        with Library.open(root, folder=library_dir, url=url, write=do_apply) as library:
+            crop_encoder = None
+            if crops:
+                from dinoseek.model import encoder_for_library
 
-            crop_encoder = encoder_for_library(library.manifest(), weights or model_name, root=library.root,
-                                               device=device, precision=precision)
-            library.check_model(crop_encoder.manifest())
-        groups = find_duplicates(library, threshold=threshold, kind=kind, exact_only=exact_only,
-                                 order=order, protected=protected, folder=folder, crop_encoder=crop_encoder,
-                                 candidate_threshold=candidate_threshold)
-        # What leaves the photo folder, and whether the quarantine's disk is the photos' (space back only on purge)
-        summary = plan_summary(library, groups, action, quarantine, applied=do_apply) if groups else None
-        if report_file:
-            write_report(groups, report_file, library.root, action, summary)
-        if as_json:
-            click.echo(to_json(groups, action, summary))
-        else:
-            for number, group in enumerate(groups, 1):
-                click.echo(f"group {number} ({group.kind}, min similarity {group.min_similarity:.3f}): "
-                           f"keep {_shown(group.keeper.path)} — {_shown(group.reason)}")
-                sidecars = actions.planned_sidecars(library, group, action)
-                for member in group.others:
-                    click.echo(f"    {action if action != 'report' else 'duplicate'}: {_shown(member.path)} — "
-                               f"{_shown(member_note(group, member))}")
-                    for sidecar in sidecars.get(member.raw_path, ()):
-                        click.echo(f"        with sidecar: {_shown(sidecar.name)}")
-            extra = sum(len(g.others) for g in groups)
-            click.echo(f"{len(groups)} groups, {extra} files {'to act on' if action != 'report' else 'duplicated'}"
-                       + ("" if do_apply or action == "report" else " (dry run: add --apply)"))
-            if summary is not None and summary.files:
-                click.echo(_shown(summary.text()))
-        if do_apply:
-            if action == "report":
-                raise click.ClickException("--apply needs --action move, hardlink or symlink")
-            result = actions.apply(library, groups, action, quarantine)
-            for group, why in result.skipped:
-                click.echo(f"skipped group keeping {_shown(group.keeper.path)}: {_shown(why)}", err=True)
-            for path, why in result.skipped_files:
-                click.echo(f"skipped {_shown(path)}: {_shown(why)}", err=True)
-            for path, why in result.sidecars_left:
-                click.echo(f"sidecar left beside its moved photo {_shown(path)}: {_shown(why)}", err=True)
-            if result.journal is None:  # no journal written: `undo` still finds the previous one
-                click.echo(f"0 files {actions.PAST[action]}; nothing to undo")
-            else:
-                with_sidecars = f" (with {len(result.sidecars)} sidecars)" if result.sidecars else ""
-                click.echo(f"{len(result.done)} files {actions.PAST[action]}{with_sidecars}; journal "
-                           f"{_shown(result.journal)} (undo: `dinoseek undo {_root_arg(root)}`)")
+                crop_encoder = encoder_for_library(library.manifest(), weights or model_name, root=library.root,
+                                                   device=device, precision=precision)
+                library.check_model(crop_encoder.manifest())
+            # Progress of the candidate search, grouping, --crops and thumbnails: on stderr (model.progress)
+            groups = find_duplicates(library, threshold=threshold, kind=kind, exact_only=exact_only,
+                                     order=order, protected=protected, folder=folder, crop_encoder=crop_encoder,
+                                     candidate_threshold=candidate_threshold)
+            # What leaves the photo folder, and whether the quarantine's disk is the photos' (space back only on purge)
+            summary = plan_summary(library, groups, action, quarantine, applied=do_apply) if groups else None
+            # The sidecars each duplicate takes along (`move` only; links leave them beside the link)
+            sidecars = {raw: paths for group in groups
+                        for raw, paths in actions.planned_sidecars(library, group, action).items()}
+            listed = sidecars if action == "move" else None
+            if report_file:
+                write_report(groups, report_file, library.root, action, summary, listed)
+            if as_json and not do_apply:
+                click.echo(to_json(groups, action, summary, listed))
+            elif not as_json:
+                for number, group in enumerate(groups, 1):
+                    click.echo(f"group {number} ({group.kind}, min similarity {group.min_similarity:.3f}): "
+                               f"keep {_shown(group.keeper.path)} — {_shown(group.reason)}")
+                    for member in group.others:
+                        click.echo(f"    {action if action != 'report' else 'duplicate'}: {_shown(member.path)} — "
+                                   f"{_shown(member_note(group, member))}")
+                        for sidecar in sidecars.get(member.raw_path, ()):
+                            click.echo(f"        with sidecar: {_shown(sidecar.name)}")
+                extra = sum(len(g.others) for g in groups)
+                click.echo(f"{len(groups)} groups, {extra} files {'to act on' if action != 'report' else 'duplicated'}"
+                           + ("" if do_apply or action == "report" else " (dry run: add --apply)"))
+                if summary is not None and summary.files:
+                    click.echo(_shown(summary.text()))
+            if do_apply:
+                if action == "report":
+                    raise click.ClickException("--apply needs --action move, hardlink or symlink")
+                result = actions.apply(library, groups, action, quarantine)
+                _report_skips(result)
+                if as_json:  # one JSON document on stdout: the plan and what the apply did
+                    click.echo(to_json(groups, action, summary, listed, result.to_dict(library.root)))
+                elif result.journal is None:  # no journal written: `undo` still finds the previous one
+                    click.echo(f"0 files {actions.PAST[action]}; nothing to undo")
+                else:
+                    with_sidecars = f" (with {len(result.sidecars)} sidecars)" if result.sidecars else ""
+                    click.echo(f"{len(result.done)} files {actions.PAST[action]}{with_sidecars}; journal "
+                               f"{_shown(result.journal)} (undo: `dinoseek undo {_root_arg(root)}`)")
+    except actions.ApplyInterrupted as e:
+        _report_skips(e.result)
+        raise _Interrupted(_apply_interrupted(e, action, _rerun("undo", root, library_dir, url, None, None))) from None
+    except KeyboardInterrupt:  # before the apply began (or a dry run): nothing on disk was touched
+        raise _Interrupted("interrupted: nothing was changed") from None
     if exit_code and groups:
         raise click.exceptions.Exit(1)  # duplicates found: the `git diff --exit-code` convention
+
+
+def _report_skips(result) -> None:
+    """What an apply (finished or interrupted) left alone, one line each on stderr."""
+    from dinoseek.model.progress import echo
+
+    for group, why in result.skipped:
+        echo(f"skipped group keeping {_shown(group.keeper.path)}: {_shown(why)}")
+    for path, why in result.skipped_files:
+        echo(f"skipped {_shown(path)}: {_shown(why)}")
+    for path, why in result.sidecars_left:
+        echo(f"sidecar left beside its moved photo {_shown(path)}: {_shown(why)}")
+
+
+def _apply_interrupted(e, action: str, undo: str) -> str:
+    """The line for Ctrl-C during `dedup --apply`: what was done and the two ways on. A re-run
+    plans again from the catalog, where the copies set aside are no longer candidates."""
+    from dinoseek.retrieval.actions import PAST
+
+    result = e.result
+    done = f"{len(result.done)} of {e.planned} files {PAST[action]}"
+    if result.journal is None:
+        return f"interrupted: {done}; nothing was changed"
+    with_sidecars = f" (with {len(result.sidecars)} sidecars)" if result.sidecars else ""
+    return (f"interrupted: {done}{with_sidecars}, journal {_shown(result.journal.name)}; `{undo}` puts them back, "
+            f"or run the same command again to go on")
 
 
 @main.command()
@@ -726,7 +763,8 @@ def undo(root, library_dir, url, journal, list_only, accept_missing):
     A journal is checked whole before anything moves: one this library's catalog has no record of
     (or whose folders differ from the recorded ones), one that names paths outside this library's
     photo folder and quarantine, or another library's folder, is refused. Files whose quarantined
-    copy changed or vanished stay where they are and are listed (exit 1).
+    copy changed or vanished stay where they are and are listed (exit 1). Ctrl-C stops between two
+    files; running undo again finishes the journal.
 
     \b
     Example:
@@ -743,9 +781,16 @@ def undo(root, library_dir, url, journal, list_only, accept_missing):
         return
     with Library.open(root, folder=library_dir, url=url, write=True) as library:
         try:
-            result = actions.undo(library, journal, accept_missing=accept_missing)
+            result = actions.undo(library, journal, accept_missing=accept_missing)  # progress: on stderr
         except actions.UndoIncomplete as e:
             result = e.result
+        except actions.UndoInterrupted as e:
+            # The files back so far stay back; the journal stays pending, so undo again finishes it.
+            again = _rerun("undo", root, library_dir, url, None, None)
+            again += f" --journal {_root_arg(journal)}" if journal is not None else ""
+            again += " --accept-missing" if accept_missing else ""
+            raise _Interrupted(f"interrupted: {len(e.result.restored)} of {e.to_restore} files restored; run "
+                               f"`{again}` again to finish") from None
     click.echo(f"restored {len(result.restored)} files")
     if result.sidecars:
         click.echo(f"restored {len(result.sidecars)} sidecars beside them")
@@ -782,6 +827,7 @@ def purge(root, library_dir, url, older_than, do_apply):
     catalog and the journal that the bytes are gone: `undo` then refuses that journal and
     `undo --list` shows it as purged. Only files inside the quarantine that still hold the bytes
     the journal recorded are deleted; a journal with any other file is left whole and reported.
+    Ctrl-C never leaves a journal half purged: each is purged whole or left as it was.
 
     \b
     Example:
@@ -805,7 +851,16 @@ def purge(root, library_dir, url, older_than, do_apply):
             click.echo(f"{plan.files} files, {plan.bytes} bytes in {len(plan.journals)} journals would be deleted "
                        f"(dry run: add --apply)")
             return
-        result = purging.purge(library, plan)
+        try:
+            result = purging.purge(library, plan)  # progress: on stderr
+        except purging.PurgeInterrupted as e:
+            # Each journal is purged whole or not at all: the others are as they were, still undoable.
+            done = e.result
+            again = _rerun("purge", root, library_dir, url, None, None)
+            again += f" --older-than {older_than:g}" if older_than is not None else ""
+            raise _Interrupted(f"interrupted: {len(done.journals)} of {e.planned} journals purged ({done.files} "
+                               f"files, {done.bytes} bytes deleted), the others left as they were; run "
+                               f"`{again} --apply` again to go on") from None
     for problem in result.problems:
         click.echo(_shown(problem), err=True)
     click.echo(f"deleted {result.files} files, {result.bytes} bytes; {len(result.journals)} journals purged, "
