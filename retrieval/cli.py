@@ -246,9 +246,10 @@ def embed(images, path_list, null, model_name, weights, device, precision, mode,
     """Embed IMAGES (files, or folders walked as `index` walks them) and print or save their CLS and
     pooled-patch vectors, a batch at a time: memory stays flat however many files there are.
 
-    Files are read by the indexer's decoder, so each gets the vector `index` stores for it. A file
-    that cannot be read is skipped with one line on stderr; a summary line ends the run there. Exit
-    status 0 when at least one image was embedded, 1 when none was.
+    Files are read by the indexer's decoder: with a library's model, --mode and --size, each gets the
+    vector `index` stores for it (to float16 rounding). A file that cannot be read is skipped with
+    one line on stderr; a summary line ends the run there. Exit status 0 when at least one image was
+    embedded, 1 when none was.
 
     \b
     Example:
