@@ -21,11 +21,12 @@ from dinoseek.model.progress import progress
 from .errors import InvalidArgumentError
 from .grouping import linked_groups, rescored_pairs, unit_rows
 from .keep import DEFAULT_ORDER, Member, check_order, choose_keeper, in_folder
+from .marks import drop_marked
 from .sidecars import RAW_SUFFIXES, raw_partner
 
 DEFAULT_THRESHOLD = 0.95  # cosine of CLS vectors; `dinoseek calibrate` recommends one for a library
-# Candidates are searched this far below the threshold in a compressed index, then re-scored
-# exactly (see score_margin).
+# Candidates are searched this far below the threshold, then re-scored exactly (see score_margin).
+FLAT_MARGIN = 0.002
 SQ_MARGIN = 0.01
 PQ_MARGIN = 0.1
 
@@ -144,19 +145,20 @@ def find_duplicates(
 
         # Byte copies first, at similarity 1: their float16 vectors may score 0.9999 against each
         # other, which a threshold of 1 would miss; linked_groups keeps the first score of a pair.
-        exact = exact_pairs(library.catalog.exact_hash_groups())
+        byte_copy_pairs = exact_pairs(library.catalog.exact_hash_groups())
         low = threshold if crop_encoder is None else (
             candidate_threshold if candidate_threshold is not None else max(0.0, threshold - 0.15))
         # closing(): a search cut short (Ctrl-C while grouping) ends its progress step now, not when collected
         with contextlib.closing(rescored_pairs(index, blocks, low, vectors_of, nprobe=nprobe, margin=margin,
                                                total=index.count)) as candidates:
+            candidates = drop_marked(candidates, library)  # pairs the user marked "not a duplicate"
             if crop_encoder is None:
-                groups, scores = linked_groups(itertools.chain(exact, candidates))
+                groups, scores = linked_groups(itertools.chain(byte_copy_pairs, candidates))
             else:
                 from .rerank import rerank
 
-                groups, scores = linked_groups(itertools.chain(exact, rerank(candidates, library, crop_encoder,
-                                                                             threshold)))
+                groups, scores = linked_groups(itertools.chain(byte_copy_pairs, rerank(candidates, library,
+                                                                                       crop_encoder, threshold)))
     members = _members(library, [i for ids, _ in groups for i in ids])
     result = []
     for ids, lowest in groups:
@@ -182,7 +184,9 @@ def find_duplicates(
 def score_margin(index: VectorIndex) -> float:
     """How far below the threshold to look for candidates in `index`, by how far its scores can be off.
 
-    Flat and IVF-Flat store the vectors: their scores are exact (0). SQ8 errs by ~0.002 on unit
+    Flat and IVF-Flat hold the catalog's float16 vectors as they are, not re-normalised: each norm is
+    off by up to 2^-11 (float16 rounding), so their inner product can fall ~1e-3 below the exact
+    cosine and a pair just above the threshold would be missed: 0.002. SQ8 errs by ~0.002 on unit
     vectors (measured, 128 and 384 dimensions): 0.01. PQ and RaBitQ err by up to ~0.1 on clustered
     vectors and more on random ones: 0.1 finds nearly all pairs of real photos; one still missed is a
     duplicate left unreported, never a wrong group, since every candidate is re-scored exactly.
@@ -191,7 +195,7 @@ def score_margin(index: VectorIndex) -> float:
     if isinstance(inner, (faiss.IndexScalarQuantizer, faiss.IndexIVFScalarQuantizer)):
         return SQ_MARGIN
     if isinstance(inner, (faiss.IndexFlat, faiss.IndexIVFFlat)):
-        return 0.0
+        return FLAT_MARGIN
     return PQ_MARGIN
 
 

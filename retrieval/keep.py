@@ -8,8 +8,8 @@ folder (a RAW file beside a JPEG):
 2. ``resolution``: clearly more *real* pixels. Two rules make "real" precise:
    - a difference counts only from REAL_PIXEL_RATIO (1.2x the pixel count, ~10% per side) up; below
      it copies tie (a few rows cropped, a re-save) and the next rules decide;
-   - a copy without camera metadata gets no credit for pixels beyond the best camera copy in its
-     group: an upscale (or a screenshot taken on a bigger screen) has more pixels but no more
+   - a copy without camera metadata gets no credit for pixels beyond the best camera copy in the
+     running: an upscale (or a screenshot taken on a bigger screen) has more pixels but no more
      detail, and from the catalog it cannot be told from a full-size copy that lost its EXIF, so
      the camera's copy is trusted. A downscaled copy, with or without EXIF, loses here.
 3. ``original``: evidence the file came from the camera: the JPEG/HEIC of a RAW+JPEG pair (a RAW
@@ -19,9 +19,20 @@ folder (a RAW file beside a JPEG):
    re-save of a JPEG is larger, not better). Among same-format copies with the same pixels the
    larger one was encoded at a higher quality (a lower-quality re-encode loses).
 5. ``oldest``: the earliest EXIF capture time (copies without one last).
-6. ``format``: lossless first (after all of the above a lossless copy can only be as good).
-7. ``modified``: the earliest modification time: a copy cannot be older than what it was copied
+6. ``modified``: the earliest modification time: a copy cannot be older than what it was copied
    from. For byte-identical copies this is what decides after ``protected`` (and a RAW beside one).
+7. ``format``: the format cameras write (JPEG, HEIC) first, GIF (256 colours) last. It comes after
+   ``modified`` and does not prefer lossless: copies that reach it have the same pixels and the same
+   camera metadata, and a lossless re-save of a lossy file (a PNG export that kept the EXIF) holds no
+   more detail than the file it came from, only more bytes, so it must not win; the file time tells
+   which was made from which. Only when that ties too does the format a camera writes stay, as the
+   likelier original.
+
+The rules eliminate copies one after another: each rule looks only at the copies every earlier rule
+left in the running and keeps those it ranks best, so a copy already ruled out never sets the bar for
+the others (a no-EXIF quality-100 export cannot make the camera original "smaller"). A member's reason
+is the rule that ruled it out, compared with the keeper (or, for ``size`` across formats, with the
+largest copy of its own format still in the running then) — so it is always true of the keeper.
 
 Full ties go to the shorter path, then the path's bytes: stable across runs and re-indexing (row ids
 are not). An explicit ``--keep`` order uses its rules in that order, then ``modified``, then the path.
@@ -32,14 +43,17 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from .errors import InvalidArgumentError
 
-# Lower is better: lossless first, then formats that keep more of the original.
-FORMAT_RANK = {"PNG": 0, "TIFF": 0, "BMP": 1, "HEIF": 2, "AVIF": 2, "JPEG": 3, "MPO": 3, "WEBP": 4, "GIF": 5}
-RULES = ("protected", "resolution", "original", "size", "oldest", "format", "modified")
-DEFAULT_ORDER = RULES
+# Lower is better (the ``format`` rule, see the module docstring): what cameras and phones write, then
+# every other format alike (a PNG or TIFF conversion is no better than its source), then GIF (a palette
+# of 256 colours holds less than the photo). Unknown formats rank with the others.
+FORMAT_RANK = {"JPEG": 0, "MPO": 0, "HEIF": 0, "GIF": 2}
+OTHER_FORMAT_RANK = 1
+DEFAULT_ORDER = ("protected", "resolution", "original", "size", "oldest", "modified", "format")
+RULES = DEFAULT_ORDER  # every known rule
 # A pixel count counts as more only from this factor up (1.2: about 10% more per side). Resizing by
 # less than that, or cropping a few rows, changes too little detail to outweigh provenance.
 REAL_PIXEL_RATIO = 1.2
@@ -91,15 +105,16 @@ def is_camera_copy(member: Member) -> bool:
 
 
 class _Ranking:
-    """Sort keys of one group's members, rule by rule; smaller sorts first (= preferred)."""
+    """Sort keys of the copies still in the running, rule by rule; smaller sorts first (= preferred).
+    Built anew for each rule over that rule's survivors only (see the module docstring)."""
 
-    def __init__(self, members: list[Member], protected: tuple[bytes | str, ...]) -> None:
+    def __init__(self, survivors: list[Member], protected: tuple[bytes | str, ...]) -> None:
         self.protected = protected
-        camera_pixels = [m.pixels for m in members if is_camera_copy(m)]
+        camera_pixels = [m.pixels for m in survivors if is_camera_copy(m)]
         self.cap = max(camera_pixels) if camera_pixels else None  # see rule 2 in the module docstring
-        self.best = max(self.credited(m) for m in members)
-        self.largest_of_format = {}
-        for m in members:
+        self.best = max(self.credited(m) for m in survivors)
+        self.largest_of_format: dict[str, int] = {}
+        for m in survivors:
             self.largest_of_format[m.format] = max(self.largest_of_format.get(m.format, 0), m.size)
 
     def credited(self, member: Member) -> int:
@@ -123,7 +138,7 @@ class _Ranking:
         if rule == "oldest":
             return member.captured_at or "9999"
         if rule == "format":
-            return FORMAT_RANK.get(member.format, 9)
+            return FORMAT_RANK.get(member.format, OTHER_FORMAT_RANK)
         assert rule == "modified", rule  # check_order let only RULES through
         return member.mtime_ns
 
@@ -143,36 +158,55 @@ def choose_keeper(members: list[Member], order: tuple[str, ...] = DEFAULT_ORDER,
                   protected: tuple[bytes | str, ...] = ()) -> Decision:
     """The member to keep, why (true against every member that goes), and each member's own reason.
 
-    Each member's reason is the first rule of `order` (then `modified`, then the path) on which it
-    differs from the keeper; the keeper's reason lists those rules, with how many copies each decided.
+    The rules of `order` (then `modified`, then the path) eliminate copies in turn: each keeps only
+    the copies it ranks best among those still in the running. A member's reason is the rule that
+    ruled it out; the keeper's reason lists those rules, with how many copies each ruled out.
     """
     order = check_order(tuple(order))
     if len(members) < 2:
         raise InvalidArgumentError(f"a duplicate group has at least 2 members, got {len(members)}")
     rules = order + (() if "modified" in order else ("modified",))
-    ranking = _Ranking(members, protected)
-    keys = {m.id: tuple(ranking.key(m, r) for r in rules) + (len(m.raw_path), m.raw_path) for m in members}
-    keeper = min(members, key=lambda m: keys[m.id])
+    survivors = list(members)
+    ruled_out: dict[int, tuple[str, _Ranking | None]] = {}  # member id -> (rule, the stage it lost at)
+    for rule in rules:
+        if len(survivors) == 1:
+            break
+        ranking = _Ranking(survivors, protected)
+        keys = {m.id: ranking.key(m, rule) for m in survivors}
+        best = min(keys.values())
+        ruled_out.update((m.id, (rule, ranking)) for m in survivors if keys[m.id] != best)
+        survivors = [m for m in survivors if keys[m.id] == best]
+    survivors.sort(key=lambda m: (len(m.raw_path), m.raw_path))
+    keeper = survivors[0]
+    ruled_out.update((m.id, ("path", None)) for m in survivors[1:])
     reasons, deciding = {}, Counter()
     for m in members:
         if m.id == keeper.id:
             continue
-        if ranking.key(m, "protected") == 0:
+        if any(in_folder(m, p) for p in protected):
             reasons[m.id] = "in a protected folder: stays too"
             continue
-        rule = next((r for position, r in enumerate(rules) if keys[m.id][position] != keys[keeper.id][position]),
-                    "path")
+        rule, ranking = ruled_out[m.id]
+        if rule == "size" and m.format != keeper.format:
+            rule = "size of another format"  # lost to a larger copy of its own format, not to the keeper
         reasons[m.id] = _why_not(m, keeper, rule, ranking)
         deciding[rule] += 1
-    return Decision(keeper, _why(keeper, deciding, rules + ("path",)), reasons)
+    clauses = tuple(r for rule in rules for r in ((rule, "size of another format") if rule == "size" else (rule,)))
+    return Decision(keeper, _why(keeper, deciding, clauses + ("path",)), reasons)
 
 
 # ---- wording -------------------------------------------------------------------------------------
 
 def _when(mtime_ns: int, other_ns: int | None = None) -> str:
-    """Local time to the second; to the microsecond when `other_ns` falls in the same second."""
+    """Local time to the second; to the microsecond when `other_ns` falls in the same second. A time
+    `datetime` cannot show (past year 9999, or before 1970 on some systems) is given in raw ns: a
+    reason's wording must never end a whole dedup."""
     shown = "%Y-%m-%d %H:%M:%S" + (".%f" if other_ns is not None and mtime_ns // 10**9 == other_ns // 10**9 else "")
-    return datetime.fromtimestamp(mtime_ns / 1e9).strftime(shown)
+    seconds, nanoseconds = divmod(mtime_ns, 10**9)
+    try:  # whole seconds and microseconds apart: a float of ns since 1970 is already off by ~0.2 µs
+        return (datetime.fromtimestamp(seconds) + timedelta(microseconds=nanoseconds // 1000)).strftime(shown)
+    except (ValueError, OverflowError, OSError):
+        return f"unknown time ({mtime_ns} ns since 1970)"
 
 
 def _camera_text(member: Member) -> str:
@@ -181,7 +215,7 @@ def _camera_text(member: Member) -> str:
 
 
 def _describe(keeper: Member, rule: str) -> str:
-    """What the keeper has that the copies this rule decided against lack."""
+    """What the keeper has that the copies this rule ruled out lack."""
     if rule == "protected":
         return "in a protected folder"
     if rule == "resolution":
@@ -192,9 +226,13 @@ def _describe(keeper: Member, rule: str) -> str:
         return f"camera original ({_camera_text(keeper)})"
     if rule == "size":
         return f"largest file of its format ({keeper.format}, {keeper.size:,} bytes)"
+    if rule == "size of another format":
+        return "a larger file of the same format preferred"
     if rule == "oldest":
         return f"earliest capture time ({keeper.captured_at})"
     if rule == "format":
+        if FORMAT_RANK.get(keeper.format) == 0:
+            return f"the format cameras write ({keeper.format})"
         return f"preferred format ({keeper.format})"
     if rule == "modified":
         return f"earliest modification time ({_when(keeper.mtime_ns)})"
@@ -210,8 +248,9 @@ def _why(keeper: Member, deciding: Counter, rules: tuple[str, ...]) -> str:
                      for r in used)
 
 
-def _why_not(member: Member, keeper: Member, rule: str, ranking: _Ranking) -> str:
-    """Why `member` goes: how it compares with the keeper on the first rule where they differ."""
+def _why_not(member: Member, keeper: Member, rule: str, ranking: _Ranking | None) -> str:
+    """Why `member` goes: the rule that ruled it out, compared with the keeper (for a size across
+    formats, with the largest copy of its own format in the running at that stage)."""
     if rule == "protected":
         return "not in a protected folder"
     if rule == "resolution":
@@ -225,10 +264,10 @@ def _why_not(member: Member, keeper: Member, rule: str, ranking: _Ranking) -> st
         if not is_camera_copy(member):
             return f"no camera metadata (the kept copy has {_camera_text(keeper)})"
         return f"less camera metadata ({_camera_text(member)} vs {_camera_text(keeper)})"
-    if rule == "size":
+    if rule == "size":  # the keeper survived this stage: it is the largest of its format then
+        return f"smaller {member.format} file ({member.size:,} bytes vs {keeper.size:,})"
+    if rule == "size of another format":
         largest = ranking.largest_of_format[member.format]
-        if member.format == keeper.format:
-            return f"smaller {member.format} file ({member.size:,} bytes vs {largest:,})"
         return f"a larger {member.format} copy exists ({member.size:,} bytes vs {largest:,})"
     if rule == "oldest":
         if member.captured_at is None:
@@ -239,5 +278,8 @@ def _why_not(member: Member, keeper: Member, rule: str, ranking: _Ranking) -> st
     copy = "identical bytes, " if member.sha256 and member.sha256 == keeper.sha256 else ""
     if rule == "modified":
         later, earlier = _when(member.mtime_ns, keeper.mtime_ns), _when(keeper.mtime_ns, member.mtime_ns)
+        if later == earlier:  # within one microsecond: say by how much, not "X vs X"
+            return f"{copy}modified later ({later}, {member.mtime_ns - keeper.mtime_ns} ns after the kept copy)"
         return f"{copy}modified later ({later} vs {earlier})"
+    # Every rule tied, the modification time included (to the ns): only the path order is left.
     return f"{copy}equal by every keep rule; the kept copy's path comes first"

@@ -15,12 +15,24 @@ from dinoseek.indexer.library import Library
 from dinoseek.indexer.store import build_index
 from dinoseek.retrieval import dedup
 from dinoseek.retrieval.cli import main
-from dinoseek.retrieval.dedup import PQ_MARGIN, SQ_MARGIN, find_duplicates, score_margin
-from dinoseek.retrieval.grouping import range_pairs, rescored_pairs
+from dinoseek.retrieval.dedup import FLAT_MARGIN, PQ_MARGIN, SQ_MARGIN, find_duplicates, score_margin
+from dinoseek.retrieval.grouping import rescored_pairs
 
 
 def _unit(x):
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def index_pairs(index, blocks, threshold, nprobe=None):
+    """(a, b) with a < b that the index alone scores >= threshold, from either end: what grouping
+    on the index's own scores would take."""
+    pairs = set()
+    for ids, vectors in blocks:
+        lims, _, found = index.range_search(vectors, threshold, nprobe)
+        for row, a in enumerate(ids):
+            pairs.update((min(int(a), int(b)), max(int(a), int(b))) for b in found[lims[row]:lims[row + 1]]
+                         if b >= 0 and b != a)
+    return pairs
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +72,7 @@ def test_rescored_pairs_equal_brute_force_scores(pq_case):
 
 def test_pairs_whose_compressed_score_passes_but_exact_does_not_are_dropped(pq_case):
     index, blocks, vectors_of, exact = pq_case
-    compressed = {(a, b) for a, b, _ in range_pairs(index, blocks, 0.9, nprobe=4)}
+    compressed = index_pairs(index, blocks, 0.9, nprobe=4)
     false_positives = compressed - set(exact)
     assert false_positives  # PQ at this size does score some pairs above the threshold wrongly
     rescored = {(a, b) for a, b, _ in rescored_pairs(index, blocks, 0.9, vectors_of, nprobe=4, margin=PQ_MARGIN)}
@@ -75,7 +87,95 @@ def test_rows_gone_from_the_catalog_drop_out_of_rescoring(pq_case):
         kept = np.asarray([i for i in wanted if int(i) not in gone], dtype=np.int64)
         return vectors_of(kept) if len(kept) else (kept, np.zeros((0, 32), np.float32))
 
-    assert not list(rescored_pairs(index, blocks, 0.9, fewer, nprobe=4, margin=0.2))
+    # Gone from the catalog: no longer read as queries either (the index still holds them).
+    remaining = [(ids[present], vectors[present]) for ids, vectors in blocks
+                 for present in [np.asarray([int(i) not in gone for i in ids])]]
+    assert not list(rescored_pairs(index, remaining, 0.9, fewer, nprobe=4, margin=0.2))
+
+
+def test_block_whose_candidates_are_all_gone_is_skipped(pq_case):
+    """A concurrent index run removed every candidate of a block: vectors_of returns nothing, and
+    the search goes on (it used to raise IndexError on the empty array)."""
+    index, blocks, vectors_of, exact = pq_case
+    first = {int(i) for i in blocks[0][0]}
+
+    def none_for_the_first_block(wanted):
+        kept = np.asarray([i for i in wanted if int(i) not in first and int(i) not in exact_partners], np.int64)
+        return vectors_of(kept) if len(kept) else (kept, np.zeros((0, 32), np.float32))
+
+    exact_partners = {b for a, b in exact if a in first} | {a for a, b in exact if b in first}
+    found = list(rescored_pairs(index, blocks, 0.9, none_for_the_first_block, nprobe=4, margin=0.2))
+    assert found and not any({a, b} & first for a, b, _ in found)
+
+    def nothing(wanted):
+        return np.zeros(0, np.int64), np.zeros((0, 32), np.float32)
+
+    assert not list(rescored_pairs(index, blocks, 0.9, nothing, nprobe=4, margin=0.2))
+
+
+class OneWayIndex:
+    """An index that finds the pair (3, 9) only from 9's end, as a compressed index may (its scores
+    are not symmetric), and both ends of (3, 6)."""
+
+    def range_search(self, vectors, threshold, nprobe=None):
+        found = {3: [6], 6: [3], 9: [3]}
+        lists = [found.get(int(i), []) for i in self.ids]
+        lims = np.concatenate([[0], np.cumsum([len(x) for x in lists])]).astype(np.int64)
+        return lims, np.ones(lims[-1], np.float32), np.asarray([b for x in lists for b in x], np.int64)
+
+
+def test_pair_found_only_from_its_larger_id_is_kept_and_each_pair_given_once():
+    ids = np.asarray([3, 6, 9], np.int64)
+    vectors = _unit(np.asarray([[1.0, 0.0], [1.0, 0.01], [1.0, 0.02]]))
+    index = OneWayIndex()
+    blocks = []
+    for block in ([0, 1], [2]):  # 3 and 9 in different blocks: (3, 9) is only found in the second
+        index.ids = ids[block]
+        blocks.append((ids[block], vectors[block]))
+
+    def vectors_of(wanted):
+        at = np.searchsorted(ids, wanted)
+        return ids[at], vectors[at]
+
+    def searched_blocks():
+        for block_ids, block_vectors in blocks:
+            index.ids = block_ids
+            yield block_ids, block_vectors
+
+    found = list(rescored_pairs(index, searched_blocks(), 0.99, vectors_of))
+    assert sorted((a, b) for a, b, _ in found) == [(3, 6), (3, 9)]  # (3, 6) from both ends: once
+    assert {(a, b): s for a, b, s in found}[(3, 9)] == pytest.approx(float(vectors[0] @ vectors[2]))
+
+
+def test_flat_index_margin_finds_pairs_its_float16_inner_product_puts_below_the_threshold():
+    """Flat holds the catalog's float16 vectors un-normalised: norms a little under 1 make the index's
+    inner product fall below the exact cosine. The Flat margin still proposes such a pair."""
+    rng = np.random.default_rng(5)
+    d = 64
+    base = _unit(rng.standard_normal((20, d)))
+    twin = _unit(base[0] + 0.05 * rng.standard_normal(d))
+    stored = np.concatenate([base, twin[None]]) * np.float32(1 - 2**-11)  # norms off as float16 rounding allows
+    ids = np.arange(1, 22, dtype=np.int64)
+    index = build_index("Flat", d, stored, ids, requested="auto")
+    assert score_margin(index) == FLAT_MARGIN
+    cosine = float(base[0] @ twin)
+    threshold = cosine - 1e-4  # above the stored inner product (cosine * (1 - 2^-11)^2), below the cosine
+    assert float(stored[0] @ stored[20]) < threshold
+    blocks = [(ids, stored)]
+
+    def vectors_of(wanted):
+        return np.asarray(wanted, np.int64), stored[np.asarray(wanted) - 1]
+
+    assert (1, 21) not in index_pairs(index, blocks, threshold)
+    assert not list(rescored_pairs(index, blocks, threshold, vectors_of, margin=0.0))
+    found = list(rescored_pairs(index, blocks, threshold, vectors_of, margin=score_margin(index)))
+    assert [(a, b) for a, b, _ in found] == [(1, 21)] and found[0][2] == pytest.approx(cosine, abs=1e-6)
+
+
+def test_each_pair_is_given_once_from_a_compressed_index(pq_case):
+    index, blocks, vectors_of, _ = pq_case
+    pairs = [(a, b) for a, b, _ in rescored_pairs(index, blocks, 0.9, vectors_of, nprobe=4, margin=PQ_MARGIN)]
+    assert len(pairs) == len(set(pairs)) and all(a < b for a, b in pairs)
 
 
 # ---- a library indexed with SQ8 ---------------------------------------------------------------------
@@ -133,7 +233,7 @@ def test_sq8_pair_above_the_threshold_only_when_compressed_is_not_grouped(sq8_ro
         assert gap > 1e-4, "SQ8 scored no pair of different photos above its cosine"
         threshold = float((compressed + exact) / 2)
         blocks = library.catalog.vector_blocks("cls", 4096)
-        proposed = {(x, y) for x, y, _ in range_pairs(index, blocks, threshold)}
+        proposed = index_pairs(index, blocks, threshold)
         assert (a, b) in proposed, (paths[a], paths[b])  # grouping on index scores would take this edge
         groups = find_duplicates(library, threshold=threshold)
         assert not any({a, b} <= {m.id for m in g.members} for g in groups), (paths[a], paths[b])

@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from dinoseek.indexer.store import build_index
-from dinoseek.retrieval.grouping import complete_linkage, range_pairs
+from dinoseek.retrieval.grouping import linked_groups, rescored_pairs
+
+
+def complete_linkage(pairs):
+    return linked_groups(pairs)[0]
 
 
 def test_chain_does_not_merge():
@@ -54,7 +58,12 @@ def test_known_groups_through_faiss_range_search():
     assert x @ y >= 0.94 and y @ z >= 0.94 and x @ z < 0.9
     index = build_index("Flat", d, vectors, ids, requested="auto")
     blocks = [(ids[i:i + 7], vectors[i:i + 7]) for i in range(0, len(ids), 7)]  # small blocks
-    groups = complete_linkage(range_pairs(index, blocks, 0.94))
+    by_id = dict(zip(ids.tolist(), vectors))
+
+    def vectors_of(wanted):
+        return np.asarray(wanted, np.int64), np.stack([by_id[int(i)] for i in wanted])
+
+    groups = complete_linkage(rescored_pairs(index, blocks, 0.94, vectors_of))
     found = [sorted(int(i) // 10 for i in g) for g, _ in groups]
     for group in truth:
         assert group in found

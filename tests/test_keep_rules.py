@@ -6,6 +6,8 @@ so the rule that decides it is visible in the test.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from dinoseek.retrieval.errors import InvalidArgumentError
@@ -196,13 +198,85 @@ def test_reason_is_true_for_every_member_not_only_the_runner_up():
     assert decision.reasons[2].startswith("identical bytes, modified later")
 
 
-def test_capture_time_then_format_then_file_time():
-    """Same pixels, no size comparison across formats: the earliest capture, then lossless."""
+def test_capture_time_then_file_time_then_format():
+    """Same pixels, no size comparison across formats: the earliest capture, then the earliest file,
+    then the format cameras write."""
     a = photo(1, "a.webp", fmt="WEBP", captured_at="2020-01-01 00:00:00", camera=CAMERA)
     b = photo(2, "b.jpg", captured_at="2019-01-01 00:00:00", camera=CAMERA)
     assert choose_keeper([a, b]).reasons[1] == "later capture time (2020-01-01 00:00:00 vs 2019-01-01 00:00:00)"
-    png, tif = photo(3, "c.png", fmt="PNG"), photo(4, "c.jpg")
-    assert choose_keeper([tif, png]).keeper == png
+    tif, jpg = photo(3, "c.tif", fmt="TIFF", mtime_ns=T0 - DAY), photo(4, "c.jpg")
+    assert choose_keeper([jpg, tif]).keeper == tif  # older file: a lossless original stays
+    gif = photo(5, "c.gif", fmt="GIF")
+    assert choose_keeper([gif, photo(6, "d.png", fmt="PNG")]).reasons[5] == "less preferred format (GIF vs PNG)"
+
+
+def test_png_export_with_camera_exif_loses_to_the_camera_jpeg():
+    """Finding 1: a PNG export that kept the camera's EXIF (same make/model, capture time and
+    pixels) is a lossless re-save of the lossy original, not better than it."""
+    jpeg = original(size=3_000_000)
+    png = original(2, "exports/IMG_1045.png", size=9_000_000, fmt="PNG", mtime_ns=T0 + 30 * DAY)
+    decision = choose_keeper([png, jpeg])
+    assert decision.keeper == jpeg and decision.reason.startswith("earliest modification time (")
+    assert decision.reasons[2].startswith("modified later (")
+    # A copy tool that kept the file time leaves only the format: the one the camera wrote stays.
+    same_time = original(2, "exports/IMG_1045.png", size=9_000_000, fmt="PNG")
+    decision = choose_keeper([same_time, jpeg])
+    assert decision.keeper == jpeg and decision.reason == "the format cameras write (JPEG)"
+    assert decision.reasons[2] == "less preferred format (PNG vs JPEG)"
+
+
+def test_png_conversion_without_exif_loses_to_the_jpeg_without_exif():
+    jpeg = photo(1, "web/IMG_1045.jpg", size=400_000)
+    png = photo(2, "web/IMG_1045.png", size=3_500_000, fmt="PNG", mtime_ns=T0 + DAY)
+    assert choose_keeper([png, jpeg]).keeper == jpeg
+    assert choose_keeper([replace(png, mtime_ns=T0), jpeg]).keeper == jpeg
+
+
+def test_size_compares_only_copies_still_in_the_running():
+    """Finding 2: a 5 MB quality-100 JPEG without EXIF (ruled out by `original`) must not set the size
+    bar, or the 3 MB camera original and a 1.2 MB re-encode that kept the EXIF would tie on size."""
+    camera = original(1, "2021/IMG_1045.JPG", size=3_000_000)
+    re_encode = original(2, "shared/IMG_1045.jpg", size=1_200_000, mtime_ns=T0 - DAY)
+    export = photo(3, "exports/IMG_1045.jpg", size=5_000_000)
+    decision = choose_keeper([re_encode, export, camera])
+    assert decision.keeper == camera
+    assert decision.reasons[2] == "smaller JPEG file (1,200,000 bytes vs 3,000,000)"
+    assert decision.reasons[3] == f"no camera metadata (the kept copy has {CAMERA}, captured {SHOT})"
+    assert decision.reason == (f"camera original ({CAMERA}, captured {SHOT}), over 1 copy; "
+                               "largest file of its format (JPEG, 3,000,000 bytes), over 1 copy")
+
+
+def test_smaller_copy_of_another_format_is_compared_with_its_own_format():
+    """A small JPEG loses on size to a larger JPEG that itself loses later to a HEIC: its reason names
+    the larger JPEG (what ruled it out), never claims the HEIC keeper is a bigger JPEG."""
+    heic = original(1, "phone/IMG_1045.HEIC", fmt="HEIF", size=500_000, mtime_ns=T0 - DAY)
+    big, small = original(2, "a/IMG_1045.jpg", size=900_000), original(3, "b/IMG_1045.jpg", size=300_000)
+    decision = choose_keeper([small, big, heic])
+    assert decision.keeper == heic
+    assert decision.reasons[3] == "a larger JPEG copy exists (300,000 bytes vs 900,000)"
+    assert decision.reasons[2].startswith("modified later (")
+    assert decision.reason.startswith("a larger file of the same format preferred, over 1 copy; "
+                                      "earliest modification time (")
+
+
+def test_modification_time_out_of_range_is_shown_raw_not_raised():
+    far = 10**30  # past year 9999: datetime cannot show it
+    a, b = photo(1, "a/x.jpg", mtime_ns=T0, sha256="ab" * 32), photo(2, "b/x.jpg", mtime_ns=far, sha256="ab" * 32)
+    decision = choose_keeper([b, a])
+    assert decision.keeper == a
+    assert decision.reasons[2] == f"identical bytes, modified later (unknown time ({far} ns since 1970) vs " \
+                                  f"{decision.reasons[2].split(' vs ')[1]}"
+    assert choose_keeper([a, b], ("modified",)).keeper == a
+    assert "unknown time" in choose_keeper([replace(a, mtime_ns=-far), b]).reason
+
+
+def test_copies_modified_within_one_microsecond_say_by_how_much():
+    a = photo(1, "a/x.jpg", sha256="ab" * 32)
+    b = photo(2, "b/x.jpg", mtime_ns=T0 + 300, sha256="ab" * 32)
+    reason = choose_keeper([b, a]).reasons[2]
+    assert reason.startswith("identical bytes, modified later (") and reason.endswith(", 300 ns after the kept copy)")
+    same = choose_keeper([replace(b, mtime_ns=T0), a]).reasons[2]
+    assert same == "identical bytes, equal by every keep rule; the kept copy's path comes first"
 
 
 def test_every_default_rule_is_known_and_unknown_rules_are_refused():
