@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, BigInteger, DateTime, Integer, LargeBinary, MetaData, String, Text
+from sqlalchemy import JSON, BigInteger, CheckConstraint, DateTime, Integer, LargeBinary, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 KINDS = ("cls", "patch")  # the two vector columns of an image row, each with its own FAISS index
@@ -108,3 +108,19 @@ class JournalRow(Base):
     note: Mapped[str | None] = mapped_column(Text)  # files undo could not restore and the user accepted
     # `dinoseek purge` deleted the quarantined copies (revision 0004): undo refuses, `undo --list` says so
     purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class NotDuplicateRow(Base):
+    """Two contents the user said are different photos, whatever their similarity (revision 0005).
+
+    Keyed by sha256, not by row: the mark follows the bytes through renames and re-indexing, and
+    covers every byte copy of either photo. One row per pair, ordered sha_a < sha_b; never two equal
+    hashes (identical bytes are duplicates by definition).
+    """
+
+    __tablename__ = "not_duplicate"
+    __table_args__ = (CheckConstraint("sha_a < sha_b", name="ck_not_duplicate_ordered"),)
+
+    sha_a: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sha_b: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -7,6 +7,7 @@ are cut into `IN (...)` chunks in one place (`chunks`). The schema itself is `in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -16,14 +17,24 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import LargeBinary, cast, delete, func, select, update
+from sqlalchemy import LargeBinary, cast, delete, func, select, tuple_, update
 from sqlalchemy.engine import Engine, Row
-from sqlalchemy.exc import DatabaseError
+from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from .catalog import EMBEDDED, QUARANTINED, ImageRow, IndexFileRow, JournalRow, ManifestRow, RunRow, utcnow
+from .catalog import (
+    EMBEDDED,
+    QUARANTINED,
+    ImageRow,
+    IndexFileRow,
+    JournalRow,
+    ManifestRow,
+    NotDuplicateRow,
+    RunRow,
+    utcnow,
+)
 from .catalog_file import one_line, restore_hint
-from .errors import InvalidArgumentError, LibraryError, NeedsRepairError
+from .errors import InvalidArgumentError, LibraryError, LibraryLockedError, NeedsRepairError
 
 # Ids per `IN (...)`: SQLite allows 32766 bound parameters (3.32+), PostgreSQL 65535; larger
 # chunks mean fewer round trips, which dominate the search API's cost at large batches.
@@ -94,6 +105,33 @@ def parse_capture_time(value: str | date) -> str:
             f"{value!r} is not a date: use YYYY-MM-DD, YYYY/MM/DD or YYYY-MM-DDTHH:MM[:SS]"
         ) from None
     return parsed.strftime("%Y-%m-%d %H:%M:%S")
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def not_duplicate_key(sha_a: str, sha_b: str) -> tuple[str, str]:
+    """A pair of contents as the "not a duplicate" marks store it: two sha256 hex digests, lower
+    case, in order. Identical contents are refused: byte copies are duplicates by definition."""
+    pair = []
+    for sha in (sha_a, sha_b):
+        if not isinstance(sha, str) or not _SHA256.fullmatch(sha.lower()):
+            raise InvalidArgumentError(f"expected a sha256 as 64 hex digits, got {sha!r}")
+        pair.append(sha.lower())
+    if pair[0] == pair[1]:
+        raise InvalidArgumentError(f"cannot mark identical contents (sha256 {pair[0][:12]}...) as not duplicates: "
+                                   f"byte-identical copies are always duplicates")
+    return (pair[0], pair[1]) if pair[0] < pair[1] else (pair[1], pair[0])
+
+
+def _sha_pairs(sha_pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """`sha_pairs` checked and ordered (not_duplicate_key), each once, sorted."""
+    keys = set()
+    for pair in sha_pairs:
+        if isinstance(pair, (str, bytes)) or len(pair) != 2:
+            raise InvalidArgumentError(f"expected pairs of two sha256 digests, got {pair!r}")
+        keys.add(not_duplicate_key(*pair))
+    return sorted(keys)
 
 
 @dataclass(frozen=True)
@@ -388,6 +426,83 @@ class Catalog:
         with self.session() as s, s.begin():
             for part in chunks(ids):
                 s.execute(delete(ImageRow).where(ImageRow.id.in_(part)))
+
+    # ---- "not a duplicate" marks (revision 0005): pairs of contents by sha256 ---------------------
+    # Small writes that readers make too (the review page, `mark-distinct`): they never take the
+    # library's writer lock, so they work while `index` runs. SQLite still has one writer at a time:
+    # a mark waits for an index batch to commit (busy_timeout) and is refused in one line after that.
+    def mark_not_duplicate(self, sha_pairs: Iterable[tuple[str, str]]) -> int:
+        """Record each pair of contents (two sha256 hex digests) as not duplicates; returns how many
+        were new (a pair already marked counts 0). Identical contents are refused (InvalidArgumentError)."""
+        wanted = _sha_pairs(sha_pairs)
+        try:
+            return self._add_marks(wanted)
+        except IntegrityError:  # another process added one of them between our read and our write
+            return self._add_marks(wanted)
+
+    def _add_marks(self, wanted: list[tuple[str, str]]) -> int:
+        with self._marks_write(), self.session() as s, s.begin():
+            present = self._marked(s, {sha for pair in wanted for sha in pair})
+            new = [pair for pair in wanted if pair not in present]
+            s.add_all(NotDuplicateRow(sha_a=a, sha_b=b) for a, b in new)
+        return len(new)
+
+    def unmark_not_duplicate(self, sha_pairs: Iterable[tuple[str, str]]) -> int:
+        """Forget these "not a duplicate" marks; returns how many there were."""
+        wanted = _sha_pairs(sha_pairs)
+        removed = 0
+        with self._marks_write(), self.session() as s, s.begin():
+            for start in range(0, len(wanted), ID_CHUNK // 2):  # two bound parameters per pair
+                part = wanted[start:start + ID_CHUNK // 2]
+                removed += s.execute(delete(NotDuplicateRow).where(
+                    tuple_(NotDuplicateRow.sha_a, NotDuplicateRow.sha_b).in_(part))).rowcount
+        return removed
+
+    def not_duplicate_pairs(self) -> set[tuple[str, str]]:
+        """Every mark, as ordered (sha_a, sha_b) pairs. For listing; dedup asks `marked_among`."""
+        with self.session() as s:
+            return {(a, b) for a, b in s.execute(select(NotDuplicateRow.sha_a, NotDuplicateRow.sha_b))}
+
+    def has_not_duplicate_marks(self) -> bool:
+        """Whether any mark exists: dedup skips looking them up at all in a library without any."""
+        with self.session() as s:
+            return s.scalar(select(NotDuplicateRow.sha_a).limit(1)) is not None
+
+    def marked_among(self, shas: Iterable[str]) -> set[tuple[str, str]]:
+        """The marks (ordered sha pairs) whose two contents are both among `shas`: what one batch of
+        candidate pairs needs, without reading every mark of the library."""
+        with self.session() as s:
+            return self._marked(s, set(shas))
+
+    @staticmethod
+    def _marked(s: Session, shas: set[str]) -> set[tuple[str, str]]:
+        found = set()
+        for part in chunks(sorted(shas)):  # the primary key finds them by sha_a; sha_b is checked here
+            found.update((a, b) for a, b in s.execute(select(NotDuplicateRow.sha_a, NotDuplicateRow.sha_b)
+                                                      .where(NotDuplicateRow.sha_a.in_(part))) if b in shas)
+        return found
+
+    @contextlib.contextmanager
+    def _marks_write(self) -> Iterator[None]:
+        """SQLite's refusals of a mark (busy past its timeout, a read-only folder) as the library's errors."""
+        try:
+            yield
+        except OperationalError as e:
+            reason = one_line(e.orig if e.orig is not None else e)
+            if "locked" in reason or "busy" in reason:
+                raise LibraryLockedError("the catalog is busy: another process (an index run?) kept it locked; "
+                                         "try the marks again in a moment") from e
+            if "readonly" in reason or "read-only" in reason:
+                where = self.catalog_file.parent if self.catalog_file else "the catalog"
+                raise LibraryError(f"{where} is read-only: marks need to write the catalog") from e
+            raise
+
+    def contents_by_id(self, ids: Iterable[int]) -> dict[int, tuple[str | None, str]]:
+        """id -> (sha256, path_text) of the embedded rows among `ids`: what marks and their messages use."""
+        with self.session() as s:  # int(): sqlite3 would bind a numpy integer as a blob, matching nothing
+            return {row_id: (sha, text) for part in chunks(sorted({int(i) for i in ids}))
+                    for row_id, sha, text in s.execute(select(ImageRow.id, ImageRow.sha256, ImageRow.path_text)
+                                                       .where(ImageRow.id.in_(part), ImageRow.status == EMBEDDED))}
 
     # ---- the indexing run ---------------------------------------------------------------------
     def file_states(self) -> dict[bytes, Row]:

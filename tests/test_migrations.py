@@ -102,3 +102,33 @@ def test_a_catalog_from_a_newer_version_is_refused_in_one_line(tmp_path):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 1 and result.output.startswith("Error: the catalog's schema revision '0099_future'")
         assert "Traceback" not in result.output and len(result.output.splitlines()) == 1
+
+
+def test_a_0004_catalog_gains_the_not_duplicate_marks_and_keeps_its_rows(tmp_path):
+    """Revision 0005 adds the "not a duplicate" marks; a 0004 catalog is backed up, then migrated with
+    its images and journals as they were."""
+    folder = tmp_path / ".dinoseek"
+    folder.mkdir()
+    catalog = folder / "catalog.sqlite"
+    engine = create_engine(f"sqlite:///{catalog}")
+    with engine.begin() as connection:
+        config = migrate._config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0004")
+        connection.exec_driver_sql("INSERT INTO images (path, path_text, folder, size, mtime_ns, status, sha256) "
+                                   "VALUES (x'612e6a7067', 'a.jpg', '.', 1, 0, 'embedded', '" + "a" * 64 + "')")
+        connection.exec_driver_sql("INSERT INTO journals (name, root, quarantine, action, created_at, purged_at) "
+                                   "VALUES ('j1.jsonl', x'2f70', x'2f71', 'move', '2024-01-01', '2024-02-01')")
+    engine.dispose()
+    with Library.open(tmp_path, write=True) as library:
+        assert migrate.current_revision(library.catalog.engine) == migrate.head_revision() == "0005"
+        assert library.info()["total"] == 1
+        assert library.catalog.rows_at([b"a.jpg"]) == {b"a.jpg": ("a" * 64, "embedded")}
+        root, quarantine, action, undone_at, purged_at = library.catalog.journal_records()["j1.jsonl"]
+        assert (root, quarantine, action, undone_at) == (b"/p", b"/q", "move", None) and purged_at is not None
+        assert library.catalog.not_duplicate_pairs() == set()
+        assert library.catalog.mark_not_duplicate([("b" * 64, "a" * 64)]) == 1
+    backup = sqlite3.connect(catalog.with_name("catalog.sqlite.bak-0004"))
+    assert backup.execute("select version_num from alembic_version").fetchone() == ("0004",)
+    assert "not_duplicate" not in {name for (name,) in backup.execute("select name from sqlite_master")}
+    assert backup.execute("select count(*) from images").fetchone() == (1,)
