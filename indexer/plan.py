@@ -157,8 +157,9 @@ def sweep_decision(
     root: object = "the library root",
 ) -> list[int]:
     """Ids of the rows to delete: the plan's missing rows less the old paths of files matched as
-    moved. The guard runs after moves were matched (reorganising folders is not a mass deletion);
-    rows dedup set aside are expected to be gone and do not count towards it. `catalogued` is the
+    moved, and less the rows dedup set aside: their files wait in the quarantine, and the rows stay
+    (vectors and all) until `undo` brings the files back or `purge` deletes them. The guard runs
+    after moves were matched (reorganising folders is not a mass deletion). `catalogued` is the
     library size the share is taken of (default: the rows at the start of the run)."""
     moved = set(moved)
     gone = [row for path, row in plan.missing.items() if path not in moved]
@@ -168,4 +169,4 @@ def sweep_decision(
         raise SweepRefusedError(
             f"{vanished} of {total} catalogued files are gone from {root}; is the disk mounted? Nothing was deleted"
         )
-    return [row.id for row in gone]
+    return [row.id for row in gone if row.status != QUARANTINED]

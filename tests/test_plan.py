@@ -170,11 +170,13 @@ def test_moves_do_not_count_towards_the_guard():
     assert sweep_decision(p, moved=p.moved_from.values()) == []
 
 
-def test_quarantined_rows_do_not_count_towards_the_guard():
+def test_quarantined_rows_do_not_count_towards_the_guard_and_are_kept():
     # 20 of 60 rows vanished: under half; the 30 quarantined ones gone too would make it 50 of 60
     catalog, items = _library(kept=10, gone=MASS_DELETE_MIN, quarantined_gone=30)
     ids = sweep_decision(plan(catalog, items))
-    assert len(ids) == MASS_DELETE_MIN + 30  # all swept, and no refusal
+    # no refusal; the quarantined rows stay until undo or purge
+    assert len(ids) == MASS_DELETE_MIN and all(catalog_row.status != QUARANTINED for catalog_row in
+                                               (row for row in catalog.values() if row.id in ids))
 
 
 def test_path_rank_prefers_the_embedded_path_and_puts_quarantined_last():

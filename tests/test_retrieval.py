@@ -295,13 +295,16 @@ def test_undo_after_a_kill_mid_step(library_root):
     assert tree_hashes(library_root) == before
 
 
-def test_undo_after_an_index_run_dropped_the_rows(library_root, encoder):
+def test_an_index_run_between_apply_and_undo_keeps_the_moved_files_rows(library_root, encoder):
+    """Rows of quarantined files stay until undo or purge: undo needs no re-embedding afterwards."""
     with Library.open(library_root, write=True) as library:
         result = apply(library, find_duplicates(library, threshold=THRESHOLD), "move")
-        run_index(library, encoder, Options(workers=0))  # the moved files are gone: rows dropped
+        counts = run_index(library, encoder, Options(workers=0))  # the moved files are not at their paths
+        assert counts["deleted"] == 0 and library.info()["counts"]["quarantined"] == 3
         restored = undo(library, result.journal)
-        assert len(restored.restored) == 3 and restored.not_in_catalog == 3
-        assert run_index(library, encoder, Options(workers=0))["embedded"] == 3
+        assert len(restored.restored) == 3 and restored.not_in_catalog == 0
+        counts = run_index(library, encoder, Options(workers=0))
+        assert counts["embedded"] == 0 and library.info()["counts"] == {"embedded": 11}
 
 
 def test_reports(library_root):
