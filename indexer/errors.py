@@ -39,6 +39,10 @@ class NeedsRepairError(LibraryError):
         self.root = root  # the library's photo folder, where known
 
 
+class NeedsUpgradeError(NeedsRepairError):
+    """The catalog was written by an older dinoseek: a writer migrates it (backing it up first)."""
+
+
 class CatalogTooNewError(LibraryError):
     """The catalog was written by a newer dinoseek whose schema this version does not know."""
 

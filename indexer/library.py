@@ -23,7 +23,7 @@ from .catalog import KINDS  # noqa: F401 - re-exported: the vector kinds callers
 from .catalog_file import CATALOG_NAME, catalog_present, check_catalog, sqlite_engine, url_engine
 from .catalog_gateway import Catalog
 from .damage import damaged_rows, describe_damage
-from .errors import LibraryError, ModelMismatchError, NeedsRepairError, NotIndexedError
+from .errors import LibraryError, ModelMismatchError, NeedsRepairError, NeedsUpgradeError, NotIndexedError
 from .index_set import IndexSet
 from .lock import LOCK_FILE, WriterLock
 from .store import VectorIndex, remove_temp_files
@@ -121,7 +121,8 @@ class Library:
                 remove_temp_files(folder)
                 catalog.close_interrupted_runs()
             elif not migrate.at_head(catalog.engine):
-                raise NeedsRepairError(f"the catalog in {folder} needs an upgrade, which only a writer applies", root)
+                raise NeedsUpgradeError(f"the catalog in {folder} was made by an older dinoseek and needs an upgrade, "
+                                        f"which only a writer applies (it keeps a backup)", root)
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -185,7 +186,11 @@ class Library:
             raise NotIndexedError(f"{self.folder} has no vectors yet", self.root)
         differs = [k for k in IDENTITY if current.get(k) != manifest.get(k)]
         if differs:
-            raise ModelMismatchError(f"this library was built with another model ({', '.join(differs)} differ)")
+            recorded = current.get(WEIGHTS_SOURCE) or {}
+            built_with = recorded.get("hub") or recorded.get("path")
+            named = f" ({built_with})" if built_with else ""
+            raise ModelMismatchError(f"this library was built with another model{named}; "
+                                     f"{', '.join(differs)} differ")
         if current.get("precision") != manifest.get("precision"):
             log.warning("library vectors were made at %s, this run uses %s", current.get("precision"),
                         manifest.get("precision"))

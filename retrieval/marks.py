@@ -75,7 +75,7 @@ def _pairs(named: list[tuple[str, str | None]], refuse_identical: bool) -> list[
         raise InvalidArgumentError(f"marking needs at least two different photos, got {len(named)}")
     for name, sha in named:
         if not sha:  # rows get their sha256 when embedded; one without is not a content that can be named
-            raise InvalidArgumentError(f"{name} has no recorded sha256 yet; run `dinoseek index` first")
+            raise InvalidArgumentError(f"{name} has no recorded sha256 yet; index the library first")
     if refuse_identical:
         first: dict[str, str] = {}
         for name, sha in sorted(named):

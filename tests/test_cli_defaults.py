@@ -98,6 +98,14 @@ def test_library_found_from_a_subfolder(indexed, monkeypatch):
     assert result.exit_code == 0 and "3 groups" in result.output, result.output
 
 
+def test_index_without_root_in_a_subfolder_updates_the_enclosing_library(indexed, monkeypatch):
+    """No nested library, no model download: the library above remembers its weights."""
+    monkeypatch.chdir(indexed / "a")
+    result = invoke("index", "--workers", 0)
+    assert result.exit_code == 0 and "0 embedded" in result.output, result.output
+    assert not (indexed / "a" / ".dinoseek").exists()
+
+
 def test_hints_name_the_found_root(indexed, monkeypatch):
     monkeypatch.chdir(indexed / "b")
     result = invoke("dedup", "--threshold", 0.98, "--action", "move", "--apply")

@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import synthetic_photo
 
-from dinoseek.indexer.errors import ModelMismatchError, NeedsRepairError, NotIndexedError, SweepRefusedError
+from dinoseek.indexer.errors import (ModelMismatchError, NeedsRepairError, NeedsUpgradeError, NotIndexedError,
+                                      SweepRefusedError)
 from dinoseek.model import DeviceUnavailableError, PrecisionUnsupportedError, WeightsNotFoundError
 from dinoseek.retrieval.cli import _message, main
 from dinoseek.retrieval.errors import ActionError
@@ -42,12 +43,15 @@ def indexed(tmp_path, tiny_folder):
     (WeightsNotFoundError("facebook/dinov2-small is not in the Hugging Face cache and HF_HUB_OFFLINE is set"),
      "facebook/dinov2-small is not in the Hugging Face cache and HF_HUB_OFFLINE is set; pass a local copy with "
      "--weights PATH (a Hugging Face folder, .safetensors or .pth file)"),
-    (ModelMismatchError("this library was built with another model (weights_sha256 differ)"),
-     "this library was built with another model (weights_sha256 differ); use the same --model/--weights, or a new "
+    (ModelMismatchError("this library was built with another model (/w/dinov2-small); weights_sha256 differ"),
+     "this library was built with another model (/w/dinov2-small); weights_sha256 differ; use the same --model/--weights, or a new "
      "--library"),
     (NotIndexedError("no library at /p/.dinoseek", Path("/p")), "no library at /p/.dinoseek; run `dinoseek index /p` first"),
-    (NeedsRepairError("the catalog in /p/.dinoseek needs an upgrade", Path("/p")),
-     "the catalog in /p/.dinoseek needs an upgrade; run `dinoseek verify /p --repair`"),
+    (NeedsRepairError("an embedded image has no usable vectors in the catalog", Path("/p")),
+     "an embedded image has no usable vectors in the catalog; run `dinoseek verify /p --repair`"),
+    (NeedsUpgradeError("the catalog in /p/.dinoseek needs an upgrade", Path("/p")),
+     "the catalog in /p/.dinoseek needs an upgrade; run `dinoseek index /p` (or `dinoseek verify /p --repair`) "
+     "once to upgrade it"),
     (NeedsRepairError("an embedded image has no usable vectors in the catalog"),
      "an embedded image has no usable vectors in the catalog; run `dinoseek verify . --repair`"),
     (SweepRefusedError("/p is empty but the library knows 3 files; is the disk mounted? Nothing was changed"),

@@ -148,7 +148,7 @@ def test_other_weights_are_another_model(library, tmp_path):
     other = save_hf(random_hf_model(seed=5), tmp_path / "other")
     for command in (["index", root, "--workers", 0], ["search", root / "p0.jpg", "--root", root]):
         assert error_line(invoke(*command, "--weights", other)) == (
-            "Error: this library was built with another model (weights_sha256 differ); use the same "
+            f"Error: this library was built with another model ({weights}); weights_sha256 differ; use the same "
             "--model/--weights, or a new --library")
     assert manifest(root)[WEIGHTS_SOURCE]["path"] == str(weights)  # the record is not touched
 
@@ -177,7 +177,8 @@ def test_moved_weights_replaced_by_other_weights_are_refused(library, tmp_path):
     root, weights = library
     weights.rename(tmp_path / "elsewhere")
     save_hf(random_hf_model(seed=5), weights)  # something else now at the recorded path
-    assert "another model (weights_sha256 differ)" in error_line(invoke("search", root / "p0.jpg", "--root", root))
+    assert f"another model ({weights}); weights_sha256 differ" in error_line(invoke("search", root / "p0.jpg",
+                                                                                  "--root", root))
     other = save_hf(random_hf_model(seed=6), tmp_path / "other")
     assert "another model" in error_line(invoke("index", root, "--weights", other, "--workers", 0))
     assert manifest(root)[WEIGHTS_SOURCE]["path"] == str(weights)
