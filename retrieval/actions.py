@@ -16,6 +16,12 @@ stay where they are, beside the link: the link stands in for the photo at its ol
 edits in its XMP, its Live Photo video and its RAW stay paired by name with what is shown there,
 and nothing about them changes (nothing to undo). A sidecar of a *removed* duplicate describes that
 copy, not the kept one, so it is never merged into or swapped for the kept copy's sidecars.
+A RAW is the one sidecar that may be the only copy of a picture: a duplicate whose RAW partner
+would move is moved only if the kept copy has a RAW with the same bytes beside it; otherwise that
+duplicate is left where it is, JPEG and RAW (`only_raw`), since `purge` would delete its RAW for
+good. A photo given a free name in the quarantine (``IMG_1~1.JPG``) gives its sidecars the same
+new stem (``IMG_1~1.xmp``), so no sidecar ever sits there beside another photo of its old name.
+Each folder is listed once per command (sidecars.FolderIndex), not once per duplicate in it.
 
 Apply and undo report their progress in files (model.progress). Ctrl-C takes effect between two
 steps, never inside one (a photo and its sidecars are one step here): ApplyInterrupted and
@@ -35,7 +41,7 @@ import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dinoseek.indexer.catalog import EMBEDDED, QUARANTINED
@@ -50,7 +56,7 @@ from . import journal as journals_
 from .dedup import Group
 from .errors import ActionError, InvalidArgumentError, JournalError
 from .journal import Intent, Journal, JournalWriter, check_quarantine
-from .sidecars import sidecars_of
+from .sidecars import RAW_SUFFIXES, FolderIndex, folder_index, raw_files, renamed, sidecars_of
 
 ACTIONS = ("report", "move", "hardlink", "symlink")
 PAST = {"move": "moved", "hardlink": "hard-linked", "symlink": "symlinked"}
@@ -351,12 +357,79 @@ def links_to(link: Path, keeper: Path) -> bool:
 
 # ---- apply ----------------------------------------------------------------------------------------
 
-def planned_sidecars(library: Library, group: Group, action: str) -> dict[bytes, list[Path]]:
+def planned_sidecars(library: Library, group: Group, action: str,
+                     index: FolderIndex | None = None) -> dict[bytes, list[Path]]:
     """For a dry run: raw path of each duplicate -> the sidecars that would move with it (only
-    `move` moves sidecars; links leave them beside the link)."""
+    `move` moves sidecars; links leave them beside the link). Folders are read through `index`
+    (by default the command's: sidecars.one_listing_per_folder)."""
     if action != "move":
         return {}
-    return {m.raw_path: sidecars_of(library.root / os.fsdecode(m.raw_path)) for m in group.others}
+    index = index or folder_index()
+    return {m.raw_path: sidecars_of(library.root / os.fsdecode(m.raw_path), index) for m in group.others}
+
+
+def hold_back_only_raws(library: Library, groups: list[Group],
+                        action: str) -> tuple[list[Group], dict[int, str]]:
+    """For a plan: the groups with every duplicate that holds the only copy of a RAW (see only_raw)
+    kept where it is (among `protected_ids`, its reason saying why), and member id -> that reason.
+    Only `move` takes RAWs along (the `report` dry run previews a move); links leave them in place.
+    apply() checks again on the files as they are then, whatever groups it is given."""
+    if action not in ("report", "move"):
+        return groups, {}
+    index, hashes = folder_index(), {}
+    held: dict[int, str] = {}
+    out = []
+    for group in groups:
+        keeper = library.root / os.fsdecode(group.keeper.raw_path)
+        mine = {}
+        for member in group.others:
+            photo = library.root / os.fsdecode(member.raw_path)
+            why = only_raw(photo, keeper, sidecars_of(photo, index), index, hashes)
+            if why is not None:
+                mine[member.id] = why
+        if mine:
+            group = replace(group, protected_ids=group.protected_ids | frozenset(mine),
+                            reasons={**group.reasons, **mine})
+            held.update(mine)
+        out.append(group)
+    return out, held
+
+
+def only_raw(photo: Path, keeper: Path, companions: list[Path], index: FolderIndex,
+             hashes: dict) -> str | None:
+    """Why moving `photo` with its `companions` (sidecars_of) would take away the only copy of a
+    RAW, or None. A RAW goes with a duplicate only when the kept copy has a RAW partner with the
+    same bytes (sha256); `purge` would otherwise delete the negative for good. `hashes` caches
+    sha256 by path and stat across calls."""
+    kept = None
+    for raw in companions:
+        if raw.suffix.lower() not in RAW_SUFFIXES:
+            continue
+        kept = raw_files(keeper, index) if kept is None else kept
+        if not kept:
+            return f"holds the only RAW ({raw.name}); the kept copy has none"
+        if not any(_same_bytes(raw, other, hashes) for other in kept):
+            return f"holds the only RAW ({raw.name}); the kept copy's RAW ({kept[0].name}) has other bytes"
+    return None
+
+
+def _same_bytes(a: Path, b: Path, hashes: dict) -> bool:
+    """Do two regular files hold the same bytes? Sizes first (no read when they differ); a file that
+    cannot be read counts as different (the RAW then stays where it is)."""
+    try:
+        sa, sb = os.lstat(a), os.lstat(b)
+        if not (stat.S_ISREG(sa.st_mode) and stat.S_ISREG(sb.st_mode)) or sa.st_size != sb.st_size:
+            return False
+        return _sha256_cached(a, sa, hashes) == _sha256_cached(b, sb, hashes)
+    except OSError:
+        return False
+
+
+def _sha256_cached(path: Path, st: os.stat_result, hashes: dict) -> str:
+    key = (path, _identity(st))
+    if key not in hashes:
+        hashes[key] = sha256_of(path)
+    return hashes[key]
 
 
 class _NotMoved(Exception):
@@ -380,6 +453,7 @@ def apply(library: Library, groups: list[Group], action: str, quarantine: Path |
     result = ApplyResult(None)
     planned = sum(len(group.others) for group in groups)
     log = None
+    index, hashes = folder_index(), {}  # each folder listed once; RAWs hashed once
 
     def record(path: Path) -> None:  # committed before the first step can move anything
         library.catalog.record_journal(path.name, os.fsencode(root), os.fsencode(quarantine), action)
@@ -389,7 +463,8 @@ def apply(library: Library, groups: list[Group], action: str, quarantine: Path |
               progress(planned, "apply", unit="files") as shown, interrupts_between_steps() as checkpoint):
             for group in groups:
                 handled = shown.done + len(group.others)
-                _apply_group(library, group, action, quarantine, log, result, keepers, shown, checkpoint)
+                _apply_group(library, group, action, quarantine, log, result, keepers, shown, checkpoint,
+                             index, hashes)
                 shown.update(handled - shown.done)  # a group skipped whole (or cut short) is handled too
     except KeyboardInterrupt as e:
         result.journal = log.path if log is not None and log.started else None
@@ -402,7 +477,8 @@ def apply(library: Library, groups: list[Group], action: str, quarantine: Path |
 
 
 def _apply_group(library: Library, group: Group, action: str, quarantine: Path, log: JournalWriter,
-                 result: ApplyResult, keepers: set[Path], shown: Shown, checkpoint: Callable[[], None]) -> None:
+                 result: ApplyResult, keepers: set[Path], shown: Shown, checkpoint: Callable[[], None],
+                 index: FolderIndex, hashes: dict) -> None:
     root = library.root
     keeper = root / os.fsdecode(group.keeper.raw_path)
     others = [(m, root / os.fsdecode(m.raw_path)) for m in group.others]
@@ -423,11 +499,16 @@ def _apply_group(library: Library, group: Group, action: str, quarantine: Path, 
             result.skipped.append((group, f"{printable(keeper)} vanished during the apply"))
             return
         # Listed before the photo moves: what is beside it now is what belongs with it.
-        companions = sidecars_of(src) if action == "move" else []
+        companions = sidecars_of(src, index) if action == "move" else []
+        held = only_raw(src, keeper, companions, index, hashes) if companions else None
+        if held is not None:  # JPEG and RAW both stay: the RAW must never reach purge alone
+            result.skipped_files.append((src, held))
+            continue
+        wanted = _free_with_sidecars(quarantine / os.fsdecode(member.raw_path), companions)
         step_no = log.new_step()
         try:
-            final = _move_journaled(log, step_no, action, src, quarantine / os.fsdecode(member.raw_path),
-                                    keeper, member, checked[keeper], st)
+            final = _move_journaled(log, step_no, action, src, wanted, keeper, group.keeper.sha256, member,
+                                    checked[keeper], st)
         except _NotMoved as e:
             result.skipped_files.append((src, str(e)))
             continue
@@ -439,19 +520,39 @@ def _apply_group(library: Library, group: Group, action: str, quarantine: Path, 
         library.catalog.set_status(member.id, QUARANTINED, f"dedup {action}: bytes in {printable(final)}")
         log.write({"type": "done", "step": step_no})
         result.done.append(Step(action, src, final, keeper, member.sha256, member.size, member.id))
+        index.moved(src)
         for sidecar in companions:
-            _move_sidecar(log, step_no, sidecar, final.parent / sidecar.name, keeper, member, result)
+            # The photo's new stem, if it got a free name (IMG_1~1.JPG): IMG_1~1.xmp pairs with it there.
+            name = renamed(sidecar.name, src.name, final.name)
+            if _move_sidecar(log, step_no, sidecar, final.parent / name, keeper, member, result, hashes):
+                index.moved(sidecar)
+
+
+def _free_with_sidecars(wanted: Path, companions: list[Path]) -> Path:
+    """`wanted`, or `name~1.ext`, `name~2.ext`, ...: the first name free in the quarantine together
+    with the names its sidecars take with that stem (see sidecars.renamed)."""
+    candidate, n = wanted, 0
+    while os.path.lexists(candidate) or any(
+            os.path.lexists(candidate.parent / renamed(c.name, wanted.name, candidate.name)) for c in companions):
+        n += 1
+        candidate = wanted.with_name(f"{wanted.stem}~{n}{wanted.suffix}")
+    return candidate
 
 
 def _move_sidecar(log: JournalWriter, photo_step: int, sidecar: Path, wanted: Path, keeper: Path, member,
-                  result: ApplyResult) -> None:
+                  result: ApplyResult, hashes: dict) -> bool:
     """One sidecar step, journaled like a photo's: hashed now (it has no catalog row), moved only if
-    still those bytes. One that changes or vanishes meanwhile stays where it is and is reported."""
+    still those bytes. One that changes or vanishes meanwhile stays where it is and is reported.
+    A RAW must still be the bytes only_raw found beside the kept copy too. True if it moved."""
     try:
         sha256, st = fingerprint(sidecar)
     except OSError as e:
         result.sidecars_left.append((sidecar, f"cannot be read ({e.strerror or e}): left where it is"))
-        return
+        return False
+    if sidecar.suffix.lower() in RAW_SUFFIXES and hashes.get((sidecar, _identity(st))) != sha256:
+        why = "changed since it was compared with the kept copy's RAW: left where it is"
+        result.sidecars_left.append((sidecar, why))
+        return False
     step_no = log.new_step()
     record = {"type": "intent", "step": step_no, "op": "move", "src": os.fsdecode(sidecar), "keeper": os.fsdecode(keeper),
               "sha256": sha256, "size": st.st_size, "row_id": member.id, "sidecar_of": photo_step}
@@ -459,12 +560,13 @@ def _move_sidecar(log: JournalWriter, photo_step: int, sidecar: Path, wanted: Pa
         final = _place_journaled(log, step_no, record, sidecar, wanted, st, sha256)
     except _NotMoved as e:
         result.sidecars_left.append((sidecar, str(e)))
-        return
+        return False
     except OSError as e:
         raise ActionError(f"stopped at {printable(sidecar)} ({e.strerror or e}); {len(result.done)} files were set "
                           f"aside, journal {printable(log.path)} records them") from e
     log.write({"type": "done", "step": step_no})
     result.sidecars.append((sidecar, final))
+    return True
 
 
 def _check_group(keeper: Path, group: Group, others, action: str) -> dict[Path, os.stat_result] | str:
@@ -488,13 +590,14 @@ def _check_group(keeper: Path, group: Group, others, action: str) -> dict[Path, 
 _VANISHED = (FileChangedError, NotRegularFileError, FileNotFoundError)  # raised before anything moved
 
 
-def _move_journaled(log: JournalWriter, step_no: int, action: str, src: Path, wanted: Path, keeper: Path, member,
-                    kept: os.stat_result, st: os.stat_result) -> Path:
+def _move_journaled(log: JournalWriter, step_no: int, action: str, src: Path, wanted: Path, keeper: Path,
+                    keeper_sha256: str, member, kept: os.stat_result, st: os.stat_result) -> Path:
     """One step: intent (with the final name) -> move -> link. Returns where the bytes went; the
-    caller marks it done. _NotMoved if src changed or vanished since it was checked."""
+    caller marks it done. _NotMoved if src changed or vanished since it was checked. The kept
+    copy's sha256 is journaled so that purge can tell it still holds the photo (retrieval.purge)."""
     record = {"type": "intent", "step": step_no, "op": action, "src": os.fsdecode(src), "keeper": os.fsdecode(keeper),
-              "keeper_id": [kept.st_dev, kept.st_ino], "sha256": member.sha256, "size": member.size,
-              "row_id": member.id}
+              "keeper_id": [kept.st_dev, kept.st_ino], "keeper_sha256": keeper_sha256, "sha256": member.sha256,
+              "size": member.size, "row_id": member.id}
     final = _place_journaled(log, step_no, record, src, wanted, st, member.sha256)
     try:
         if action == "hardlink":
@@ -588,14 +691,18 @@ def undo(library: Library, journal: Path | None = None, accept_missing: bool = F
     journals_.check_recorded(record, row and row[:3], library.folder)
     rights = _rights(library, record)
     result = UndoResult([], 0, journal=path)
-    # rolled-back steps: written only once the file was back (or had never moved)
-    steps = [step for step in record.steps_backwards() if step.step not in record.rolled_back]
+    # rolled-back steps: written only once the file was back (or had never moved); restored ones:
+    # put back by an earlier, partial undo. Their dst may since hold another journal's copy of the
+    # same file (a later apply set it aside again): never touched again.
+    steps = [step for step in record.steps_backwards()
+             if step.step not in record.rolled_back and step.step not in record.restored]
     to_restore = sum(step.sidecar_of is None and rights[step.step] in (RESTORE, CREATE) for step in steps)
     try:
         with progress(len(steps), "undo", unit="files") as shown, interrupts_between_steps() as checkpoint:
             for step in shown.count(steps):
                 checkpoint()
-                _undo_step(step, library, record, rights[step.step], result)
+                if _undo_step(step, library, record, rights[step.step], result):
+                    journals_.mark_restored(path, step.step)  # nothing of this step is left in the quarantine
     except KeyboardInterrupt as e:
         raise UndoInterrupted(result, to_restore) from e
     finally:
@@ -611,23 +718,25 @@ def undo(library: Library, journal: Path | None = None, accept_missing: bool = F
     return result
 
 
-def _undo_step(step: Intent, library: Library, record: Journal, right: str, result: UndoResult) -> None:
-    """One file back (a photo with its catalog row, or a sidecar), or the reason it is not in `result`."""
+def _undo_step(step: Intent, library: Library, record: Journal, right: str, result: UndoResult) -> bool:
+    """One file back (a photo with its catalog row, or a sidecar), or the reason it is not in `result`.
+    True when the step is settled: its file is back at src (or never left it)."""
     try:
         outcome = _restore(step, library, record.header.quarantine, right)
     except OSError as e:
         outcome = f"{printable(step.src)} not restored: {e.strerror or e}"
     if isinstance(outcome, str):
         result.problems.append(outcome)
-        return
+        return False
     if step.sidecar_of is not None:  # no row of its own (a RAW's "unsupported" row was never set aside)
         if outcome:
             result.sidecars.append(os.fsdecode(step.src))
-        return
+        return True
     in_catalog = library.catalog.unquarantine(_relative(library, step.src))  # also for steps a killed run left half done
     if outcome:
         result.restored.append(os.fsdecode(step.src))
         result.not_in_catalog += not in_catalog
+    return True
 
 
 def _right(step: Intent, row: tuple[str, str] | None, done: frozenset[int]) -> str:

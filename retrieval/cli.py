@@ -12,7 +12,8 @@ from pathlib import Path
 import click
 
 from dinoseek.indexer.decode import printable
-from dinoseek.indexer.errors import IndexerError, ModelMismatchError, NeedsRepairError, NotIndexedError, SweepRefusedError
+from dinoseek.indexer.errors import (IndexerError, ModelMismatchError, NeedsRepairError, NeedsUpgradeError,
+                                      NotIndexedError, SweepRefusedError)
 from dinoseek.model import (
     PRECISIONS,
     PRESETS,
@@ -23,6 +24,7 @@ from dinoseek.model import (
 )
 from dinoseek.model.preprocess import MAX_SIZE, MIN_SIZE
 from dinoseek.retrieval.errors import ActionError, InvalidArgumentError, RetrievalError
+from dinoseek.retrieval.keep import DEFAULT_ORDER
 
 # Every message and line built from file names is escaped by the one function the library uses too.
 _shown = printable
@@ -65,6 +67,9 @@ def _hint(e: Exception, root=None) -> str | None:
         return "use the same --model/--weights, or a new --library"
     if isinstance(e, NotIndexedError):
         return f"run `dinoseek index {_root_arg(root if root is not None else e.root)}` first"
+    if isinstance(e, NeedsUpgradeError):
+        where = _root_arg(root if root is not None else e.root)
+        return f"run `dinoseek index {where}` (or `dinoseek verify {where} --repair`) once to upgrade it"
     if isinstance(e, NeedsRepairError):
         return f"run `dinoseek verify {_root_arg(root if root is not None else e.root)} --repair`"
     if isinstance(e, SweepRefusedError):
@@ -337,12 +342,11 @@ def _found_root(name: str):
 
 def library_options(func=None, *, find: bool = True):
     """ROOT plus --library/--url, shared by every command that opens a library. Without ROOT, the
-    library is found from the current folder upwards; with find=False (`index`) it is the current folder."""
+    library is found from the current folder upwards; with find=False (`index`) the command decides."""
     if func is None:
         return functools.partial(library_options, find=find)
     options = [
-        click.argument("root", type=click.Path(file_okay=False, path_type=Path), default=None if find else ".",
-                       required=False),
+        click.argument("root", type=click.Path(file_okay=False, path_type=Path), default=None, required=False),
         click.option("--library", "library_dir", type=click.Path(file_okay=False, path_type=Path),
                      help="Library folder (default: ROOT/.dinoseek)."),
         click.option("--url", help="SQLAlchemy URL of the catalog instead of the library's SQLite file."),
@@ -386,11 +390,15 @@ def index(root, library_dir, url, model_name, weights, device, precision, worker
     """
     import time
 
-    from dinoseek.indexer.library import open_for_indexing
+    from dinoseek.indexer.library import find_library_root, open_for_indexing
     from dinoseek.indexer.pipeline import IndexInterrupted, Options, run_index
     from dinoseek.indexer.store import check_factory
     from dinoseek.model import check_settings, encoder_for_library
 
+    if root is None:
+        # Inside a library (a subfolder of ROOT): that library, as git finds its repository; a new
+        # library is only ever made here when no folder above has one.
+        root = (None if library_dir or url else find_library_root(Path.cwd())) or Path(".")
     if not root.is_dir():
         raise click.ClickException(f"{_shown(root)} is not a folder (unmounted disk?)")
     options = Options(batch_size=batch_size, include=include, exclude=exclude, follow_symlinks=follow_symlinks,
@@ -598,18 +606,55 @@ def similar(path, root, library_dir, url, k, kind, as_json, **filters):
     _print_hits(hits, as_json)
 
 
+@main.command("mark-distinct")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path),
+              help="The indexed photo folder [default: the nearest folder with a library, from here upwards].")
+@click.option("--library", "library_dir", type=click.Path(file_okay=False, path_type=Path), help="Library folder.")
+@click.option("--url", help="SQLAlchemy URL of the catalog.")
+@click.option("--remove", is_flag=True, help="Remove the marks instead: dedup may group these photos again.")
+@_found_root("--root")
+@_translate_errors
+def mark_distinct(paths, root, library_dir, url, remove):
+    """Mark the photos PATHS (two or more) as not duplicates of each other: `dedup` never groups them.
+
+    Every pair among them is marked, by content (sha256): the marks survive renames and re-indexing,
+    and cover every byte copy of each photo. Byte-identical photos cannot be marked. Marking works
+    while `index` runs (it does not take the library's writer lock); if the catalog stays busy for
+    30 s (SQLite has one writer at a time) it is refused in one line, nothing changed: run it again.
+
+    \b
+    Example:
+      dinoseek mark-distinct ~/Pictures/2023/IMG_0042.jpg ~/Pictures/2023/IMG_0043.jpg
+      dinoseek mark-distinct 2023/IMG_0042.jpg 2023/IMG_0043.jpg --root ~/Pictures --remove
+    """
+    from dinoseek.indexer.library import Library
+    from dinoseek.retrieval.marks import paths_to_sha_pairs
+
+    with Library.open(root, folder=library_dir, url=url) as library:
+        pairs = paths_to_sha_pairs(library, paths, refuse_identical=not remove)
+        if remove:
+            removed = library.catalog.unmark_not_duplicate(pairs)
+            click.echo(f"{removed} of {len(pairs)} pairs unmarked ({len(pairs) - removed} were not marked); "
+                       f"dedup may group them again")
+        else:
+            added = library.catalog.mark_not_duplicate(pairs)
+            click.echo(f"{len(pairs)} pairs marked not duplicates ({added} new, {len(pairs) - added} already "
+                       f"marked); dedup no longer groups them")
+
+
 @main.command()
 @library_options
 @click.option("--threshold", type=_SIMILARITY, default=None,
               help="Similarity for near duplicates, in (0, 1] [default: 0.95].")
 @click.option("--kind", type=click.Choice(["cls", "patch"]), default="cls", show_default=True)
 @click.option("--exact", "exact_only", is_flag=True, help="Only byte-identical copies.")
-@click.option("--keep", "order", default="protected,resolution,original,size,oldest,format,modified",
+@click.option("--keep", "order", default=",".join(DEFAULT_ORDER),
               show_default=True,
               help="Keep rules, in order of priority: protected (--protect folders); resolution (1.2x the pixels or "
                    "more; an upscale without camera EXIF gets no credit); original (RAW+JPEG pair, then camera "
-                   "EXIF); size (within one format); oldest (capture time); format (lossless first); modified "
-                   "(earliest file time). Ties: shorter path.")
+                   "EXIF); size (within one format); oldest (capture time); modified (earliest file time); format "
+                   "(the one cameras write; a lossless re-save is not better). Ties: shorter path.")
 @click.option("--protect", "protected", multiple=True,
               help="Folder (under ROOT) whose copies are always the ones kept (repeatable).")
 @click.option("--in-folder", "folder",
@@ -655,6 +700,7 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, order, protected,
     from dinoseek.retrieval import actions
     from dinoseek.retrieval.dedup import DEFAULT_THRESHOLD, find_duplicates
     from dinoseek.retrieval.report import member_note, plan_summary, to_json, write_report
+    from dinoseek.retrieval.sidecars import one_listing_per_folder
 
     # `is None`, not `or`: a threshold the user typed is never swapped for the default.
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
@@ -664,8 +710,22 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, order, protected,
         raise click.BadParameter(f"{candidate_threshold} is above the --threshold {threshold}; candidates for "
                                  f"re-ranking are the pairs below it", param_hint="'--candidates'")
     order = tuple(r.strip() for r in order.split(",") if r.strip())
+    # Usage mistakes are found before any work (exit 2), not after a long plan was printed.
+    from dinoseek.retrieval.errors import InvalidArgumentError
+    from dinoseek.retrieval.keep import check_order
+
+    if do_apply and action == "report":
+        raise click.UsageError("--apply needs --action move, hardlink or symlink")
     try:
-        with Library.open(root, folder=library_dir, url=url, write=do_apply) as library:
+        check_order(order)
+    except InvalidArgumentError as e:
+        raise click.BadParameter(str(e), param_hint="'--keep'") from None
+    if report_file is not None and report_file.suffix.lower() not in (".json", ".csv", ".html", ".htm"):
+        raise click.BadParameter(f"{_shown(report_file.name)}: the name must end in .json, .csv or .html",
+                                 param_hint="'--report'")
+    try:
+        # one_listing_per_folder: keep rules, plan, summary and apply list each photo folder once
+        with Library.open(root, folder=library_dir, url=url, write=do_apply) as library, one_listing_per_folder():
             crop_encoder = None
             if crops:
                 from dinoseek.model import encoder_for_library
@@ -677,11 +737,15 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, order, protected,
             groups = find_duplicates(library, threshold=threshold, kind=kind, exact_only=exact_only,
                                      order=order, protected=protected, folder=folder, crop_encoder=crop_encoder,
                                      candidate_threshold=candidate_threshold)
+            # A duplicate whose RAW would move while the kept copy has no RAW of those bytes stays (JPEG
+            # and RAW) and says why; apply gets the groups as found and checks again on the files then.
+            found, (groups, held) = groups, actions.hold_back_only_raws(library, groups, action)
             # What leaves the photo folder, and whether the quarantine's disk is the photos' (space back only on purge)
             summary = plan_summary(library, groups, action, quarantine, applied=do_apply) if groups else None
-            # The sidecars each duplicate takes along (`move` only; links leave them beside the link)
-            sidecars = {raw: paths for group in groups
-                        for raw, paths in actions.planned_sidecars(library, group, action).items()}
+            # The sidecars each duplicate takes along (`move`, and the `report` dry run that previews it;
+            # links leave them beside the link)
+            sidecars = {raw: paths for group in groups for raw, paths in
+                        actions.planned_sidecars(library, group, "move" if action == "report" else action).items()}
             listed = sidecars if action == "move" else None
             if report_file:
                 write_report(groups, report_file, library.root, action, summary, listed)
@@ -696,15 +760,16 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, order, protected,
                                    f"{_shown(member_note(group, member))}")
                         for sidecar in sidecars.get(member.raw_path, ()):
                             click.echo(f"        with sidecar: {_shown(sidecar.name)}")
+                    for member in group.members:
+                        if member.id in held:
+                            click.echo(f"    left in place: {_shown(member.path)} — {_shown(held[member.id])}")
                 extra = sum(len(g.others) for g in groups)
                 click.echo(f"{len(groups)} groups, {extra} files {'to act on' if action != 'report' else 'duplicated'}"
                            + ("" if do_apply or action == "report" else " (dry run: add --apply)"))
                 if summary is not None and summary.files:
                     click.echo(_shown(summary.text()))
             if do_apply:
-                if action == "report":
-                    raise click.ClickException("--apply needs --action move, hardlink or symlink")
-                result = actions.apply(library, groups, action, quarantine)
+                result = actions.apply(library, found, action, quarantine)
                 _report_skips(result)
                 if as_json:  # one JSON document on stdout: the plan and what the apply did
                     click.echo(to_json(groups, action, summary, listed, result.to_dict(library.root)))
@@ -827,7 +892,9 @@ def purge(root, library_dir, url, older_than, do_apply):
     bytes. With --apply, deletes them, removes their rows from the catalog, and records in the
     catalog and the journal that the bytes are gone: `undo` then refuses that journal and
     `undo --list` shows it as purged. Only files inside the quarantine that still hold the bytes
-    the journal recorded are deleted; a journal with any other file is left whole and reported.
+    the journal recorded are deleted, and only while each kept copy is still in place (same bytes,
+    or embedded for near duplicates) and no other pending journal names the file; a journal failing
+    any of this is left whole and reported.
     Ctrl-C never leaves a journal half purged: each is purged whole or left as it was.
 
     \b
@@ -927,6 +994,48 @@ def calibrate(root, library_dir, url, model_name, weights, device, precision, sa
         click.echo("no threshold reaches 99% precision on this sample")
     else:
         click.echo(f"recommended: dinoseek dedup {_root_arg(root)} --threshold {recommended:.2f}")
+
+
+@main.command()
+@library_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but loopback needs a token (one is made when --token is not "
+                   "given).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
+              help="Port to listen on (0: any free one).")
+@click.option("--token", help="Token to require (the printed URL carries it once; the browser then keeps a cookie).")
+@model_options
+@_translate_errors
+def serve(root, library_dir, url, host, port, token, model_name, weights, device, precision):
+    """Review duplicates and search by image in a browser: two pages and a JSON API (/docs).
+
+    Listens on 127.0.0.1 only unless --host says otherwise; then every request needs the token from
+    the printed URL. Reads the library while `dinoseek index` runs. Ctrl-C stops it (an apply under
+    way finishes first).
+
+    \b
+    Example:
+      dinoseek serve ~/Pictures
+      dinoseek serve ~/Pictures --host 0.0.0.0 --port 8000
+    """
+    from dinoseek.retrieval.server import create_app
+    from dinoseek.retrieval.server.run import listen, token_for, url_of
+    from dinoseek.retrieval.server.run import serve as run_server
+
+    token = token_for(host, token)
+    try:
+        sock = listen(host, port)
+    except OSError as e:
+        raise click.ClickException(_shown(f"cannot listen on {host}:{port}: {e.strerror or e}")) from e
+    with sock:
+        port = sock.getsockname()[1]
+        app = create_app(root, library_dir=library_dir, url=url, model=None if weights else model_name,
+                         weights=weights, device=device, precision=precision, host=host, port=port, token=token)
+        address = url_of(host, port, token)
+        click.echo(f"serving {_shown(app.state.server.place.root)} at {address} (search: {address.split('?')[0]}"
+                   f"search); Ctrl-C stops")
+        run_server(app, sock)
+    click.echo("stopped")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from .errors import InvalidArgumentError
 from .grouping import linked_groups, rescored_pairs, unit_rows
 from .keep import DEFAULT_ORDER, Member, check_order, choose_keeper, in_folder
 from .marks import drop_marked
-from .sidecars import RAW_SUFFIXES, raw_partner
+from .sidecars import folder_index, raw_partner
 
 DEFAULT_THRESHOLD = 0.95  # cosine of CLS vectors; `dinoseek calibrate` recommends one for a library
 # Candidates are searched this far below the threshold, then re-scored exactly (see score_margin).
@@ -256,27 +256,8 @@ def candidate_index(library: Library, kind: str, block: int = DEDUP_BLOCK) -> Ve
 def _members(library: Library, ids: list[int]) -> dict[int, Member]:
     """The keep rules' view of these rows: catalog fields, and whether a RAW file sits beside each."""
     cameras = {r[0]: r[-1] for r in library.catalog.hit_rows(sorted(set(ids)))}  # (..., camera)
-    has_raw = _RawFolders(library.root)
+    index = folder_index()  # the command's shared listing (one_listing_per_folder), else a fresh one
     return {r.id: Member(r.id, r.path_text, r.path, r.size, r.width or 0, r.height or 0, r.format or "",
                          r.captured_at, r.sha256 or "", r.mtime_ns, camera=cameras.get(r.id),
-                         raw_partner=has_raw(r.path))
+                         raw_partner=raw_partner(library.root / os.fsdecode(r.path), index) is not None)
             for r in library.catalog.members(ids)}
-
-
-class _RawFolders:
-    """Whether a photo has a RAW partner (sidecars.raw_partner), listing each folder once first: most
-    folders hold no RAW at all, and a big one would otherwise be listed again for every member in it."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.folders: dict[bytes, bool] = {}
-
-    def __call__(self, raw_path: bytes) -> bool:
-        folder = os.path.dirname(raw_path)
-        if folder not in self.folders:
-            try:
-                with os.scandir(self.root / os.fsdecode(folder)) as entries:
-                    self.folders[folder] = any(os.path.splitext(e.name)[1].lower() in RAW_SUFFIXES for e in entries)
-            except OSError:
-                self.folders[folder] = False
-        return self.folders[folder] and raw_partner(self.root / os.fsdecode(raw_path)) is not None

@@ -25,7 +25,7 @@ from .sidecars import is_sidecar_name
 
 VERSION = 1
 OPS = ("move", "hardlink", "symlink")
-RECORD_TYPES = ("header", "intent", "done", "rolled-back", "undone", "purged")
+RECORD_TYPES = ("header", "intent", "done", "rolled-back", "restored", "undone", "purged")
 QUARANTINE = "quarantine"  # the default quarantine: a folder of the library folder
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # A step takes about 600 bytes: this is well over a million files, and still a bounded read.
@@ -77,6 +77,9 @@ class Intent:
     line: int  # in the journal file, for messages
     # A sidecar (XMP, AAE, RAW, Live Photo MOV) moved with the photo of step `sidecar_of`; None for a photo.
     sidecar_of: int | None = None
+    # The kept copy's sha256 at the apply (photo steps of journals written since it was recorded):
+    # equal to `sha256` for byte-identical copies; purge checks the kept copy still has it.
+    keeper_sha256: str | None = None
 
 
 @dataclass
@@ -88,15 +91,25 @@ class Journal:
     done: frozenset[int] = frozenset()  # steps apply finished (their catalog row was set aside first)
     rolled_back: frozenset[int] = frozenset()  # steps apply undid itself (or that never moved): nothing to undo
     purged: bool = False  # `dinoseek purge` deleted its quarantined copies: nothing left to undo
+    # steps a (partial) undo put back: nothing of theirs is left in the quarantine, and their dst may
+    # since hold another journal's copy of the same file. Journals from before this record have none.
+    restored: frozenset[int] = frozenset()
 
     @property
     def photos(self) -> int:
-        """Photos set aside (sidecars that moved with them not counted)."""
-        return sum(1 for n, steps in self.intents.items() if steps[0].sidecar_of is None and n not in self.rolled_back)
+        """Photos still set aside (sidecars that moved with them not counted)."""
+        return sum(1 for n, steps in self.intents.items()
+                   if steps[0].sidecar_of is None and n not in self.rolled_back and n not in self.restored)
 
     @property
     def files(self) -> int:
-        return len(self.intents) - len(self.rolled_back.intersection(self.intents))
+        return len(self.intents) - len((self.rolled_back | self.restored).intersection(self.intents))
+
+    def live_steps(self) -> list[Intent]:
+        """The last intent of each step that may still have bytes in the quarantine: neither rolled
+        back by apply nor restored by undo."""
+        return [step for step in self.steps_backwards()
+                if step.step not in self.rolled_back and step.step not in self.restored]
 
     def steps_backwards(self) -> list[Intent]:
         """The last intent of each step, latest step first. Only the last one can have moved
@@ -178,6 +191,12 @@ def _append_last(journal: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def mark_restored(journal: Path, step: int) -> None:
+    """Undo put step `step` back (or found it never moved): later undos and purges leave its dst
+    alone, which a later apply may have reused for another copy of the same file."""
+    _append_last(journal, {"type": "restored", "step": step})
+
+
 def mark_undone(journal: Path, not_restored: list[str] = ()) -> None:
     """The last record: nothing left to undo (`not_restored`: files the user gave up on, and why)."""
     record = {"type": "undone", "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -210,6 +229,7 @@ def read(path: Path) -> Journal:
     undone = purged = False
     done: set[int] = set()
     rolled_back: set[int] = set()
+    restored: set[int] = set()
     for number, record in records[1:]:
         if not isinstance(record, dict):
             raise _refused(path, number, f"a record must be an object, got {_kind(record)}")
@@ -230,12 +250,15 @@ def read(path: Path) -> Journal:
             done.add(_field(path, number, record, "step", int))
         elif record_type == "rolled-back":
             rolled_back.add(_field(path, number, record, "step", int))
+        elif record_type == "restored":
+            restored.add(_field(path, number, record, "step", int))
         elif record_type == "purged":
             purged = True
         else:
             undone = True
     _check_sidecar_steps(path, intents)
-    return Journal(path, header, intents, undone, frozenset(done - rolled_back), frozenset(rolled_back), purged)
+    return Journal(path, header, intents, undone, frozenset(done - rolled_back), frozenset(rolled_back), purged,
+                   frozenset(restored))
 
 
 def _check_sidecar_steps(path: Path, intents: dict[int, list[Intent]]) -> None:
@@ -296,8 +319,11 @@ def _intent(path: Path, number: int, record: dict) -> Intent:
     sidecar_of = record.get("sidecar_of")
     if sidecar_of is not None and type(sidecar_of) is not int:
         raise _refused(path, number, f"'sidecar_of' must be an integer, got {_kind(sidecar_of)}")
+    keeper_sha256 = record.get("keeper_sha256")
+    if keeper_sha256 is not None and not (isinstance(keeper_sha256, str) and _SHA256.fullmatch(keeper_sha256)):
+        raise _refused(path, number, "'keeper_sha256' is not a sha256 hex digest")
     return Intent(step, op, _path(path, number, record, "src"), _path(path, number, record, "dst"),
-                  _path(path, number, record, "keeper"), sha256, size, number, sidecar_of)
+                  _path(path, number, record, "keeper"), sha256, size, number, sidecar_of, keeper_sha256)
 
 
 def _field(path: Path, number: int, record: dict, name: str, expected: type):

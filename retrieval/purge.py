@@ -4,8 +4,13 @@ The only code that deletes bytes for good, so it is as suspicious as undo: a jou
 if all of it passes undo's checks (retrieval.journal: its paths, and the catalog's record of its
 apply), only the quarantined copies its finished steps name are deleted (never anything outside
 the quarantine, never a folder reached through a symbolic link), and each copy must still be the
-regular file with the sha256 the journal recorded. Every copy of a journal is checked before the
-first one is deleted; one that fails keeps the whole journal (still undoable) and is reported.
+regular file with the sha256 the journal recorded. The copy that stayed must still be there too:
+each step's kept copy a regular file inside the root, with the sha256 the journal recorded for it
+(byte-identical copies) or embedded in the catalog (near duplicates, whose bytes differ by design),
+else the quarantined copy may be the last one. A step undo put back is not this journal's any more
+(a later apply may have set the same file aside to the same name), and a copy another pending
+journal also names is never deleted. Every copy of a journal is checked before the first one is
+deleted; one that fails keeps the whole journal (still undoable) and is reported.
 
 Order, so that a killed purge is finished by running it again: delete the copies (a copy already
 gone is fine), then in one catalog transaction delete their rows and mark the journal purged (undo
@@ -26,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from dinoseek.indexer.catalog import EMBEDDED
 from dinoseek.indexer.decode import printable
 from dinoseek.indexer.library import Library
 from dinoseek.model.progress import Step as Shown
@@ -101,7 +107,9 @@ def plan_purge(library: Library, older_than_days: float | None = None, now: date
     applied_at = library.catalog.journal_applied_at()
     recorded = library.catalog.journal_records()
     plan = PurgePlan()
-    for journal in pending_journals(library):
+    pending = pending_journals(library)
+    claims = _claims(pending)
+    for journal in pending:
         if isinstance(journal, tuple):  # unreadable: not ours to judge, and never deleted from
             plan.skipped.append(journal)
             continue
@@ -112,7 +120,10 @@ def plan_purge(library: Library, older_than_days: float | None = None, now: date
             journals_.check_places(journal, library.root, library.folder)
             row = recorded.get(journal.path.name)
             journals_.check_recorded(journal, row and row[:3], library.folder)
-            copies = _copies(journal)
+            copies = _copies(journal, claims)
+            problem = _keepers_problem(library, journal, copies, check_bytes=False)  # hashed before deleting
+            if problem:
+                raise JournalError(f"journal {printable(journal.path.name)} not purged: {problem}")
         except JournalError as e:
             plan.skipped.append((journal.path, str(e)))
             continue
@@ -158,6 +169,10 @@ def _purge_journal(library: Library, item: JournalPurge, row, result: PurgeResul
             result.problems.append(f"journal {name} not purged: {outcome}")
             return
         checked.append((copy.step, outcome))
+    problem = _keepers_problem(library, journal, item.copies, check_bytes=True)
+    if problem:
+        result.problems.append(f"journal {name} not purged: {problem}")
+        return
     checkpoint()  # the last chance: from here on the journal is purged whole (no checkpoint below)
     files = size = 0
     for step, st in checked:
@@ -175,7 +190,7 @@ def _purge_journal(library: Library, item: JournalPurge, row, result: PurgeResul
             return
         files, size = files + 1, size + st.st_size
     header = journal.header
-    photos = [(os.fsencode(s.src.relative_to(library.root)), s.sha256) for s in journal.steps_backwards()
+    photos = [(os.fsencode(s.src.relative_to(library.root)), s.sha256) for s in journal.live_steps()
               if s.sidecar_of is None and s.step in journal.done]
     result.rows += library.catalog.purge_journal(journal.path.name, os.fsencode(header.root),
                                                  os.fsencode(header.quarantine), header.action, photos)
@@ -185,14 +200,28 @@ def _purge_journal(library: Library, item: JournalPurge, row, result: PurgeResul
     result.files, result.bytes = result.files + files, result.bytes + size
 
 
-def _copies(journal: Journal) -> list[QuarantinedCopy]:
-    """The quarantined copy of each finished step. A step neither done nor rolled back was left half
-    done by a killed apply (its bytes may be the only copy, in either place): such a journal is
-    not purged; `undo` finishes it backwards."""
+def _claims(pending: list) -> dict[Path, set[str]]:
+    """dst -> the pending journals whose live steps name it (see Journal.live_steps)."""
+    claims: dict[Path, set[str]] = {}
+    for journal in pending:
+        if isinstance(journal, Journal):
+            for step in journal.live_steps():
+                claims.setdefault(step.dst, set()).add(journal.path.name)
+    return claims
+
+
+def _copies(journal: Journal, claims: dict[Path, set[str]]) -> list[QuarantinedCopy]:
+    """The quarantined copy of each finished step not put back by undo. A step neither done nor
+    rolled back was left half done by a killed apply (its bytes may be the only copy, in either
+    place): such a journal is not purged; `undo` finishes it backwards. Nor is one whose copy
+    another pending journal names too: after a partial undo recorded by an older version, a later
+    apply may have set the same file aside under the same name, and those bytes are that journal's."""
     copies = []
-    for step in journal.steps_backwards():
-        if step.step in journal.rolled_back:
-            continue
+    for step in journal.live_steps():
+        others = sorted(claims.get(step.dst, set()) - {journal.path.name})
+        if others:
+            raise JournalError(f"journal {printable(journal.path.name)} not purged: {printable(step.dst)} is also "
+                               f"named by journal {printable(others[0])}, not undone nor purged; left in place")
         if step.step not in journal.done:
             raise JournalError(f"journal {printable(journal.path.name)} not purged: an interrupted apply left "
                                f"{printable(step.src)} half done (undo it first)")
@@ -209,6 +238,67 @@ def _copies(journal: Journal) -> list[QuarantinedCopy]:
                                f"the copy the apply put there (changed since); left in place")
         copies.append(QuarantinedCopy(step, st.st_size, True))
     return copies
+
+
+def _keepers_problem(library: Library, journal: Journal, copies: list[QuarantinedCopy],
+                     check_bytes: bool) -> str | None:
+    """Why some copy this journal would delete may be the last one of its photo (its kept copy is
+    gone, moved, a link, or other bytes), or None. `check_bytes`: hash byte-identical kept copies
+    (purge itself, right before deleting); the dry run checks the rest only."""
+    photo_steps: dict[int, Intent] = {}
+    for copy in copies:
+        if copy.present:
+            n = copy.step.sidecar_of if copy.step.sidecar_of is not None else copy.step.step
+            photo_steps[n] = journal.intents[n][-1]  # a sidecar's photo step has the same keeper
+    if not photo_steps:
+        return None
+    root = library.root
+    rows = library.catalog.rows_at(sorted({os.fsencode(s.keeper.relative_to(root)) for s in photo_steps.values()}))
+    seen: dict[tuple[Path, str | None, str], str | None] = {}
+    for step in sorted(photo_steps.values(), key=lambda s: s.step):
+        key = (step.keeper, step.keeper_sha256, step.sha256)
+        if key not in seen:
+            seen[key] = _keeper_problem(step, rows.get(os.fsencode(step.keeper.relative_to(root))), check_bytes)
+        if seen[key]:
+            return seen[key]
+    return None
+
+
+def _keeper_problem(step: Intent, row: tuple[str | None, str] | None, check_bytes: bool) -> str | None:
+    """Why the kept copy of one photo step may no longer hold the photo, or None. It must be a regular
+    file, reached without a symbolic link (journal.place_problem checked it lies inside the root).
+    Byte-identical (keeper_sha256 == sha256): it must still have those bytes. A near duplicate's
+    kept copy differs by design: it must be embedded in the catalog. A journal from before
+    keeper_sha256 was recorded: the same bytes as the copy, or else embedded."""
+    keeper, where = step.keeper, f"its kept copy {printable(step.keeper)}"
+    last = f"the quarantined copy {printable(step.dst)} may be the last one; left in place"
+    try:
+        st = os.lstat(keeper)
+    except FileNotFoundError:
+        return f"{where} is gone ({last})"
+    except OSError as e:
+        return f"{where}: {e.strerror or e} ({last})"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{where} is no longer a regular file ({last})"
+    problem = journals_.symlinked_folder(keeper)
+    if problem:
+        return f"{problem} ({last})"
+    exact = step.keeper_sha256 is not None and step.keeper_sha256 == step.sha256
+    if check_bytes and (exact or step.keeper_sha256 is None):
+        try:
+            digest = fingerprint(keeper)[0] if st.st_size == step.size else None
+        except OSError as e:
+            return f"{where} cannot be read: {e.strerror or e} ({last})"
+        if digest == step.sha256:
+            return None
+        if exact:
+            return f"{where} changed since the apply (sha256 differs; {last})"
+    elif exact:
+        return None  # the dry run: purge hashes it before deleting anything
+    if row is None or row[1] != EMBEDDED:
+        status = "not in the catalog" if row is None else f"{printable(row[1])} in the catalog, not embedded"
+        return f"{where} is {status} ({last})"
+    return None
 
 
 def _still_ours(step: Intent) -> os.stat_result | None | str:

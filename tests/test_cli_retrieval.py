@@ -69,8 +69,11 @@ def test_dedup_reports(root, tmp_path):
         out = tmp_path / f"dups.{ext}"
         assert invoke("dedup", root, "--threshold", THRESHOLD, "--report", out).exit_code == 0
         assert out.stat().st_size > 100
-    result = invoke("dedup", root, "--report", tmp_path / "dups.txt")
-    assert result.exit_code == 1 and "must end in .json, .csv or .html" in result.output
+    result = invoke("dedup", root, "--report", tmp_path / "dups.txt")  # a usage error, before any work
+    assert result.exit_code == 2 and "must end in .json, .csv or .html" in result.output
+    assert "group 1" not in result.output and not (tmp_path / "dups.txt").exists()
+    result = invoke("dedup", root, "--keep", "resolution,biggest")
+    assert result.exit_code == 2 and "unknown rule 'biggest'" in result.output and "group 1" not in result.output
 
 
 def test_apply_and_undo(root):
@@ -84,8 +87,9 @@ def test_apply_and_undo(root):
     assert tree_hashes(root) == before
     result = invoke("undo", root)
     assert result.exit_code == 1 and "already undone" in result.output
-    result = invoke("dedup", root, "--apply")
-    assert result.exit_code == 1 and "--apply needs --action move, hardlink or symlink" in result.output
+    result = invoke("dedup", root, "--apply")  # a usage error: said before the plan, not after it
+    assert result.exit_code == 2 and "--apply needs --action move, hardlink or symlink" in result.output
+    assert "group 1" not in result.output
 
 
 def test_calibrate(root, tiny_folder):

@@ -21,7 +21,7 @@ from test_journal_safety import applied, catalog, make_photos, records, rewrite,
 from test_retrieval import THRESHOLD, index_with_cli, make_library_photos
 
 from dinoseek.indexer import migrate
-from dinoseek.indexer.catalog import QUARANTINED, JournalRow, utcnow
+from dinoseek.indexer.catalog import EMBEDDED, QUARANTINED, ImageRow, JournalRow, utcnow
 from dinoseek.indexer.library import Library
 from dinoseek.retrieval.cli import main
 
@@ -233,7 +233,7 @@ def test_a_0003_catalog_gains_purged_at_and_keeps_its_journals(tmp_path):
                                    "VALUES ('j.jsonl', x'2f', x'2f71', 'move', '2024-01-01 00:00:00')")
     engine.dispose()
     with Library.open(tmp_path, write=True) as library:
-        assert migrate.current_revision(library.catalog.engine) == "0004"
+        assert migrate.current_revision(library.catalog.engine) == migrate.head_revision()  # 0004 or later
         assert library.catalog.journal_records()["j.jsonl"][3:] == (None, None)
     assert (folder / "catalog.sqlite.bak-0003").exists()
     db = sqlite3.connect(folder / "catalog.sqlite")
@@ -270,3 +270,113 @@ def test_verify_passes_after_purge_and_after_a_later_index(indexed, tmp_path, ti
 def records_last(root) -> str:
     (journal,) = (root / ".dinoseek/journals").glob("*.jsonl")
     return journal.read_text().splitlines()[-1]
+
+
+# ---- the kept copy must still be there (review P0) ------------------------------------------------
+
+def test_purge_keeps_a_journal_whose_kept_copy_is_gone(root):
+    result = applied(root)
+    (root / "a/p0.jpg").unlink()  # the copy that stayed, deleted since: the quarantined one is the last
+    out = invoke("purge", root)
+    assert out.exit_code == 0 and "skipped" in out.output and "0 files, 0 bytes in 0 journals" in out.output
+    out = invoke("purge", root, "--apply")
+    assert out.exit_code == 1
+    reasons = [line for line in out.output.splitlines() if line.startswith("skipped ")]
+    why = (f"journal {result.journal.name} not purged: its kept copy {root}/a/p0.jpg is gone (the quarantined "
+           f"copy {quarantine(root)}/b/p0-copy.jpg may be the last one; left in place)")
+    assert reasons == [f"skipped {result.journal.name}: {why}"]
+    assert len([p for p in quarantine(root).rglob("*") if p.is_file()]) == 3
+    assert records(result.journal)[-1]["type"] == "done"
+
+
+@pytest.mark.parametrize("change", ["other bytes", "symlink"])
+def test_purge_keeps_a_journal_whose_kept_copy_was_replaced(root, tmp_path, change):
+    result = applied(root)
+    kept = root / "a/p1.jpg"
+    if change == "other bytes":
+        kept.write_bytes(b"y" * 4096)  # same size: only the sha256 tells
+        why = "changed since the apply (sha256 differs"
+    else:
+        outside = tmp_path / "elsewhere.jpg"
+        os.rename(kept, outside)
+        kept.symlink_to(outside)  # the same bytes, but out of ROOT
+        why = "is no longer a regular file"
+    out = invoke("purge", root, "--apply")
+    assert out.exit_code == 1 and f"its kept copy {kept} {why}" in out.output
+    assert len([p for p in quarantine(root).rglob("*") if p.is_file()]) == 3
+    assert records(result.journal)[-1]["type"] == "done"
+
+
+def test_purge_of_a_near_duplicate_needs_its_kept_copy_embedded_not_byte_identical(root):
+    """A near duplicate's kept copy has other bytes by design (keeper_sha256 != sha256 in the journal)."""
+    result = applied(root)
+    recs = records(result.journal)
+    for record in recs:
+        if record["type"] == "intent":
+            assert record["keeper_sha256"] == record["sha256"]  # recorded: byte-identical copies here
+            record["keeper_sha256"] = "0" * 64  # as a near-duplicate step records it
+    rewrite(result.journal, recs)
+    with Library.open(root, write=True) as library, library.catalog.session() as s, s.begin():
+        s.execute(update(ImageRow).where(ImageRow.path == b"a/p2.jpg").values(status=QUARANTINED))
+    out = invoke("purge", root, "--apply")
+    assert out.exit_code == 1 and f"its kept copy {root}/a/p2.jpg is quarantined in the catalog, not embedded" \
+        in out.output
+    with Library.open(root, write=True) as library, library.catalog.session() as s, s.begin():
+        s.execute(update(ImageRow).where(ImageRow.path == b"a/p2.jpg").values(status=EMBEDDED))
+    out = invoke("purge", root, "--apply")
+    assert out.exit_code == 0, out.output
+    assert records(result.journal)[-1]["type"] == "purged"
+
+
+# ---- a partial undo, then a new apply of the same files (review P0) ---------------------------------------
+
+def partial_undo_then_apply_again(root):
+    """j1 sets p0..p2 aside; p1's copy is lost, so undo restores p0 and p2 and j1 stays pending; j2
+    sets p0 and p2 aside again, to the same names in the quarantine. j1 is made 60 days old."""
+    j1 = applied(root).journal
+    (quarantine(root) / "b/p1-copy.jpg").unlink()
+    out = invoke("undo", root)
+    assert out.exit_code == 1 and (root / "b/p0-copy.jpg").exists()
+    j2 = applied(root).journal
+    assert j2 != j1 and (quarantine(root) / "b/p0-copy.jpg").exists()
+    with Library.open(root, write=True) as library, library.catalog.session() as s, s.begin():
+        s.execute(update(JournalRow).where(JournalRow.name == j1.name)
+                  .values(created_at=utcnow() - timedelta(days=60)))
+    return j1, j2
+
+
+def test_purge_older_than_never_deletes_a_newer_journals_copy_after_a_partial_undo(root):
+    j1, j2 = partial_undo_then_apply_again(root)
+    restored = {r["step"] for r in records(j1) if r["type"] == "restored"}
+    assert len(restored) == 2  # p0 and p2, recorded step by step
+    copies = {p: p.read_bytes() for p in (quarantine(root) / "b").iterdir()}
+    out = invoke("purge", root, "--older-than", "30", "--apply")
+    assert out.exit_code == 0, out.output
+    assert records(j1)[-1]["type"] == "purged" and records(j2)[-1]["type"] == "done"
+    assert {p: p.read_bytes() for p in (quarantine(root) / "b").iterdir()} == copies  # j2's, untouched
+    assert rows(root)["b/p0-copy.jpg"] == QUARANTINED  # j2's row too
+    out = invoke("undo", root, "--journal", j2)
+    assert out.exit_code == 0, out.output
+    assert (root / "b/p0-copy.jpg").exists() and (root / "b/p2-copy.jpg").exists()
+
+
+def test_undo_again_of_a_partly_undone_journal_leaves_a_newer_journals_copy(root):
+    j1, j2 = partial_undo_then_apply_again(root)
+    before = snapshot(quarantine(root))
+    out = invoke("undo", root, "--journal", j1, "--accept-missing")
+    assert out.exit_code == 0, out.output
+    assert out.output.startswith("restored 0 files") and "p1-copy.jpg" in out.output
+    assert snapshot(quarantine(root)) == before and not (root / "b/p0-copy.jpg").exists()
+    assert invoke("undo", root, "--journal", j2).exit_code == 0
+
+
+def test_purge_never_deletes_a_copy_another_pending_journal_names(root):
+    """A journal from before undo recorded restored steps: its dst is j2's copy now; never deleted."""
+    j1, j2 = partial_undo_then_apply_again(root)
+    rewrite(j1, [r for r in records(j1) if r["type"] != "restored"])
+    before = snapshot(quarantine(root))
+    out = invoke("purge", root, "--older-than", "30", "--apply")
+    assert out.exit_code == 1
+    assert f"is also named by journal {j2.name}, not undone nor purged; left in place" in out.output
+    assert snapshot(quarantine(root)) == before
+    assert records(j1)[-1]["type"] != "purged" and records(j2)[-1]["type"] == "done"

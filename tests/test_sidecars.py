@@ -22,7 +22,7 @@ from dinoseek.retrieval.actions import apply, undo
 from dinoseek.retrieval.cli import main
 from dinoseek.retrieval.dedup import find_duplicates
 from dinoseek.retrieval.errors import JournalError
-from dinoseek.retrieval.sidecars import RAW_SUFFIXES, raw_partner, sidecars_of
+from dinoseek.retrieval.sidecars import RAW_SUFFIXES, one_listing_per_folder, raw_partner, sidecars_of
 
 
 def touch(folder: Path, *names: str) -> None:
@@ -110,6 +110,8 @@ def root(tmp_path):
     for name in SIDECARS:
         (root / "b" / name).write_bytes(random.Random(name).randbytes(777))
     (root / "a" / "IMG_1.xmp").write_bytes(b"the kept copy's own edits")
+    # the kept copy's own RAW, the same bytes: only then may the duplicate's RAW go (and be purged)
+    (root / "a" / "IMG_1.CR2").write_bytes((root / "b" / "IMG_1.CR2").read_bytes())
     return root
 
 
@@ -251,3 +253,147 @@ def test_journal_lists_photos_not_sidecars(root):
     assert out.exit_code == 0
     assert f"move          1 files  {result.journal}" in out.output
     assert json.loads(result.journal.read_text().splitlines()[0])["type"] == "header"
+
+
+# ---- a RAW is never set aside as the only copy (review P0) ------------------------------------------
+
+@pytest.fixture
+def pair(tmp_path):
+    """a/p0.jpg (kept, protected) and its exact copy b/p0-copy.jpg, which alone has a RAW beside it."""
+    from test_journal_safety import make_photos
+
+    root = tmp_path / "photos"
+    make_photos(root, n=1)
+    catalog(root)
+    (root / "b/p0-copy.CR2").write_bytes(random.Random("raw").randbytes(5000))
+    return root
+
+
+def test_a_duplicate_holding_the_only_raw_is_left_in_place_and_survives_purge(pair):
+    raw = pair / "b/p0-copy.CR2"
+    why = "holds the only RAW (p0-copy.CR2); the kept copy has none"
+    out = invoke("dedup", pair, "--exact", "--protect", "a", "--action", "move")
+    assert out.exit_code == 0, out.output
+    assert f"    left in place: b/p0-copy.jpg — {why}" in out.output.splitlines()
+    assert "with sidecar" not in out.output and "0 files to act on" in out.output
+    plan = json.loads(invoke("dedup", pair, "--exact", "--protect", "a", "--action", "move", "--json").output)
+    (member,) = [m for m in plan["groups"][0]["members"] if m["path"] == "b/p0-copy.jpg"]
+    assert member["keep"] is True and member["reason"] == why
+    out = invoke("dedup", pair, "--exact", "--protect", "a", "--action", "move", "--apply", "--json")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["applied"]["skipped"] == [{"path": "b/p0-copy.jpg", "reason": why}]
+    assert invoke("purge", pair, "--apply").exit_code == 0
+    assert raw.exists() and (pair / "b/p0-copy.jpg").exists()  # the negative is still beside its JPEG
+
+
+def test_apply_itself_leaves_a_duplicate_whose_raw_differs_from_the_kept_copys(pair):
+    """Called from Python with the groups as found (no plan step): apply checks the RAWs itself."""
+    (pair / "a/p0.CR2").write_bytes(b"another exposure")
+    result = applied(pair)
+    assert result.done == [] and result.journal is None
+    why = "holds the only RAW (p0-copy.CR2); the kept copy's RAW (p0.CR2) has other bytes"
+    assert result.skipped_files == [(pair / "b/p0-copy.jpg", why)]
+    assert sorted(os.listdir(pair / "b")) == ["p0-copy.CR2", "p0-copy.jpg"]
+
+
+def test_a_raw_identical_to_the_kept_copys_raw_moves_with_its_duplicate_and_undo_restores_it(pair):
+    raw = pair / "b/p0-copy.CR2"
+    (pair / "a/p0.CR2").write_bytes(raw.read_bytes())
+    before = snapshot(pair / "b")
+    result = applied(pair)
+    assert [src for src, _ in result.sidecars] == [raw] and not raw.exists()
+    assert (pair / ".dinoseek/quarantine/b/p0-copy.CR2").exists()
+    with Library.open(pair, write=True) as library:
+        undo(library)
+    assert snapshot(pair / "b") == before
+
+
+# ---- a sidecar takes its photo's free name in the quarantine ------------------------------------------
+
+def test_sidecars_take_the_free_name_their_photo_gets_in_the_quarantine_and_undo_restores_their_names(root):
+    taken = root / ".dinoseek/quarantine/b"
+    taken.mkdir(parents=True)
+    (taken / "IMG_1.JPG").write_bytes(b"another journal's photo")
+    before = snapshot(root / "b")
+    result = applied(root)
+    assert result.done[0].dst == taken / "IMG_1~1.JPG"
+    assert sorted(dst.name for _, dst in result.sidecars) == sorted(
+        ["IMG_1~1.xmp", "IMG_1~1.JPG.xmp", "IMG_1~1.CR2", "IMG_1~1.MOV", "IMG_O1~1.AAE"])
+    assert sorted(os.listdir(taken)) == sorted(["IMG_1.JPG", "IMG_1~1.JPG", "IMG_1~1.xmp", "IMG_1~1.JPG.xmp",
+                                                "IMG_1~1.CR2", "IMG_1~1.MOV", "IMG_O1~1.AAE"])
+    with Library.open(root, write=True) as library:
+        undo(library)
+    assert snapshot(root / "b") == before
+    assert os.listdir(taken) == ["IMG_1.JPG"]
+
+
+def test_a_photo_whose_sidecars_name_is_taken_in_the_quarantine_moves_to_a_stem_free_for_both(root):
+    taken = root / ".dinoseek/quarantine/b"
+    taken.mkdir(parents=True)
+    (taken / "IMG_1.xmp").write_bytes(b"another journal's sidecar")
+    result = applied(root)
+    assert result.done[0].dst == taken / "IMG_1~1.JPG"
+    assert (taken / "IMG_1~1.xmp").exists() and (taken / "IMG_1.xmp").read_bytes() == b"another journal's sidecar"
+
+
+# ---- one listing per folder ----------------------------------------------------------------------------
+
+def counting_scandir(monkeypatch) -> dict[str, int]:
+    calls: dict[str, int] = {}
+    real = os.scandir
+
+    def scandir(path="."):
+        calls[os.fsdecode(path)] = calls.get(os.fsdecode(path), 0) + 1
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    return calls
+
+
+def test_sidecar_lookups_list_a_folder_once_for_all_its_photos(tmp_path, monkeypatch):
+    photos = [f"IMG_{i}.JPG" for i in range(300)]
+    touch(tmp_path, *photos, *[f"IMG_{i}.xmp" for i in range(300)], "IMG_7.CR2", *[f"other_{i}.txt" for i in range(300)])
+    calls = counting_scandir(monkeypatch)
+    with one_listing_per_folder():
+        for name in photos:
+            sidecars_of(tmp_path / name)
+            raw_partner(tmp_path / name)
+        assert names(sidecars_of(tmp_path / "IMG_7.JPG")) == ["IMG_7.CR2", "IMG_7.xmp"]
+        assert raw_partner(tmp_path / "IMG_7.JPG") == tmp_path / "IMG_7.CR2"
+    assert calls == {str(tmp_path): 1}
+    sidecars_of(tmp_path / "IMG_1.JPG")  # outside a command: a listing of its own, never a stale one
+    assert calls == {str(tmp_path): 2}
+
+
+def test_dedup_dry_run_and_apply_list_the_duplicates_folder_a_bounded_number_of_times(tmp_path, monkeypatch):
+    from test_journal_safety import make_photos
+
+    root = tmp_path / "photos"
+    make_photos(root, n=60, size=64)
+    catalog(root)
+    for i in range(60):
+        (root / f"b/p{i}-copy.xmp").write_bytes(b"edits %d" % i)
+    calls = counting_scandir(monkeypatch)
+    out = invoke("dedup", root, "--exact", "--protect", "a", "--action", "move", "--apply")
+    assert out.exit_code == 0, out.output
+    assert "60 files moved (with 60 sidecars)" in out.output
+    # One listing by the shared FolderIndex (keep rules, plan, summary, apply) and, until dedup.py's
+    # _RawFolders uses it too, one by that pre-scan: never one per duplicate.
+    assert calls[str(root / "b")] <= 2
+
+
+# ---- smaller things --------------------------------------------------------------------------------------
+
+def test_indexed_image_suffixes_are_the_scanners_own():
+    from dinoseek.indexer.scan import IMAGE_EXTENSIONS
+    from dinoseek.retrieval.sidecars import INDEXED_IMAGE_SUFFIXES
+
+    assert INDEXED_IMAGE_SUFFIXES == {os.fsdecode(e) for e in IMAGE_EXTENSIONS}
+
+
+def test_report_dry_run_lists_the_sidecars_a_move_would_take(root):
+    out = invoke("dedup", root, "--exact", "--protect", "a")
+    assert out.exit_code == 0, out.output
+    listed = [line.strip() for line in out.output.splitlines() if "with sidecar" in line]
+    assert listed == [f"with sidecar: {name}" for name in sorted(SIDECARS)]
+    assert f"and {len(SIDECARS)} sidecar files" in out.output  # the summary counts the same ones
