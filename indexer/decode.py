@@ -163,7 +163,11 @@ def _exif_fields(image: Image.Image) -> tuple[str | None, str | None]:
         exif = image.getexif()
     except Exception:  # noqa: BLE001 - corrupt EXIF must not cost the image
         return None, None
-    camera = " ".join(str(exif.get(tag, "")).strip("\x00 ") for tag in (271, 272)).strip() or None
+    make, model = (str(exif.get(tag, "")).strip("\x00 ") for tag in (271, 272))
+    # Most makers repeat the make in the model ("Canon" + "Canon EOS R5", "NIKON CORPORATION" + "NIKON D750").
+    if make and model.lower().startswith(make.split()[0].lower()):
+        make = ""
+    camera = " ".join((make, model)).strip() or None
     when = None
     try:
         raw = exif.get_ifd(0x8769).get(36867) or exif.get(306)  # DateTimeOriginal, else DateTime

@@ -82,7 +82,8 @@ def normalize(image: Image.Image | np.ndarray) -> np.ndarray:
 def normalize_batch(pixels: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32, the same arithmetic as `normalize` in torch's
     vectorized, multi-threaded kernels (the indexer's hot path)."""
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() * np.float32(1 / 255)
+    # torch warns on read-only arrays (PIL's np.asarray): copy those, share the rest.
+    x = torch.from_numpy(np.require(pixels, requirements="W")).permute(0, 3, 1, 2).float() * np.float32(1 / 255)
     mean = torch.from_numpy(_MEAN).unsqueeze(0)
     std = torch.from_numpy(_STD).unsqueeze(0)
     return ((x - mean) / std).contiguous()

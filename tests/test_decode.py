@@ -225,3 +225,18 @@ def test_very_long_file_name(tmp_path):
     path = tmp_path / ("x" * 240 + ".jpg")
     synthetic_photo(40, 30).save(path)
     assert read_image(path).image.size == (40, 30)
+
+
+@pytest.mark.parametrize(("make", "model", "camera"), [
+    ("Canon", "Canon EOS R5", "Canon EOS R5"),
+    ("NIKON CORPORATION", "NIKON D750", "NIKON D750"),
+    ("Apple", "iPhone 13", "Apple iPhone 13"),
+    ("", "Pixel 7", "Pixel 7"),
+])
+def test_camera_names_the_make_once(tmp_path, make, model, camera):
+    exif = Image.Exif()
+    if make:
+        exif[271] = make
+    exif[272] = model
+    synthetic_photo(64, 48).save(tmp_path / "p.jpg", exif=exif)
+    assert read_image(tmp_path / "p.jpg").camera == camera

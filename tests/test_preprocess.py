@@ -95,3 +95,11 @@ def test_batch_normalization_equals_per_image():
     arrays = np.stack([np.asarray(resize_for_mode(synthetic_photo(300, 280, seed=i), "crop", 224)) for i in range(3)])
     expected = np.stack([normalize(a) for a in arrays])
     assert np.array_equal(normalize_batch(arrays).numpy(), expected)
+
+
+def test_preprocess_of_pil_images_warns_nothing():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "The given NumPy array is not writable" was one
+        assert preprocess([Image.new("RGB", (300, 240), (10, 20, 30))], mode="crop").shape == (1, 3, 224, 224)
