@@ -475,3 +475,20 @@ def test_protect_accepts_absolute_and_dotted_paths_and_checks_them(library_root)
             find_duplicates(library, protected=("nope",))
         with pytest.raises(ValueError, match="not inside"):
             find_duplicates(library, protected=("/",))
+
+
+def test_calibration_does_not_count_the_librarys_own_duplicates_as_false_positives(tmp_path, encoder):
+    """Two byte copies in the library: a copy altered from one matches the other exactly as well."""
+    from dinoseek.retrieval.calibrate import calibrate
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(3):
+        synthetic_photo(640, 480, seed=40 + i).save(root / f"p{i}.jpg", quality=92)
+    (root / "p0-backup.jpg").write_bytes((root / "p0.jpg").read_bytes())
+    with Library.open(root, write=True, create=True) as library:
+        run_index(library, encoder, Options(workers=0))
+        table, _, used = calibrate(library, encoder, sample=4)
+    assert used == 4
+    top = [row for row in table if row.recall > 0][-1]  # the highest threshold any altered copy reaches
+    assert top.precision == 1.0, top
