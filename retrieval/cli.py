@@ -523,7 +523,7 @@ def verify(root, library_dir, url, repair, as_json):
 def filter_options(func):
     """SQL pre-filters shared by search, similar and dedup."""
     options = [
-        click.option("--folder", help="Only images under this folder (relative to ROOT)."),
+        click.option("--folder", help="Only images under this folder (absolute, from here, or from ROOT)."),
         click.option("--after", "captured_after", type=_Date(), help="Captured on or after this date (YYYY-MM-DD, YYYY/MM/DD or YYYY-MM-DDTHH:MM[:SS])."),
         click.option("--before", "captured_before", type=_Date(), help="Captured before this date or time (exclusive; same forms as --after)."),
         click.option("--camera", help="Camera make/model contains this text."),
@@ -536,11 +536,18 @@ def filter_options(func):
     return func
 
 
-def _filters(kwargs: dict):
+def _filters(kwargs: dict, root: Path):
+    """The filter options as `Filters`; --folder is resolved as --in-folder is (a folder that does not
+    exist is an error, not an empty result) and given as the catalog's printable folder prefix."""
+    from dinoseek.indexer.paths import display_path
     from dinoseek.retrieval.api import Filters
+    from dinoseek.retrieval.dedup import folder_prefix
 
     names = ("folder", "captured_after", "captured_before", "camera", "min_pixels", "min_bytes", "max_bytes")
-    return Filters(**{n: kwargs.pop(n) for n in names})
+    values = {n: kwargs.pop(n) for n in names}
+    if values["folder"] is not None:
+        values["folder"] = display_path(folder_prefix(root, values["folder"], "folder")) or None
+    return Filters(**values)
 
 
 def _print_hits(hits, as_json: bool) -> None:
@@ -549,6 +556,8 @@ def _print_hits(hits, as_json: bool) -> None:
         return
     for hit in hits:
         click.echo(f"{hit.score:.4f}  {_shown(hit.path)}")
+    if not hits:
+        click.echo("no matching photos", err=True)
 
 
 @main.command()
@@ -576,7 +585,7 @@ def search(image, root, library_dir, url, model_name, weights, device, precision
 
     with open_library(root, folder=library_dir, url=url, model=None if weights else model_name, weights=weights,
                       device=device, precision=precision, load_model=True) as lib:
-        hits = lib.search(image, k=k, kind=kind, filters=_filters(filters))
+        hits = lib.search(image, k=k, kind=kind, filters=_filters(filters, lib.library.root))
     _print_hits(hits, as_json)
 
 
@@ -602,7 +611,7 @@ def similar(path, root, library_dir, url, k, kind, as_json, **filters):
     from dinoseek.retrieval.api import open_library
 
     with open_library(root, folder=library_dir, url=url) as lib:
-        hits = lib.similar(path, k=k, kind=kind, filters=_filters(filters))
+        hits = lib.similar(path, k=k, kind=kind, filters=_filters(filters, lib.library.root))
     _print_hits(hits, as_json)
 
 

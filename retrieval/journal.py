@@ -480,5 +480,5 @@ def newest_pending(library_folder: Path, undone: frozenset[str] = frozenset()) -
             return path
     folder = printable(library_folder / "journals")
     if paths:
-        raise JournalError(f"every dedup journal in {folder} was already undone: nothing left to undo")
+        raise JournalError(f"every dedup journal in {folder} was already undone or purged: nothing left to undo")
     raise JournalError(f"no dedup journal in {folder}: nothing to undo")

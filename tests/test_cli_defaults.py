@@ -154,6 +154,17 @@ def test_paths_relative_to_the_current_folder(indexed, monkeypatch):
     assert everything.exit_code == 0 and "3 groups" in everything.output, everything.output
 
 
+def test_search_folder_filter_takes_paths_as_in_folder_does_and_refuses_a_missing_one(indexed, monkeypatch):
+    monkeypatch.chdir(indexed.parent)
+    for folder in ("photos/b", str(indexed / "b"), "b"):  # from here, absolute, from ROOT
+        result = invoke("similar", "photos/a/p1.jpg", "--root", "photos", "-k", 1, "--folder", folder)
+        assert result.exit_code == 0 and result.output.splitlines()[0].endswith("b/p1-small.jpg"), (folder, result.output)
+    result = invoke("similar", "photos/a/p1.jpg", "--root", "photos", "--folder", "trips")
+    assert result.exit_code == 1 and "Error: --folder trips: no such folder under" in result.output, result.output
+    result = invoke("similar", "photos/a/p1.jpg", "--root", "photos", "--after", "2099-01-01")
+    assert result.exit_code == 0 and result.stdout == "" and result.stderr == "no matching photos\n"
+
+
 # ---- -v after the subcommand ---------------------------------------------------------------------
 @pytest.mark.parametrize("command", ["index", "search", "dedup", "undo", "info", "verify", "embed"])
 def test_verbose_is_accepted_after_every_subcommand(command):
