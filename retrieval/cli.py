@@ -432,6 +432,8 @@ def index(root, library_dir, url, model_name, weights, device, precision, worker
     seconds = time.monotonic() - started
     click.echo(f"{counts['embedded']} embedded, {counts['moved']} moved, {counts['failed']} failed, "
                f"{counts['deleted']} removed, {counts['scanned']} files seen in {seconds:.1f}s")
+    if counts["failed"]:
+        click.echo(f"`dinoseek info {_root_arg(root)}` lists the files not embedded, with the reason for each")
 
 
 def _rerun(command: str, root, library_dir, url, model_name: str | None, weights) -> str:
@@ -764,6 +766,9 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, order, protected,
                 for number, group in enumerate(groups, 1):
                     click.echo(f"group {number} ({group.kind}, min similarity {group.min_similarity:.3f}): "
                                f"keep {_shown(group.keeper.path)} — {_shown(group.reason)}")
+                    for member in group.members:
+                        if member.id in group.protected_ids and member.id != group.keeper.id:
+                            click.echo(f"    also kept: {_shown(member.path)} — in a protected folder")
                     for member in group.others:
                         click.echo(f"    {action if action != 'report' else 'duplicate'}: {_shown(member.path)} — "
                                    f"{_shown(member_note(group, member))}")

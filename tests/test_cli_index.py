@@ -38,6 +38,7 @@ def test_index_info_verify(indexed):
     root, expected, output = indexed
     ok = sum(s == "ok" for s in expected.values())
     assert f"{ok} embedded, 0 moved, 5 failed, 0 removed" in output
+    assert "` lists the files not embedded, with the reason for each" in output
     data = json.loads(invoke("info", root, "--json").output)
     assert data["counts"][EMBEDDED] == ok and data["counts"]["truncated"] == 1
     with Library.open(root) as library:

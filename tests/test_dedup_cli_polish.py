@@ -96,3 +96,17 @@ def test_hints_name_the_quoted_root(tmp_path, tiny_folder):
     assert _hint(NeedsRepairError("old catalog"), Path("my photos")) == "run `dinoseek verify 'my photos' --repair`"
     assert _hint(NeedsRepairError("old catalog", Path("/p")), None) == "run `dinoseek verify /p --repair`"
     assert _hint(ActionError("stopped"), Path("my photos")) == "`dinoseek undo 'my photos'` restores them"
+
+
+def test_every_protected_copy_of_a_group_is_listed(tmp_path, tiny_folder):
+    root = tmp_path / "photos"
+    make_library_photos(root)
+    (root / "c").mkdir()
+    shutil.copyfile(root / "a" / "p3.jpg", root / "b" / "p3-copy.jpg")
+    shutil.copyfile(root / "a" / "p3.jpg", root / "c" / "p3-third.jpg")
+    index_with_cli(root, tiny_folder)
+    lines = invoke("dedup", root, "--exact", "--protect", "a", "--protect", "b").output.splitlines()
+    group = next(i for i, line in enumerate(lines) if "p3" in line)
+    assert lines[group].startswith("group ") and "keep a/p3.jpg" in lines[group]
+    assert lines[group + 1] == "    also kept: b/p3-copy.jpg — in a protected folder"
+    assert lines[group + 2].startswith("    duplicate: c/p3-third.jpg — similarity 1.000")
