@@ -8,13 +8,21 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import threading
 from pathlib import Path
 
 from .errors import LibraryLockedError
 
 LOCK_FILE = "lock"
-# POSIX locks don't conflict within one process: folders this process holds are tracked here.
+# POSIX locks don't conflict within one process: folders this process holds are tracked here, and
+# checked and claimed under one mutex (a server's threads may both try to apply at once).
 _LOCKED_HERE: set[Path] = set()
+_CLAIMING = threading.Lock()
+
+
+def _busy(folder: Path, holder: object) -> LibraryLockedError:
+    return LibraryLockedError(f"{folder} is being written by pid {holder} (an index, apply, undo, purge or "
+                              f"repair); wait for it to finish")
 
 
 class WriterLock:
@@ -26,9 +34,15 @@ class WriterLock:
     @classmethod
     def take(cls, folder: Path) -> "WriterLock":
         """Take the lock or raise LibraryLockedError naming the process that holds it."""
-        if folder in _LOCKED_HERE:
-            raise LibraryLockedError(f"{folder} is being indexed by pid {os.getpid()}; wait for it to finish")
-        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        with _CLAIMING:
+            if folder in _LOCKED_HERE:
+                raise _busy(folder, os.getpid())
+            _LOCKED_HERE.add(folder)
+        try:
+            fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except BaseException:
+            _LOCKED_HERE.discard(folder)
+            raise
         try:
             # A POSIX record lock, not flock: it is not inherited by forked decode workers, so it goes
             # away with the writer itself even if orphaned workers linger for a moment.
@@ -36,12 +50,12 @@ class WriterLock:
         except OSError as e:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
+            _LOCKED_HERE.discard(folder)
             if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise LibraryLockedError(f"{folder} is being indexed by pid {holder}; wait for it to finish") from e
+                raise _busy(folder, holder) from e
             raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        _LOCKED_HERE.add(folder)
         return cls(folder, fd)
 
     def release(self) -> None:

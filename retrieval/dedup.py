@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -134,35 +135,49 @@ def find_duplicates(
     if protected and "protected" not in order:
         order = ("protected", *order)  # --protect always wins, whatever --keep lists
     if exact_only:  # each hash is one group as it is (no pairs: a file copied 1,000 times is 1 group)
-        groups, scores = [(ids, 1.0) for ids in library.catalog.exact_hash_groups()], None
+        linked, scores = [(ids, 1.0) for ids in library.catalog.exact_hash_groups()], None
     else:
-        index = candidate_index(library, kind, block)
-        blocks = library.catalog.vector_blocks(kind, block)
-        margin = score_margin(index)
-
-        def vectors_of(ids):
-            return library.catalog.vectors(kind, ids)
-
         # Byte copies first, at similarity 1: their float16 vectors may score 0.9999 against each
         # other, which a threshold of 1 would miss; linked_groups keeps the first score of a pair.
         byte_copy_pairs = exact_pairs(library.catalog.exact_hash_groups())
         low = threshold if crop_encoder is None else (
             candidate_threshold if candidate_threshold is not None else max(0.0, threshold - 0.15))
         # closing(): a search cut short (Ctrl-C while grouping) ends its progress step now, not when collected
-        with contextlib.closing(rescored_pairs(index, blocks, low, vectors_of, nprobe=nprobe, margin=margin,
-                                               total=index.count)) as candidates:
+        with contextlib.closing(candidate_search(library, kind, low, block=block, nprobe=nprobe)) as candidates:
             candidates = drop_marked(candidates, library)  # pairs the user marked "not a duplicate"
-            if crop_encoder is None:
-                groups, scores = linked_groups(itertools.chain(byte_copy_pairs, candidates))
-            else:
+            if crop_encoder is not None:
                 from .rerank import rerank
 
-                groups, scores = linked_groups(itertools.chain(byte_copy_pairs, rerank(candidates, library,
-                                                                                       crop_encoder, threshold)))
-    members = _members(library, [i for ids, _ in groups for i in ids])
+                candidates = rerank(candidates, library, crop_encoder, threshold)
+            linked, scores = linked_groups(itertools.chain(byte_copy_pairs, candidates))
+    return groups_from_links(library, linked, scores, kind=kind, order=order, protected=protected, prefix=prefix)
+
+
+def candidate_search(library: Library, kind: str, low: float, *, block: int = DEDUP_BLOCK,
+                     nprobe: int = DEDUP_NPROBE) -> Iterator[tuple[int, int, float]]:
+    """Every pair (a, b, exact cosine) of embedded images at or above `low`, each pair once, found
+    through the library's index in blocks and re-scored from the catalog's vectors; a generator
+    (close it to stop early)."""
+    index = candidate_index(library, kind, block)
+
+    def vectors_of(ids):
+        return library.catalog.vectors(kind, ids)
+
+    return rescored_pairs(index, library.catalog.vector_blocks(kind, block), low, vectors_of, nprobe=nprobe,
+                          margin=score_margin(index), total=index.count)
+
+
+def groups_from_links(library: Library, linked: list[tuple[list[int], float]],
+                      scores: dict[int, dict[int, float]] | None, *, kind: str = "cls",
+                      order: tuple[str, ...] = DEFAULT_ORDER, protected: tuple[bytes, ...] = (),
+                      prefix: bytes | None = None) -> list[Group]:
+    """Groups from linked ids (grouping.linked_groups; `scores` None for byte-copy groups): members
+    read from the catalog (rows deleted meanwhile drop out), the keeper and every reason, each
+    member's exact similarity to the keeper. `protected`/`prefix` are folder_prefix() values."""
+    members = _members(library, [i for ids, _ in linked for i in ids])
     result = []
-    for ids, lowest in groups:
-        group_members = [members[i] for i in ids if i in members]  # rows deleted meanwhile drop out
+    for ids, lowest in linked:
+        group_members = [members[i] for i in ids if i in members]
         if prefix is not None and not any(in_folder(m, prefix) for m in group_members):
             continue
         shielded = frozenset(m.id for m in group_members if any(in_folder(m, p) for p in protected))
@@ -176,9 +191,7 @@ def find_duplicates(
         lowest = min(1.0, max(-1.0, lowest))  # float16 vectors: a cosine may round to 1.0001
         result.append(Group("exact" if exact else "near", group_members, 1.0 if exact else lowest, decision.keeper,
                             reason, shielded, decision.reasons))
-    if result:
-        result = _with_similarities(library, result, kind, scores)
-    return result
+    return _with_similarities(library, result, kind, scores) if result else result
 
 
 def score_margin(index: VectorIndex) -> float:

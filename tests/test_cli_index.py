@@ -75,7 +75,7 @@ def test_cli_errors_are_one_line(tmp_path, indexed, tiny_folder):
     assert result.output.startswith("Error: no library at") and "dinoseek index" in result.output
     with Library.open(root, write=True):
         result = invoke("index", root, "--weights", tiny_folder, "--workers", 0)
-    assert result.exit_code == 1 and "is being indexed by pid" in result.output
+    assert result.exit_code == 1 and "is being written by pid" in result.output
     result = invoke("index", root, "--weights", tiny_folder, "--workers", 0, "--index", "IVF-nonsense")
     assert result.exit_code == 1 and result.output.startswith("Error: ") and "Traceback" not in result.output
 

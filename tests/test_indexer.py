@@ -123,7 +123,7 @@ def test_transient_failures_are_retried(collection, encoder):
 def test_second_writer_is_refused(collection, encoder):
     root, _ = collection
     with Library.open(root, write=True, create=True):
-        with pytest.raises(LibraryLockedError, match=f"being indexed by pid {os.getpid()}"):
+        with pytest.raises(LibraryLockedError, match=f"being written by pid {os.getpid()}"):
             Library.open(root, write=True)
         with Library.open(root) as reader:  # readers are never blocked
             assert reader.info()["total"] == 0
@@ -384,3 +384,29 @@ def test_decode_workers_also_run_when_started_by_spawn(tmp_path, tiny_folder, mo
     with Library.open(tmp_path / "photos", write=True, create=True) as library:
         pipeline.run_index(library, encoder, pipeline.Options(workers=2))
         assert library.info()["counts"] == {"embedded": 11}
+
+
+def test_threads_of_one_process_cannot_both_take_the_writer_lock(tmp_path):
+    """POSIX locks never conflict inside a process: the in-process claim must be atomic."""
+    import threading
+
+    from dinoseek.indexer.errors import LibraryLockedError
+    from dinoseek.indexer.lock import WriterLock
+
+    start, taken, refused = threading.Barrier(8), [], []
+
+    def take():
+        start.wait()
+        try:
+            taken.append(WriterLock.take(tmp_path))
+        except LibraryLockedError:
+            refused.append(1)
+
+    threads = [threading.Thread(target=take) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(taken) == 1 and len(refused) == 7
+    taken[0].release()
+    WriterLock.take(tmp_path).release()  # free again once released

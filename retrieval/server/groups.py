@@ -25,10 +25,9 @@ from functools import cached_property
 
 from dinoseek.indexer.library import Library
 from dinoseek.indexer.tuning import DEDUP_BLOCK, DEDUP_NPROBE
-from dinoseek.retrieval.dedup import Group, _members, _with_similarities, candidate_index, exact_pairs, score_margin
+from dinoseek.retrieval.dedup import Group, candidate_search, exact_pairs, groups_from_links
 from dinoseek.retrieval.errors import InvalidArgumentError
-from dinoseek.retrieval.grouping import linked_groups, rescored_pairs
-from dinoseek.retrieval.keep import DEFAULT_ORDER, choose_keeper
+from dinoseek.retrieval.grouping import linked_groups
 from dinoseek.retrieval.marks import drop_marked
 from dinoseek.retrieval.report import plan_summary
 
@@ -113,14 +112,7 @@ def _empty_summary(library: Library, action: str) -> dict:
 
 def candidate_pairs(library: Library, floor: float) -> list[tuple[int, int, float]]:
     """Every pair of embedded images at exact cosine >= floor, as find_duplicates searches them."""
-    index = candidate_index(library, KIND, DEDUP_BLOCK)
-    blocks = library.catalog.vector_blocks(KIND, DEDUP_BLOCK)
-
-    def vectors_of(ids):
-        return library.catalog.vectors(KIND, ids)
-
-    with contextlib.closing(rescored_pairs(index, blocks, floor, vectors_of, nprobe=DEDUP_NPROBE,
-                                           margin=score_margin(index), total=index.count)) as found:
+    with contextlib.closing(candidate_search(library, KIND, floor, block=DEDUP_BLOCK, nprobe=DEDUP_NPROBE)) as found:
         return list(found)
 
 
@@ -130,18 +122,7 @@ def groups_from_pairs(library: Library, pairs: list[tuple[int, int, float]], thr
     byte_copy_pairs = exact_pairs(library.catalog.exact_hash_groups())
     candidates = drop_marked((p for p in pairs if p[2] >= threshold), library)
     linked, scores = linked_groups(itertools.chain(byte_copy_pairs, candidates))
-    members = _members(library, [i for ids, _ in linked for i in ids])
-    groups = []
-    for ids, lowest in linked:
-        group_members = [members[i] for i in ids if i in members]  # rows deleted meanwhile drop out
-        if len(group_members) < 2:
-            continue
-        decision = choose_keeper(group_members, DEFAULT_ORDER, ())
-        exact_group = len({m.sha256 for m in group_members}) == 1
-        lowest = min(1.0, max(-1.0, lowest))
-        groups.append(Group("exact" if exact_group else "near", group_members, 1.0 if exact_group else lowest,
-                            decision.keeper, decision.reason, frozenset(), decision.reasons))
-    return _with_similarities(library, groups, KIND, scores) if groups else groups
+    return groups_from_links(library, linked, scores, kind=KIND)
 
 
 def reviewed(plan: Plan, keepers: dict[str, int], skip: list[str], version: str | None = None) -> list[Group]:
