@@ -35,10 +35,11 @@ import contextlib
 import math
 import os
 import sys
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Protocol, TypeVar
 
-__all__ = ["Step", "describe", "echo", "progress", "showing_progress", "track"]
+__all__ = ["Step", "describe", "echo", "observing_steps", "progress", "showing_progress", "track"]
 
 T = TypeVar("T")
 
@@ -61,6 +62,7 @@ class _Shown(Protocol):
 
 
 _display: _Display | None = None  # installed by showing_progress(); None: steps are not shown
+_observers = threading.local()  # per thread: callables given each step as it moves (observing_steps)
 
 
 class Step:
@@ -86,6 +88,8 @@ class Step:
         self.done += n
         if self._shown is not None:
             self._shown.update(n)
+        for observer in getattr(_observers, "stack", ()):
+            observer(self)
 
     def count(self, items: Iterable[T]) -> Iterator[T]:
         """Yield `items`, counting each as done: for an iterable consumed inside the step's `with`."""
@@ -97,6 +101,19 @@ class Step:
         if self._shown is not None:
             self._shown.close()
             self._shown = None
+
+
+@contextlib.contextmanager
+def observing_steps(observer: Callable[[Step], None]) -> Iterator[None]:
+    """Call `observer(step)` after each update of a step reported in this thread inside the block
+    (its `what`, `done` and `total`): how a server job follows its own apply or undo, while other
+    threads' steps go on to the installed display, if any."""
+    stack = _observers.__dict__.setdefault("stack", [])
+    stack.append(observer)
+    try:
+        yield
+    finally:
+        stack.remove(observer)
 
 
 @contextlib.contextmanager

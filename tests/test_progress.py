@@ -289,3 +289,26 @@ def test_ctrl_c_while_calibrating_says_nothing_changed(photos, tiny_folder, monk
     assert result.exit_code == 130 and result.stdout == ""
     assert result.stderr == (f"interrupted: calibration changes nothing in the library; `dinoseek calibrate "
                              f"{shlex.quote(str(photos))} --weights {shlex.quote(str(tiny_folder))}` starts it again\n")
+
+
+def test_observing_steps_sees_only_its_own_threads_steps():
+    import threading
+
+    from dinoseek.model.progress import observing_steps, progress
+
+    seen = []
+
+    def other_thread():
+        with progress(3, "elsewhere") as step:
+            step.update(3)
+
+    with observing_steps(lambda step: seen.append((step.what, step.done, step.total))):
+        with progress(2, "apply", unit="files") as step:
+            worker = threading.Thread(target=other_thread)
+            worker.start()
+            worker.join()
+            step.update()
+            step.update()
+    with progress(1, "after") as step:
+        step.update()
+    assert seen == [("apply", 1, 2), ("apply", 2, 2)]
