@@ -506,7 +506,7 @@ def test_undo_list_shows_pending_journals_and_undo_takes_the_newest(root):
     assert invoke("undo", root, "--list").output == "no journal to undo\n"
     out = invoke("undo", root)
     assert out.exit_code == 1
-    assert out.output == (f"Error: every dedup journal in {root / '.dinoseek/journals'} was already undone: "
+    assert out.output == (f"Error: every dedup journal in {root / '.dinoseek/journals'} was already undone or purged: "
                           f"nothing left to undo\n")
 
 
