@@ -23,7 +23,7 @@ from .catalog import KINDS  # noqa: F401 - re-exported: the vector kinds callers
 from .catalog_file import CATALOG_NAME, catalog_present, check_catalog, sqlite_engine, url_engine
 from .catalog_gateway import Catalog
 from .damage import damaged_rows, describe_damage
-from .errors import LibraryError, ModelMismatchError, NeedsRepairError, NeedsUpgradeError, NotIndexedError
+from .errors import LibraryError, ModelMismatchError, NeedsUpgradeError, NotIndexedError
 from .index_set import IndexSet
 from .lock import LOCK_FILE, WriterLock
 from .store import VectorIndex, remove_temp_files

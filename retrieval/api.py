@@ -12,7 +12,6 @@ are embedded at query time, so a row deleted by a concurrent run never comes bac
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
