@@ -7,6 +7,7 @@ replaced by a new catalog. Everything here runs before the catalog gateway exist
 from __future__ import annotations
 
 import os
+import stat
 import urllib.parse
 from pathlib import Path
 
@@ -14,12 +15,9 @@ from sqlalchemy import URL, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError
 
-from dinoseek.model.files import open_regular
-
 from .errors import LibraryError
 
 CATALOG_NAME = "catalog.sqlite"
-SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
 # Files only a library that had a catalog leaves behind: their presence without one means it was lost.
 LIBRARY_TRACES = ("*.faiss", "journals", "quarantine", "catalog.sqlite.bak-*", "catalog.sqlite-wal")
 
@@ -27,9 +25,13 @@ LIBRARY_TRACES = ("*.faiss", "journals", "quarantine", "catalog.sqlite.bak-*", "
 def catalog_present(folder: Path, catalog_file: Path) -> bool:
     """Whether `catalog_file` holds a catalog (False: none yet, a new library may start).
 
-    Checked before SQLite opens it, in bounded time: a FIFO or device is refused without being
-    opened for long (model.files), anything that is not an SQLite file is refused, and a missing or
-    empty catalog in a folder that shows a library once had one is refused rather than replaced.
+    Checked before SQLite opens it, without opening it: a FIFO or device is refused (SQLite would
+    block on it), and a missing or empty catalog in a folder that shows a library once had one is
+    refused rather than replaced. Whether a regular file is an SQLite catalog, SQLite itself tells
+    (check_catalog). The file is never opened here: closing any descriptor of a database file drops
+    every POSIX lock this process holds on it, SQLite's included, and in a long-lived process (the
+    server reopening its reader) another process could then checkpoint and delete the -wal under
+    live connections and damage the catalog (sqlite.org/howtocorrupt.html, 2.2).
     """
     if not os.path.lexists(catalog_file) or (catalog_file.is_file() and catalog_file.stat().st_size == 0):
         traces = sorted({p.name for pattern in LIBRARY_TRACES for p in folder.glob(pattern)})
@@ -38,13 +40,16 @@ def catalog_present(folder: Path, catalog_file: Path) -> bool:
                                f"({', '.join(traces)}); {restore_hint(catalog_file)}")
         return False  # a new library (or a first run killed before its first write)
     try:
-        with open_regular(catalog_file) as f:
-            header = f.read(len(SQLITE_MAGIC))
+        st = os.stat(catalog_file)
     except OSError as e:
         raise LibraryError(f"{catalog_file} cannot be read as a catalog: {e.strerror or e}; "
                            f"{restore_hint(catalog_file)}") from e
-    if header != SQLITE_MAGIC:
-        raise LibraryError(f"{catalog_file} is not a dinoseek catalog (damaged?); {restore_hint(catalog_file)}")
+    if not stat.S_ISREG(st.st_mode):
+        raise LibraryError(f"{catalog_file} cannot be read as a catalog: not a regular file; "
+                           f"{restore_hint(catalog_file)}")
+    if not os.access(catalog_file, os.R_OK):
+        raise LibraryError(f"{catalog_file} cannot be read as a catalog: Permission denied; "
+                           f"{restore_hint(catalog_file)}")
     return True
 
 

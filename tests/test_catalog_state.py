@@ -194,7 +194,7 @@ def test_a_damaged_catalog_names_its_backup_and_restoring_it_works(indexed, tiny
     shutil.copy(folder / "catalog.sqlite", backup)
     (folder / "catalog.sqlite").write_bytes(os.urandom(8192))
     args = ("index", indexed, "--weights", tiny_folder, "--precision", "fp32", "--workers", 0)
-    one_line_error(invoke(*args), "catalog.sqlite is not a dinoseek catalog (damaged?)", f"copy {backup} to")
+    one_line_error(invoke(*args), "catalog.sqlite is not a dinoseek catalog (damaged? file is not a database)", f"copy {backup} to")
     shutil.copy(backup, folder / "catalog.sqlite")  # the restore the message describes
     assert invoke(*args).exit_code == 0
     assert invoke("verify", indexed).exit_code == 0
@@ -427,3 +427,26 @@ def test_a_read_only_library_folder_serves_readers_and_refuses_writers(indexed, 
                        ("dedup", indexed, "--action", "move", "--apply"), ("verify", indexed, "--repair")):
             one_line_error(invoke(*writer), f"{folder} is read-only")
         assert sorted(os.listdir(folder)) == listing
+
+
+def test_opening_a_library_again_never_drops_the_sqlite_locks_of_open_connections(indexed):
+    """Closing any descriptor of the catalog drops every POSIX lock the process holds on it, SQLite's
+    too: another process then believes nobody has the catalog open, checkpoints and deletes the -wal
+    under live connections. A server reopens its reader while connections are open: that reopen must
+    never open the file outside SQLite."""
+    catalog = indexed / ".dinoseek/catalog.sqlite"
+    probe = f"""
+import fcntl, os, struct, sys
+fd = os.open({str(catalog)!r}, os.O_RDONLY)
+# SQLite's shared-lock range of the database file (SHARED_FIRST = 2**30 + 2, 510 bytes); in WAL mode
+# every open connection holds a read lock there for as long as it is open.
+lock = struct.pack("hhqqi", fcntl.F_WRLCK, 0, 2**30 + 2, 510, 0)
+sys.exit(0 if struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, lock))[0] != fcntl.F_UNLCK else 3)
+"""
+    with Library.open(indexed) as first:
+        with first.catalog.session() as s:
+            s.connection().exec_driver_sql("SELECT count(*) FROM images").all()
+            assert subprocess.run([sys.executable, "-c", probe]).returncode == 0  # the lock the probe sees
+            with Library.open(indexed):  # the reopen a long-lived process does
+                pass
+            assert subprocess.run([sys.executable, "-c", probe]).returncode == 0, "the reopen dropped SQLite's lock"
