@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +65,9 @@ class VectorIndex:
     version: int = 0  # bumped on every add/remove, so a GPU copy is refreshed when stale
     # (version, GPU index or this index, GPU resources): the copy searches use, made on first need.
     _gpu: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    # FAISS GPU indexes must not be searched from several threads at once (the server's threadpool
+    # does), and the copy must be made once: building and searching the GPU copy hold this lock.
+    _gpu_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @property
     def count(self) -> int:
@@ -89,7 +93,12 @@ class VectorIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of the k best inner products; ids are catalog row ids (-1 pads)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        index = self._searchable()
+        if not gpu_available() or self.count == 0:
+            return self._search(self.index, queries, k)
+        with self._gpu_lock:
+            return self._search(self._searchable(), queries, k)
+
+    def _search(self, index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.nprobe:
             params = faiss.SearchParametersIVF(nprobe=self.nprobe)
             return index.search(queries, k, params=params)
@@ -115,7 +124,8 @@ class VectorIndex:
         return self.index.search(queries, k, params=params)
 
     def _searchable(self):
-        """The GPU copy of the index where faiss-gpu and CUDA are present (made once), else itself."""
+        """The GPU copy of the index where faiss-gpu and CUDA are present (made once), else itself.
+        With a GPU, call it holding _gpu_lock (see search)."""
         if not gpu_available() or self.count == 0:
             return self.index
         cached = self._gpu

@@ -249,9 +249,12 @@ def exact_pairs(hash_groups: list[list[int]]) -> list[tuple[int, int, float]]:
 def candidate_index(library: Library, kind: str, block: int = DEDUP_BLOCK) -> VectorIndex:
     """The index to find close pairs with: the library's own, unless it is exact and large; then
     a temporary IVF-Flat is trained on a sample and filled block by block (the library's exact
-    index is not loaded at all, so memory stays at one copy of the vectors)."""
+    index is not loaded at all, so memory stays at one copy of the vectors).
+
+    Decided by the index's record (its type and size), never by whether it happens to be loaded: a
+    long-lived reader (the server's) holds every index, and must search as a fresh `dinoseek dedup`."""
     record = library.index_set.record(kind)
-    if kind in library.indexes or record is None or record.nprobe is not None or record.count <= EXACT_PAIRS_MAX:
+    if record is None or record.nprobe is not None or record.count <= EXACT_PAIRS_MAX:
         return library.indexes.get(kind) or library.load_indexes((kind,))[kind]
     ids = library.catalog.embedded_ids()
     nlist = ivf_lists(len(ids))

@@ -362,6 +362,13 @@ def test_rows_whose_paths_leave_the_root_are_404(root, tmp_path):
 
 
 # ---- apply, undo, jobs ---------------------------------------------------------------------------
+def all_shown(client, threshold: float = THRESHOLD, **changes) -> dict:
+    """An apply body for a page that showed every group at the threshold, with `changes` on top."""
+    data = client.get("/api/groups", params={"threshold": threshold, "limit": 500}).json()
+    return {"threshold": threshold, "version": data["version"], "groups": [g["key"] for g in data["groups"]],
+            **changes}
+
+
 def test_apply_a_reviewed_plan_then_undo_restores_every_file(root):
     before = tree_hashes(root)
     ids = ids_by_name(root)
@@ -375,7 +382,8 @@ def test_apply_a_reviewed_plan_then_undo_restores_every_file(root):
         # keep the copy in b/ instead of the original in a/; leave the rest alone
         keepers = {exact["key"]: ids["b/p0-copy.jpg"]}
         response = client.post("/api/apply", json={"threshold": THRESHOLD, "action": "move", "keepers": keepers,
-                                                   "skip": [g["key"] for g in skipped], "version": data["version"]})
+                                                   "skip": [g["key"] for g in skipped], "version": data["version"],
+                                                   "groups": [g["key"] for g in data["groups"]]})
         assert response.status_code == 202, response.text
         job = wait_for(client, response.json()["job"])
         assert job["state"] == "done", job
@@ -399,7 +407,7 @@ def test_apply_a_reviewed_plan_then_undo_restores_every_file(root):
 
 def test_apply_with_hardlinks_is_the_same_journaled_action_as_the_cli(root):
     with client_for(root) as client:
-        response = client.post("/api/apply", json={"threshold": THRESHOLD, "action": "hardlink"})
+        response = client.post("/api/apply", json=all_shown(client, action="hardlink"))
         job = wait_for(client, response.json()["job"])
         assert job["state"] == "done", job
         for moved in job["result"]["files"]:
@@ -409,8 +417,47 @@ def test_apply_with_hardlinks_is_the_same_journaled_action_as_the_cli(root):
 
 
 def test_review_naming_groups_that_no_longer_exist_is_409(shared):
-    response = shared.post("/api/apply", json={"threshold": THRESHOLD, "skip": ["0" * 64]})
+    body = all_shown(shared)
+    response = shared.post("/api/apply", json={**body, "groups": [*body["groups"], "0" * 64], "skip": ["0" * 64]})
     assert response.status_code == 409 and "reload" in response.json()["detail"]
+    response = shared.post("/api/apply", json={**body, "groups": [*body["groups"], "0" * 64]})
+    assert response.status_code == 409 and "reload" in response.json()["detail"]
+
+
+def test_apply_needs_the_version_and_the_groups_shown(shared):
+    body = all_shown(shared)
+    for field in ("version", "groups"):
+        response = shared.post("/api/apply", json={k: v for k, v in body.items() if k != field})
+        detail = response.json()["detail"]
+        assert response.status_code == 400 and detail.startswith(field) and "\n" not in detail, detail
+
+
+def test_apply_acts_only_on_the_groups_the_page_showed(root):
+    before = tree_hashes(root)
+    with client_for(root) as client:
+        first_page = client.get("/api/groups", params={"threshold": THRESHOLD, "limit": 1}).json()
+        assert first_page["total_groups"] >= 2  # the page never showed the others
+        shown = first_page["groups"][0]
+        response = client.post("/api/apply", json={"threshold": THRESHOLD, "version": first_page["version"],
+                                                   "groups": [shown["key"]]})
+        assert response.status_code == 202, response.text
+        job = wait_for(client, response.json()["job"])
+        assert job["state"] == "done" and job["total"] == len(shown["members"]) - 1, job
+        moved = {f["path"] for f in job["result"]["files"]}
+        assert moved == {m["path"] for m in shown["members"][1:]}
+        assert set(tree_hashes(root)) == set(before) - moved
+        after = client.get("/api/groups", params={"threshold": THRESHOLD, "limit": 500}).json()
+        assert after["total_groups"] == first_page["total_groups"] - 1  # the unseen groups are all still there
+
+
+def test_keepers_and_skips_for_groups_not_shown_are_400(shared):
+    body = all_shown(shared)
+    hidden = shared.get("/api/groups", params={"threshold": THRESHOLD, "limit": 500}).json()["groups"][-1]
+    shown = [k for k in body["groups"] if k != hidden["key"]]
+    for change in ({"keepers": {hidden["key"]: hidden["members"][1]["id"]}}, {"skip": [hidden["key"]]}):
+        response = shared.post("/api/apply", json={**body, "groups": shown, **change})
+        detail = response.json()["detail"]
+        assert response.status_code == 400 and "missing from groups" in detail, detail
 
 
 def test_groups_that_changed_since_the_page_loaded_them_are_not_applied(root):
@@ -427,7 +474,8 @@ def test_groups_that_changed_since_the_page_loaded_them_are_not_applied(root):
         with Library.open(root) as library:
             assert _from_json(now["groups"]) == _as_compared(find_duplicates(library, threshold=THRESHOLD))
         assert now["total_groups"] == seen["total_groups"] + 1
-        response = client.post("/api/apply", json={"threshold": THRESHOLD, "version": seen["version"]})
+        response = client.post("/api/apply", json={"threshold": THRESHOLD, "version": seen["version"],
+                                                   "groups": [g["key"] for g in seen["groups"]]})
         assert response.status_code == 409 and "reload" in response.json()["detail"]
         assert (root / "b" / "new-small.jpg").exists() and (root / "a" / "p0.jpg").exists()
 
@@ -435,7 +483,7 @@ def test_groups_that_changed_since_the_page_loaded_them_are_not_applied(root):
 def test_keeper_outside_its_group_is_400(shared, shared_root):
     group = shared.get("/api/groups", params={"threshold": THRESHOLD}).json()["groups"][0]
     outsider = next(i for i in ids_by_name(shared_root).values() if i not in [m["id"] for m in group["members"]])
-    response = shared.post("/api/apply", json={"threshold": THRESHOLD, "keepers": {group["key"]: outsider}})
+    response = shared.post("/api/apply", json=all_shown(shared, keepers={group["key"]: outsider}))
     assert response.status_code == 400 and "not a member" in response.json()["detail"]
 
 
@@ -453,9 +501,11 @@ def test_two_applies_at_once_one_acts_the_other_is_told_why(root, monkeypatch):
     barrier = threading.Barrier(2)
     answers = []
     with client_for(root) as client:
+        body = all_shown(client)
+
         def post():
             barrier.wait()
-            answers.append(client.post("/api/apply", json={"threshold": THRESHOLD}))
+            answers.append(client.post("/api/apply", json=body))
 
         threads = [threading.Thread(target=post) for _ in range(2)]
         for t in threads:
@@ -474,7 +524,7 @@ def test_two_applies_at_once_one_acts_the_other_is_told_why(root, monkeypatch):
 
 def test_apply_while_another_process_holds_the_writer_lock_is_409_naming_it(root):
     with client_for(root) as client, Library.open(root, write=True):  # `dinoseek index` running, say
-        response = client.post("/api/apply", json={"threshold": THRESHOLD})
+        response = client.post("/api/apply", json=all_shown(client))
         assert response.status_code == 409
         assert f"pid {os.getpid()}" in response.json()["detail"]
 
@@ -540,3 +590,168 @@ def test_marks_need_two_different_known_photos(shared, shared_root):
     assert shared.post("/api/marks", json={"ids": [ids["a/p0.jpg"], 999_999]}).status_code == 400
     identical = shared.post("/api/marks", json={"ids": [ids["a/p0.jpg"], ids["b/p0-copy.jpg"]]})
     assert identical.status_code == 400 and "identical" in identical.json()["detail"]
+
+
+def test_marking_a_mixed_group_marks_only_the_pairs_between_different_contents(tmp_path, tiny_folder):
+    _needs_marks()
+    root = tmp_path / "photos"
+    make_photos(root)
+    (root / "b" / "p1-copy.jpg").write_bytes((root / "a" / "p1.jpg").read_bytes())  # p1 twice, plus p1-small
+    index_with_cli(root, tiny_folder)
+    ids = ids_by_name(root)
+    with client_for(root) as client:
+        data = client.get("/api/groups", params={"threshold": THRESHOLD, "limit": 500}).json()
+        mixed = next(g for g in data["groups"] if ids["a/p1.jpg"] in [m["id"] for m in g["members"]])
+        assert len(mixed["members"]) == 3 and mixed["kind"] == "near"
+        response = client.post("/api/marks", json={"ids": [m["id"] for m in mixed["members"]]})
+        assert response.status_code == 200, response.text
+        assert response.json() == {"marked": 1}  # p1 (either copy) against p1-small; the byte copies stay one content
+        after = client.get("/api/groups", params={"threshold": THRESHOLD, "limit": 500}).json()
+        names = [sorted(m["path"] for m in g["members"]) for g in after["groups"]]
+        assert ["a/p1.jpg", "b/p1-copy.jpg"] in names and not any("b/p1-small.jpg" in n for n in names)
+        with Library.open(root) as library:
+            assert _from_json(after["groups"]) == _as_compared(find_duplicates(library, threshold=THRESHOLD))
+
+
+def test_marks_take_at_most_200_ids_in_one_request(shared, shared_root):
+    _needs_marks()
+    ids = sorted(ids_by_name(shared_root).values())
+    many = [*ids, *range(1_000_000, 1_000_000 + 201 - len(ids))]
+    for path in ("/api/marks", "/api/marks/remove"):
+        response = shared.post(path, json={"ids": many})
+        detail = response.json()["detail"]
+        assert response.status_code == 400 and "at most 200" in detail and "\n" not in detail, detail
+    assert shared.get("/api/groups", params={"threshold": THRESHOLD}).json()["total_groups"] == 3  # nothing marked
+
+
+# ---- review findings: candidate search, caches, reader reloads, marks without the writer lock ------
+def test_large_flat_libraries_search_through_the_temporary_ivf_as_find_duplicates(root, monkeypatch):
+    import dinoseek.retrieval.dedup as dedup
+
+    monkeypatch.setattr(dedup, "EXACT_PAIRS_MAX", 5)  # the test library (Flat, 12 photos) counts as large
+    built = []
+    real = dedup.trained_ivf_flat
+    monkeypatch.setattr(dedup, "trained_ivf_flat", lambda *a, **k: built.append("ivf") or real(*a, **k))
+    with Library.open(root) as library:
+        expected = find_duplicates(library, threshold=THRESHOLD)
+    assert built == ["ivf"]
+    with client_for(root) as client:  # its reader holds the library's Flat index loaded
+        data = client.get("/api/groups", params={"threshold": THRESHOLD, "limit": 500}).json()
+    assert built == ["ivf", "ivf"]  # the server searched as find_duplicates did, not pair by pair in the Flat
+    assert _from_json(data["groups"]) == _as_compared(expected)
+
+
+def test_a_mark_regroups_without_a_new_candidate_search(root, monkeypatch):
+    _needs_marks()
+    searched = []
+    real = groups_module.candidate_pairs
+    monkeypatch.setattr(groups_module, "candidate_pairs", lambda library, floor: searched.append(floor) or
+                        real(library, floor))
+    with client_for(root) as client:
+        before = client.get("/api/groups", params={"threshold": THRESHOLD, "limit": 500}).json()
+        group = next(g for g in before["groups"] if g["kind"] == "near")
+        assert client.post("/api/marks", json={"ids": [m["id"] for m in group["members"]]}).status_code == 200
+        after = client.get("/api/groups", params={"threshold": THRESHOLD, "limit": 500}).json()
+        assert group["key"] not in {g["key"] for g in after["groups"]}  # the mark shows at once
+        assert len(searched) == 1  # from the pairs already searched
+        with Library.open(root) as library:
+            assert _from_json(after["groups"]) == _as_compared(find_duplicates(library, threshold=THRESHOLD))
+
+
+def test_groups_are_made_once_per_threshold_for_every_action(root, monkeypatch):
+    grouped = []
+    real = groups_module.groups_from_pairs
+    monkeypatch.setattr(groups_module, "groups_from_pairs", lambda *a: grouped.append(a[-1]) or real(*a))
+    with client_for(root) as client:
+        answers = {action: client.get("/api/groups", params={"threshold": THRESHOLD, "action": action}).json()
+                   for action in ("move", "hardlink", "symlink")}
+    assert grouped == [THRESHOLD]
+    assert len({a["version"] for a in answers.values()}) == 1  # the same groups and keepers
+    for action, answer in answers.items():
+        assert {m["role"] for g in answer["groups"] for m in g["members"]} == {"keep", action}
+
+
+def test_plan_summary_lists_each_photo_folder_once(root, monkeypatch):
+    from dinoseek.retrieval import sidecars
+
+    listed = []
+    real = sidecars.FolderIndex._listing
+
+    def listing(self, folder):
+        if folder not in self._folders:  # listed now, not from this index's cache
+            listed.append(folder)
+        return real(self, folder)
+
+    monkeypatch.setattr(sidecars.FolderIndex, "_listing", listing)
+    with client_for(root) as client:
+        data = client.get("/api/groups", params={"threshold": THRESHOLD, "limit": 500}).json()
+    assert len(data["groups"]) >= 2
+    assert listed and len(listed) == len(set(listed)), listed
+
+
+def _open_files() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_reader_reloads_do_not_grow_open_files(root, monkeypatch):
+    monkeypatch.setattr(library_access, "READER_REFRESH_SECONDS", 0)
+    changes = iter(range(1_000_000))  # every look finds the images changed: each one reloads
+    monkeypatch.setattr(library_access, "images_token", lambda library: next(changes))
+    with client_for(root) as client:
+        reader = client.app.state.server.reader
+        readers = set()
+        for _ in range(3):  # warm up (pools, imports)
+            reader.wrote()
+            reader.search()
+        before = _open_files()
+        for _ in range(30):
+            reader.wrote()  # as after a mark, apply or undo: the next request looks again
+            readers.add(id(reader.search()))
+            assert client.get("/api/info").status_code == 200
+        assert len(readers) >= 30 // 2  # it did reload (ids of freed readers may repeat)
+        assert _open_files() <= before
+
+
+def test_requests_are_served_while_the_reader_reloads(root, monkeypatch):
+    monkeypatch.setattr(library_access, "READER_REFRESH_SECONDS", 0)
+    loading, release = threading.Event(), threading.Event()
+    real = library_access.LibrarySearch
+
+    def slow_search(*args, **kwargs):
+        if loading_wanted:
+            loading.set()
+            release.wait(30)
+        return real(*args, **kwargs)
+
+    loading_wanted = False
+    monkeypatch.setattr(library_access, "LibrarySearch", slow_search)
+    with client_for(root) as client:
+        reader = client.app.state.server.reader
+        old = reader.search()
+        loading_wanted = True
+        with Library.open(root, write=True) as library:  # `dinoseek index` changed a row
+            library.catalog.set_status(ids_by_name(root)["b/p4.jpg"], "changed", "test")
+        reloading = threading.Thread(target=reader.current)
+        reloading.start()
+        try:
+            assert loading.wait(30)
+            start = time.monotonic()
+            row = ids_by_name(root)["a/p3.jpg"]
+            assert client.get(f"/thumb/{row}").status_code == 200  # from the reader in use
+            assert client.get("/api/search", params={"id": row}).status_code == 200
+            assert time.monotonic() - start < 10
+            assert reader.search() is old
+        finally:
+            release.set()
+            reloading.join(30)
+        assert reader.search() is not old
+        assert old.library.catalog.summary()[0]  # the replaced reader still answers a request holding it
+
+
+def test_a_mark_succeeds_while_another_handle_holds_the_writer_lock(root):
+    _needs_marks()
+    ids = ids_by_name(root)
+    with client_for(root) as client, Library.open(root, write=True):  # `dinoseek index` or an apply runs
+        response = client.post("/api/marks", json={"ids": [ids["a/p0.jpg"], ids["a/p3.jpg"]]})
+        assert response.status_code == 200, response.text
+        assert response.json()["marked"] == 1

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_retrieval import THRESHOLD, index_with_cli, make_library_photos, tree_hashes
+from test_retrieval import THRESHOLD, _jpeg, index_with_cli, make_library_photos, tree_hashes
 
 from dinoseek.indexer.library import Library
 from dinoseek.retrieval.dedup import find_duplicates
@@ -70,11 +70,33 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(library_root, tiny_folder):
     """The real app on uvicorn in a background thread; stopped (and joined) when the module ends."""
+    yield from _serve(library_root, tiny_folder)
+
+
+@pytest.fixture(scope="module")
+def three_root(tmp_path_factory, tiny_folder):
+    """The test_retrieval library plus a re-encode of p1: p1, p1-small and p1-reencoded are one group of 3."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("served3") / "photos"
+    make_library_photos(root)
+    with Image.open(root / "a" / "p1.jpg") as p1:
+        (root / "b" / "p1-reencoded.jpg").write_bytes(_jpeg(p1.convert("RGB"), quality=60))
+    index_with_cli(root, tiny_folder)
+    return root
+
+
+@pytest.fixture(scope="module")
+def three_server(three_root, tiny_folder):
+    yield from _serve(three_root, tiny_folder)
+
+
+def _serve(root, tiny_folder):
     import uvicorn
     from dinoseek.retrieval.server import create_app
 
     port = _free_port()
-    app = create_app(library_root, weights=tiny_folder, precision="fp32", host="127.0.0.1", port=port)
+    app = create_app(root, weights=tiny_folder, precision="fp32", host="127.0.0.1", port=port)
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
@@ -187,6 +209,8 @@ def test_threshold_slider_reloads_the_groups_for_that_threshold(browser_page, se
     expect(page.locator("#threshold-value")).to_have_text("1.000")
     expect(page.locator(".group")).to_have_count(len(exact))
     assert set(page.locator(".group-head .meta").all_inner_texts()) == {"byte-identical · lowest similarity 1.000 · 2 files"}
+    # byte copies are always duplicates: no button to say otherwise, for the group or a member
+    assert page.locator(".not-dup-group").count() == 0 and page.locator(".not-dup").count() == 0
     assert "threshold=1" in page.url  # a reload keeps it
 
 
@@ -263,7 +287,9 @@ def test_review_apply_moves_exactly_the_reviewed_files_and_undo_restores_them(br
 
     page.locator("#apply").click()
     confirm.wait_for(state="visible")
-    assert confirm.locator("#confirm-text").inner_text().startswith(f"Move {len(moving)} files")
+    text = confirm.locator("#confirm-text").inner_text()
+    assert text.startswith(f"Move {len(moving)} files (") and f"from the {len(groups) - 1} groups you reviewed" in text
+    assert confirm.locator("#confirm-left").inner_text() == ""  # every group was on the page
     page.locator("#confirm-apply").click()
     expect(page.locator("#job-text")).to_have_text(re.compile(r"^Done"), timeout=60_000)
     expect(page.locator("#job-text")).to_have_text(f"Done: {len(moving)} files moved.")
@@ -321,7 +347,7 @@ def test_pages_load_nothing_from_outside_the_server(browser_page, server):
     assert browser_page.requests and browser_page.outside() == []
 
 
-def test_review_page_pages_through_many_groups(browser_page, server):
+def test_review_page_pages_through_many_groups(browser_page, server, tmp_path):
     """10,000 groups: the page asks the server for one page at a time and renders only it; `j` past
     the last group of a page loads the next. The groups API is stubbed here (the server's paging is
     tested in-process)."""
@@ -337,7 +363,7 @@ def test_review_page_pages_through_many_groups(browser_page, server):
                               "similarity": 1.0 if i == 0 else 0.99, "reason": "r", "role": "keep" if i == 0 else "move"}
                              for i in range(2)]
         route.fulfill(json={"threshold": 0.95, "total_groups": 10_000, "offset": offset, "limit": limit,
-                            "summary": {"files": 10_000, "bytes": 10_000_000, "same_filesystem": True,
+                            "version": "v1", "summary": {"files": 10_000, "bytes": 10_000_000, "same_filesystem": True,
                                         "quarantine": "/q"},
                             "groups": [{"key": f"k{g}", "kind": "near", "min_similarity": 0.99, "keeper": 10 * g,
                                         "members": members(g)} for g in range(offset, min(10_000, offset + limit))]})
@@ -356,3 +382,92 @@ def test_review_page_pages_through_many_groups(browser_page, server):
     assert asked[-1][0] == rendered
     page.locator("#pager-top .prev").click()
     expect(page.locator(".group .title").first).to_have_text(re.compile("^Group 1 "))
+
+    page.locator("#pager-top .next").click()  # a second page seen: 100 groups reviewed of 10,000
+    expect(page.locator(".group .title").first).to_have_text(re.compile(f"^Group {rendered + 1} "))
+
+
+def test_apply_confirmation_and_request_name_only_the_groups_shown(browser_page, server, tmp_path):
+    """10,000 groups, two pages seen: the dialog says what is acted on and what is left alone, and the
+    apply request names the version and the 100 groups shown, nothing else (groups API stubbed)."""
+    page = browser_page.page
+    applied = []
+
+    def groups(route):
+        params = dict(p.split("=", 1) for p in route.request.url.split("?", 1)[1].split("&"))
+        offset, limit = int(params["offset"]), int(params["limit"])
+        members = lambda g: [{"id": 10 * g + i, "path": f"img/{g:05d}-{i}.jpg", "folder": "img", "width": 40,
+                              "height": 30, "bytes": 1000, "format": "JPEG", "captured_at": None, "camera": None,
+                              "similarity": 1.0 if i == 0 else 0.99, "reason": "r", "role": "keep" if i == 0 else "move"}
+                             for i in range(2)]
+        route.fulfill(json={"threshold": 0.95, "version": "v1", "total_groups": 10_000, "offset": offset,
+                            "limit": limit, "summary": {"files": 10_000, "bytes": 10_000_000, "same_filesystem": True,
+                                                        "quarantine": "/q", "sidecars": 0},
+                            "groups": [{"key": f"k{g}", "kind": "near", "min_similarity": 0.99, "keeper": 10 * g,
+                                        "members": members(g)} for g in range(offset, min(10_000, offset + limit))]})
+
+    def apply(route):
+        applied.append(route.request.post_data_json)
+        route.fulfill(status=409, json={"detail": "stubbed: nothing applied"})
+
+    page.route(re.compile(r".*/api/groups\?.*"), groups)
+    page.route(re.compile(r".*/api/apply$"), apply)
+    page.route(re.compile(r".*/thumb/\d+.*"), lambda route: route.fulfill(status=404, json={"detail": "stub"}))
+    page.goto(f"{server}/")
+    page.wait_for_selector(".group")
+    page.locator("#pager-top .next").click()
+    expect(page.locator(".group .title").first).to_have_text(re.compile("^Group 51 "))
+    page.locator(".group").first.locator(".skip").click()
+    summary = page.locator("#summary").inner_text()
+    assert summary.startswith("99 files · 99.0 kB to free from 99 reviewed groups"), summary
+    assert "all 10,000 groups here: 10,000 files" in summary and "9,900 not reviewed yet, left alone" in summary
+
+    page.locator("#apply").click()
+    confirm = page.locator("#confirm")
+    confirm.wait_for(state="visible")
+    assert confirm.locator("#confirm-text").inner_text() == \
+        "Move 99 files (99.0 kB) from the 99 groups you reviewed to /q?"
+    assert confirm.locator("#confirm-left").inner_text() == \
+        "9,900 groups at this threshold were not reviewed (pages not opened) and will be left alone."
+    assert confirm.locator("#confirm-note").inner_text().startswith("1 group skipped.")
+    confirm.screenshot(path=str(tmp_path / "confirm.png"))
+    page.locator("#confirm-apply").click()
+    expect(page.locator("#status")).to_have_text("stubbed: nothing applied")
+    assert len(applied) == 1
+    body = applied[0]
+    assert body["version"] == "v1" and body["skip"] == ["k50"] and body["threshold"] == 0.95
+    assert sorted(body["groups"], key=lambda k: int(k[1:])) == [f"k{g}" for g in range(100)]
+
+
+def test_keeper_chosen_then_another_member_marked_not_a_duplicate_still_applies(browser_page, three_server, three_root):
+    """A member mark splits the group (its key goes): the keeper chosen on it must not make apply a 409."""
+    page = browser_page.page
+    before = tree_hashes(three_root)
+    page.goto(f"{three_server}/?threshold={THRESHOLD}")
+    page.wait_for_selector(".group")
+    section = _group_with(page, "p1-reencoded.jpg")
+    assert section.locator(".member").count() == 3
+    default_keeper = section.locator(".member").first.locator(".name").inner_text()
+    others = [n for n in section.locator(".member .name").all_inner_texts() if n != default_keeper]
+    keep, unmark = others[0], others[1]
+    section.locator(".member", has=page.locator(".name", has_text=re.compile(f"^{re.escape(keep)}$"))) \
+        .get_by_role("button", name="keep this").click()
+    section = _group_with(page, keep)
+    assert section.locator(".member").first.locator(".name").inner_text() == keep
+    section.locator(".member", has=page.locator(".name", has_text=re.compile(f"^{re.escape(unmark)}$"))) \
+        .get_by_role("button", name="not a duplicate").click()
+    expect(page.locator("#status")).to_contain_text(f"Marked {unmark} as not a duplicate")
+    assert "keeper changed" not in page.locator("#summary").inner_text()  # the split group's choice is gone
+
+    groups = _reference_groups(three_root)  # with the mark: the p1 group split
+    moving = {m.path for g in groups for m in g.others}
+    assert page.locator("#summary").inner_text().startswith(f"{len(moving)} files")  # not counted twice
+    page.locator("#apply").click()
+    page.locator("#confirm").wait_for(state="visible")
+    page.locator("#confirm-apply").click()
+    expect(page.locator("#job-text")).to_have_text(re.compile(r"^Done"), timeout=60_000)
+    assert page.locator("#status").inner_text() == ""
+    assert set(before) - set(tree_hashes(three_root)) == moving
+    page.get_by_role("button", name="Undo").click()
+    expect(page.locator("#job-text")).to_have_text(re.compile(r"^Restored"), timeout=60_000)
+    assert tree_hashes(three_root) == before

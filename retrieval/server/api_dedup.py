@@ -14,6 +14,7 @@ from typing import Literal
 
 from dinoseek.retrieval import actions
 from dinoseek.retrieval.dedup import DEFAULT_THRESHOLD
+from dinoseek.retrieval.errors import InvalidArgumentError
 from dinoseek.retrieval.marks import ids_to_sha_pairs
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
@@ -25,10 +26,13 @@ router = APIRouter(prefix="/api", tags=["duplicates"])
 
 Action = Literal["move", "hardlink", "symlink"]
 MAX_LIMIT = 500
+# Every pair among the ids is marked: 200 ids are 19,900 pairs, 10,000 would be 50 million rows.
+MAX_MARK_IDS = 200
 
 
 class Ids(BaseModel):
-    ids: list[int] = Field(min_length=2, max_length=10_000, description="Catalog ids: every pair among them.")
+    ids: list[int] = Field(min_length=2, description=f"Catalog ids (2..{MAX_MARK_IDS}): every pair of different "
+                                                     f"contents among them; byte-identical pairs are left out.")
 
 
 class ReviewedPlan(BaseModel):
@@ -36,8 +40,10 @@ class ReviewedPlan(BaseModel):
     action: Action = "move"
     keepers: dict[str, int] = Field(default_factory=dict, description="group key -> the member id to keep")
     skip: list[str] = Field(default_factory=list, description="keys of groups to leave alone")
-    version: str | None = Field(None, description="`version` of the groups the page reviewed (GET /api/groups): "
-                                                  "if the groups changed since, 409 instead of acting on unseen ones")
+    version: str = Field(description="`version` of the groups the page reviewed (GET /api/groups): if the groups "
+                                     "changed since, 409 instead of acting on groups nobody saw")
+    groups: list[str] = Field(description="keys of the groups the page showed (every page visited): only these are "
+                                          "acted on; the other groups at the threshold are left alone")
     crops: Literal[False] = False  # --crops re-ranking is the CLI's only (it re-reads files with the model)
 
 
@@ -72,11 +78,18 @@ def unmark(request: Request, body: Ids) -> dict:
 
 
 def _marks(request: Request, ids: list[int], method: str) -> int:
-    """Marks are pairs of contents (sha256), so they survive renames and re-indexing (retrieval.marks:
-    every pair among the photos; byte-identical photos cannot be marked, a 400)."""
+    """Marks are pairs of contents (sha256), so they survive renames and re-indexing (retrieval.marks).
+    Every pair of different contents among the photos: a group mixing byte copies and near duplicates
+    marks only the pairs between different contents; ids that are all one content are a 400."""
+    if len(ids) > MAX_MARK_IDS:
+        raise InvalidArgumentError(f"must name at most {MAX_MARK_IDS} photos (every pair among them is marked), "
+                                   f"got {len(ids)}", argument="ids")
     state = _state(request)
     with state.writer() as library:
-        pairs = ids_to_sha_pairs(library, ids, refuse_identical=method == "mark_not_duplicate")
+        pairs = ids_to_sha_pairs(library, ids, refuse_identical=False)  # identical contents are one sha: no pair
+        if not pairs and method == "mark_not_duplicate":
+            raise InvalidArgumentError("these photos have identical bytes: byte-identical copies are always "
+                                       "duplicates and cannot be marked as not duplicates (skip the group instead)")
         changed = getattr(library.catalog, method)(pairs)
     state.reader.wrote()
     return changed
@@ -91,7 +104,7 @@ def apply(request: Request, body: ReviewedPlan) -> dict:
     try:
         reader, token = state.reader.current()  # groups from the reader's indexes, as GET /api/groups built them
         plan = state.groups.plan(reader.library, token, body.threshold, body.action)
-        chosen = reviewed(plan, body.keepers, body.skip, body.version)
+        chosen = reviewed(plan, body.keepers, body.skip, body.version, body.groups)
 
         planned = sum(len(g.others) for g in chosen)
 

@@ -13,24 +13,28 @@ import json
 import logging
 import threading
 from pathlib import Path
+from typing import Annotated
 
 from dinoseek.indexer.errors import IndexerError, LibraryLockedError, NotIndexedError
 from dinoseek.indexer.errors import InvalidArgumentError as IndexerArgumentError
 from dinoseek.indexer.library import Library
 from dinoseek.model.errors import ModelError
 from dinoseek.retrieval.errors import InvalidArgumentError, JournalError, QueryError
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi import Path as FastAPIPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import api_dedup, api_search
+from .docs import add_docs
 from .files import FileNotServed, file_chunks, media_type, served_file
 from .groups import GroupCache, StaleReviewError
 from .jobs import Jobs
 from .library_access import LibraryPlace, Reader
 from .pages import CONTENT_SECURITY_POLICY, page
 from .security import HEADERS, Security
+from .thumbnails import SIDES as THUMBNAIL_SIDES
 from .thumbnails import ThumbnailError, Thumbnails
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,10 @@ log = logging.getLogger(__name__)
 UPLOAD_LIMIT = 50 * 1000 * 1000  # bytes of an image uploaded to search by
 BODY_LIMIT = 16 * 1000 * 1000  # any other request body (a reviewed plan of 10,000 groups is ~1 MB)
 UPLOAD_PATH = "/api/search"
+# A catalog id as SQLite can bind it (a signed 64-bit integer); anything else names no photo (404).
+CatalogId = Annotated[int, FastAPIPath(ge=1, le=2**63 - 1, description="Catalog id of the photo")]
+# Photos are for this server's pages only: another site may not embed them (<img> from elsewhere).
+MEDIA_HEADERS = {"Cross-Origin-Resource-Policy": "same-origin"}
 
 
 class ServerState:
@@ -53,9 +61,10 @@ class ServerState:
         self.taking_writer = threading.Lock()
 
     def writer(self) -> Library:
-        """The library opened for writing; LibraryLockedError (409) while anyone else writes it."""
-        with self.taking_writer:
-            return self.place.open(write=True)
+        """A handle to write "not a duplicate" marks through. Without the library's writer lock, as
+        `dinoseek mark-distinct`: marks work while `dinoseek index` or an apply job runs (SQLite
+        orders the small writes; a catalog kept busy past its timeout is a 409, nothing changed)."""
+        return self.place.open()
 
 
 def create_app(root: str | Path, *, library_dir: str | Path | None = None, url: str | None = None,
@@ -79,12 +88,15 @@ def create_app(root: str | Path, *, library_dir: str | Path | None = None, url: 
             running.thread.join()
         state.reader.close()
 
-    app = FastAPI(title="dinoseek", summary="Search and de-duplicate a photo library", lifespan=lifespan)
+    # /docs is served by add_docs with Swagger UI's files from this server (no CDN); no /redoc.
+    app = FastAPI(title="dinoseek", summary="Search and de-duplicate a photo library", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.state.server = state
     app.state.csrf_token = state.security.csrf
     _guard(app, state)
     _errors(app)
     _pages_and_files(app, state)
+    add_docs(app)
     app.include_router(api_search.router)
     app.include_router(api_dedup.router)
     return app
@@ -99,6 +111,8 @@ def _guard(app: FastAPI, state: ServerState) -> None:
         response = await call_next(request)
         for name, value in HEADERS.items():
             response.headers.setdefault(name, value)
+        if response.headers.get("content-type", "").startswith("text/html"):  # /docs and any other page
+            response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
         return response
 
 
@@ -126,7 +140,8 @@ def _errors(app: FastAPI) -> None:
     statuses = [(RequestValidationError, 400), (InvalidArgumentError, 400), (IndexerArgumentError, 400),
                 (QueryError, 400), (FileNotServed, 404), (NotIndexedError, 404), (ThumbnailError, 422),
                 (LibraryLockedError, 409), (StaleReviewError, 409), (JournalError, 409), (ModelError, 400),
-                (IndexerError, 500), (SQLAlchemyError, 503)]
+                (IndexerError, 500), (SQLAlchemyError, 503),
+                (OverflowError, 400)]  # a number in the request too big to bind in SQLite (an id over int64)
 
     def one_line(exc: Exception) -> str:
         if isinstance(exc, RequestValidationError):
@@ -135,6 +150,8 @@ def _errors(app: FastAPI) -> None:
             return f"{where}: {first.get('msg', 'invalid')}"
         if isinstance(exc, LibraryLockedError):
             return f"the library is busy: {exc}"
+        if isinstance(exc, OverflowError):
+            return f"a number in the request is out of range: {exc}"
         if isinstance(exc, SQLAlchemyError):
             return "catalog error: " + str(getattr(exc, "orig", None) or exc).splitlines()[0]
         return (str(exc).splitlines() or [type(exc).__name__])[0]
@@ -146,6 +163,14 @@ def _errors(app: FastAPI) -> None:
             return _json(status, one_line(exc))
 
         app.add_exception_handler(error_type, handler)
+
+    def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Anything else is a bug: the traceback goes to the server's log, the client gets one JSON
+        # line with the same security headers as every other answer (not Starlette's plain text).
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _json(500, "internal error: " + one_line(exc))
+
+    app.add_exception_handler(Exception, unexpected)
 
 
 def _pages_and_files(app: FastAPI, state: ServerState) -> None:
@@ -166,14 +191,17 @@ def _pages_and_files(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/thumb/{row_id}", summary="A thumbnail (JPEG, upright) of the photo with this catalog id",
              response_class=Response)
-    def thumbnail(row_id: int, size: int = 256) -> Response:
+    def thumbnail(row_id: CatalogId, size: int = Query(256, ge=1, le=100_000, description=
+                  f"Long side in pixels, served as the nearest of {', '.join(map(str, THUMBNAIL_SIDES))} at or above it")
+                  ) -> Response:
         library = state.reader.search().library
         photo = served_file(library, row_id)
-        data = Thumbnails(library.folder).get(photo.path, photo.sha256, photo.size, size)
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
+        data = Thumbnails(library.folder).get(photo, size)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300", **MEDIA_HEADERS})
 
     @app.get("/image/{row_id}", summary="The full-size photo with this catalog id", response_class=Response)
-    def image(row_id: int) -> StreamingResponse:
+    def image(row_id: CatalogId) -> StreamingResponse:
         photo = served_file(state.reader.search().library, row_id)
-        return StreamingResponse(file_chunks(photo.path), media_type=media_type(photo.format),
-                                 headers={"Content-Security-Policy": "default-src 'none'", "Cache-Control": "private"})
+        return StreamingResponse(file_chunks(photo), media_type=media_type(photo.format),
+                                 headers={"Content-Security-Policy": "default-src 'none'", "Cache-Control": "private",
+                                          **MEDIA_HEADERS})

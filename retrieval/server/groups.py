@@ -9,7 +9,8 @@ monotone in its threshold, so the pairs at a threshold are exactly those `find_d
 there: the groups are the same, which tests/test_serve_api.py checks against it.
 
 Pairs of contents marked "not a duplicate" are dropped from the candidates before linking by the
-same `marks.drop_marked` as `find_duplicates`; marks are catalog writes, so they move the token too.
+same `marks.drop_marked` as `find_duplicates`: the pairs are kept by the images' state alone, the
+groups by that state and the marks' (library_access.Token), so a mark regroups without a new search.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from dinoseek.retrieval.errors import InvalidArgumentError
 from dinoseek.retrieval.grouping import linked_groups
 from dinoseek.retrieval.marks import drop_marked
 from dinoseek.retrieval.report import plan_summary
+from dinoseek.retrieval.sidecars import one_listing_per_folder
 
 KIND = "cls"  # what `dinoseek dedup` compares by default
 FLOOR_MARGIN = 0.02  # a slider moved down by up to this much needs no new candidate search
-CACHED_PLANS = 8  # thresholds x actions kept grouped
+CACHED_PLANS = 8  # groupings (thresholds) and plans (thresholds x actions) kept
 ACTIONS = ("move", "hardlink", "symlink")
 
 
@@ -64,50 +66,70 @@ def group_key(group: Group) -> str:
 
 @dataclass
 class _Pairs:
-    token: tuple
+    images: tuple  # Token.images the pairs were searched at
     floor: float
     pairs: list[tuple[int, int, float]]  # (a, b, exact cosine), a < b, score >= floor, in search order
 
 
 class GroupCache:
-    """Candidate pairs per change token, plans per (token, threshold, action); safe across threads
-    (one search at a time: a second request for the same pairs waits for the first one's)."""
+    """Candidate pairs per images token; groups per (images, marks, threshold), made once for every
+    action (only the roles differ); plans per (images, marks, threshold, action). Safe across threads
+    (one search at a time: a second request for the same pairs waits for the first one's).
+
+    A mark moves only the marks token: the next plan regroups the cached pairs (drop_marked), with no
+    new candidate search."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pairs: _Pairs | None = None
+        self._grouped: OrderedDict[tuple, tuple[list[Group], list[str]]] = OrderedDict()
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
 
-    def plan(self, library: Library, token: tuple, threshold: float, action: str = "move") -> Plan:
+    def plan(self, library: Library, token, threshold: float, action: str = "move") -> Plan:
+        """`token`: the reader's (library_access.Token) for `library`."""
         if not 0 < threshold <= 1:
             raise InvalidArgumentError(f"must be in (0, 1], got {threshold}", argument="threshold")
         if action not in ACTIONS:
             raise InvalidArgumentError(f"must be one of {', '.join(ACTIONS)}, got {action!r}", argument="action")
-        key = (token, threshold, action)
+        grouped_key = (token.images, token.marks, threshold)
+        key = (*grouped_key, action)
         with self._lock:
             if key in self._plans:
                 self._plans.move_to_end(key)
                 return self._plans[key]
-            pairs = self._pairs_for(library, token, threshold)
-            groups = groups_from_pairs(library, pairs, threshold)
-            summary = plan_summary(library, groups, action).to_dict() if groups else _empty_summary(library, action)
-            plan = Plan(threshold, action, groups, [group_key(g) for g in groups], summary)
-            self._plans[key] = plan
-            while len(self._plans) > CACHED_PLANS:
-                self._plans.popitem(last=False)
+            # one listing per folder (as the CLI's dedup): keep rules and summary look up sidecars
+            with one_listing_per_folder():
+                groups, keys = self._groups_for(library, token.images, grouped_key, threshold)
+                summary = plan_summary(library, groups, action).to_dict()
+            plan = Plan(threshold, action, groups, keys, summary)
+            _remember(self._plans, key, plan)
             return plan
 
-    def _pairs_for(self, library: Library, token: tuple, threshold: float) -> list[tuple[int, int, float]]:
+    def _groups_for(self, library: Library, images: tuple, key: tuple,
+                    threshold: float) -> tuple[list[Group], list[str]]:
+        pairs = self._pairs_for(library, images, threshold)
+        if key in self._grouped:
+            self._grouped.move_to_end(key)
+            return self._grouped[key]
+        groups = groups_from_pairs(library, pairs, threshold)
+        grouped = (groups, [group_key(g) for g in groups])
+        _remember(self._grouped, key, grouped)
+        return grouped
+
+    def _pairs_for(self, library: Library, images: tuple, threshold: float) -> list[tuple[int, int, float]]:
         cached = self._pairs
-        if cached is None or cached.token != token or cached.floor > threshold:
+        if cached is None or cached.images != images or cached.floor > threshold:
             floor = max(threshold - FLOOR_MARGIN, 1e-6)
-            cached = self._pairs = _Pairs(token, floor, candidate_pairs(library, floor))
+            cached = self._pairs = _Pairs(images, floor, candidate_pairs(library, floor))
+            self._grouped.clear()
             self._plans.clear()
         return cached.pairs
 
 
-def _empty_summary(library: Library, action: str) -> dict:
-    return plan_summary(library, [], action).to_dict()
+def _remember(cache: OrderedDict, key: tuple, value) -> None:
+    cache[key] = value
+    while len(cache) > CACHED_PLANS:
+        cache.popitem(last=False)
 
 
 def candidate_pairs(library: Library, floor: float) -> list[tuple[int, int, float]]:
@@ -125,24 +147,32 @@ def groups_from_pairs(library: Library, pairs: list[tuple[int, int, float]], thr
     return groups_from_links(library, linked, scores, kind=KIND)
 
 
-def reviewed(plan: Plan, keepers: dict[str, int], skip: list[str], version: str | None = None) -> list[Group]:
-    """The plan's groups as the page left them: `skip` groups left out, `keepers` overriding who stays;
-    `version` (Plan.version as the page got it), where given, must still be the plan's.
+def reviewed(plan: Plan, keepers: dict[str, int], skip: list[str], version: str, shown: list[str]) -> list[Group]:
+    """The plan's groups as the page left them: only the `shown` groups (those the page showed the
+    person, every page visited; the others are left alone, never acted on unseen), less the `skip`
+    ones, with `keepers` overriding who stays. `version` (Plan.version as the page got it) must
+    still be the plan's.
 
-    StaleReviewError where a key names no current group (the page must reload before acting);
-    InvalidArgumentError where a keeper is not a member of its group."""
-    if version is not None and version != plan.version:
+    StaleReviewError where the version changed or a key names no current group (the page must reload
+    before acting); InvalidArgumentError where a keeper or skip names a group not shown, or a keeper
+    is not a member of its group."""
+    if version != plan.version:
         raise StaleReviewError(f"the duplicate groups at threshold {plan.threshold} changed since the page loaded "
                                f"them (the library changed): reload the page and review again")
     known = set(plan.keys)
-    unknown = [k for k in itertools.chain(keepers, skip) if k not in known]
+    unknown = {k for k in itertools.chain(shown, keepers, skip) if k not in known}
     if unknown:
         raise StaleReviewError(f"{len(unknown)} reviewed group(s) no longer exist at threshold {plan.threshold} "
                                f"(the library changed): reload the page and review again")
+    seen = set(shown)
+    unseen = {k for k in itertools.chain(keepers, skip) if k not in seen}
+    if unseen:
+        raise InvalidArgumentError(f"name {len(unseen)} group(s) missing from groups (the groups shown)",
+                                   argument="keepers and skip")
     skipped = set(skip)
     out = []
     for key, group in zip(plan.keys, plan.groups):
-        if key in skipped:
+        if key not in seen or key in skipped:
             continue
         if key in keepers:
             group = with_keeper(group, keepers[key])

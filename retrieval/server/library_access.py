@@ -1,4 +1,4 @@
-"""How the server reaches the library: one shared reader, writers only for apply/undo/marks.
+"""How the server reaches the library: one shared reader, writers only for apply/undo (marks need none).
 
 The reader never takes the writer lock, so the server keeps answering while `dinoseek index` runs
 (SQLite WAL). Its FAISS indexes are reloaded when the catalog changed, at most every
@@ -13,9 +13,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
+from dinoseek.indexer.catalog import ImageRow, IndexFileRow, JournalRow, NotDuplicateRow, RunRow
 from dinoseek.indexer.library import Library
 from dinoseek.retrieval.api import LibrarySearch
+from sqlalchemy import func, select
 
 READER_REFRESH_SECONDS = 5.0
 
@@ -37,20 +40,49 @@ class LibraryPlace:
         return Library.open(self.root, folder=self.folder, url=self.url, write=write)
 
 
+class Token(NamedTuple):
+    """What the reader's view of the catalog is at least as fresh as, in three parts, so each cache
+    moves only with what it depends on: candidate pairs with `images`, plans with `images` and `marks`."""
+
+    files: tuple  # cheap (stat calls): whether anything may have changed, so the other two are re-read
+    images: tuple  # rows, statuses, runs, journals, index checkpoints: what candidate pairs come from
+    marks: tuple  # the "not a duplicate" marks, which grouping applies to the pairs
+
+
 def change_token(library: Library) -> tuple:
     """Something that differs whenever the catalog changed (rows, runs, journals, marks), read cheaply.
 
     A SQLite catalog: the size and modification time of the file and its WAL, two stat calls; every
-    committed write changes one of them. Another database (--url): row counts per status, the last
-    run and the journals' states, read from the catalog (marks made by other processes are not seen
-    there; this server's own writes clear its caches anyway)."""
+    committed write changes one of them. Another database (--url): images_token, read from the
+    catalog (marks made by other processes are seen there only with the next change to the images;
+    this server's own writes are counted by the Reader anyway)."""
     file = library.catalog.catalog_file
     if file is not None:
         return tuple(_stat(path) for path in (str(file), f"{file}-wal"))
-    counts, _, last = library.catalog.summary()
-    journals = library.catalog.journal_records()
-    return (tuple(sorted(counts.items())), None if last is None else (last.id, last.status),
-            tuple(sorted((name, r[3] is not None, r[4] is not None) for name, r in journals.items())))
+    return images_token(library)
+
+
+def images_token(library: Library) -> tuple:
+    """The state candidate pairs depend on, read from the catalog (one snapshot), marks left out:
+    rows per status, the highest row id, the last run and its status, the journals' states and each
+    index checkpoint. Apply, undo and index runs move it; a row re-embedded in place during an index
+    run moves it at the run's next index checkpoint, or when the run ends."""
+    with library.catalog.session() as s:
+        counts = tuple(sorted(s.execute(select(ImageRow.status, func.count()).group_by(ImageRow.status)).all()))
+        highest = s.scalar(select(func.max(ImageRow.id)))
+        last = s.execute(select(RunRow.id, RunRow.status).order_by(RunRow.id.desc()).limit(1)).first()
+        journals = tuple(s.execute(select(JournalRow.name, JournalRow.undone_at, JournalRow.purged_at)
+                                   .order_by(JournalRow.name)).all())
+        checkpoints = tuple(s.execute(select(IndexFileRow.kind, IndexFileRow.checksum, IndexFileRow.count)
+                                      .order_by(IndexFileRow.kind)).all())
+    return counts, highest, None if last is None else tuple(last), journals, checkpoints
+
+
+def marks_token(library: Library) -> tuple:
+    """The "not a duplicate" marks' state: how many, and the newest (a removal lowers the count)."""
+    with library.catalog.session() as s:
+        return tuple(s.execute(select(func.count(), func.max(NotDuplicateRow.created_at))
+                               .select_from(NotDuplicateRow)).one())
 
 
 def _stat(path: str) -> tuple[int, int, int] | None:
@@ -64,14 +96,21 @@ def _stat(path: str) -> tuple[int, int, int] | None:
 class Reader:
     """The shared read-only `LibrarySearch`, reopened when the catalog changed (see module doc).
 
-    `writes` counts this server's own writes (apply, undo, marks): each one forces a reload and a
-    new change token at once, whatever the file times say."""
+    `writes` counts this server's own writes (apply, undo, marks): each one makes the next request
+    look again at once, whatever the file times say, and is part of the marks token (so a plan is
+    regrouped after this server's mark even where the catalog could not tell).
+
+    A reload opens the new reader without holding the lock that requests take: while it loads the
+    FAISS indexes, requests go on with the previous reader. The previous one is closed once swapped
+    out: closing disposes its catalog's idle connections only, so a request still using it finishes
+    (its session keeps its connection; its indexes live while it holds them)."""
 
     def __init__(self, place: LibraryPlace) -> None:
         self.place = place
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held only to read or swap the fields below: never while loading
+        self._reloading = threading.Lock()  # one reload at a time
         self._search: LibrarySearch | None = None
-        self._token: tuple | None = None
+        self._token: Token | None = None
         self._opened_at = 0.0
         self._encoder = None
         self.writes = 0
@@ -82,40 +121,67 @@ class Reader:
         with self._lock:
             if self._search is not None and time.monotonic() - self._opened_at < READER_REFRESH_SECONDS:
                 return self._search
-            return self._current()[0]
+        return self._current()[0]
 
-    def current(self) -> tuple[LibrarySearch, tuple]:
+    def current(self) -> tuple[LibrarySearch, Token]:
         """The reader and the change token it is at least as fresh as, reloaded now if the catalog
-        changed: for what is cached by that token (duplicate groups), which must not be built from
-        indexes older than the token says."""
-        with self._lock:
-            return self._current()
+        changed (unless another request is reloading it: then the reader in use, with its own token):
+        for what is cached by that token (duplicate groups), which must not be built from indexes
+        older than the token says."""
+        return self._current()
 
-    def token(self) -> tuple:
+    def token(self) -> Token:
         return self.current()[1]
 
-    def _current(self) -> tuple[LibrarySearch, tuple]:
-        current = self._search
-        if current is not None and self._token == self._token_of(current.library):
-            self._opened_at = time.monotonic()
-            return current, self._token
+    def _current(self) -> tuple[LibrarySearch, Token]:
+        with self._lock:
+            current, token = self._search, self._token
+        if current is None:
+            self._reloading.acquire()  # nothing to serve from yet: wait for the first load
+        elif not self._reloading.acquire(blocking=False):
+            return current, token  # another request is reloading: serve from the reader in use
+        try:
+            with self._lock:
+                current, token = self._search, self._token  # another thread may have swapped it meanwhile
+            if current is not None:
+                files = self._files_of(current.library)
+                if files == token.files:
+                    return self._keep(current, token)
+                images = images_token(current.library)
+                if images == token.images:  # marks only (or nothing the indexes hold): no reload
+                    return self._keep(current, Token(files, images, self._marks_of(current.library)))
+            fresh, token = self._load()
+            with self._lock:
+                old, self._search, self._token, self._opened_at = self._search, fresh, token, time.monotonic()
+            if old is not None:
+                old.close()  # safe for a request still using it: see the class doc
+            return fresh, token
+        finally:
+            self._reloading.release()
+
+    def _keep(self, current: LibrarySearch, token: Token) -> tuple[LibrarySearch, Token]:
+        with self._lock:
+            self._token, self._opened_at = token, time.monotonic()
+        return current, token
+
+    def _load(self) -> tuple[LibrarySearch, Token]:
+        """A new reader and its token, read before the indexes load (they are at least this fresh)."""
         library = self.place.open()
         try:
-            token = self._token_of(library)  # read before the indexes load: they are at least this fresh
-            fresh = LibrarySearch(library, self._encoder, owns_library=True)
+            token = Token(self._files_of(library), images_token(library), self._marks_of(library))
+            return LibrarySearch(library, self._encoder, owns_library=True), token
         except BaseException:
             library.close()
             raise
-        # The old reader is not closed: a request in another thread may still be using it; its
-        # engine and indexes go when the last reference does.
-        self._search, self._token, self._opened_at = fresh, token, time.monotonic()
-        return fresh, token
 
-    def _token_of(self, library: Library) -> tuple:
+    def _files_of(self, library: Library) -> tuple:
         return (self.writes, change_token(library))
 
+    def _marks_of(self, library: Library) -> tuple:
+        return (self.writes, marks_token(library))
+
     def wrote(self) -> None:
-        """This server changed the library: reload on the next request."""
+        """This server changed the library: look again on the next request."""
         with self._lock:
             self.writes += 1
             self._opened_at = 0.0

@@ -6,7 +6,10 @@
    machine's own names are accepted too; a rebinding attack needs a name of its own.
 2. Token (required when bound off loopback, optional on it): `?token=T` once, as in the URL printed
    at start, is exchanged for an HttpOnly SameSite=Strict cookie, as Jupyter does; without the
-   cookie (or `Authorization: token T`) every request is 401.
+   cookie (or `Authorization: token T`) every request is 401. The URL token is taken by GET/HEAD
+   only (the login redirect); any other method needs the cookie or header and then the CSRF check.
+   The cookie's name carries the port: cookies are per host, not per port, so two servers on one
+   machine would otherwise overwrite each other's.
 3. CSRF: every request that is not GET/HEAD needs header X-CSRF-Token equal to the per-server token
    the pages carry in <meta name="csrf-token">, else 403. Another site open in the same browser can
    send a POST but cannot read the page to learn the token (no CORS headers are ever sent).
@@ -27,7 +30,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 WILDCARD = frozenset({"0.0.0.0", "::", ""})
-COOKIE = "dinoseek_token"
+COOKIE_PREFIX = "dinoseek_token"
 CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
@@ -53,6 +56,9 @@ class Security:
     token: str | None  # None: no login (loopback only)
     csrf: str  # per server, filled into the pages
     extra_hosts: frozenset[str] = frozenset()  # Host values also accepted (tests: "testserver")
+    # This machine's own names, looked up once here: a reverse DNS lookup (getfqdn) per request
+    # would block the event loop before every login.
+    own_names: frozenset[str] = frozenset()
 
     @classmethod
     def for_binding(cls, host: str, port: int, token: str | None = None,
@@ -61,7 +67,13 @@ class Security:
         if not token and not is_loopback(host):
             raise InvalidArgumentError(f"binding {host} (not 127.0.0.1) needs a token: every request is refused "
                                        f"without one", argument="token")
-        return cls(host, port, token or None, secrets.token_urlsafe(32), frozenset(h.lower() for h in extra_hosts))
+        own = frozenset(_own_names()) if host in WILDCARD else frozenset()
+        return cls(host, port, token or None, secrets.token_urlsafe(32), frozenset(h.lower() for h in extra_hosts),
+                   own)
+
+    @property
+    def cookie(self) -> str:
+        return cookie_name(self.port)
 
     # ---- the checks, in order ----------------------------------------------------------------
     def refusal(self, request: Request) -> Response | None:
@@ -71,9 +83,9 @@ class Security:
                                "`dinoseek serve` printed")
         if self.token is not None:
             given = request.query_params.get("token")
-            if given is not None and _same(given, self.token):
-                return self._login(request) if request.method in SAFE_METHODS else None
-            if not (_same(request.cookies.get(COOKIE, ""), self.token) or _same(_header_token(request), self.token)):
+            if request.method in SAFE_METHODS and given is not None and _same(given, self.token):
+                return self._login(request)
+            if not (_same(request.cookies.get(self.cookie, ""), self.token) or _same(_header_token(request), self.token)):
                 return _error(401, "missing or wrong token: open the URL with ?token= that `dinoseek serve` printed")
         if request.method not in SAFE_METHODS and not _same(request.headers.get(CSRF_HEADER, ""), self.csrf):
             return _error(403, f"missing or wrong {CSRF_HEADER} header: reload the page")
@@ -90,16 +102,22 @@ class Security:
         if name in LOOPBACK or name == self.host.lower():
             return True
         if self.host in WILDCARD:
-            return _is_ip(name) or name in _own_names()
+            return _is_ip(name) or name in self.own_names
         return False
 
     def _login(self, request: Request) -> Response:
         """The token in the URL becomes a cookie; the browser goes on to the same URL without it
-        (so it stays out of history, bookmarks and screenshots)."""
+        (so it stays out of history, bookmarks and screenshots). Location is always a path on this
+        server: a request path `//evil.example/x` must not become a scheme-relative URL elsewhere."""
         query = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
-        response = RedirectResponse(request.url.path + (f"?{query}" if query else ""), status_code=303)
-        response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict", path="/")
+        path = "/" + request.url.path.lstrip("/\\")  # browsers read `/\host` as `//host` too
+        response = RedirectResponse(path + (f"?{query}" if query else ""), status_code=303)
+        response.set_cookie(self.cookie, self.token, httponly=True, samesite="strict", path="/")
         return response
+
+
+def cookie_name(port: int) -> str:
+    return f"{COOKIE_PREFIX}_{port}"
 
 
 def _error(status: int, detail: str) -> Response:

@@ -3,7 +3,12 @@
 Named by the file's content (sha256 and size) and the thumbnail's side, not by its path: a renamed
 or moved photo reuses its thumbnail, an edited one gets a new one. Decoded through the indexer's own
 path (indexer.decode.read_image: regular files only, pixel cap, format allowlist, JPEG draft
-decoding, EXIF orientation applied), so a thumbnail is upright and a bomb is refused.
+decoding, EXIF orientation applied), so a thumbnail is upright and a bomb is refused. The pixels
+come from the photo's one checked open file (files.ServedFile.open), never from its path again.
+
+Sides are snapped to a few fixed ones (SIDES), so the cache holds at most that many files per
+photo whatever sizes are asked for; at most DECODE_SLOTS decodes run at once, so a page of
+thumbnails asked for together cannot take every thread and all the memory.
 """
 
 from __future__ import annotations
@@ -11,13 +16,17 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 from dinoseek.indexer.decode import read_image
 from dinoseek.indexer.errors import DecodeError
 
+from .files import ServedFile, fd_path
+
 FOLDER = "thumbnails"
-SIDES = (64, 1024)  # smallest and largest side asked for
+SIDES = (128, 256, 512, 1024)  # the sides made; any size asked for is served as one of these
+DECODE_SLOTS = threading.BoundedSemaphore(4)  # decodes at once, across every request
 QUALITY = 85
 
 
@@ -32,23 +41,25 @@ class Thumbnails:
     def path_for(self, sha256: str, size: int, side: int) -> Path:
         return self.folder / sha256[:2] / f"{sha256}-{size}-{side}.jpg"
 
-    def get(self, photo: Path, sha256: str, size: int, side: int) -> bytes:
-        """JPEG bytes of `photo`'s thumbnail, at most `side` pixels on its long side."""
-        side = min(max(side, SIDES[0]), SIDES[1])
+    def get(self, photo: ServedFile, side: int) -> bytes:
+        """JPEG bytes of `photo`'s thumbnail, at most `snap(side)` pixels on its long side."""
+        sha256, size, side = photo.sha256, photo.size, snap(side)
         cached = self.path_for(sha256, size, side)
         try:
             return cached.read_bytes()
         except FileNotFoundError:
             pass
-        try:
-            decoded = read_image(photo, min_side=side)
-        except DecodeError as e:
-            raise ThumbnailError(e.reason) from e
-        image = decoded.image
-        image.thumbnail((side, side))
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=QUALITY)
-        data = buffer.getvalue()
+        with DECODE_SLOTS:
+            with photo.open() as handle:
+                try:
+                    decoded = read_image(fd_path(handle), min_side=side)
+                except DecodeError as e:
+                    raise ThumbnailError(e.reason) from e
+            image = decoded.image
+            image.thumbnail((side, side))
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=QUALITY)
+            data = buffer.getvalue()
         if decoded.sha256 == sha256 and decoded.size == size:  # the file is still the one indexed
             self._store(cached, data)
         return data
@@ -68,6 +79,11 @@ class Thumbnails:
                 raise
         except OSError:
             pass
+
+
+def snap(side: int) -> int:
+    """The smallest of SIDES at least `side` (the largest for anything bigger)."""
+    return next((s for s in SIDES if s >= side), SIDES[-1])
 
 
 def _unlink_quietly(path: str) -> None:
