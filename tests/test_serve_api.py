@@ -755,3 +755,23 @@ def test_a_mark_succeeds_while_another_handle_holds_the_writer_lock(root):
         response = client.post("/api/marks", json={"ids": [ids["a/p0.jpg"], ids["a/p3.jpg"]]})
         assert response.status_code == 200, response.text
         assert response.json()["marked"] == 1
+
+
+def test_a_name_that_is_not_utf8_is_shown_printable_in_groups_and_job_results(tmp_path, tiny_folder):
+    root = tmp_path / "photos"
+    make_library_photos(root)
+    raw = os.path.join(os.fsencode(root / "b"), b"caf\xe9.jpg")  # a byte copy named in Latin-1
+    with open(raw, "wb") as f:
+        f.write((root / "a" / "p3.jpg").read_bytes())
+    index_with_cli(root, tiny_folder)
+    before = tree_hashes(root)
+    with client_for(root) as client:
+        body = all_shown(client, action="move")
+        data = client.get("/api/groups", params={"threshold": THRESHOLD, "limit": 500}).json()
+        names = {m["path"] for g in data["groups"] for m in g["members"]}
+        assert "b/caf\\xe9.jpg" in names
+        job = wait_for(client, client.post("/api/apply", json=body).json()["job"])
+        assert job["state"] == "done" and "b/caf\\xe9.jpg" in {f["path"] for f in job["result"]["files"]}
+        undone = wait_for(client, client.post("/api/undo", json={}).json()["job"])
+        assert undone["state"] == "done", undone
+    assert tree_hashes(root) == before

@@ -23,7 +23,7 @@ from dinoseek.retrieval.errors import InvalidArgumentError, JournalError, QueryE
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as FastAPIPath
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import api_dedup, api_search
@@ -31,6 +31,7 @@ from .docs import add_docs
 from .files import FileNotServed, file_chunks, media_type, served_file
 from .groups import GroupCache, StaleReviewError
 from .jobs import Jobs
+from .responses import JSONResponse
 from .library_access import LibraryPlace, Reader
 from .pages import CONTENT_SECURITY_POLICY, page
 from .security import HEADERS, Security
@@ -90,7 +91,7 @@ def create_app(root: str | Path, *, library_dir: str | Path | None = None, url: 
 
     # /docs is served by add_docs with Swagger UI's files from this server (no CDN); no /redoc.
     app = FastAPI(title="dinoseek", summary="Search and de-duplicate a photo library", lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None, default_response_class=JSONResponse)
     app.state.server = state
     app.state.csrf_token = state.security.csrf
     _guard(app, state)
