@@ -164,6 +164,15 @@ def test_bad_date_filter_is_a_400_with_one_line(shared, shared_root):
     assert "YYYY-MM-DD" in detail and "\n" not in detail
 
 
+def test_a_folder_filter_names_a_folder_under_root_or_is_a_400(shared, shared_root):
+    row = ids_by_name(shared_root)["a/p0.jpg"]
+    hits = shared.get("/api/search", params={"id": row, "folder": "b"}).json()["hits"]
+    assert hits and all(h["path"].startswith("b/") for h in hits)
+    for folder in ("nosuch", "../", "/etc"):
+        response = shared.get("/api/search", params={"id": row, "folder": folder})
+        assert response.status_code == 400 and "no such folder" in response.json()["detail"], folder
+
+
 def test_unknown_search_id_is_404(shared):
     assert shared.get("/api/search", params={"id": 999_999}).status_code == 404
     assert shared.get("/api/similar/999999").status_code == 404

@@ -21,11 +21,17 @@ Kind = Literal["cls", "patch", "both"]
 TopK = Annotated[int, Query(ge=1, le=10_000, description="Number of results.")]
 
 
-def search_filters(folder: str | None = None, after: str | None = None, before: str | None = None,
-                   camera: str | None = None, min_pixels: int | None = Query(None, ge=0),
+def search_filters(request: Request, folder: str | None = None, after: str | None = None,
+                   before: str | None = None, camera: str | None = None, min_pixels: int | None = Query(None, ge=0),
                    min_bytes: int | None = Query(None, ge=0), max_bytes: int | None = Query(None, ge=0)) -> Filters:
-    """The CLI's filter options as query parameters (after/before: YYYY-MM-DD, YYYY/MM/DD or
-    YYYY-MM-DDTHH:MM[:SS]; before is exclusive)."""
+    """The CLI's filter options as query parameters (folder: relative to ROOT; after/before:
+    YYYY-MM-DD, YYYY/MM/DD or YYYY-MM-DDTHH:MM[:SS]; before is exclusive). A folder that does not
+    exist under ROOT is a 400, as `--folder` is an error in the CLI, not an empty result."""
+    if folder:
+        root = os.path.realpath(request.app.state.server.place.root)
+        found = os.path.realpath(os.path.join(root, folder.strip("/")))
+        if os.path.commonpath([root, found]) != root or not os.path.isdir(found):
+            raise HTTPException(400, f"folder: no such folder under the library's photo folder: {folder}")
     return Filters(folder=folder or None, captured_after=after or None, captured_before=before or None,
                    camera=camera or None, min_pixels=min_pixels, min_bytes=min_bytes, max_bytes=max_bytes)
 
