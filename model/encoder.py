@@ -209,10 +209,23 @@ def encoder_for_library(
                 f"this library was made with mode {spec.mode!r} at size {spec.size}, not "
                 f"{' at '.join(f'{name} {value!r}' for name, value in asked.items())}; leave it unset to use "
                 f"the library's, or make a new library")
+    precision = _library_precision(manifest, device, precision)
     settings = dict(device=device, precision=precision, mode=spec.mode, size=spec.size)
     if isinstance(source, Weights):
         return Encoder.from_weights(source, **settings)
     return Encoder.from_pretrained(library_weights(manifest, root) if source is None else source, **settings)
+
+
+def _library_precision(manifest: dict | None, device: str | torch.device, precision: str) -> str:
+    """`precision`, or for "auto" the precision the library's vectors were made at where this device
+    runs it well: query vectors then match the stored ones exactly. fp32, int8 and int4 run
+    anywhere; fp16/bf16 only where "auto" itself would pick them (a GPU, a CPU with native bf16)."""
+    recorded = (manifest or {}).get("precision")
+    if precision != "auto" or recorded is None:
+        return precision
+    if recorded in ("fp32", "int8", "int4") or recorded == resolve_precision("auto", resolve_device(device)):
+        return recorded
+    return precision
 
 
 def library_weights(manifest: dict | None, root: str | Path | None = None) -> str | Path:

@@ -225,3 +225,15 @@ def test_library_made_before_the_model_was_recorded_still_works(library, tmp_pat
     add_photos(root, [8])
     assert ok(invoke("index", root, "--workers", 0)).stdout.startswith("1 embedded")
     assert manifest(root)["preprocess"] == FULL_112
+
+
+def test_auto_precision_is_the_librarys_own_where_the_device_runs_it(library, caplog):
+    """Query vectors made at the library's precision match its stored ones: no 'made at fp32' warning."""
+    root, _ = library
+    recorded = manifest(root)
+    assert recorded["precision"] == "fp32"
+    assert encoder_module.encoder_for_library(recorded, root=root).manifest()["precision"] == "fp32"
+    explicit = encoder_module.encoder_for_library(recorded, root=root, precision="bf16")
+    assert explicit.manifest()["precision"] == "bf16"  # an explicit --precision still wins
+    ok(invoke("search", root / "p1.jpg", "--root", root))
+    assert "library vectors were made at" not in caplog.text
