@@ -205,9 +205,11 @@ def test_threshold_slider_reloads_the_groups_for_that_threshold(browser_page, se
     page.wait_for_selector(".group")
     exact = [g for g in _reference_groups(library_root, threshold=1.0)]
     assert 0 < len(exact) < page.locator(".group").count()
+    page.locator(".group").first.locator(".skip").click()  # a choice the new threshold resets, and says so
     page.locator("#threshold").fill("1")  # fires input and change, as a drag that ends does
     expect(page.locator("#threshold-value")).to_have_text("1.000")
     expect(page.locator(".group")).to_have_count(len(exact))
+    expect(page.locator("#status")).to_contain_text("1 choice (kept copies, skips) made at the previous threshold")
     assert set(page.locator(".group-head .meta").all_inner_texts()) == {"byte-identical · lowest similarity 1.000 · 2 files"}
     # byte copies are always duplicates: no button to say otherwise, for the group or a member
     assert page.locator(".not-dup-group").count() == 0 and page.locator(".not-dup").count() == 0
