@@ -42,11 +42,12 @@ ID_CHUNK = 10_000
 MANIFEST_DIGEST = "manifest_sha256"  # the manifest's own checksum, stored inside its JSON
 
 
-def chunks(ids: Iterable[int]) -> Iterator[list[int]]:
-    """`ids` in lists of at most ID_CHUNK, for `IN (...)` conditions."""
+def chunks(ids: Iterable, size: int | None = None) -> Iterator[list]:
+    """`ids` in lists of at most `size` (default ID_CHUNK, read at call time), for `IN (...)` conditions."""
+    size = size or ID_CHUNK
     ids = list(ids)
-    for start in range(0, len(ids), ID_CHUNK):
-        yield ids[start:start + ID_CHUNK]
+    for start in range(0, len(ids), size):
+        yield ids[start:start + size]
 
 
 BLOB_DTYPE = np.dtype(np.float16)  # the catalog's vector columns: half the size, ~5e-4 off a unit norm
@@ -319,10 +320,10 @@ class Catalog:
                                                                          ImageRow.status == EMBEDDED))]
 
     def members(self, ids: Iterable[int]) -> list[Row]:
-        """(id, path_text, path, size, width, height, format, captured_at, sha256, mtime_ns) of the
-        searchable rows among `ids`: what grouping and keep rules look at."""
+        """(id, path_text, path, size, width, height, format, captured_at, sha256, mtime_ns, camera) of
+        the searchable rows among `ids`: what grouping and keep rules look at."""
         columns = (ImageRow.id, ImageRow.path_text, ImageRow.path, ImageRow.size, ImageRow.width, ImageRow.height,
-                   ImageRow.format, ImageRow.captured_at, ImageRow.sha256, ImageRow.mtime_ns)
+                   ImageRow.format, ImageRow.captured_at, ImageRow.sha256, ImageRow.mtime_ns, ImageRow.camera)
         searchable = self.searchable()
         with self.session() as s:
             return [row for part in chunks(sorted(set(ids)))
@@ -377,7 +378,7 @@ class Catalog:
         with self.session() as s, s.begin():
             s.add(JournalRow(name=name, root=root, quarantine=quarantine, action=action))
 
-    def journal_records(self) -> dict[str, tuple[bytes, bytes, str, object]]:
+    def journal_records(self) -> dict[str, tuple[bytes, bytes, str, object, object]]:
         """name -> (root, quarantine, action, undone_at, purged_at) of every apply recorded."""
         with self.session() as s:
             return {r.name: (r.root, r.quarantine, r.action, r.undone_at, r.purged_at)
@@ -388,10 +389,7 @@ class Catalog:
         """Mark a journal undone (one written before revision 0003 gets its row now); each file given
         up on (raw relative path -> why) keeps the reason in its row, still quarantined."""
         with self.session() as s, s.begin():
-            row = s.get(JournalRow, name)
-            if row is None:
-                row = JournalRow(name=name, root=root, quarantine=quarantine, action=action)
-                s.add(row)
+            row = _journal_row(s, name, root, quarantine, action)
             row.undone_at = utcnow()
             row.note = "\n".join(given_up.values()) or None
             for path, why in given_up.items():
@@ -412,10 +410,7 @@ class Catalog:
         its row. Returns how many rows were deleted."""
         deleted = 0
         with self.session() as s, s.begin():
-            row = s.get(JournalRow, name)
-            if row is None:
-                row = JournalRow(name=name, root=root, quarantine=quarantine, action=action)
-                s.add(row)
+            row = _journal_row(s, name, root, quarantine, action)
             row.purged_at = utcnow()
             for path, sha256 in set_aside:
                 deleted += s.execute(delete(ImageRow).where(ImageRow.path == path, ImageRow.sha256 == sha256,
@@ -452,8 +447,7 @@ class Catalog:
         wanted = _sha_pairs(sha_pairs)
         removed = 0
         with self._marks_write(), self.session() as s, s.begin():
-            for start in range(0, len(wanted), ID_CHUNK // 2):  # two bound parameters per pair
-                part = wanted[start:start + ID_CHUNK // 2]
+            for part in chunks(wanted, ID_CHUNK // 2):  # two bound parameters per pair
                 removed += s.execute(delete(NotDuplicateRow).where(
                     tuple_(NotDuplicateRow.sha_a, NotDuplicateRow.sha_b).in_(part))).rowcount
         return removed
@@ -611,3 +605,12 @@ class Catalog:
                 return
             last = rows[-1][0]
             yield rows
+
+
+def _journal_row(s, name: str, root: bytes, quarantine: bytes, action: str) -> JournalRow:
+    """The catalog's record of journal `name`; one written before revision 0003 gets its row now."""
+    row = s.get(JournalRow, name)
+    if row is None:
+        row = JournalRow(name=name, root=root, quarantine=quarantine, action=action)
+        s.add(row)
+    return row

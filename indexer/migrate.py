@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import logging
 import sqlite3
@@ -26,8 +27,14 @@ def _config() -> Config:
     return config
 
 
+@functools.cache
+def _scripts() -> ScriptDirectory:
+    """The revision scripts, read once per process (every library open asks for the head)."""
+    return ScriptDirectory.from_config(_config())
+
+
 def head_revision() -> str:
-    return ScriptDirectory.from_config(_config()).get_current_head()
+    return _scripts().get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -35,7 +42,7 @@ def current_revision(engine: Engine) -> str | None:
     (a newer dinoseek wrote it: Alembic could neither migrate nor read it safely)."""
     with engine.connect() as connection:
         current = MigrationContext.configure(connection).get_current_revision()
-    if current is not None and current not in {s.revision for s in ScriptDirectory.from_config(_config()).walk_revisions()}:
+    if current is not None and current not in {s.revision for s in _scripts().walk_revisions()}:
         raise CatalogTooNewError(f"the catalog's schema revision {current!r} is newer than this version of dinoseek "
                                  f"knows (up to {head_revision()!r}); upgrade dinoseek to open it")
     return current

@@ -271,9 +271,8 @@ def candidate_index(library: Library, kind: str, block: int = DEDUP_BLOCK) -> Ve
 
 def _members(library: Library, ids: list[int]) -> dict[int, Member]:
     """The keep rules' view of these rows: catalog fields, and whether a RAW file sits beside each."""
-    cameras = {r[0]: r[-1] for r in library.catalog.hit_rows(sorted(set(ids)))}  # (..., camera)
     index = folder_index()  # the command's shared listing (one_listing_per_folder), else a fresh one
     return {r.id: Member(r.id, r.path_text, r.path, r.size, r.width or 0, r.height or 0, r.format or "",
-                         r.captured_at, r.sha256 or "", r.mtime_ns, camera=cameras.get(r.id),
+                         r.captured_at, r.sha256 or "", r.mtime_ns, camera=r.camera,
                          raw_partner=raw_partner(library.root / os.fsdecode(r.path), index) is not None)
             for r in library.catalog.members(ids)}
