@@ -41,7 +41,6 @@ RAW_SUFFIXES = frozenset(
 )
 # Photos a camera or phone writes *beside* a RAW or a Live Photo video: the rendered half of a pair.
 PAIRED_PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".heic", ".heif"})
-METADATA_SUFFIXES = frozenset({".xmp", ".aae"})
 LIVE_PHOTO_SUFFIXES = frozenset({".mov"})
 # Suffixes of images the indexer decodes: never sidecars. Derived from the scanner's own set, so the
 # two cannot drift apart.
@@ -73,7 +72,6 @@ class FolderIndex:
 
     def __init__(self) -> None:
         self._folders: dict[Path, dict[str, list[str]]] = {}
-        self.listings = 0  # folders listed so far (for tests and logs)
 
     def near(self, photo: Path) -> list[str]:
         """Sorted names of regular files in photo's folder that may be its sidecars or same-stem photos."""
@@ -96,7 +94,6 @@ class FolderIndex:
         by_key = self._folders.get(folder)
         if by_key is None:
             by_key = {}
-            self.listings += 1
             try:
                 with os.scandir(folder) as entries:
                     for entry in entries:
@@ -211,6 +208,7 @@ def sidecars_of(photo: Path, index: FolderIndex | None = None) -> list[Path]:
     names = (index or folder_index()).near(photo)
     stem, _ = _split(photo.name)
     shared = _is_shared_stem(photo, names)
+    partner = _raw_partner_in(photo, names)
     found = []
     for name in names:
         if not is_sidecar_name(photo.name, name):
@@ -218,9 +216,9 @@ def sidecars_of(photo: Path, index: FolderIndex | None = None) -> list[Path]:
         if shared and _split(name)[0] != photo.name:  # only IMG_1.JPG.xmp names its photo in full
             continue
         n_stem, n_suffix = _split(name)
-        if n_suffix in RAW_SUFFIXES and photo.parent / name != _raw_partner_in(photo, names):
+        if n_suffix in RAW_SUFFIXES and photo.parent / name != partner:
             continue  # a second RAW beside the JPEG (.CR2 and .DNG): only the partner goes
-        if _raw_xmp_of(stem, n_stem) and photo.parent / n_stem != _raw_partner_in(photo, names):
+        if _raw_xmp_of(stem, n_stem) and photo.parent / n_stem != partner:
             continue
         found.append(photo.parent / name)
     return found

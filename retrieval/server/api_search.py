@@ -61,10 +61,10 @@ def search_by_id(request: Request, id: int, filters: SearchFilters, k: TopK = 10
 def similar(request: Request, row_id: int, filters: SearchFilters, k: TopK = 10, kind: Kind = "cls") -> dict:
     library = _reader(request).search()
     try:
-        library.row_vector(row_id, kind)
+        hits = library.similar(row_id, k=k, kind=kind, filters=filters)
     except QueryError as e:
         raise HTTPException(404, f"no embedded photo with id {row_id}") from e
-    return hits_json(library.similar(row_id, k=k, kind=kind, filters=filters))
+    return hits_json(hits)
 
 
 @router.post("/search", summary="Photos most similar to an uploaded image (multipart field `image`)")
