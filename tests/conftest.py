@@ -149,3 +149,25 @@ def deadline(seconds: int):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def catalog_at_revision(root: Path, revision: str, *statements: str) -> Path:
+    """The catalog an older dinoseek left in `root`/.dinoseek: migrated up to `revision` only, with
+    `statements` (SQL) run on it. Returns the catalog file."""
+    from alembic import command
+    from sqlalchemy import create_engine
+
+    from dinoseek.indexer import migrate
+
+    folder = root / ".dinoseek"
+    folder.mkdir(parents=True)
+    catalog = folder / "catalog.sqlite"
+    engine = create_engine(f"sqlite:///{catalog}")
+    with engine.begin() as connection:
+        config = migrate._config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+        for statement in statements:
+            connection.exec_driver_sql(statement)
+    engine.dispose()
+    return catalog

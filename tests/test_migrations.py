@@ -5,8 +5,9 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from alembic import command
 from sqlalchemy import create_engine, inspect
+
+from conftest import catalog_at_revision
 
 from dinoseek.indexer import migrate
 from dinoseek.indexer.catalog import Base
@@ -63,17 +64,9 @@ def test_other_sqlalchemy_url(tmp_path):
 
 def test_a_0002_catalog_gains_the_journals_table_and_keeps_its_rows(tmp_path):
     """Revision 0003 adds the record of applies; an older catalog is backed up, then migrated."""
-    folder = tmp_path / ".dinoseek"
-    folder.mkdir()
-    catalog = folder / "catalog.sqlite"
-    engine = create_engine(f"sqlite:///{catalog}")
-    with engine.begin() as connection:
-        config = migrate._config()
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0002")
-        connection.exec_driver_sql("INSERT INTO images (path, path_text, folder, size, mtime_ns, status) "
-                                   "VALUES (x'612e6a7067', 'a.jpg', '.', 1, 0, 'embedded')")
-    engine.dispose()
+    catalog = catalog_at_revision(tmp_path, "0002",
+                                  "INSERT INTO images (path, path_text, folder, size, mtime_ns, status) "
+                                  "VALUES (x'612e6a7067', 'a.jpg', '.', 1, 0, 'embedded')")
     with Library.open(tmp_path, write=True) as library:
         assert migrate.current_revision(library.catalog.engine) == migrate.head_revision()
         assert library.info()["total"] == 1
@@ -107,19 +100,12 @@ def test_a_catalog_from_a_newer_version_is_refused_in_one_line(tmp_path):
 def test_a_0004_catalog_gains_the_not_duplicate_marks_and_keeps_its_rows(tmp_path):
     """Revision 0005 adds the "not a duplicate" marks; a 0004 catalog is backed up, then migrated with
     its images and journals as they were."""
-    folder = tmp_path / ".dinoseek"
-    folder.mkdir()
-    catalog = folder / "catalog.sqlite"
-    engine = create_engine(f"sqlite:///{catalog}")
-    with engine.begin() as connection:
-        config = migrate._config()
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0004")
-        connection.exec_driver_sql("INSERT INTO images (path, path_text, folder, size, mtime_ns, status, sha256) "
-                                   "VALUES (x'612e6a7067', 'a.jpg', '.', 1, 0, 'embedded', '" + "a" * 64 + "')")
-        connection.exec_driver_sql("INSERT INTO journals (name, root, quarantine, action, created_at, purged_at) "
-                                   "VALUES ('j1.jsonl', x'2f70', x'2f71', 'move', '2024-01-01', '2024-02-01')")
-    engine.dispose()
+    catalog = catalog_at_revision(
+        tmp_path, "0004",
+        "INSERT INTO images (path, path_text, folder, size, mtime_ns, status, sha256) "
+        "VALUES (x'612e6a7067', 'a.jpg', '.', 1, 0, 'embedded', '" + "a" * 64 + "')",
+        "INSERT INTO journals (name, root, quarantine, action, created_at, purged_at) "
+        "VALUES ('j1.jsonl', x'2f70', x'2f71', 'move', '2024-01-01', '2024-02-01')")
     with Library.open(tmp_path, write=True) as library:
         assert migrate.current_revision(library.catalog.engine) == migrate.head_revision() == "0005"
         assert library.info()["total"] == 1

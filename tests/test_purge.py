@@ -14,9 +14,9 @@ import sqlite3
 from datetime import timedelta
 
 import pytest
-from alembic import command
 from click.testing import CliRunner
-from sqlalchemy import create_engine, update
+from conftest import catalog_at_revision
+from sqlalchemy import update
 from test_journal_safety import applied, catalog, make_photos, records, rewrite, snapshot
 from test_retrieval import THRESHOLD, index_with_cli, make_library_photos
 
@@ -222,16 +222,9 @@ def test_purge_keeps_the_row_of_a_photo_put_back_by_a_partial_undo(root):
 
 
 def test_a_0003_catalog_gains_purged_at_and_keeps_its_journals(tmp_path):
+    catalog_at_revision(tmp_path, "0003", "INSERT INTO journals (name, root, quarantine, action, created_at) "
+                                          "VALUES ('j.jsonl', x'2f', x'2f71', 'move', '2024-01-01 00:00:00')")
     folder = tmp_path / ".dinoseek"
-    folder.mkdir()
-    engine = create_engine(f"sqlite:///{folder / 'catalog.sqlite'}")
-    with engine.begin() as connection:
-        config = migrate._config()
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0003")
-        connection.exec_driver_sql("INSERT INTO journals (name, root, quarantine, action, created_at) "
-                                   "VALUES ('j.jsonl', x'2f', x'2f71', 'move', '2024-01-01 00:00:00')")
-    engine.dispose()
     with Library.open(tmp_path, write=True) as library:
         assert migrate.current_revision(library.catalog.engine) == migrate.head_revision()  # 0004 or later
         assert library.catalog.journal_records()["j.jsonl"][3:] == (None, None)

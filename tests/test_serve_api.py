@@ -302,15 +302,16 @@ def test_a_long_dedup_search_does_not_block_other_requests(root, monkeypatch):
     monkeypatch.setattr(groups_module, "candidate_pairs", slow)
     with client_for(root) as client:
         waiting = threading.Thread(target=lambda: client.get("/api/groups", params={"threshold": THRESHOLD}))
-        waiting.start()
-        assert started.wait(30)
         try:
+            waiting.start()
+            assert started.wait(30)
             assert client.get("/api/info").status_code == 200  # served while the search runs
             row = ids_by_name(root)["a/p3.jpg"]
             assert client.get("/api/search", params={"id": row}).status_code == 200
         finally:
             release.set()
             waiting.join(30)
+        assert not waiting.is_alive()
 
 
 def test_ten_thousand_groups_page_fast(shared, monkeypatch):
@@ -323,7 +324,7 @@ def test_ten_thousand_groups_page_fast(shared, monkeypatch):
     monkeypatch.setattr(shared.app.state.server.groups, "plan", lambda *a, **k: plan)
     start = time.monotonic()
     data = shared.get("/api/groups", params={"offset": 9_950, "limit": 50}).json()
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < 10  # generous: a shared CI machine
     assert data["total_groups"] == 10_000 and len(data["groups"]) == 50
 
 
@@ -517,16 +518,18 @@ def test_two_applies_at_once_one_acts_the_other_is_told_why(root, monkeypatch):
             answers.append(client.post("/api/apply", json=body))
 
         threads = [threading.Thread(target=post) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        statuses = sorted(a.status_code for a in answers)
-        assert statuses == [202, 409], [a.text for a in answers]
-        refused = next(a for a in answers if a.status_code == 409).json()["detail"]
-        assert "\n" not in refused and ("running" in refused or "busy" in refused)
-        assert client.post("/api/undo", json={}).status_code == 409  # undo waits for it too
-        release.set()
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            statuses = sorted(a.status_code for a in answers)
+            assert statuses == [202, 409], [a.text for a in answers]
+            refused = next(a for a in answers if a.status_code == 409).json()["detail"]
+            assert "\n" not in refused and ("running" in refused or "busy" in refused)
+            assert client.post("/api/undo", json={}).status_code == 409  # undo waits for it too
+        finally:
+            release.set()  # never leave the apply job waiting, whatever failed above
         job = wait_for(client, next(a for a in answers if a.status_code == 202).json()["job"])
         assert job["state"] == "done", job
 
@@ -567,16 +570,7 @@ def test_state_changing_endpoints_refuse_get(shared):
 
 
 # ---- "not a duplicate" marks -----------------------------------------------------------------------
-def _needs_marks():
-    from dinoseek.indexer.catalog_gateway import Catalog
-
-    for method in ("mark_not_duplicate", "unmark_not_duplicate"):
-        if not hasattr(Catalog, method):
-            pytest.skip(f"Catalog.{method} does not exist yet (the marks migration 0005 is not in this tree)")
-
-
 def test_marking_a_group_not_a_duplicate_removes_it_as_dedup_does(root):
-    _needs_marks()
     with client_for(root) as client:
         data = client.get("/api/groups", params={"threshold": THRESHOLD}).json()
         group = next(g for g in data["groups"] if g["kind"] == "near")
@@ -593,7 +587,6 @@ def test_marking_a_group_not_a_duplicate_removes_it_as_dedup_does(root):
 
 
 def test_marks_need_two_different_known_photos(shared, shared_root):
-    _needs_marks()
     ids = ids_by_name(shared_root)
     assert shared.post("/api/marks", json={"ids": [ids["a/p0.jpg"]]}).status_code == 400
     assert shared.post("/api/marks", json={"ids": [ids["a/p0.jpg"], 999_999]}).status_code == 400
@@ -602,7 +595,6 @@ def test_marks_need_two_different_known_photos(shared, shared_root):
 
 
 def test_marking_a_mixed_group_marks_only_the_pairs_between_different_contents(tmp_path, tiny_folder):
-    _needs_marks()
     root = tmp_path / "photos"
     make_photos(root)
     (root / "b" / "p1-copy.jpg").write_bytes((root / "a" / "p1.jpg").read_bytes())  # p1 twice, plus p1-small
@@ -623,7 +615,6 @@ def test_marking_a_mixed_group_marks_only_the_pairs_between_different_contents(t
 
 
 def test_marks_take_at_most_200_ids_in_one_request(shared, shared_root):
-    _needs_marks()
     ids = sorted(ids_by_name(shared_root).values())
     many = [*ids, *range(1_000_000, 1_000_000 + 201 - len(ids))]
     for path in ("/api/marks", "/api/marks/remove"):
@@ -651,7 +642,6 @@ def test_large_flat_libraries_search_through_the_temporary_ivf_as_find_duplicate
 
 
 def test_a_mark_regroups_without_a_new_candidate_search(root, monkeypatch):
-    _needs_marks()
     searched = []
     real = groups_module.candidate_pairs
     monkeypatch.setattr(groups_module, "candidate_pairs", lambda library, floor: searched.append(floor) or
@@ -758,7 +748,6 @@ def test_requests_are_served_while_the_reader_reloads(root, monkeypatch):
 
 
 def test_a_mark_succeeds_while_another_handle_holds_the_writer_lock(root):
-    _needs_marks()
     ids = ids_by_name(root)
     with client_for(root) as client, Library.open(root, write=True):  # `dinoseek index` or an apply runs
         response = client.post("/api/marks", json={"ids": [ids["a/p0.jpg"], ids["a/p3.jpg"]]})

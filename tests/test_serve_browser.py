@@ -47,8 +47,10 @@ def chromium():
         _missing("no `chromium` on PATH (apt-get install chromium)")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, headless=True)
-        yield browser
-        browser.close()
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 @pytest.fixture(scope="module")
@@ -101,12 +103,14 @@ def _serve(root, tiny_folder):
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     stop = time.monotonic() + 30
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < stop, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(timeout=15)
+    try:
+        while not uv.started:
+            assert thread.is_alive() and time.monotonic() < stop, "the server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:  # stopped whatever happened, a failed start included
+        uv.should_exit = True
+        thread.join(timeout=15)
     assert not thread.is_alive(), "the server did not stop"
 
 

@@ -164,6 +164,7 @@ def _start(root, *args) -> tuple[subprocess.Popen, str]:
     found = re.search(r"at (http://\S+)", line)
     if not found:
         process.kill()
+        process.wait(10)
         raise AssertionError(f"no URL printed: {line!r} {process.stderr.read()}")
     return process, found.group(1)
 
@@ -174,6 +175,7 @@ def _stop(process: subprocess.Popen) -> tuple[int, str]:
         out, _ = process.communicate(timeout=30)
     except subprocess.TimeoutExpired:
         process.kill()
+        process.wait(10)
         raise
     return process.returncode, out
 
@@ -203,7 +205,8 @@ def test_dinoseek_serve_off_loopback_prints_a_token_url_and_refuses_without_it(r
             assert login.status_code == 200 and 'name="csrf-token"' in login.text
             assert browser.get(local + "api/info").status_code == 200
     finally:
-        _stop(process)
+        code, _ = _stop(process)
+    assert code == 0  # Ctrl-C stops it cleanly
 
 
 def test_dinoseek_serve_on_a_folder_without_a_library_says_so_in_one_line(tmp_path):
@@ -328,7 +331,7 @@ def test_an_unexpected_error_is_a_json_500_with_the_security_headers(root, caplo
     assert response.status_code == 500
     assert response.json() == {"detail": "internal error: boom"}
     assert response.headers["x-content-type-options"] == "nosniff"
-    assert "Traceback" in caplog.text or any(r.exc_info for r in caplog.records)
+    assert any(r.exc_info and "boom" in str(r.exc_info[1]) for r in caplog.records)  # the traceback is logged
 
 
 def test_docs_load_no_script_from_another_site(root):
