@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .compiled import AUTO_MIN_BATCH, CompiledViT
 from .embedder import Embeddings
 from .errors import InvalidArgumentError, WeightsNotFoundError
 from .fingerprint import tensors_sha256
@@ -49,11 +50,17 @@ class Encoder:
         size: int = CROP,
         fingerprint: str | Callable[[], str] | None = None,
         source: dict | None = None,
+        compile: str | bool = "auto",
     ) -> None:
         """`fingerprint` identifies the weights in library manifests: a sha256, or a function giving
         it when first needed (`Weights.fingerprint`, over the checkpoint files). None for a model
         built in memory: its tensors are hashed, before precision changes them. `source` says where
-        the weights were loaded from (`Weights.source`), for a library to load them again unasked."""
+        the weights were loaded from (`Weights.source`), for a library to load them again unasked.
+
+        `compile`: run the ViT through torch.compile and CUDA graphs (`model.compiled`). "auto":
+        on CUDA, for batches of AUTO_MIN_BATCH images or more; True: every batch, on any device;
+        False: never. int8/int4 models always run eagerly."""
+        _check_compile(compile)
         self._fingerprint = tensors_sha256(vit) if fingerprint is None else fingerprint
         self.source = source
         self.device = resolve_device(device)
@@ -66,6 +73,10 @@ class Encoder:
 
             calibration = preprocess(calibration_images(), mode=mode, size=size)
         self.vit = apply_precision(vit, self.precision, self.device, calibration).eval().requires_grad_(False)
+        self.compiled = _compiles(compile, self.device, self.precision)
+        self._compiled_vit = None
+        if self.compiled:
+            self._compiled_vit = CompiledViT(self.vit, min_batch=AUTO_MIN_BATCH if compile == "auto" else 1)
 
     @classmethod
     def from_pretrained(
@@ -76,10 +87,12 @@ class Encoder:
         precision: str = "auto",
         mode: str = "crop",
         size: int = CROP,
+        compile: str | bool = "auto",
     ) -> "Encoder":
         """Load weights (preset name, HF folder, `.safetensors`, `.pth`) and prepare them for `precision`."""
-        check_settings(device=device, precision=precision, mode=mode, size=size)
-        return cls.from_weights(load_weights(source), device=device, precision=precision, mode=mode, size=size)
+        check_settings(device=device, precision=precision, mode=mode, size=size, compile=compile)
+        return cls.from_weights(load_weights(source), device=device, precision=precision, mode=mode, size=size,
+                                compile=compile)
 
     @classmethod
     def from_weights(
@@ -90,10 +103,11 @@ class Encoder:
         precision: str = "auto",
         mode: str = "crop",
         size: int = CROP,
+        compile: str | bool = "auto",
     ) -> "Encoder":
         """An encoder over weights already loaded (`load_weights`), fingerprinted by their files."""
         return cls(weights.vit, device=device, precision=precision, mode=mode, size=size,
-                   fingerprint=weights.fingerprint, source=weights.source)
+                   fingerprint=weights.fingerprint, source=weights.source, compile=compile)
 
     @property
     def dim(self) -> int:
@@ -134,7 +148,7 @@ class Encoder:
         if self.device.type == "cuda" and pixel_values.device.type == "cpu":
             pixel_values = pixel_values.pin_memory()  # page-locked, so the copy below overlaps compute
         pixel_values = pixel_values.to(self.device, self.dtype, non_blocking=True)
-        hidden = self.vit(pixel_values)  # (B, 1 + R + N, D)
+        hidden = self.hidden_states(pixel_values)  # (B, 1 + R + N, D)
         patches = hidden[:, self.vit.num_prefix_tokens :].float()  # (B, N, D)
         cls_vec = torch.nn.functional.normalize(hidden[:, 0].float(), dim=-1)
         patch_vec = torch.nn.functional.normalize(patches.mean(dim=1), dim=-1)
@@ -143,6 +157,13 @@ class Encoder:
             patch=patch_vec.cpu().numpy(),
             tokens=patches.cpu().numpy() if return_tokens else None,
         )
+
+    def hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Final-norm tokens (B, 1 + R + N, D) of pixel values on this encoder's device: through the
+        compiled forward where it is on (the first batch of each new size compiles), else the ViT."""
+        if self._compiled_vit is None:
+            return self.vit(pixel_values)
+        return self._compiled_vit(pixel_values)
 
     @property
     def weights_sha256(self) -> str:
@@ -168,11 +189,26 @@ class Encoder:
 
 
 def check_settings(*, device: str | torch.device = "cpu", precision: str = "auto", mode: str = "crop",
-                   size: int = CROP) -> None:
+                   size: int = CROP, compile: str | bool = "auto") -> None:
     """Raise unless an encoder can be made with these settings. Cheap, so that callers check them
     before gigabytes of weights are read, or anything is created."""
     InputSpec(mode, size)
     resolve_precision(precision, resolve_device(device))
+    _check_compile(compile)
+
+
+def _check_compile(compile) -> None:
+    if compile is not True and compile is not False and not (isinstance(compile, str) and compile == "auto"):
+        raise InvalidArgumentError(f"compile must be 'auto', True or False, got {compile!r}")
+
+
+def _compiles(compile: str | bool, device: torch.device, precision: str) -> bool:
+    """Whether the encoder runs compiled. int8/int4 stay eager: their layers run kernels of their
+    own (model/quant.py) that compiling would trace through or around, for little gain -- their
+    time goes to unpacking weights, not to the elementwise passes compiling fuses."""
+    if precision in ("int8", "int4") or compile is False:
+        return False
+    return compile is True or device.type == "cuda"
 
 
 def encoder_for_library(

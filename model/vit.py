@@ -93,7 +93,8 @@ class DinoVisionTransformer(nn.Module):
             x = torch.cat((x[:, :1], self.register_tokens.expand(B, -1, -1).to(x.dtype), x[:, 1:]), dim=1)
         return x
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def check_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`pixel_values` in the weights' dtype, after checking they are (B, C, H, W) of at least one patch."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.in_chans:
             raise InvalidArgumentError(
                 f"pixel_values must be (B, {self.config.in_chans}, H, W), got {tuple(pixel_values.shape)}"
@@ -101,7 +102,10 @@ class DinoVisionTransformer(nn.Module):
         p = self.config.patch_size
         if pixel_values.shape[2] < p or pixel_values.shape[3] < p:
             raise InvalidArgumentError(f"input {tuple(pixel_values.shape[2:])} is smaller than one {p}x{p} patch")
-        x = self.embed_tokens(pixel_values.to(self.patch_embed.proj.weight.dtype))
+        return pixel_values.to(self.patch_embed.proj.weight.dtype)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(self.check_pixels(pixel_values))
         for block in self.blocks:
             x = block(x)
         return self.norm(x)

@@ -12,18 +12,23 @@ import torch.nn.functional as F
 from torch import nn
 
 _FUSABLE_DTYPES = (torch.float32, torch.bfloat16)
+# Read once: torch.compile cannot trace `torch.backends.mkldnn.is_available` (a graph break per call).
+_MKLDNN = torch.backends.mkldnn.is_available()
 
 
 def _fusable(x: torch.Tensor, linear: nn.Module) -> bool:
     # Plain nn.Linear only (quantized layers have their own kernels); inference only (no autograd).
+    # Not under torch.compile: inductor lowers these ops only for frozen weights, and fuses
+    # the plain ops itself.
     return (
         type(linear) is nn.Linear
+        and not torch.compiler.is_compiling()
         and x.device.type == "cpu"
         and x.dtype in _FUSABLE_DTYPES
         and linear.weight.dtype == x.dtype
         and linear.bias is not None
         and not torch.is_grad_enabled()
-        and torch.backends.mkldnn.is_available()
+        and _MKLDNN
     )
 
 
