@@ -70,6 +70,17 @@ def read_image(path: str | os.PathLike | bytes, *, min_side: int = RESIZE_SHORT,
     and never more than MAX_FILE_BYTES of it: a path swapped for a FIFO would block the reader
     forever, a symlink to /dev/zero would be read until memory runs out.
     """
+    data, meta = read_file(path)
+    with warnings.catch_warnings():
+        # Pillow warns about damaged metadata it worked around ("Corrupt EXIF data", ...); a file
+        # that really cannot be decoded raises, and is recorded with its reason.
+        warnings.simplefilter("ignore", UserWarning)
+        return _decode(data, min_side, max_pixels, meta)
+
+
+def read_file(path: str | os.PathLike | bytes) -> tuple[bytes, dict]:
+    """`path`'s bytes and their columns (sha256, size, mtime_ns), or the DecodeError `read_image`
+    records; shared with the GPU JPEG path so both record a file that cannot be read alike."""
     try:
         before = os.stat(path)
         data = read_regular(path, max_bytes=MAX_FILE_BYTES)
@@ -84,23 +95,18 @@ def read_image(path: str | os.PathLike | bytes, *, min_side: int = RESIZE_SHORT,
         raise DecodeError("changed", "file changed while it was being read")
     if not data:
         raise DecodeError("empty", "zero-byte file")
-    meta = dict(sha256=hashlib.sha256(data).hexdigest(), size=len(data), mtime_ns=after.st_mtime_ns)
-    with warnings.catch_warnings():
-        # Pillow warns about damaged metadata it worked around ("Corrupt EXIF data", ...); a file
-        # that really cannot be decoded raises, and is recorded with its reason.
-        warnings.simplefilter("ignore", UserWarning)
-        return _decode(data, min_side, max_pixels, meta)
+    return data, dict(sha256=hashlib.sha256(data).hexdigest(), size=len(data), mtime_ns=after.st_mtime_ns)
 
 
 def _decode(data: bytes, min_side: int, max_pixels: int, meta: dict) -> DecodedImage:
     try:
-        image = _open(data)
+        image = open_header(data)
     except UnidentifiedImageError as e:
         if not (data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS):
             raise DecodeError("unidentified", "not an image Pillow recognises") from e
         _register_heif()  # HEIC: Pillow needs the pillow-heif plugin
         try:
-            image = _open(data)
+            image = open_header(data)
         except UnidentifiedImageError as e2:
             raise DecodeError("unidentified", "unreadable HEIF container") from e2
     fmt = image.format or "unknown"
@@ -109,7 +115,7 @@ def _decode(data: bytes, min_side: int, max_pixels: int, meta: dict) -> DecodedI
     width, height = image.size
     if width * height > max_pixels:
         raise DecodeError("too-large", f"{width}x{height} exceeds the {max_pixels:,}-pixel limit")
-    captured_at, camera = _exif_fields(image)
+    captured_at, camera = exif_fields(image)
     try:
         frames = getattr(image, "n_frames", 1)  # parses every frame header: damaged files raise here
         if fmt in ("JPEG", "MPO"):
@@ -141,7 +147,7 @@ def limit_aspect(image: Image.Image) -> Image.Image:
     return image
 
 
-def _open(data: bytes) -> Image.Image:
+def open_header(data: bytes) -> Image.Image:
     """Parse the header only; pixel data is not decoded yet."""
     try:
         with warnings.catch_warnings():
@@ -158,7 +164,7 @@ def _open(data: bytes) -> Image.Image:
         raise DecodeError("unidentified", f"unreadable image header ({type(e).__name__}: {e})") from e
 
 
-def _exif_fields(image: Image.Image) -> tuple[str | None, str | None]:
+def exif_fields(image: Image.Image) -> tuple[str | None, str | None]:
     try:
         exif = image.getexif()
     except Exception:  # noqa: BLE001 - corrupt EXIF must not cost the image

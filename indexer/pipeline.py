@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -32,6 +33,16 @@ from .catalog import EMBEDDED, TRANSIENT
 from .catalog_gateway import blob_from_vector
 from .decode import DecodeError, display_path, load_pixels
 from .errors import LibraryError
+from .gpu_jpeg import (
+    BatchDecoder,
+    DaemonThreads,
+    JpegFile,
+    decode_batch,
+    is_jpeg_name,
+    jpeg_decoder_for,
+    quiet_header_warnings,
+    read_jpeg,
+)
 from .library import Library, check_placement
 from .plan import Plan, Task, make_plan, path_rank, set_aside, sweep_decision
 from .scan import scan
@@ -54,6 +65,12 @@ class Options:
     # A decode task running longer than this many seconds is recorded as crashed (retried next run)
     # and its worker killed: a hung codec or file system must not stall the run. None: no limit.
     decode_timeout: float | None = 120.0
+    # JPEGs decoded in batches on the GPU beside the workers: "auto" (when the encoder is on CUDA
+    # and torchvision's nvjpeg works), "gpu" (required: an error where it cannot) or "cpu".
+    decode: str = "auto"
+    # A batch decoder to use instead of what `decode` picks (tests hand in one made with Pillow).
+    jpeg_decoder: BatchDecoder | None = None
+    gpu_batch: int = 32  # JPEGs per batched GPU decode
 
 
 @dataclass
@@ -105,7 +122,7 @@ def _decode_task(root: bytes, task: Task, spec: InputSpec, moved_hashes: frozens
         decoded, pixels = load_pixels(path, spec, known=moved_hashes)
     except DecodeError as e:
         return Failed(task, e.status, e.reason)
-    except Exception as e:  # noqa: BLE001 - one bad file must never end the run
+    except Exception as e:
         return Failed(task, "crashed", f"decoder error: {type(e).__name__}: {e}")
     meta = {
         "size": decoded.size, "mtime_ns": decoded.mtime_ns, "sha256": decoded.sha256, "width": decoded.width,
@@ -124,6 +141,9 @@ def run_index(
     on_progress: Callable[[Progress], None] | None = None,
 ) -> dict:
     """Bring the library up to date with its root folder; returns the run's counts."""
+    if options.jpeg_decoder is None:  # before anything changes: `decode="gpu"` may be impossible here
+        decoder = jpeg_decoder_for(options.decode, getattr(encoder, "device", None))
+        options = dataclasses.replace(options, jpeg_decoder=decoder, decode="cpu" if decoder is None else "gpu")
     _prepare(library, encoder)
     root = os.fsencode(library.root)
     existing = library.catalog.file_states()
@@ -233,20 +253,32 @@ def _decoded(root: bytes, tasks: list[Task], encoder: Embedder, options: Options
     (retried next run) and a fresh pool decodes the rest.
     """
     args = (encoder.input_spec, moved)
+    decoder = options.jpeg_decoder
+    if decoder is None and options.decode != "cpu":
+        decoder = jpeg_decoder_for(options.decode, getattr(encoder, "device", None))
+    queue = collections.deque(tasks)
+    lane = _JpegLane(root, queue, decoder, encoder.input_spec, moved, options) if decoder is not None else None
+    try:
+        yield from _decode_with_workers(root, queue, options, lambda t: (root, t, *args), lane)
+    finally:
+        if lane is not None:
+            lane.close()
+
+
+def _decode_with_workers(root: bytes, queue: collections.deque, options: Options, call_args: Callable,
+                         lane: _JpegLane | None) -> Iterator[DecodeResult]:
     if options.workers <= 0:
         # In-process nothing can be stopped from outside; read_image refusing FIFOs and devices
         # unopened is what keeps this from blocking.
-        for task in tasks:
-            yield _decode_task(root, task, *args)
+        yield from _drain(_InProcess(), {}, queue, 1, None, call_args, lane)
         return
     context = multiprocessing.get_context(worker_start_method())
     window = max(options.workers * 4, options.batch_size)
-    queue = collections.deque(tasks)
     while True:
         pool = cf.ProcessPoolExecutor(options.workers, mp_context=context, initializer=_worker_init)
         pending: dict[cf.Future, Task] = {}
         try:
-            yield from _drain(pool, pending, queue, window, options.decode_timeout, lambda t: (root, t, *args))
+            yield from _drain(pool, pending, queue, window, options.decode_timeout, call_args, lane)
             return
         except cf.process.BrokenProcessPool:
             # A worker died (out of memory, a crashing codec): the files in flight are recorded and
@@ -273,9 +305,11 @@ class _Overdue(Exception):
         self.tasks = tasks
 
 
-def _drain(pool: cf.ProcessPoolExecutor, pending: dict, queue: collections.deque, window: int,
-           timeout: float | None, call_args: Callable[[Task], tuple]) -> Iterator[DecodeResult]:
-    """Keep `window` tasks submitted and yield their results until `queue` and `pending` are empty.
+def _drain(pool: cf.Executor, pending: dict, queue: collections.deque, window: int,
+           timeout: float | None, call_args: Callable[[Task], tuple],
+           lane: _JpegLane | None = None) -> Iterator[DecodeResult]:
+    """Keep `window` tasks submitted and yield their results until `queue` and `pending` are empty
+    (and the JPEG lane, if any, has finished: the workers take its JPEGs too once `queue` is empty).
 
     Raises BrokenProcessPool (pending then holds every task in flight, the failed one included) or
     _Overdue. A task's clock starts when the pool hands it to its workers (`running()`), seen at
@@ -283,16 +317,24 @@ def _drain(pool: cf.ProcessPoolExecutor, pending: dict, queue: collections.deque
     """
     started: dict[cf.Future, float] = {}
     poll = None if timeout is None else min(1.0, timeout / 4)
-    while queue or pending:
-        while queue and len(pending) < window:
-            task = queue.popleft()
+    if lane is not None:
+        poll = min(poll or 1.0, 1.0)  # the lane's own clock is read at each poll
+    while queue or pending or (lane is not None and lane.busy()):
+        if lane is not None:
+            lane.feed()
+        while len(pending) < window and (task := queue.popleft() if queue else lane.take() if lane else None):
             try:
                 pending[pool.submit(_decode_task, *call_args(task))] = task
             except cf.process.BrokenProcessPool:
                 queue.appendleft(task)  # never submitted: the fresh pool decodes it
                 raise
-        done, _ = cf.wait(pending, timeout=poll, return_when=cf.FIRST_COMPLETED)
+        waiting = list(pending) + (lane.futures() if lane is not None else [])
+        done, _ = cf.wait(waiting, timeout=poll, return_when=cf.FIRST_COMPLETED)
+        if lane is not None:
+            yield from lane.collect()
         for future in done:
+            if future not in pending:
+                continue  # the lane's
             result = future.result()  # BrokenProcessPool: the task stays in pending, recorded as lost
             pending.pop(future)
             started.pop(future, None)
@@ -321,6 +363,146 @@ def _kill_workers(pool: cf.ProcessPoolExecutor) -> None:
             process.kill()
         except (OSError, ValueError):  # already gone, or closed
             pass
+
+
+class _InProcess(cf.Executor):
+    """`workers=0`: each task runs when submitted, in this process, through the same loop as a pool."""
+
+    def submit(self, fn, /, *args, **kwargs) -> cf.Future:
+        future: cf.Future = cf.Future()
+        future.set_result(fn(*args, **kwargs))  # _decode_task returns every failure as Failed
+        return future
+
+
+class _JpegLane:
+    """JPEGs decoded in batches by a BatchDecoder (nvjpeg on the GPU), beside the CPU workers.
+
+    The lane takes JPEG tasks (by name) from the front of its own queue; the workers take from the
+    shared queue and, once it is empty, from the lane's too, so neither idles. Files are read,
+    hashed and their headers parsed in a few threads (hashlib and reads release the GIL), then
+    decoded `batch` at a time in one thread. At most `4 * batch` files are between reading and
+    decoding (their bytes are held). Whatever the lane does not take (not really a JPEG, CMYK, a
+    damaged file, a known hash, a decoder error) goes to the front of the shared queue: the CPU
+    path decodes it or records it exactly as without the lane. A batch whose decode raises is
+    handed to the CPU path whole; after MAX_CRASHES, or a read or decode running past the decode
+    timeout (its thread cannot be stopped, and is abandoned), the lane stops and the CPU path
+    takes every file it held.
+    """
+
+    MAX_CRASHES = 2
+    READERS = 4
+
+    def __init__(self, root: bytes, queue: collections.deque, decoder: BatchDecoder, spec: InputSpec,
+                 moved: frozenset, options: Options) -> None:
+        self.root, self.queue, self.decoder, self.spec, self.moved = root, queue, decoder, spec, moved
+        self.batch, self.timeout = max(1, options.gpu_batch), options.decode_timeout
+        jpegs = [t for t in queue if is_jpeg_name(t.rel)]
+        others = [t for t in queue if not is_jpeg_name(t.rel)]
+        queue.clear()
+        queue.extend(others)  # the workers start on what only they can decode
+        self.jpegs = collections.deque(jpegs)
+        self.reading: dict[cf.Future, Task] = {}
+        self.ready: list[tuple[Task, JpegFile]] = []
+        self.decoding: dict[cf.Future, list[tuple[Task, JpegFile]]] = {}
+        self.started: dict[cf.Future, float] = {}
+        self.crashes = 0
+        self.enabled = True
+        quiet_header_warnings()
+        self.readers = DaemonThreads(min(self.READERS, os.cpu_count() or 1), "jpeg-read")
+        self.gpu = DaemonThreads(1, "jpeg-decode")
+
+    def busy(self) -> bool:
+        return self.enabled and bool(self.jpegs or self.reading or self.ready or self.decoding)
+
+    def futures(self) -> list[cf.Future]:
+        return [*self.reading, *self.decoding]
+
+    def take(self) -> Task | None:
+        """A JPEG for a CPU worker (the shared queue is empty)."""
+        return self.jpegs.popleft() if self.enabled and self.jpegs else None
+
+    def feed(self) -> None:
+        """Start reads while there is room, and a decode when a batch is ready (or nothing more
+        will come for a while); two decodes queued, so the GPU never waits for this thread."""
+        if not self.enabled:
+            return
+        held = lambda: len(self.reading) + len(self.ready) + self.batch * len(self.decoding)
+        while self.jpegs and held() < 4 * self.batch:
+            task = self.jpegs.popleft()
+            self.reading[self.readers.submit(self._read, task)] = task
+        while self.ready and len(self.decoding) < 2 and (len(self.ready) >= self.batch or not self.reading):
+            files, self.ready = self.ready[: self.batch], self.ready[self.batch:]
+            self.decoding[self.gpu.submit(decode_batch, [f for _, f in files], self.decoder, self.spec)] = files
+
+    def _read(self, task: Task) -> JpegFile | Failed | None:
+        try:
+            file = read_jpeg(os.path.join(self.root, task.rel), self.spec)
+        except DecodeError as e:
+            return Failed(task, e.status, e.reason)  # unread: what read_image records for it
+        except Exception:
+            return None
+        # A known hash (a moved file) is checked by the CPU path, which also decodes it.
+        return None if file is None or file.meta["sha256"] in self.moved else file
+
+    def collect(self) -> Iterator[DecodeResult]:
+        """Results of finished reads and decodes; files for the CPU path go to the shared queue."""
+        for future in [f for f in self.reading if f.done()]:
+            task = self.reading.pop(future)
+            self.started.pop(future, None)
+            result = future.result()
+            if isinstance(result, Failed):
+                yield result
+            elif result is None:
+                self.queue.appendleft(task)
+            else:
+                self.ready.append((task, result))
+        for future in [f for f in self.decoding if f.done()]:
+            files = self.decoding.pop(future)
+            self.started.pop(future, None)
+            try:
+                pixels = future.result()
+            except Exception as e:
+                self.crashes += 1
+                log.warning("GPU JPEG decoding failed (%s: %s); its %d files go to the CPU decoders",
+                            type(e).__name__, e, len(files))
+                self.queue.extendleft(reversed([task for task, _ in files]))
+                if self.crashes >= self.MAX_CRASHES:
+                    self._stop(f"it failed {self.crashes} times")
+                continue
+            for (task, file), image in zip(files, pixels):
+                if image is None:
+                    self.queue.appendleft(task)
+                else:
+                    yield Decoded(task, file.meta, image)
+        self._check_clock()
+
+    def _check_clock(self) -> None:
+        if self.timeout is None or not self.enabled:
+            return
+        now = time.monotonic()
+        for future in self.futures():
+            if future not in self.started and future.running():
+                self.started[future] = now
+        if any(now - t > self.timeout for f, t in self.started.items() if not f.done()):
+            self._stop(f"a read or decode took longer than {self.timeout:g} s")
+
+    def _stop(self, why: str) -> None:
+        """Hand every file the lane holds to the CPU path, and take no more."""
+        log.warning("GPU JPEG decoding stopped (%s); the CPU decoders read the rest", why)
+        self.enabled = False
+        held = [*self.reading.values(), *(t for t, _ in self.ready),
+                *(t for files in self.decoding.values() for t, _ in files), *self.jpegs]
+        for future in self.futures():
+            future.cancel()
+        self.reading, self.ready, self.decoding, self.started = {}, [], {}, {}
+        self.jpegs.clear()
+        self.queue.extendleft(reversed(held))
+
+    def close(self) -> None:
+        for future in self.futures():
+            future.cancel()
+        self.readers.shutdown()
+        self.gpu.shutdown(wait=5.0)  # a decode under way finishes before the process moves on
 
 
 def worker_start_method() -> str:
@@ -431,5 +613,5 @@ def _row(rel: bytes, **values) -> dict:
 def _finish(library: Library, run_id: int, status: str, counts: dict) -> None:
     try:
         library.catalog.finish_run(run_id, status, counts)
-    except Exception:  # noqa: BLE001 - never mask the error that ended the run
+    except Exception:
         log.exception("could not record the end of run %d", run_id)

@@ -379,9 +379,12 @@ def library_options(func=None, *, find: bool = True):
 @click.option("--allow-mass-delete", is_flag=True, help="Let a run drop more than half of the library.")
 @click.option("--checkpoint-seconds", type=_Float(0, 7 * 86400), default=60.0, show_default=True,
               help="How often the FAISS files are checkpointed during a run.")
+@click.option("--decode", "decode", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+              help="Where JPEGs are decoded: gpu = in batches with nvjpeg (needs torchvision) beside the CPU "
+                   "workers; auto = gpu when the encoder runs on CUDA and that works, else cpu.")
 @_translate_errors
 def index(root, library_dir, url, model_name, weights, device, precision, workers, batch_size, index_choice, mode,
-          size, include, exclude, follow_symlinks, allow_mass_delete, checkpoint_seconds):
+          size, include, exclude, follow_symlinks, allow_mass_delete, checkpoint_seconds, decode):
     """Index the photos under ROOT: new and changed files are embedded, removed ones dropped.
 
     \b
@@ -406,6 +409,12 @@ def index(root, library_dir, url, model_name, weights, device, precision, worker
     if workers is not None:
         options.workers = workers
     check_settings(device=device, precision=precision)
+    if decode != "cpu":  # before the library is touched: --decode gpu may be impossible here
+        from dinoseek.indexer.gpu_jpeg import jpeg_decoder_for
+        from dinoseek.model.precision import resolve_device
+
+        options.jpeg_decoder = jpeg_decoder_for(decode, resolve_device(device))
+    options.decode = "cpu" if options.jpeg_decoder is None else "gpu"  # settled once, here
 
     def model_for(manifest):
         # The library's recorded model and preprocessing unless flags say otherwise (which must fit
