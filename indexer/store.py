@@ -22,6 +22,7 @@ import numpy as np
 
 from dinoseek.model.files import FileTooLargeError, NotRegularFileError, read_regular
 
+from . import torch_search
 from .errors import InvalidArgumentError
 from .tuning import (FLAT_FALLBACK_MAX, FLAT_LIMIT, MAX_PROBE_FRACTION, MIN_AUTO_RECALL, PQ_FROM, TARGET_RECALL,
                      TRAIN_PER_LIST)
@@ -68,6 +69,9 @@ class VectorIndex:
     # FAISS GPU indexes must not be searched from several threads at once (the server's threadpool
     # does), and the copy must be made once: building and searching the GPU copy hold this lock.
     _gpu_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+    # ((version, device), torch_search.TorchExactIndex or None where making it failed): the copy exact
+    # searches go through on a CUDA machine without faiss-gpu (see _torch_exact); also under _gpu_lock.
+    _torch: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def count(self) -> int:
@@ -93,6 +97,9 @@ class VectorIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of the k best inner products; ids are catalog row ids (-1 pads)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        found = self._through_torch(lambda exact: exact.search(queries, k))
+        if found is not None:
+            return found
         if not gpu_available() or self.count == 0:
             return self._search(self.index, queries, k)
         with self._gpu_lock:
@@ -108,6 +115,9 @@ class VectorIndex:
         """(lims, scores, ids): every stored vector with inner product >= threshold, per query.
         IVF indexes probe `nprobe` lists (default: the tuned search value)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        found = self._through_torch(lambda exact: exact.range_search(queries, threshold))
+        if found is not None:
+            return found
         if self.nprobe:
             params = faiss.SearchParametersIVF(nprobe=min(nprobe or self.nprobe, faiss.extract_index_ivf(self.index.index).nlist))
             return self.index.range_search(queries, threshold, params=params)
@@ -122,6 +132,41 @@ class VectorIndex:
         else:
             params = faiss.SearchParameters(sel=selector)
         return self.index.search(queries, k, params=params)
+
+    def _through_torch(self, search):
+        """search(the torch copy) for a Flat index where torch_search.search_device names a device
+        (CUDA without faiss-gpu), else None: the caller searches with FAISS. A copy that cannot be
+        made or fails (out of GPU memory even in the smallest blocks) is logged once and dropped
+        until the index changes: FAISS on the CPU answers meanwhile."""
+        device = torch_search.search_device(gpu_available())
+        if device is None or self.count == 0 or not self.is_exact():
+            return None
+        with self._gpu_lock:
+            exact = self._torch_exact(device)
+            if exact is None:
+                return None
+            try:
+                return search(exact)
+            except RuntimeError as e:
+                log.warning("exact search on %s failed, FAISS on the CPU takes over: %s", device,
+                            str(e).splitlines()[0])
+                self._torch = (self._torch[0], None)
+                return None
+
+    def _torch_exact(self, device):
+        """The torch copy of this Flat index's vectors on `device`, made on first need and remade
+        when the index changed (version); None where it could not be made. Hold _gpu_lock."""
+        key = (self.version, device)
+        if self._torch is None or self._torch[0] != key:
+            self._torch = None  # let go of the stale copy's GPU memory first
+            try:
+                # The flat index's positions line up with the id map, so row i has id ids()[i].
+                vectors = self.index.index.reconstruct_n(0, self.count)
+                self._torch = (key, torch_search.TorchExactIndex(self.ids(), vectors, device))
+            except RuntimeError as e:
+                log.warning("exact search stays on FAISS: no copy on %s: %s", device, str(e).splitlines()[0])
+                self._torch = (key, None)
+        return self._torch[1]
 
     def _searchable(self):
         """The GPU copy of the index where faiss-gpu and CUDA are present (made once), else itself.

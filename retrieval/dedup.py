@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -14,7 +15,8 @@ import numpy as np
 
 from dinoseek.indexer.library import Library
 from dinoseek.indexer.paths import under_root
-from dinoseek.indexer.store import VectorIndex, ivf_lists, trained_ivf_flat, training_sample
+from dinoseek.indexer.store import VectorIndex, gpu_available, ivf_lists, trained_ivf_flat, training_sample
+from dinoseek.indexer.torch_search import TorchExactIndex, search_device
 from dinoseek.indexer.tuning import DEDUP_BLOCK, DEDUP_NPROBE, EXACT_PAIRS_MAX
 from dinoseek.model import Embedder
 from dinoseek.model.progress import progress
@@ -24,6 +26,8 @@ from .grouping import linked_groups, rescored_pairs, unit_rows
 from .keep import DEFAULT_ORDER, Member, check_order, choose_keeper, in_folder
 from .marks import drop_marked
 from .sidecars import folder_index, raw_partner
+
+log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.95  # cosine of CLS vectors; `dinoseek calibrate` recommends one for a library
 # Candidates are searched this far below the threshold, then re-scored exactly (see score_margin).
@@ -163,8 +167,10 @@ def candidate_search(library: Library, kind: str, low: float, *, block: int = DE
     def vectors_of(ids):
         return library.catalog.vectors(kind, ids)
 
-    return rescored_pairs(index, library.catalog.vector_blocks(kind, block), low, vectors_of, nprobe=nprobe,
-                          margin=score_margin(index), total=index.count)
+    # A torch index holds the catalog's vectors already: its queries come from it, not a second read.
+    blocks = index.blocks(block) if isinstance(index, TorchExactIndex) else library.catalog.vector_blocks(kind, block)
+    return rescored_pairs(index, blocks, low, vectors_of, nprobe=nprobe, margin=score_margin(index),
+                          total=index.count)
 
 
 def groups_from_links(library: Library, linked: list[tuple[list[int], float]],
@@ -194,7 +200,7 @@ def groups_from_links(library: Library, linked: list[tuple[list[int], float]],
     return _with_similarities(library, result, kind, scores) if result else result
 
 
-def score_margin(index: VectorIndex) -> float:
+def score_margin(index: VectorIndex | TorchExactIndex) -> float:
     """How far below the threshold to look for candidates in `index`, by how far its scores can be off.
 
     Flat and IVF-Flat hold the catalog's float16 vectors as they are, not re-normalised: each norm is
@@ -203,7 +209,11 @@ def score_margin(index: VectorIndex) -> float:
     vectors (measured, 128 and 384 dimensions): 0.01. PQ and RaBitQ err by up to ~0.1 on clustered
     vectors and more on random ones: 0.1 finds nearly all pairs of real photos; one still missed is a
     duplicate left unreported, never a wrong group, since every candidate is re-scored exactly.
+    A torch exact index gives float32 inner products of the same un-normalised vectors (it re-scores
+    its float16 products itself, see indexer.torch_search): as Flat.
     """
+    if isinstance(index, TorchExactIndex):
+        return FLAT_MARGIN
     inner = faiss.downcast_index(index.index.index)
     if isinstance(inner, (faiss.IndexScalarQuantizer, faiss.IndexIVFScalarQuantizer)):
         return SQ_MARGIN
@@ -246,13 +256,20 @@ def exact_pairs(hash_groups: list[list[int]]) -> list[tuple[int, int, float]]:
     return [(a, b, 1.0) for ids in hash_groups for a, b in itertools.combinations(sorted(ids), 2)]
 
 
-def candidate_index(library: Library, kind: str, block: int = DEDUP_BLOCK) -> VectorIndex:
-    """The index to find close pairs with: the library's own, unless it is exact and large; then
-    a temporary IVF-Flat is trained on a sample and filled block by block (the library's exact
-    index is not loaded at all, so memory stays at one copy of the vectors).
+def candidate_index(library: Library, kind: str, block: int = DEDUP_BLOCK) -> VectorIndex | TorchExactIndex:
+    """The index to find close pairs with. On a CUDA machine without faiss-gpu (see
+    indexer.torch_search.search_device): exact search on the GPU over the catalog's vectors, whatever
+    the library's index type. Otherwise the library's own, unless it is exact and large; then a
+    temporary IVF-Flat is trained on a sample and filled block by block (the library's exact index
+    is not loaded at all, so memory stays at one copy of the vectors).
 
     Decided by the index's record (its type and size), never by whether it happens to be loaded: a
     long-lived reader (the server's) holds every index, and must search as a fresh `dinoseek dedup`."""
+    device = search_device(gpu_available())
+    if device is not None:
+        exact = _torch_candidate_index(library, kind, block, device)
+        if exact is not None:
+            return exact
     record = library.index_set.record(kind)
     if record is None or record.nprobe is not None or record.count <= EXACT_PAIRS_MAX:
         return library.indexes.get(kind) or library.load_indexes((kind,))[kind]
@@ -267,6 +284,27 @@ def candidate_index(library: Library, kind: str, block: int = DEDUP_BLOCK) -> Ve
             index.add(block_ids, vectors)
             step.update(len(block_ids))
     return index
+
+
+def _torch_candidate_index(library: Library, kind: str, block: int, device) -> TorchExactIndex | None:
+    """The catalog's vectors in a torch exact index on `device`, read block by block; None (logged)
+    where they cannot be put there (out of GPU memory): the FAISS candidate index is used instead."""
+    ids, vectors = [], []
+    # float16 on the GPU anyway (the catalog's own precision: nothing lost), half the host memory meanwhile
+    dtype = np.float16 if device.type == "cuda" else np.float32
+    record = library.index_set.record(kind)
+    with progress(record.count if record else None, "dedup: search index", unit="images") as step:
+        for block_ids, block_vectors in library.catalog.vector_blocks(kind, block):
+            ids.append(block_ids)
+            vectors.append(block_vectors.astype(dtype))
+            step.update(len(block_ids))
+    if not ids:
+        return None  # nothing embedded: the library's index answers (empty) as before
+    try:
+        return TorchExactIndex(np.concatenate(ids), np.concatenate(vectors), device)
+    except RuntimeError as e:
+        log.warning("duplicate search stays on FAISS: the vectors do not fit on %s: %s", device, str(e).splitlines()[0])
+        return None
 
 
 def _members(library: Library, ids: list[int]) -> dict[int, Member]:

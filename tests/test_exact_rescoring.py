@@ -246,6 +246,7 @@ def test_sq8_pair_above_the_threshold_only_when_compressed_is_not_grouped(sq8_ro
 
 def test_candidates_are_searched_a_margin_below_the_threshold(sq8_root, monkeypatch):
     """The search goes SQ_MARGIN below the threshold (a pair SQ8 scores a little low is still found)."""
+    monkeypatch.setenv("DINOSEEK_TORCH_SEARCH", "off")  # the SQ8 index's own search, as without a GPU
     seen = []
     real = dedup.rescored_pairs
 

@@ -343,6 +343,7 @@ def test_crops_group_only_with_patch_token_reranking(tmp_path, small_folder):
 def test_large_exact_libraries_find_pairs_through_a_temporary_ivf(library_root, monkeypatch):
     import dinoseek.retrieval.dedup as dedup
 
+    monkeypatch.setenv("DINOSEEK_TORCH_SEARCH", "off")  # FAISS's path (on CUDA without faiss-gpu torch searches)
     with Library.open(library_root) as library:
         exact = find_duplicates(library, threshold=THRESHOLD)
     monkeypatch.setattr(dedup, "EXACT_PAIRS_MAX", 5)

@@ -629,6 +629,7 @@ def test_large_flat_libraries_search_through_the_temporary_ivf_as_find_duplicate
     import dinoseek.retrieval.dedup as dedup
 
     monkeypatch.setattr(dedup, "EXACT_PAIRS_MAX", 5)  # the test library (Flat, 12 photos) counts as large
+    monkeypatch.setenv("DINOSEEK_TORCH_SEARCH", "off")  # the FAISS path, also on a CUDA machine
     built = []
     real = dedup.trained_ivf_flat
     monkeypatch.setattr(dedup, "trained_ivf_flat", lambda *a, **k: built.append("ivf") or real(*a, **k))
