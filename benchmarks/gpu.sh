@@ -1,22 +1,62 @@
 #!/usr/bin/env bash
-# Everything GPU-related in one run, for a lent CUDA machine: the `gpu` tests, then the encoder
-# benchmark (ours vs transformers, fp16 batch 256 for small/base/large, plus bf16/int8/int4 on small),
-# then the indexing benchmark with the encoder on the GPU (needs faiss-cpu importable: carry a wheel).
-# Results go to $OUT (default ./results). Needs torch with CUDA and transformers.
-set -euo pipefail
+# Everything GPU-related in one run, for a lent CUDA machine (an H200 for the README's figures):
+#   1. the `gpu`-marked tests (encoder parity on CUDA, int8/int4 kernels, nvjpeg vs PIL, GPU search);
+#   2. the encoder: ours (eager and compiled) vs transformers' Dinov2Model (sdpa), fp16 batch 256,
+#      small/base/large, then bf16/int8/int4 on small;
+#   3. indexing 12 MP JPEGs end to end: PIL workers, nvjpeg, both (needs faiss/sqlalchemy/alembic);
+#   4. search and dedup at 1M x 384 through torch on the GPU (and faiss where it has a GPU build).
+#
+#     OUT=results bash benchmarks/gpu.sh            # all steps
+#     OUT=results bash benchmarks/gpu.sh tests search  # some steps: tests encoder index search
+#
+# Each step has its own time limit, so one that hangs or fails costs only itself; every line goes to
+# $OUT/gpu.log and each step's output to $OUT/<step>.txt. Needs torch with CUDA and transformers.
+# dinoseek need not be installed: the repository folders are made importable as `dinoseek.*`.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python -m pytest -q -m gpu tests 2>&1 | tail -5 | tee "$OUT/gpu-tests.txt"
-python benchmarks/encoder.py --device cuda --presets small base large --batch 256 --precisions fp16 \
-    --warmup 3 --repeats 10 2>&1 | grep -v Warning | tee "$OUT/encoder-cuda-fp16.txt"
-python benchmarks/encoder.py --device cuda --presets small --batch 256 --precisions bf16 int8 int4 \
-    --warmup 3 --repeats 10 2>&1 | grep -v Warning | tee "$OUT/encoder-cuda-small.txt"
-if python -c "import faiss, sqlalchemy, alembic" 2>/dev/null; then
-    python benchmarks/index.py --device cuda --precision fp16 --batch 128 --workers 15 --sizes 256 768 \
-        2>&1 | grep -v Warning | tee "$OUT/index-cuda.txt"
-else
-    echo "faiss/sqlalchemy/alembic not importable: indexing benchmark skipped" | tee "$OUT/index-cuda.txt"
+STEPS=${*:-tests encoder index search}
+
+namespace=$(mktemp -d)
+mkdir "$namespace/dinoseek"
+for package in model indexer retrieval migrations; do ln -s "$PWD/$package" "$namespace/dinoseek/$package"; done
+export PYTHONPATH="$namespace:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export DINOSEEK_PROGRESS=0
+
+log() { echo "$*" | tee -a "$OUT/gpu.log"; }
+
+# step NAME SECONDS COMMAND...: run with a time limit, output to $OUT/NAME.txt and the log.
+step() {
+    local name=$1 limit=$2 started=$SECONDS
+    shift 2
+    log "== $name: $*"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | grep --line-buffered -v -E "Warning|warn\(" | tee "$OUT/$name.txt" >>"$OUT/gpu.log"
+    log "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started)) s"
+}
+
+wanted() { [[ " $STEPS " == *" $1 "* ]]; }
+
+log "# $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1)"
+log "# $(nproc) cores; $(python3 -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1)"
+
+if wanted tests; then
+    # xdist (where installed) builds the CPU references of the test files side by side
+    parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
+    step gpu-tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider $parallel tests
 fi
+if wanted encoder; then
+    export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)  # a cold cache: "compile s" is a first compile
+    step encoder-fp16 200 python3 benchmarks/encoder.py --device cuda --presets small base large --batch 256 \
+        --precisions fp16 --warmup 2 --repeats 7
+    step encoder-small 120 python3 benchmarks/encoder.py --device cuda --presets small --batch 256 \
+        --precisions bf16 int8 int4 --warmup 2 --repeats 7
+fi
+if wanted index; then
+    step index 200 python3 benchmarks/index.py --device cuda --precision fp16 --batch 128 --workers 14 \
+        --sizes 512 2048 --gpu-batch 32
+fi
+if wanted search; then
+    step search 150 python3 benchmarks/gpu_search.py --n 1000000
+fi
+log "# done after $SECONDS s"
