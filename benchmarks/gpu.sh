@@ -43,20 +43,20 @@ log "# $(nproc) cores; $(python3 -c 'import torch, sys; print("python", sys.vers
 if wanted tests; then
     # xdist (where installed) builds the CPU references of the test files side by side
     parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
-    step gpu-tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider $parallel tests
+    step gpu-tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider $parallel $(grep -l "mark.gpu" tests/test_*.py)
 fi
 if wanted encoder; then
     export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)  # a cold cache: "compile s" is a first compile
-    step encoder-fp16 200 python3 benchmarks/encoder.py --device cuda --presets small base large --batch 256 \
+    step encoder-fp16 150 python3 benchmarks/encoder.py --device cuda --presets small base large --batch 256 \
         --precisions fp16 --warmup 2 --repeats 7
-    step encoder-small 120 python3 benchmarks/encoder.py --device cuda --presets small --batch 256 \
+    step encoder-small 90 python3 benchmarks/encoder.py --device cuda --presets small --batch 256 \
         --precisions bf16 int8 int4 --warmup 2 --repeats 7
 fi
 if wanted index; then
-    step index 200 python3 benchmarks/index.py --device cuda --precision fp16 --batch 128 --workers 14 \
+    step index 180 python3 benchmarks/index.py --device cuda --precision fp16 --batch 128 --workers 14 \
         --sizes 512 2048 --gpu-batch 32
 fi
 if wanted search; then
-    step search 150 python3 benchmarks/gpu_search.py --n 1000000
+    step search 120 python3 benchmarks/gpu_search.py --n 1000000
 fi
 log "# done after $SECONDS s"
