@@ -13,7 +13,18 @@ import pytest
 import torch
 from PIL import Image
 
+from pg import postgres_server, postgres_url  # noqa: F401  (fixtures: a real PostgreSQL for the session)
+
 warnings.filterwarnings("ignore", message=".*register_constant.*")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_url(request) -> str | None:
+    """The catalog's URL for tests run on both backends: None (the library's own SQLite file), or a
+    fresh database on the session's PostgreSQL server (skipped where none can run)."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgres_url")
 
 
 def random_hf_model(*, registers=False, swiglu=False, hidden=128, layers=2, heads=2, image_size=98, seed=0):
