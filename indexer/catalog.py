@@ -20,6 +20,11 @@ TRANSIENT = frozenset({"unreadable", "changed", "crashed"})
 # Other failures are retried only when the file's size or mtime changes.
 
 
+# Row ids: 64-bit everywhere. SQLite's INTEGER PRIMARY KEY already is (and must stay INTEGER to be the
+# rowid AUTOINCREMENT needs); PostgreSQL gets bigint (revision 0006).
+Id = BigInteger().with_variant(Integer, "sqlite")
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -32,7 +37,7 @@ class ImageRow(Base):
     __tablename__ = "images"
     __table_args__ = {"sqlite_autoincrement": True}
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
     # Path relative to the library root as raw bytes (os.fsencode): lossless for non-UTF-8 names.
     path: Mapped[bytes] = mapped_column(LargeBinary, unique=True)
     path_text: Mapped[str] = mapped_column(Text)  # printable form, undecodable bytes as \xNN
@@ -50,13 +55,13 @@ class ImageRow(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     cls: Mapped[bytes | None] = mapped_column(LargeBinary)  # float16 (D,), unit norm
     patch: Mapped[bytes | None] = mapped_column(LargeBinary)  # float16 (D,), unit norm
-    run_id: Mapped[int | None] = mapped_column(Integer)
+    run_id: Mapped[int | None] = mapped_column(Id)
 
 
 class RunRow(Base):
     __tablename__ = "runs"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     status: Mapped[str] = mapped_column(String(16), default="running")  # running | finished | failed

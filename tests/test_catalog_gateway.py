@@ -1,5 +1,6 @@
 """The catalog gateway against the rows it was given: chunked id lists, vectors by id and in blocks,
-status changes confined to their path, and an indexing batch that commits whole or not at all."""
+status changes confined to their path, and an indexing batch that commits whole or not at all.
+Every test runs on SQLite and on a real PostgreSQL server (tests/pg.py)."""
 
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ def row(i: int, *, status=EMBEDDED, folder="a", cls=None, patch=None, **values) 
 
 
 @pytest.fixture
-def library(tmp_path):
-    with Library.open(tmp_path, write=True, create=True) as library:
+def library(tmp_path, catalog_url):
+    """A new library on each backend: its own SQLite file, or a fresh PostgreSQL database."""
+    with Library.open(tmp_path, url=catalog_url, write=True, create=True) as library:
         library.bind_model(MANIFEST)
         yield library
 
