@@ -7,10 +7,11 @@ stale index can never be mistaken for a newer image.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime, timezone
 
 from sqlalchemy import JSON, BigInteger, CheckConstraint, DateTime, Integer, LargeBinary, MetaData, String, Text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
 
 KINDS = ("cls", "patch")  # the two vector columns of an image row, each with its own FAISS index
 EMBEDDED = "embedded"
@@ -23,6 +24,11 @@ TRANSIENT = frozenset({"unreadable", "changed", "crashed"})
 # Row ids: 64-bit everywhere. SQLite's INTEGER PRIMARY KEY already is (and must stay INTEGER to be the
 # rowid AUTOINCREMENT needs); PostgreSQL gets bigint (revision 0006).
 Id = BigInteger().with_variant(Integer, "sqlite")
+
+
+def path_digest(path: bytes) -> bytes:
+    """What `images.path_sha256` holds for a raw relative path: the sha256 of its bytes (32 bytes)."""
+    return hashlib.sha256(path).digest()
 
 
 def utcnow() -> datetime:
@@ -38,8 +44,12 @@ class ImageRow(Base):
     __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
-    # Path relative to the library root as raw bytes (os.fsencode): lossless for non-UTF-8 names.
-    path: Mapped[bytes] = mapped_column(LargeBinary, unique=True)
+    # Path relative to the library root as raw bytes (os.fsencode): lossless for non-UTF-8 names. Not
+    # indexed: a btree entry holds ~2.7 kB on PostgreSQL and paths have no length limit (revision 0007).
+    path: Mapped[bytes] = mapped_column(LargeBinary)
+    # path_digest(path): what keeps paths unique and finds a row by path (then compared to `path`).
+    # Set with `path` on ORM writes (the validator below); Core updates in the gateway set both.
+    path_sha256: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
     path_text: Mapped[str] = mapped_column(Text)  # printable form, undecodable bytes as \xNN
     folder: Mapped[str] = mapped_column(Text, index=True)  # printable parent folder, for filters
     size: Mapped[int] = mapped_column(BigInteger)
@@ -56,6 +66,11 @@ class ImageRow(Base):
     cls: Mapped[bytes | None] = mapped_column(LargeBinary)  # float16 (D,), unit norm
     patch: Mapped[bytes | None] = mapped_column(LargeBinary)  # float16 (D,), unit norm
     run_id: Mapped[int | None] = mapped_column(Id)
+
+    @validates("path")
+    def _hash_path(self, key: str, path: bytes) -> bytes:
+        self.path_sha256 = path_digest(path)
+        return path
 
 
 class RunRow(Base):

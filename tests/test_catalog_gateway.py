@@ -4,6 +4,7 @@ Every test runs on SQLite and on a real PostgreSQL server (tests/pg.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
@@ -188,14 +189,34 @@ def test_runs_and_index_file_records(library):
     assert (record.factory, record.auto, record.checksum) == ("Flat", 1, "ab" * 32)
 
 
-def test_a_path_longer_than_a_btree_entry_stays_unique(library, request):
+def test_a_path_longer_than_a_btree_entry_stays_unique(library):
     """Paths of any length are stored and stay unique. PostgreSQL's btree refuses an entry over ~2.7 kB,
-    so a unique index on the path itself cannot hold them: the next revision indexes a hash of it."""
-    if library.catalog.engine.dialect.name == "postgresql":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="uq_images_path is a btree on the raw path "
-                                              "(limit 2704 bytes); needs the path_sha256 revision (issue 11)"))
+    so the unique index is on a hash of the path (revision 0007); inserts, moves and restores keep it."""
     long = "/".join(os.urandom(60).hex() for _ in range(30)).encode()  # 3.6 kB that no compression shrinks
-    library.catalog.write_batch(delete_ids=[], moves=[], inserts=[row(0, path=long, status="truncated")], restores=[])
-    assert library.catalog.rows_at([long]) == {long: (f"{0:064x}", "truncated")}
+    catalog = library.catalog
+    catalog.write_batch(delete_ids=[], moves=[], inserts=[row(0, path=long, status="truncated")], restores=[])
+    assert catalog.rows_at([long]) == {long: (f"{0:064x}", "truncated")}
     with pytest.raises(IntegrityError):
-        library.catalog.write_batch(delete_ids=[], moves=[], inserts=[row(1, path=long, status="truncated")], restores=[])
+        catalog.write_batch(delete_ids=[], moves=[], inserts=[row(1, path=long, status="truncated")], restores=[])
+    moved = long + b"/moved.jpg"  # a move writes the new path's hash: found there, no longer at the old one
+    catalog.write_batch(delete_ids=[], moves=[(long, {"path": moved, "path_text": moved.decode()})], inserts=[],
+                        restores=[])
+    assert catalog.rows_at([long, moved]) == {moved: (f"{0:064x}", "truncated")}
+    with pytest.raises(IntegrityError):  # the moved row's hash is unique too
+        catalog.write_batch(delete_ids=[], moves=[], inserts=[row(2, path=moved)], restores=[])
+    catalog.write_batch(delete_ids=[], moves=[], restores=[(moved, {"status": QUARANTINED})], inserts=[])
+    assert catalog.unquarantine(moved) and catalog.rows_at([moved]) == {moved: (f"{0:064x}", EMBEDDED)}
+    with catalog.session() as s:
+        assert [(r.path, r.path_sha256) for r in s.query(ImageRow)] == [(moved, hashlib.sha256(moved).digest())]
+
+
+def test_a_lookup_by_path_compares_the_path_not_only_its_hash(library, monkeypatch):
+    """The hash finds the row; the path decides. A (simulated) sha256 collision never selects another row."""
+    catalog = library.catalog
+    catalog.write_batch(delete_ids=[], moves=[], inserts=[row(0, status=QUARANTINED)], restores=[])  # at a/0.jpg
+    monkeypatch.setattr(gateway, "path_digest", lambda path: hashlib.sha256(b"a/0.jpg").digest())
+    assert catalog.rows_at([b"a/0.jpg", b"other.jpg"]) == {b"a/0.jpg": (f"{0:064x}", QUARANTINED)}
+    assert not catalog.unquarantine(b"other.jpg") and catalog.row_vectors(path=b"other.jpg") is None
+    with pytest.raises(NoResultFound):
+        catalog.write_batch(delete_ids=[], moves=[], inserts=[], restores=[(b"other.jpg", {"status": EMBEDDED})])
+    assert catalog.rows_at([b"a/0.jpg"]) == {b"a/0.jpg": (f"{0:064x}", QUARANTINED)}  # untouched

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from datetime import datetime, timezone
 
@@ -53,8 +54,9 @@ def test_revisions_build_the_models_schema(tmp_path, catalog_url):
                     f"SELECT data_type FROM information_schema.sequences "
                     f"WHERE sequence_name = '{table}_id_seq'").scalar() == "bigint"
                 connection.exec_driver_sql(f"SELECT setval('{table}_id_seq', {2**40})")
-            connection.exec_driver_sql("INSERT INTO images (path, path_text, folder, size, mtime_ns, status) "
-                                       "VALUES ('\\x61'::bytea, 'a', '.', 1, 0, 'embedded')")
+            connection.exec_driver_sql("INSERT INTO images (path, path_sha256, path_text, folder, size, mtime_ns, "
+                                       "status) VALUES ('\\x61'::bytea, sha256('\\x61'::bytea), 'a', '.', 1, 0, "
+                                       "'embedded')")
             assert connection.exec_driver_sql("SELECT id FROM images").scalar() == 2**40 + 1
     engine.dispose()
 
@@ -140,7 +142,7 @@ def test_a_0004_catalog_gains_the_not_duplicate_marks_and_keeps_its_rows(tmp_pat
                             "purged": datetime(2024, 2, 1, tzinfo=timezone.utc)})
     engine.dispose()
     with Library.open(tmp_path, url=catalog_url, write=True) as library:
-        assert migrate.current_revision(library.catalog.engine) == migrate.head_revision() == "0006"
+        assert migrate.current_revision(library.catalog.engine) == migrate.head_revision() == "0007"
         assert library.info()["total"] == 1
         assert library.catalog.rows_at([b"a.jpg"]) == {b"a.jpg": ("a" * 64, "embedded")}
         root, quarantine, action, undone_at, purged_at = library.catalog.journal_records()["j1.jsonl"]
@@ -153,3 +155,37 @@ def test_a_0004_catalog_gains_the_not_duplicate_marks_and_keeps_its_rows(tmp_pat
     assert backup.execute("select version_num from alembic_version").fetchone() == ("0004",)
     assert "not_duplicate" not in {name for (name,) in backup.execute("select name from sqlite_master")}
     assert backup.execute("select count(*) from images").fetchone() == (1,)
+
+
+def test_a_0006_catalog_gains_unique_path_hashes_and_keeps_its_rows(tmp_path, catalog_url, monkeypatch):
+    """Revision 0007 hashes every existing path (in blocks), makes the hash unique and drops the unique
+    raw path, on both backends; ids and the never-reused id counter stay as they were."""
+    from importlib import import_module
+
+    monkeypatch.setattr(import_module("dinoseek.migrations.versions.0007_path_sha256"), "BLOCK", 2)  # 3 blocks
+    engine = catalog_engine(tmp_path, catalog_url)
+    paths = [b"a.jpg", b"b/\xff.jpg", b"c.jpg", b"d.jpg", b"e.jpg"]
+    with engine.begin() as connection:
+        config = migrate._config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0006")
+        for i, path in enumerate(paths + [b"gone.jpg"]):
+            connection.execute(text("INSERT INTO images (path, path_text, folder, size, mtime_ns, status, sha256) "
+                                    "VALUES (:path, :text, '.', 1, 0, 'embedded', :sha)"),
+                               {"path": path, "text": repr(path), "sha": f"{i:064x}"})
+        connection.execute(text("DELETE FROM images WHERE path = :path"), {"path": b"gone.jpg"})  # the highest id
+    engine.dispose()
+    with Library.open(tmp_path, url=catalog_url, write=True) as library:
+        assert migrate.current_revision(library.catalog.engine) == "0007"
+        with library.catalog.engine.connect() as connection:
+            rows = connection.execute(text("SELECT id, path, path_sha256 FROM images ORDER BY id")).all()
+        assert [(r.id, bytes(r.path), bytes(r.path_sha256)) for r in rows] == [
+            (i + 1, path, hashlib.sha256(path).digest()) for i, path in enumerate(paths)]
+        assert library.catalog.rows_at(paths) == {path: (f"{i:064x}", "embedded") for i, path in enumerate(paths)}
+        constraints = {tuple(c["column_names"]) for c in inspect(library.catalog.engine).get_unique_constraints("images")}
+        assert ("path_sha256",) in constraints and ("path",) not in constraints
+        indexed = {tuple(i["column_names"]) for i in inspect(library.catalog.engine).get_indexes("images")}
+        assert ("path",) not in indexed  # a btree on the raw path would refuse long paths all the same
+        library.catalog.write_batch(delete_ids=[], moves=[], restores=[], inserts=[
+            {"path": b"new.jpg", "path_text": "new.jpg", "folder": ".", "size": 1, "mtime_ns": 0, "status": "truncated"}])
+        assert library.catalog.file_states()[b"new.jpg"].id == len(paths) + 2  # the deleted row's id is not reused
