@@ -182,10 +182,12 @@ def test_a_0006_catalog_gains_unique_path_hashes_and_keeps_its_rows(tmp_path, ca
         assert [(r.id, bytes(r.path), bytes(r.path_sha256)) for r in rows] == [
             (i + 1, path, hashlib.sha256(path).digest()) for i, path in enumerate(paths)]
         assert library.catalog.rows_at(paths) == {path: (f"{i:064x}", "embedded") for i, path in enumerate(paths)}
-        constraints = {tuple(c["column_names"]) for c in inspect(library.catalog.engine).get_unique_constraints("images")}
+        inspector = inspect(library.catalog.engine)
+        constraints = {tuple(c["column_names"]) for c in inspector.get_unique_constraints("images")}
         assert ("path_sha256",) in constraints and ("path",) not in constraints
-        indexed = {tuple(i["column_names"]) for i in inspect(library.catalog.engine).get_indexes("images")}
+        indexed = {tuple(i["column_names"]) for i in inspector.get_indexes("images")}
         assert ("path",) not in indexed  # a btree on the raw path would refuse long paths all the same
-        library.catalog.write_batch(delete_ids=[], moves=[], restores=[], inserts=[
-            {"path": b"new.jpg", "path_text": "new.jpg", "folder": ".", "size": 1, "mtime_ns": 0, "status": "truncated"}])
+        new = {"path": b"new.jpg", "path_text": "new.jpg", "folder": ".", "size": 1, "mtime_ns": 0,
+               "status": "truncated"}
+        library.catalog.write_batch(delete_ids=[], moves=[], restores=[], inserts=[new])
         assert library.catalog.file_states()[b"new.jpg"].id == len(paths) + 2  # the deleted row's id is not reused
