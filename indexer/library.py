@@ -25,7 +25,7 @@ from .catalog_gateway import Catalog
 from .damage import damaged_rows, describe_damage
 from .errors import LibraryError, ModelMismatchError, NeedsUpgradeError, NotIndexedError
 from .index_set import IndexSet
-from .lock import LOCK_FILE, WriterLock
+from .lock import LOCK_FILE, CatalogLock, WriterLock
 from .store import VectorIndex, remove_temp_files
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class Library:
     index_set: IndexSet
     writable: bool  # opened with write=True: holds the writer lock
     _lock: WriterLock | None = None
+    _catalog_lock: CatalogLock | None = None  # the advisory lock of a PostgreSQL catalog (writers)
     # Made by this open (create=True on a folder without a catalog): the folders it created, deepest
     # first, and the names the folder held before. A `with` block that fails before a model is
     # recorded removes them again, so a failed first run leaves no half-made library behind.
@@ -114,8 +115,11 @@ class Library:
             raise LibraryError(f"{folder} is read-only: indexing, applying dedup plans, undo and repair need to write "
                                f"there (reading, searching, dedup plans and verifying work)")
         lock = WriterLock.take(folder) if write else None
+        catalog = catalog_lock = None
         try:
             catalog = _open_catalog(url, catalog_file, writable=writable, check=write or create)
+            # Before any migration: two machines must not upgrade one PostgreSQL catalog at once.
+            catalog_lock = CatalogLock.take(catalog.engine) if write else None
             if write or create:
                 migrate.upgrade(catalog.engine, catalog_file)
                 remove_temp_files(folder)
@@ -124,15 +128,22 @@ class Library:
                 raise NeedsUpgradeError(f"the catalog in {folder} was made by an older dinoseek and needs an upgrade, "
                                         f"which only a writer applies (it keeps a backup)", root)
         except BaseException:
+            if catalog_lock is not None:
+                catalog_lock.release()
+            if catalog is not None:
+                catalog.dispose()
             if lock is not None:
                 lock.release()
             if made is not None:
                 _remove_made(folder, made)
             raise
         return cls(root, folder, catalog, IndexSet(folder, catalog, writable=write, choice=index_choice), write, lock,
-                   made)
+                   catalog_lock, made)
 
     def close(self) -> None:
+        if self._catalog_lock is not None:
+            self._catalog_lock.release()
+            self._catalog_lock = None
         self.catalog.dispose()
         if self._lock is not None:
             self._lock.release()
