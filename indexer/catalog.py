@@ -93,6 +93,19 @@ class ManifestRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class LibraryRow(Base):
+    """Which library this catalog belongs to and the photo folder it was last opened with (a single
+    row, id 1; revision 0008). The id is also in the library folder's `library-id` file: a catalog
+    and a folder agree on it, or the folder belongs to another library."""
+
+    __tablename__ = "library"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    library_id: Mapped[str] = mapped_column(String(32))  # uuid4 hex
+    root: Mapped[bytes] = mapped_column(LargeBinary)  # absolute photo folder, raw bytes (os.fsencode)
+    root_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class IndexFileRow(Base):
     """What the last checkpoint of each FAISS file holds, to detect stale or damaged files."""
 

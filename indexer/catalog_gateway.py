@@ -28,6 +28,7 @@ from .catalog import (
     ImageRow,
     IndexFileRow,
     JournalRow,
+    LibraryRow,
     ManifestRow,
     NotDuplicateRow,
     RunRow,
@@ -251,6 +252,24 @@ class Catalog:
     def dim(self) -> int | None:
         manifest = self.manifest()
         return manifest["dim"] if manifest else None
+
+    # ---- the library's identity (revision 0008) ------------------------------------------------
+    def library_identity(self) -> tuple[str, bytes] | None:
+        """(library id, raw photo folder last used) of the library this catalog belongs to; None for
+        a catalog no writer has opened since revision 0008 (or a new one)."""
+        with self.session() as s:
+            row = s.get(LibraryRow, 1)
+            return None if row is None else (row.library_id, bytes(row.root))
+
+    def record_library(self, library_id: str, root: bytes) -> None:
+        """Make this catalog library `library_id`'s, last used from `root` (a catalog without an id)."""
+        with self.session() as s, s.begin():
+            s.add(LibraryRow(id=1, library_id=library_id, root=root))
+
+    def record_root(self, root: bytes) -> None:
+        """The photo folder the library was opened from now (another mount path of it)."""
+        with self.session() as s, s.begin():
+            s.execute(update(LibraryRow).where(LibraryRow.id == 1).values(root=root, root_seen_at=utcnow()))
 
     # ---- vectors ------------------------------------------------------------------------------
     def searchable(self):

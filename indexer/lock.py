@@ -13,6 +13,7 @@ import hashlib
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, text
@@ -78,6 +79,10 @@ class WriterLock:
 # fixed 64-bit number (the first 8 bytes of a hash of its name), not a per-folder one: two mount
 # paths of one library must meet on the same key.
 ADVISORY_KEY = int.from_bytes(hashlib.sha256(b"dinoseek catalog writer").digest()[:8], "big", signed=True)
+# How long a writer keeps trying before it is refused. A killed writer's lock goes with its session,
+# but only once the server has seen the connection close and ended the session: a writer started just
+# after the kill (a re-run, a repair) met a lock still held by the dead pid. Moments, on a live server.
+RELEASE_GRACE_SECONDS = 3.0
 
 
 class CatalogLock:
@@ -99,9 +104,12 @@ class CatalogLock:
             return None
         connection = engine.connect()
         try:
-            taken = connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": ADVISORY_KEY}).scalar()
-            if not taken:
-                raise _busy(engine.url.render_as_string(hide_password=True), _advisory_holder(connection))
+            deadline = time.monotonic() + RELEASE_GRACE_SECONDS
+            while not connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": ADVISORY_KEY}).scalar():
+                if time.monotonic() >= deadline:
+                    raise _busy(engine.url.render_as_string(hide_password=True), _advisory_holder(connection))
+                connection.rollback()
+                time.sleep(0.05)
             # Shown in pg_stat_activity: what a refused writer on another machine names.
             name = f"dinoseek writer pid {os.getpid()} on {socket.gethostname()}"[:63]
             connection.execute(text("SELECT set_config('application_name', :name, false)"), {"name": name})

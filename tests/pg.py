@@ -99,16 +99,38 @@ class Server:
             engine.dispose()
         return self.url(name)
 
+    def copy_database(self, url: str) -> str:
+        """A new database holding a copy of `url`'s (PostgreSQL's TEMPLATE: nobody may be connected
+        to it meanwhile); returns its URL."""
+        from sqlalchemy import create_engine
+
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        source = database_name(url)
+        engine = create_engine(self.url(), isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as connection:
+                connection.exec_driver_sql(f'CREATE DATABASE "{name}" TEMPLATE "{source}"')
+        finally:
+            engine.dispose()
+        return self.url(name)
+
     def drop_database(self, url: str) -> None:
         from sqlalchemy import create_engine
 
-        name = url.split("/")[-1].split("?")[0]
+        name = database_name(url)
         engine = create_engine(self.url(), isolation_level="AUTOCOMMIT")
         try:
             with engine.connect() as connection:
                 connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             engine.dispose()
+
+
+def database_name(url: str) -> str:
+    """The database a URL names (its `?host=` is a folder path: the last "/" is not the database's)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).database
 
 
 def ensure_user(name: str) -> None:
@@ -152,6 +174,15 @@ def postgres_server():
 @pytest.fixture
 def postgres_url(postgres_server):
     """A fresh database on the session's server, dropped after the test."""
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url)
+
+
+@pytest.fixture(scope="module")
+def postgres_url_module(postgres_server):
+    """A fresh database for a whole test module (for module-scoped fixtures that build a library
+    once), dropped after the module."""
     url = postgres_server.create_database()
     yield url
     postgres_server.drop_database(url)

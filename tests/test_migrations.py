@@ -142,7 +142,7 @@ def test_a_0004_catalog_gains_the_not_duplicate_marks_and_keeps_its_rows(tmp_pat
                             "purged": datetime(2024, 2, 1, tzinfo=timezone.utc)})
     engine.dispose()
     with Library.open(tmp_path, url=catalog_url, write=True) as library:
-        assert migrate.current_revision(library.catalog.engine) == migrate.head_revision() == "0007"
+        assert migrate.current_revision(library.catalog.engine) == migrate.head_revision()
         assert library.info()["total"] == 1
         assert library.catalog.rows_at([b"a.jpg"]) == {b"a.jpg": ("a" * 64, "embedded")}
         root, quarantine, action, undone_at, purged_at = library.catalog.journal_records()["j1.jsonl"]
@@ -176,7 +176,7 @@ def test_a_0006_catalog_gains_unique_path_hashes_and_keeps_its_rows(tmp_path, ca
         connection.execute(text("DELETE FROM images WHERE path = :path"), {"path": b"gone.jpg"})  # the highest id
     engine.dispose()
     with Library.open(tmp_path, url=catalog_url, write=True) as library:
-        assert migrate.current_revision(library.catalog.engine) == "0007"
+        assert migrate.current_revision(library.catalog.engine) == migrate.head_revision()
         with library.catalog.engine.connect() as connection:
             rows = connection.execute(text("SELECT id, path, path_sha256 FROM images ORDER BY id")).all()
         assert [(r.id, bytes(r.path), bytes(r.path_sha256)) for r in rows] == [
@@ -191,3 +191,38 @@ def test_a_0006_catalog_gains_unique_path_hashes_and_keeps_its_rows(tmp_path, ca
                "status": "truncated"}
         library.catalog.write_batch(delete_ids=[], moves=[], restores=[], inserts=[new])
         assert library.catalog.file_states()[b"new.jpg"].id == len(paths) + 2  # the deleted row's id is not reused
+
+
+def test_a_0007_catalog_gains_a_library_identity_from_its_first_writer(tmp_path, catalog_url):
+    """Revision 0008 adds the library's identity; a 0007 catalog keeps its rows and runs, readers can no
+    longer open it until a writer migrated it, and that writer gives it an id, written into the
+    library folder too (on both backends)."""
+    from dinoseek.indexer.errors import NeedsUpgradeError
+    from dinoseek.indexer.identity import folder_library_id
+
+    engine = catalog_engine(tmp_path, catalog_url)
+    with engine.begin() as connection:
+        config = migrate._config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0007")
+        connection.execute(text("INSERT INTO images (path, path_sha256, path_text, folder, size, mtime_ns, status) "
+                                "VALUES (:path, :digest, 'a.jpg', '.', 1, 0, 'embedded')"),
+                           {"path": b"a.jpg", "digest": hashlib.sha256(b"a.jpg").digest()})
+        connection.execute(text("INSERT INTO runs (started_at, status, counts) VALUES (:at, 'finished', '{}')"),
+                           {"at": datetime(2024, 1, 1, tzinfo=timezone.utc)})
+    engine.dispose()
+    with pytest.raises(NeedsUpgradeError):
+        Library.open(tmp_path, url=catalog_url)
+    assert folder_library_id(tmp_path / ".dinoseek") is None
+    with Library.open(tmp_path, url=catalog_url, write=True) as library:
+        assert migrate.current_revision(library.catalog.engine) == "0008"
+        info = library.info()
+        assert info["total"] == 1 and info["last_run"]["status"] == "finished"
+        library_id = library.library_id
+        assert library.catalog.library_identity() == (library_id, str(tmp_path).encode())
+    assert folder_library_id(tmp_path / ".dinoseek") == library_id and len(library_id) == 32
+    with Library.open(tmp_path, url=catalog_url) as reader:  # the same id from now on
+        assert reader.library_id == library_id and reader.info()["library_id"] == library_id
+    if catalog_url is None:
+        backup = sqlite3.connect(tmp_path / ".dinoseek/catalog.sqlite.bak-0007")
+        assert "library" not in {name for (name,) in backup.execute("select name from sqlite_master")}
