@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import insert
 
-from dinoseek.indexer.catalog import EMBEDDED, ImageRow
+from dinoseek.indexer.catalog import EMBEDDED, ImageRow, path_digest
 from dinoseek.indexer.library import Library
 
 MANIFEST = {"arch": {"synthetic": True}, "weights_sha256": "synthetic", "preprocess": {"mode": "crop", "size": 224},
@@ -45,7 +45,8 @@ def build(folder: Path, n: int, dim: int = 384, duplicates: float = 0.01) -> Pat
         with library.catalog.engine.begin() as connection:
             for lo in range(0, n, 20_000):
                 connection.execute(insert(ImageRow), [
-                    {"path": b"img/%08d.jpg" % i, "path_text": f"img/{i:08d}.jpg", "folder": "img", "size": 2_000_000 + i,
+                    {"path": b"img/%08d.jpg" % i, "path_sha256": path_digest(b"img/%08d.jpg" % i),
+                     "path_text": f"img/{i:08d}.jpg", "folder": "img", "size": 2_000_000 + i,
                      "mtime_ns": 0, "sha256": f"{i:064x}", "width": 4000, "height": 3000, "format": "JPEG",
                      "status": EMBEDDED, "cls": blobs[i].tobytes(), "patch": blobs[i].tobytes()}
                     for i in range(lo, min(n, lo + 20_000))

@@ -7,10 +7,11 @@ stale index can never be mistaken for a newer image.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime, timezone
 
 from sqlalchemy import JSON, BigInteger, CheckConstraint, DateTime, Integer, LargeBinary, MetaData, String, Text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
 
 KINDS = ("cls", "patch")  # the two vector columns of an image row, each with its own FAISS index
 EMBEDDED = "embedded"
@@ -18,6 +19,16 @@ QUARANTINED = "quarantined"  # set aside by `dinoseek dedup --apply`; `undo` mak
 # Statuses retried on every run: the cause may have gone away (permissions, a copy in progress).
 TRANSIENT = frozenset({"unreadable", "changed", "crashed"})
 # Other failures are retried only when the file's size or mtime changes.
+
+
+# Row ids: 64-bit everywhere. SQLite's INTEGER PRIMARY KEY already is (and must stay INTEGER to be the
+# rowid AUTOINCREMENT needs); PostgreSQL gets bigint (revision 0006).
+Id = BigInteger().with_variant(Integer, "sqlite")
+
+
+def path_digest(path: bytes) -> bytes:
+    """What `images.path_sha256` holds for a raw relative path: the sha256 of its bytes (32 bytes)."""
+    return hashlib.sha256(path).digest()
 
 
 def utcnow() -> datetime:
@@ -32,9 +43,13 @@ class ImageRow(Base):
     __tablename__ = "images"
     __table_args__ = {"sqlite_autoincrement": True}
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    # Path relative to the library root as raw bytes (os.fsencode): lossless for non-UTF-8 names.
-    path: Mapped[bytes] = mapped_column(LargeBinary, unique=True)
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    # Path relative to the library root as raw bytes (os.fsencode): lossless for non-UTF-8 names. Not
+    # indexed: a btree entry holds ~2.7 kB on PostgreSQL and paths have no length limit (revision 0007).
+    path: Mapped[bytes] = mapped_column(LargeBinary)
+    # path_digest(path): what keeps paths unique and finds a row by path (then compared to `path`).
+    # Set with `path` on ORM writes (the validator below); Core updates in the gateway set both.
+    path_sha256: Mapped[bytes] = mapped_column(LargeBinary(32), unique=True)
     path_text: Mapped[str] = mapped_column(Text)  # printable form, undecodable bytes as \xNN
     folder: Mapped[str] = mapped_column(Text, index=True)  # printable parent folder, for filters
     size: Mapped[int] = mapped_column(BigInteger)
@@ -50,13 +65,18 @@ class ImageRow(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     cls: Mapped[bytes | None] = mapped_column(LargeBinary)  # float16 (D,), unit norm
     patch: Mapped[bytes | None] = mapped_column(LargeBinary)  # float16 (D,), unit norm
-    run_id: Mapped[int | None] = mapped_column(Integer)
+    run_id: Mapped[int | None] = mapped_column(Id)
+
+    @validates("path")
+    def _hash_path(self, key: str, path: bytes) -> bytes:
+        self.path_sha256 = path_digest(path)
+        return path
 
 
 class RunRow(Base):
     __tablename__ = "runs"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     status: Mapped[str] = mapped_column(String(16), default="running")  # running | finished | failed
@@ -71,6 +91,19 @@ class ManifestRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     data: Mapped[dict] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LibraryRow(Base):
+    """Which library this catalog belongs to and the photo folder it was last opened with (a single
+    row, id 1; revision 0008). The id is also in the library folder's `library-id` file: a catalog
+    and a folder agree on it, or the folder belongs to another library."""
+
+    __tablename__ = "library"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    library_id: Mapped[str] = mapped_column(String(32))  # uuid4 hex
+    root: Mapped[bytes] = mapped_column(LargeBinary)  # absolute photo folder, raw bytes (os.fsencode)
+    root_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class IndexFileRow(Base):

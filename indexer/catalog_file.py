@@ -19,7 +19,7 @@ from .errors import LibraryError
 
 CATALOG_NAME = "catalog.sqlite"
 # Files only a library that had a catalog leaves behind: their presence without one means it was lost.
-LIBRARY_TRACES = ("*.faiss", "journals", "quarantine", "catalog.sqlite.bak-*", "catalog.sqlite-wal")
+LIBRARY_TRACES = ("*.faiss", "journals", "quarantine", "catalog.sqlite.bak-*", "catalog.sqlite-wal", "library-id")
 
 
 def catalog_present(folder: Path, catalog_file: Path) -> bool:

@@ -28,9 +28,11 @@ from .catalog import (
     ImageRow,
     IndexFileRow,
     JournalRow,
+    LibraryRow,
     ManifestRow,
     NotDuplicateRow,
     RunRow,
+    path_digest,
     utcnow,
 )
 from .catalog_file import one_line, restore_hint
@@ -74,6 +76,18 @@ def vectors_usable(dim: int | None):
     if dim is None:
         return present
     return present & (func.length(ImageRow.cls) == 2 * dim) & (func.length(ImageRow.patch) == 2 * dim)
+
+
+def at_path(path: bytes):
+    """SQL condition: the row at this raw relative path. Found by its unique hash (revision 0007: the
+    raw path has no index, since PostgreSQL's btree cannot hold a long one), then the path itself is
+    compared, so that a sha256 collision could never select another photo's row."""
+    return (ImageRow.path_sha256 == path_digest(path)) & (ImageRow.path == path)
+
+
+def with_path_hash(values: dict) -> dict:
+    """Column values for a Core insert or update: a new `path` always comes with its `path_sha256`."""
+    return {**values, "path_sha256": path_digest(values["path"])} if "path" in values else values
 
 
 def _digest(manifest: dict) -> str:
@@ -239,6 +253,24 @@ class Catalog:
         manifest = self.manifest()
         return manifest["dim"] if manifest else None
 
+    # ---- the library's identity (revision 0008) ------------------------------------------------
+    def library_identity(self) -> tuple[str, bytes] | None:
+        """(library id, raw photo folder last used) of the library this catalog belongs to; None for
+        a catalog no writer has opened since revision 0008 (or a new one)."""
+        with self.session() as s:
+            row = s.get(LibraryRow, 1)
+            return None if row is None else (row.library_id, bytes(row.root))
+
+    def record_library(self, library_id: str, root: bytes) -> None:
+        """Make this catalog library `library_id`'s, last used from `root` (a catalog without an id)."""
+        with self.session() as s, s.begin():
+            s.add(LibraryRow(id=1, library_id=library_id, root=root))
+
+    def record_root(self, root: bytes) -> None:
+        """The photo folder the library was opened from now (another mount path of it)."""
+        with self.session() as s, s.begin():
+            s.execute(update(LibraryRow).where(LibraryRow.id == 1).values(root=root, root_seen_at=utcnow()))
+
     # ---- vectors ------------------------------------------------------------------------------
     def searchable(self):
         """SQL condition for rows that take part in searches: embedded, with usable vectors."""
@@ -286,7 +318,7 @@ class Catalog:
     def row_vectors(self, *, row_id: int | None = None, path: bytes | None = None) -> tuple[int, dict] | None:
         """(id, {kind: float32 vector}) of the embedded row with this id or raw relative path."""
         query = select(ImageRow.id, ImageRow.cls, ImageRow.patch).where(ImageRow.status == EMBEDDED)
-        query = query.where(ImageRow.id == row_id) if row_id is not None else query.where(ImageRow.path == path)
+        query = query.where(ImageRow.id == row_id) if row_id is not None else query.where(at_path(path))
         with self.session() as s:
             row = s.execute(query).first()
         if row is None:
@@ -360,17 +392,18 @@ class Catalog:
         quarantined (a journal names paths, and must not touch unrelated rows). True if a row for
         `path` exists at all."""
         with self.session() as s, s.begin():
-            s.execute(update(ImageRow).where(ImageRow.path == path, ImageRow.status == QUARANTINED)
+            s.execute(update(ImageRow).where(at_path(path), ImageRow.status == QUARANTINED)
                       .values(status=EMBEDDED, reason=None))
-            return s.scalar(select(ImageRow.id).where(ImageRow.path == path)) is not None
+            return s.scalar(select(ImageRow.id).where(at_path(path))) is not None
 
     def rows_at(self, paths: list[bytes]) -> dict[bytes, tuple[str | None, str]]:
         """path -> (sha256, status) of the rows at these raw relative paths."""
         out: dict[bytes, tuple[str | None, str]] = {}
-        with self.session() as s:
-            for part in chunks(paths):
-                query = select(ImageRow.path, ImageRow.sha256, ImageRow.status).where(ImageRow.path.in_(part))
-                out.update((path, (sha256, status)) for path, sha256, status in s.execute(query))
+        wanted = set(paths)
+        with self.session() as s:  # by hash (the indexed column), then by path: a collision is not a match
+            for part in chunks(sorted({path_digest(path) for path in wanted})):
+                query = select(ImageRow.path, ImageRow.sha256, ImageRow.status).where(ImageRow.path_sha256.in_(part))
+                out.update((path, (sha256, status)) for path, sha256, status in s.execute(query) if path in wanted)
         return out
 
     # ---- dedup journals (revision 0003): which applies this library made, and which were undone ---
@@ -393,7 +426,7 @@ class Catalog:
             row.undone_at = utcnow()
             row.note = "\n".join(given_up.values()) or None
             for path, why in given_up.items():
-                s.execute(update(ImageRow).where(ImageRow.path == path, ImageRow.status == QUARANTINED)
+                s.execute(update(ImageRow).where(at_path(path), ImageRow.status == QUARANTINED)
                           .values(reason=f"not restored by undo, accepted as lost: {why}"))
 
     def journal_applied_at(self) -> dict[str, datetime]:
@@ -413,7 +446,7 @@ class Catalog:
             row = _journal_row(s, name, root, quarantine, action)
             row.purged_at = utcnow()
             for path, sha256 in set_aside:
-                deleted += s.execute(delete(ImageRow).where(ImageRow.path == path, ImageRow.sha256 == sha256,
+                deleted += s.execute(delete(ImageRow).where(at_path(path), ImageRow.sha256 == sha256,
                                                             ImageRow.status == QUARANTINED)).rowcount
         return deleted
 
@@ -516,11 +549,11 @@ class Catalog:
             for part in chunks(delete_ids):
                 s.execute(delete(ImageRow).where(ImageRow.id.in_(part)))
             for old, values in moves:
-                s.execute(update(ImageRow).where(ImageRow.path == old).values(**values))
-            written = [ImageRow(**values) for values in inserts]
+                s.execute(update(ImageRow).where(at_path(old)).values(**with_path_hash(values)))
+            written = [ImageRow(**values) for values in inserts]  # the model hashes each path
             s.add_all(written)
             for path, values in restores:
-                row = s.scalars(select(ImageRow).where(ImageRow.path == path)).one()
+                row = s.scalars(select(ImageRow).where(at_path(path))).one()
                 for name, value in values.items():
                     setattr(row, name, value)
                 written.append(row)

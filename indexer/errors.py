@@ -51,6 +51,10 @@ class LibraryLockedError(LibraryError):
     """Another process is writing to this library."""
 
 
+class LibraryMismatchError(LibraryError):
+    """The library folder and the catalog belong to two different libraries (their library ids differ)."""
+
+
 class ModelMismatchError(LibraryError):
     """The library was built with another model than the one requested."""
 

@@ -24,8 +24,9 @@ from .catalog_file import CATALOG_NAME, catalog_present, check_catalog, sqlite_e
 from .catalog_gateway import Catalog
 from .damage import damaged_rows, describe_damage
 from .errors import LibraryError, ModelMismatchError, NeedsUpgradeError, NotIndexedError
+from .identity import ID_FILE, check_identity
 from .index_set import IndexSet
-from .lock import LOCK_FILE, WriterLock
+from .lock import LOCK_FILE, CatalogLock, WriterLock
 from .store import VectorIndex, remove_temp_files
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ DEFAULT_FOLDER = ".dinoseek"
 IDENTITY = ("arch", "weights_sha256", "preprocess", "dim")
 # What opening a new library writes in its folder before any model is recorded: all that a failed
 # first run removes again (never anything else: the folder may be one the user made and filled).
-FIRST_FILES = (CATALOG_NAME, f"{CATALOG_NAME}-wal", f"{CATALOG_NAME}-shm", f"{CATALOG_NAME}-journal", LOCK_FILE)
+FIRST_FILES = (CATALOG_NAME, f"{CATALOG_NAME}-wal", f"{CATALOG_NAME}-shm", f"{CATALOG_NAME}-journal", LOCK_FILE,
+               ID_FILE)
 
 T = TypeVar("T")
 
@@ -68,10 +70,14 @@ class Library:
     index_set: IndexSet
     writable: bool  # opened with write=True: holds the writer lock
     _lock: WriterLock | None = None
+    _catalog_lock: CatalogLock | None = None  # the advisory lock of a PostgreSQL catalog (writers)
     # Made by this open (create=True on a folder without a catalog): the folders it created, deepest
     # first, and the names the folder held before. A `with` block that fails before a model is
     # recorded removes them again, so a failed first run leaves no half-made library behind.
     _made: tuple[tuple[Path, ...], frozenset[str]] | None = None
+    # The library's id (revision 0008), in the catalog and in `folder`/library-id: None only for a
+    # reader of a catalog no writer has opened since that revision.
+    library_id: str | None = None
 
     # ---- opening and closing -------------------------------------------------------------
     @classmethod
@@ -114,8 +120,11 @@ class Library:
             raise LibraryError(f"{folder} is read-only: indexing, applying dedup plans, undo and repair need to write "
                                f"there (reading, searching, dedup plans and verifying work)")
         lock = WriterLock.take(folder) if write else None
+        catalog = catalog_lock = None
         try:
             catalog = _open_catalog(url, catalog_file, writable=writable, check=write or create)
+            # Before any migration: two machines must not upgrade one PostgreSQL catalog at once.
+            catalog_lock = CatalogLock.take(catalog.engine) if write else None
             if write or create:
                 migrate.upgrade(catalog.engine, catalog_file)
                 remove_temp_files(folder)
@@ -123,16 +132,25 @@ class Library:
             elif not migrate.at_head(catalog.engine):
                 raise NeedsUpgradeError(f"the catalog in {folder} was made by an older dinoseek and needs an upgrade, "
                                         f"which only a writer applies (it keeps a backup)", root)
+            where = catalog_file or catalog.engine.url.render_as_string(hide_password=True)
+            library_id = check_identity(catalog, folder, root, may_write=write or create, where=str(where))
         except BaseException:
+            if catalog_lock is not None:
+                catalog_lock.release()
+            if catalog is not None:
+                catalog.dispose()
             if lock is not None:
                 lock.release()
             if made is not None:
                 _remove_made(folder, made)
             raise
         return cls(root, folder, catalog, IndexSet(folder, catalog, writable=write, choice=index_choice), write, lock,
-                   made)
+                   catalog_lock, made, library_id)
 
     def close(self) -> None:
+        if self._catalog_lock is not None:
+            self._catalog_lock.release()
+            self._catalog_lock = None
         self.catalog.dispose()
         if self._lock is not None:
             self._lock.release()
@@ -244,6 +262,7 @@ class Library:
         return {
             "root": str(self.root),
             "library": str(self.folder),
+            "library_id": self.library_id,
             "counts": counts,
             "total": sum(counts.values()),
             "errors": errors,

@@ -13,7 +13,32 @@ import pytest
 import torch
 from PIL import Image
 
+from pg import postgres_server, postgres_url, postgres_url_module  # noqa: F401  (a real PostgreSQL for the session)
+
 warnings.filterwarnings("ignore", message=".*register_constant.*")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_url(request) -> str | None:
+    """The catalog's URL for tests run on both backends: None (the library's own SQLite file), or a
+    fresh database on the session's PostgreSQL server (skipped where none can run)."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def catalog_url_module(request) -> str | None:
+    """`catalog_url` for a whole module: one PostgreSQL database shared by the module's tests (for a
+    library built once per module)."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgres_url_module")
+
+
+def url_args(url: str | None) -> list[str]:
+    """The CLI options that select the catalog under test: `--url URL`, or none for SQLite."""
+    return [] if url is None else ["--url", url]
 
 
 def random_hf_model(*, registers=False, swiglu=False, hidden=128, layers=2, heads=2, image_size=98, seed=0):

@@ -1,12 +1,16 @@
 """The catalog gateway against the rows it was given: chunked id lists, vectors by id and in blocks,
-status changes confined to their path, and an indexing batch that commits whole or not at all."""
+status changes confined to their path, and an indexing batch that commits whole or not at all.
+Every test runs on SQLite and on a real PostgreSQL server (tests/pg.py)."""
 
 from __future__ import annotations
+
+import hashlib
+import os
 
 import numpy as np
 import pytest
 from sqlalchemy import event
-from sqlalchemy.exc import NoResultFound
+from sqlalchemy.exc import IntegrityError, NoResultFound
 
 import dinoseek.indexer.catalog_gateway as gateway
 from dinoseek.indexer.catalog import EMBEDDED, QUARANTINED, ImageRow, RunRow
@@ -33,8 +37,9 @@ def row(i: int, *, status=EMBEDDED, folder="a", cls=None, patch=None, **values) 
 
 
 @pytest.fixture
-def library(tmp_path):
-    with Library.open(tmp_path, write=True, create=True) as library:
+def library(tmp_path, catalog_url):
+    """A new library on each backend: its own SQLite file, or a fresh PostgreSQL database."""
+    with Library.open(tmp_path, url=catalog_url, write=True, create=True) as library:
         library.bind_model(MANIFEST)
         yield library
 
@@ -182,3 +187,36 @@ def test_runs_and_index_file_records(library):
                               checksum="ab" * 32, trained_on=0)
     record = catalog.index_records()["cls"]
     assert (record.factory, record.auto, record.checksum) == ("Flat", 1, "ab" * 32)
+
+
+def test_a_path_longer_than_a_btree_entry_stays_unique(library):
+    """Paths of any length are stored and stay unique. PostgreSQL's btree refuses an entry over ~2.7 kB,
+    so the unique index is on a hash of the path (revision 0007); inserts, moves and restores keep it."""
+    long = "/".join(os.urandom(60).hex() for _ in range(30)).encode()  # 3.6 kB that no compression shrinks
+    catalog = library.catalog
+    catalog.write_batch(delete_ids=[], moves=[], inserts=[row(0, path=long, status="truncated")], restores=[])
+    assert catalog.rows_at([long]) == {long: (f"{0:064x}", "truncated")}
+    with pytest.raises(IntegrityError):
+        catalog.write_batch(delete_ids=[], moves=[], inserts=[row(1, path=long, status="truncated")], restores=[])
+    moved = long + b"/moved.jpg"  # a move writes the new path's hash: found there, no longer at the old one
+    catalog.write_batch(delete_ids=[], moves=[(long, {"path": moved, "path_text": moved.decode()})], inserts=[],
+                        restores=[])
+    assert catalog.rows_at([long, moved]) == {moved: (f"{0:064x}", "truncated")}
+    with pytest.raises(IntegrityError):  # the moved row's hash is unique too
+        catalog.write_batch(delete_ids=[], moves=[], inserts=[row(2, path=moved)], restores=[])
+    catalog.write_batch(delete_ids=[], moves=[], restores=[(moved, {"status": QUARANTINED})], inserts=[])
+    assert catalog.unquarantine(moved) and catalog.rows_at([moved]) == {moved: (f"{0:064x}", EMBEDDED)}
+    with catalog.session() as s:
+        assert [(r.path, r.path_sha256) for r in s.query(ImageRow)] == [(moved, hashlib.sha256(moved).digest())]
+
+
+def test_a_lookup_by_path_compares_the_path_not_only_its_hash(library, monkeypatch):
+    """The hash finds the row; the path decides. A (simulated) sha256 collision never selects another row."""
+    catalog = library.catalog
+    catalog.write_batch(delete_ids=[], moves=[], inserts=[row(0, status=QUARANTINED)], restores=[])  # at a/0.jpg
+    monkeypatch.setattr(gateway, "path_digest", lambda path: hashlib.sha256(b"a/0.jpg").digest())
+    assert catalog.rows_at([b"a/0.jpg", b"other.jpg"]) == {b"a/0.jpg": (f"{0:064x}", QUARANTINED)}
+    assert not catalog.unquarantine(b"other.jpg") and catalog.row_vectors(path=b"other.jpg") is None
+    with pytest.raises(NoResultFound):
+        catalog.write_batch(delete_ids=[], moves=[], inserts=[], restores=[(b"other.jpg", {"status": EMBEDDED})])
+    assert catalog.rows_at([b"a/0.jpg"]) == {b"a/0.jpg": (f"{0:064x}", QUARANTINED)}  # untouched

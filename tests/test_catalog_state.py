@@ -20,7 +20,7 @@ import threading
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import synthetic_photo
+from conftest import synthetic_photo, url_args
 from sqlalchemy import update
 
 from dinoseek.indexer.catalog import EMBEDDED, QUARANTINED, ImageRow
@@ -41,14 +41,14 @@ def encoder(tiny_folder):
     return Encoder.from_pretrained(tiny_folder, precision="fp32")
 
 
-def index(root, encoder, folder=None, **options):
+def index(root, encoder, folder=None, url=None, **options):
     options.setdefault("workers", 0)
-    with Library.open(root, folder=folder, write=True, create=True) as library:
+    with Library.open(root, folder=folder, url=url, write=True, create=True) as library:
         return run_index(library, encoder, Options(**options))
 
 
-def rows(root, folder=None) -> dict[bytes, ImageRow]:
-    with Library.open(root, folder=folder) as library, library.catalog.session() as s:
+def rows(root, folder=None, url=None) -> dict[bytes, ImageRow]:
+    with Library.open(root, folder=folder, url=url) as library, library.catalog.session() as s:
         return {r.path: r for r in s.query(ImageRow).all()}
 
 
@@ -76,43 +76,43 @@ def photos_with_copies(root, copies: dict[str, str]):
 @pytest.mark.parametrize("action", ["hardlink", "symlink"])
 @pytest.mark.parametrize("keeper,copy", [("a/big.jpg", "z/small.jpg"), ("z/big.jpg", "a/small.jpg")],
                          ids=["keeper-sorts-first", "link-sorts-first"])
-def test_a_link_left_by_dedup_never_displaces_the_kept_photo(tmp_path, encoder, action, keeper, copy):
+def test_a_link_left_by_dedup_never_displaces_the_kept_photo(tmp_path, encoder, action, keeper, copy, catalog_url):
     root = photos_with_copies(tmp_path / "photos", {keeper: "photo", copy: "small"})
     follow = action == "symlink"  # a symlink is only ever seen with --follow-symlinks
-    index(root, encoder, follow_symlinks=follow)
-    kept_id = rows(root)[keeper.encode()].id
-    with Library.open(root, write=True) as library:
+    index(root, encoder, url=catalog_url, follow_symlinks=follow)
+    kept_id = rows(root, url=catalog_url)[keeper.encode()].id
+    with Library.open(root, url=catalog_url, write=True) as library:
         groups = find_duplicates(library, threshold=THRESHOLD)
         assert [g.keeper.path for g in groups] == [keeper]
         result = apply(library, groups, action)
         assert [s.src.name for s in result.done] == [os.path.basename(copy)]
 
-    index(root, encoder, follow_symlinks=follow)
-    after = rows(root)
+    index(root, encoder, url=catalog_url, follow_symlinks=follow)
+    after = rows(root, url=catalog_url)
     assert after[keeper.encode()].status == EMBEDDED and after[keeper.encode()].id == kept_id
     assert after[copy.encode()].status == QUARANTINED  # the link at the old path: set aside, as dedup left it
-    with Library.open(root) as library, LibrarySearch(library) as lib:
+    with Library.open(root, url=catalog_url) as library, LibrarySearch(library) as lib:
         _, vector = lib.row_vector(keeper, "cls")
         assert lib.search(vector, k=1)[0].path == keeper
         assert find_duplicates(lib.library, threshold=THRESHOLD) == []  # nothing new proposed
         assert lib.library.verify() == []
 
-    with Library.open(root, write=True) as library:  # and undo still brings the copy back whole
+    with Library.open(root, url=catalog_url, write=True) as library:  # and undo still brings the copy back whole
         assert len(undo(library).restored) == 1
-    index(root, encoder, follow_symlinks=follow)
-    assert rows(root)[copy.encode()].status == EMBEDDED
-    with Library.open(root) as library:
+    index(root, encoder, url=catalog_url, follow_symlinks=follow)
+    assert rows(root, url=catalog_url)[copy.encode()].status == EMBEDDED
+    with Library.open(root, url=catalog_url) as library:
         assert [g.keeper.path for g in find_duplicates(library, threshold=THRESHOLD)] == [keeper]
 
 
 # ---- 2. a quarantined file put back by hand -----------------------------------------------------------------------
 @pytest.mark.parametrize("action", ["move", "hardlink"])
 @pytest.mark.parametrize("content", ["same", "edited"])
-def test_a_quarantined_file_put_back_by_hand_is_checked_again(tmp_path, encoder, action, content):
+def test_a_quarantined_file_put_back_by_hand_is_checked_again(tmp_path, encoder, action, content, catalog_url):
     root = photos_with_copies(tmp_path / "photos", {"a/p.jpg": "photo", "b/p-copy.jpg": "photo"})
-    index(root, encoder)
-    copy_id = rows(root)[b"b/p-copy.jpg"].id
-    with Library.open(root, write=True) as library:
+    index(root, encoder, url=catalog_url)
+    copy_id = rows(root, url=catalog_url)[b"b/p-copy.jpg"].id
+    with Library.open(root, url=catalog_url, write=True) as library:
         step = apply(library, find_duplicates(library, exact_only=True), action).done[0]
     if action == "hardlink":
         os.unlink(step.src)  # the user removes the link dedup left ...
@@ -124,49 +124,66 @@ def test_a_quarantined_file_put_back_by_hand_is_checked_again(tmp_path, encoder,
         step.src.write_bytes(bytes(data))
         os.utime(step.src, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
-    counts = index(root, encoder)
-    row = rows(root)[b"b/p-copy.jpg"]
+    counts = index(root, encoder, url=catalog_url)
+    row = rows(root, url=catalog_url)[b"b/p-copy.jpg"]
     assert row.status == EMBEDDED
     if content == "same":  # the same bytes: its row and vectors come back, nothing is decoded for pixels
         assert counts["restored"] == 1 and counts["embedded"] == 0 and row.id == copy_id
     else:  # other bytes: embedded afresh
         assert counts["restored"] == 0 and counts["embedded"] == 1 and row.id != copy_id
-    with Library.open(root) as library:
+    with Library.open(root, url=catalog_url) as library:
         assert library.verify() == []
         assert copy_id in library.catalog.embedded_ids() or content == "edited"
-    assert index(root, encoder)["to_decode"] == 0  # and it is settled: not re-read on every run
+    assert index(root, encoder, url=catalog_url)["to_decode"] == 0  # and it is settled: not re-read on every run
 
 
 # ---- 3. the library's own folder is never indexed -----------------------------------------------------------------
-def test_a_library_folder_inside_the_photo_folder_is_never_indexed(tmp_path, tiny_folder):
+def test_a_library_folder_inside_the_photo_folder_is_never_indexed(tmp_path, tiny_folder, catalog_url):
     root = photos_with_copies(tmp_path / "photos", {"a/p.jpg": "photo", "b/p-copy.jpg": "photo"})
     library = root / "sub"
-    index_args = ("index", root, "--library", library, "--weights", tiny_folder, "--precision", "fp32", "--workers", 0)
+    url = url_args(catalog_url)
+    index_args = ("index", root, "--library", library, *url, "--weights", tiny_folder, "--precision", "fp32",
+                  "--workers", 0)
     assert invoke(*index_args).exit_code == 0
-    result = invoke("dedup", root, "--library", library, "--exact", "--action", "move", "--apply")
+    result = invoke("dedup", root, "--library", library, *url, "--exact", "--action", "move", "--apply")
     assert result.exit_code == 0 and (library / "quarantine/b/p-copy.jpg").exists()
     result = invoke(*index_args)
     assert result.exit_code == 0, result.output
-    assert not [p for p in rows(root, library) if p.startswith(b"sub")]
-    assert invoke("dedup", root, "--library", library, "--exact").output.endswith("0 groups, 0 files duplicated\n")
+    assert not [p for p in rows(root, library, catalog_url) if p.startswith(b"sub")]
+    result = invoke("dedup", root, "--library", library, *url, "--exact")
+    assert result.output.endswith("0 groups, 0 files duplicated\n")
 
 
-def test_the_photo_folder_itself_is_refused_as_library(tmp_path, tiny_folder, encoder):
+def test_the_photo_folder_itself_is_refused_as_library(tmp_path, tiny_folder, encoder, catalog_url):
     root = photos_with_copies(tmp_path / "photos", {"a/p.jpg": "photo"})
-    result = invoke("index", root, "--library", root, "--weights", tiny_folder, "--workers", 0)
+    result = invoke("index", root, "--library", root, *url_args(catalog_url), "--weights", tiny_folder, "--workers", 0)
     assert result.exit_code == 1 and len(result.output.splitlines()) == 1
     assert result.output.startswith(f"Error: the library folder {root} is the photo folder itself")
     assert not (root / "catalog.sqlite").exists()  # refused before anything was made
     with pytest.raises(LibraryError, match="is the photo folder itself"):
-        Library.open(root / "a" / "..", folder=root, write=True, create=True)
+        Library.open(root / "a" / "..", folder=root, url=catalog_url, write=True, create=True)
 
 
 # ---- 4. damaged, lost and odd catalogs ----------------------------------------------------------------------------
+# The tests of a damaged, lost, foreign or unreadable catalog *file* (and section 7's read-only folder,
+# WAL and SQLite's own locks) are about the SQLite file in the library folder: they use `indexed`, on
+# SQLite only. What holds for any catalog uses `indexed_on`, on both backends.
+def _indexed(tmp_path, encoder, url):
+    root = photos_with_copies(tmp_path / "photos", {"a/p.jpg": "photo", "b/p-small.jpg": "small"})
+    index(root, encoder, url=url)
+    return root
+
+
 @pytest.fixture
 def indexed(tmp_path, encoder):
-    root = photos_with_copies(tmp_path / "photos", {"a/p.jpg": "photo", "b/p-small.jpg": "small"})
-    index(root, encoder)
-    return root
+    """An indexed library with its SQLite catalog (for the tests about the catalog file)."""
+    return _indexed(tmp_path, encoder, None)
+
+
+@pytest.fixture
+def indexed_on(tmp_path, encoder, catalog_url):
+    """An indexed library with its catalog on the backend under test (`catalog_url`)."""
+    return _indexed(tmp_path, encoder, catalog_url)
 
 
 def one_line_error(result, *fragments):
@@ -294,23 +311,24 @@ def test_single_byte_flips_in_stored_vectors_are_found_by_verify(indexed, tmp_pa
     assert reported == 25  # measured with this seed; any flip left unreported must at least be harmless
 
 
-def test_rows_without_vectors_are_skipped_by_readers_and_repaired(indexed, encoder):
-    with Library.open(indexed, write=True) as library, library.catalog.session() as s, s.begin():
+def test_rows_without_vectors_are_skipped_by_readers_and_repaired(indexed_on, encoder, catalog_url):
+    indexed, url = indexed_on, url_args(catalog_url)
+    with Library.open(indexed, url=catalog_url, write=True) as library, library.catalog.session() as s, s.begin():
         damaged = s.query(ImageRow).filter(ImageRow.path == b"m/other0.jpg").one().id
         s.execute(update(ImageRow).where(ImageRow.id == damaged).values(cls=None))
-    with Library.open(indexed) as library, LibrarySearch(library, encoder) as lib:  # readers carry on without the row
+    with Library.open(indexed, url=catalog_url) as library, LibrarySearch(library, encoder) as lib:  # readers carry on
         assert [h.id for h in lib.search(synthetic_photo(200, 150, seed=10), k=10)].count(damaged) == 0
         assert lib.similar("a/p.jpg", k=1)[0].path == "b/p-small.jpg"
         assert len(find_duplicates(lib.library, threshold=THRESHOLD)) == 1
         with pytest.raises(NeedsRepairError, match="no usable vectors"):  # the CLI adds `dinoseek verify --repair`
             lib.row_vector("m/other0.jpg", "cls")
-    result = invoke("verify", indexed)
+    result = invoke("verify", indexed, *url)
     assert result.exit_code == 1 and "1 embedded rows have no vectors" in result.output
-    result = invoke("verify", indexed, "--repair")
+    result = invoke("verify", indexed, *url, "--repair")
     assert result.exit_code == 0 and "1 images with damaged vectors dropped" in result.output, result.output
-    assert index(indexed, encoder)["embedded"] == 1  # found again as a new file, embedded afresh
-    assert rows(indexed)[b"m/other0.jpg"].cls is not None
-    assert invoke("verify", indexed).exit_code == 0
+    assert index(indexed, encoder, url=catalog_url)["embedded"] == 1  # found again as a new file, embedded afresh
+    assert rows(indexed, url=catalog_url)[b"m/other0.jpg"].cls is not None
+    assert invoke("verify", indexed, *url).exit_code == 0
 
 
 # ---- 5 and 6. --protect and --in-folder ---------------------------------------------------------------------------
@@ -318,21 +336,21 @@ ODD = b"caf\xe9"  # a folder name that is not UTF-8
 
 
 @pytest.fixture
-def protected_library(tmp_path, encoder):
+def protected_library(tmp_path, encoder, catalog_url):
     root = tmp_path / "photos"
     for i, rels in enumerate([("keep/a.jpg", "keep/a-copy.jpg", "other/a.jpg"),  # two copies protected
                               ("keep/b.jpg", "keep/sub/b.jpg"),  # every copy protected
                               (os.fsdecode(ODD + b"/c.jpg"), "other/c.jpg")]):  # protected by raw bytes
         for rel in rels:
             save(root / rel, synthetic_photo(120, 90, seed=30 + i))
-    index(root, encoder)
+    index(root, encoder, url=catalog_url)
     return root
 
 
-def test_protect_keeps_every_protected_copy_also_in_non_utf8_folders(protected_library):
+def test_protect_keeps_every_protected_copy_also_in_non_utf8_folders(protected_library, catalog_url):
     root = protected_library
     odd_folder = os.fsdecode(os.fsencode(root) + b"/" + ODD)  # as the command line hands it over
-    with Library.open(root, write=True) as library:
+    with Library.open(root, url=catalog_url, write=True) as library:
         groups = find_duplicates(library, exact_only=True, protected=("keep", odd_folder))
         by_keeper = {g.keeper.raw_path: g for g in groups}
         assert sorted(by_keeper) == [b"caf\xe9/c.jpg", b"keep/a.jpg"]  # the all-protected b group: nothing to do
@@ -347,9 +365,9 @@ def test_protect_keeps_every_protected_copy_also_in_non_utf8_folders(protected_l
         assert (root / rel).exists(), rel
 
 
-def test_in_folder_takes_the_spellings_protect_takes(protected_library):
-    root = protected_library
-    with Library.open(root) as library:
+def test_in_folder_takes_the_spellings_protect_takes(protected_library, catalog_url):
+    root, url = protected_library, url_args(catalog_url)
+    with Library.open(root, url=catalog_url) as library:
         def groups(folder=None):
             return [[m.id for m in g.members] for g in find_duplicates(library, exact_only=True, folder=folder)]
 
@@ -366,9 +384,9 @@ def test_in_folder_takes_the_spellings_protect_takes(protected_library):
             find_duplicates(library, folder="/")
         with pytest.raises(ValueError, match="^folder nope: no such folder"):
             find_duplicates(library, folder="nope")
-    result = invoke("dedup", root, "--exact", "--in-folder", root.parent)
+    result = invoke("dedup", root, *url, "--exact", "--in-folder", root.parent)
     assert result.exit_code == 1 and result.output.startswith("Error: --in-folder") and "not inside" in result.output
-    assert invoke("dedup", root, "--exact", "--in-folder", ".").exit_code == 0
+    assert invoke("dedup", root, *url, "--exact", "--in-folder", ".").exit_code == 0
 
 
 # ---- 7. a read-only library folder ----------------------------------------------------------------------------------

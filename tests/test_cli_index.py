@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from collection import make_collection
-from conftest import synthetic_photo
+from conftest import synthetic_photo, url_args
 
 from dinoseek.indexer.catalog import EMBEDDED, ImageRow
 from dinoseek.indexer.library import Library
@@ -81,9 +81,11 @@ def test_cli_errors_are_one_line(tmp_path, indexed, tiny_folder):
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments(tmp_path, tiny_folder):
+def test_sigkill_at_random_moments(tmp_path, tiny_folder, catalog_url):
     """Kill real `dinoseek index` runs (checkpointing after every batch, so some kills land in index
-    writes); every time the library must open, repair to a verified state, and finish on re-run."""
+    writes); every time the library must open, repair to a verified state, and finish on re-run.
+    On PostgreSQL the kill also drops the writer's connections mid-transaction: the server rolls
+    them back and releases the advisory lock."""
     root = tmp_path / "photos"
     root.mkdir()
     expected = make_collection(root)
@@ -91,24 +93,25 @@ def test_sigkill_at_random_moments(tmp_path, tiny_folder):
         synthetic_photo(360, 270, seed=1000 + i).save(root / "bulk" / f"{i:03d}.jpg" if (root / "bulk").exists()
                                                       else _mkdir(root / "bulk") / f"{i:03d}.jpg", quality=85)
     command = [sys.executable, "-m", "dinoseek.retrieval.cli", "index", str(root), "--weights", str(tiny_folder),
-               "--precision", "fp32", "--batch-size", "4", "--workers", "1", "--checkpoint-seconds", "0"]
+               "--precision", "fp32", "--batch-size", "4", "--workers", "1", "--checkpoint-seconds", "0",
+               *url_args(catalog_url)]
     rng = np.random.default_rng(7)
     for number, delay in enumerate(sorted(rng.uniform(0.0, 4.0, 5))):
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # Time the kill from the moment this run began (its row in `runs`): starting Python and torch
         # takes 1 to 5 s on a loaded machine, and a kill before that would test nothing.
         deadline = time.monotonic() + 120
-        while _runs(root) <= number and process.poll() is None and time.monotonic() < deadline:
+        while _runs(root, catalog_url) <= number and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(delay)
         process.send_signal(signal.SIGKILL)
         process.wait()
-        with Library.open(root, write=True) as library:  # opens; repairs what the kill left
+        with Library.open(root, url=catalog_url, write=True) as library:  # opens; repairs what the kill left
             library.load_indexes()
             assert library.verify() == []
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    with Library.open(root) as library, library.catalog.session() as s:
+    with Library.open(root, url=catalog_url) as library, library.catalog.session() as s:
         catalog = s.query(ImageRow).all()
         paths = [r.path for r in catalog]
         assert len(paths) == len(set(paths))
@@ -120,10 +123,22 @@ def test_sigkill_at_random_moments(tmp_path, tiny_folder):
         assert len(library.load_indexes()["cls"].ids()) == len(decodable)
 
 
-def _runs(root) -> int:
+def _runs(root, url=None) -> int:
     """Index runs the catalog has seen so far (0 before it exists)."""
     import sqlite3
 
+    if url is not None:
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.exc import DBAPIError
+
+        engine = create_engine(url)
+        try:
+            with engine.connect() as connection:
+                return connection.execute(text("SELECT count(*) FROM runs")).scalar()
+        except DBAPIError:  # no tables yet
+            return 0
+        finally:
+            engine.dispose()
     catalog = root / ".dinoseek" / "catalog.sqlite"
     try:
         with sqlite3.connect(f"file:{catalog}?mode=ro", uri=True, timeout=1) as db:

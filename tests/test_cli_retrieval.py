@@ -139,7 +139,7 @@ def test_end_to_end_subprocess(tmp_path, tiny_folder):
 
 
 @pytest.mark.slow
-def test_sigkill_during_apply_then_undo_restores_every_byte(tmp_path, tiny_folder):
+def test_sigkill_during_apply_then_undo_restores_every_byte(tmp_path, tiny_folder, catalog_url):
     """A real `dinoseek dedup --apply` killed at random moments; `undo` must bring every file back."""
     import os
     import signal
@@ -158,14 +158,18 @@ def test_sigkill_during_apply_then_undo_restores_every_byte(tmp_path, tiny_folde
         for i in range(6):
             (folder / f"p{i}.png").write_bytes((root / "orig" / f"p{i}.png").read_bytes())
     before = tree_hashes(root)
+    from conftest import url_args
+
     cli = [sys.executable, "-m", "dinoseek.retrieval.cli"]
-    subprocess.run([*cli, "index", str(root), "--weights", str(tiny_folder), "--precision", "fp32"], check=True,
+    url = url_args(catalog_url)
+    subprocess.run([*cli, "index", str(root), "--weights", str(tiny_folder), "--precision", "fp32", *url], check=True,
                    capture_output=True, timeout=300)
     rng = np.random.default_rng(3)
     journals = root / ".dinoseek" / "journals"
     for steps in rng.integers(5, 200, 3):  # kill once the journal holds this many records
         known = set(journals.glob("*.jsonl")) if journals.exists() else set()
-        process = subprocess.Popen([*cli, "dedup", str(root), "--exact", "--protect", "orig", "--action", "move", "--apply"],
+        process = subprocess.Popen([*cli, "dedup", str(root), "--exact", "--protect", "orig", "--action", "move",
+                                    "--apply", *url],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
@@ -175,7 +179,7 @@ def test_sigkill_during_apply_then_undo_restores_every_byte(tmp_path, tiny_folde
             time.sleep(0.002)
         process.send_signal(signal.SIGKILL)
         process.wait()
-        result = subprocess.run([*cli, "undo", str(root)], capture_output=True, text=True, timeout=300)
+        result = subprocess.run([*cli, "undo", str(root), *url], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout + result.stderr
         restored = int(result.stdout.split("restored ")[1].split()[0])
         assert 0 < restored < 6 * 39  # the kill landed mid-apply

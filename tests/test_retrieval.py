@@ -50,14 +50,16 @@ def make_library_photos(root):
     (root / "b" / "p2-reencoded.jpg").write_bytes(_jpeg(photos[2], quality=60))
 
 
-def index_with_cli(root, weights) -> None:
-    """`dinoseek index ROOT` with the tiny test weights, in process; the run must succeed."""
+def index_with_cli(root, weights, url=None) -> None:
+    """`dinoseek index ROOT` with the tiny test weights (and `--url` for a catalog elsewhere), in
+    process; the run must succeed."""
     from click.testing import CliRunner
+    from conftest import url_args
 
     from dinoseek.retrieval.cli import main
 
     result = CliRunner().invoke(main, ["index", str(root), "--weights", str(weights), "--precision", "fp32",
-                                       "--workers", "0"])
+                                       "--workers", "0", *url_args(url)])
     assert result.exit_code == 0, result.output
 
 
@@ -67,16 +69,18 @@ def encoder(tiny_folder):
 
 
 @pytest.fixture
-def library_root(tmp_path, encoder):
+def library_root(tmp_path, encoder, catalog_url):
+    """The photos of make_library_photos, indexed, with their catalog on the backend under test
+    (the tests using it open it with `url=catalog_url`, the same URL)."""
     root = tmp_path / "photos"
     make_library_photos(root)
-    with Library.open(root, write=True, create=True) as library:
+    with Library.open(root, url=catalog_url, write=True, create=True) as library:
         run_index(library, encoder, Options(workers=0))
     return root
 
 
-def brute_force(root, vector, kind, keep=lambda row: True):
-    with Library.open(root) as library, library.catalog.session() as s:
+def brute_force(root, url, vector, kind, keep=lambda row: True):
+    with Library.open(root, url=url) as library, library.catalog.session() as s:
         rows = [r for r in s.query(ImageRow).filter(ImageRow.status == EMBEDDED) if keep(r)]
     matrix = np.stack([np.frombuffer(getattr(r, kind), np.float16).astype(np.float32) for r in rows])
     scores = np.clip(matrix @ vector, -1, 1)  # shown scores are cosines: float16 rounding clipped
@@ -93,15 +97,16 @@ def assert_same_ranking(hits, expected):
     assert ours == theirs
 
 
-def test_search_equals_brute_force(library_root, encoder):
+def test_search_equals_brute_force(library_root, encoder, catalog_url):
     query = synthetic_photo(500, 400, seed=3)
     vector = encoder.embed([query]).cls[0]
-    with Library.open(library_root) as library, LibrarySearch(library, encoder) as lib:
+    with Library.open(library_root, url=catalog_url) as library, LibrarySearch(library, encoder) as lib:
         for q in (query, vector, library_root / "a/p3.jpg"):
             hits = lib.search(q, k=5)
-            assert_same_ranking(hits, brute_force(library_root, lib.vectors_for(q, "cls")[0], "cls")[:5])
+            assert_same_ranking(hits, brute_force(library_root, catalog_url, lib.vectors_for(q, "cls")[0], "cls")[:5])
         patch_hits = lib.search(query, k=3, kind="patch")
-        assert_same_ranking(patch_hits, brute_force(library_root, encoder.embed([query]).patch[0], "patch")[:3])
+        expected = brute_force(library_root, catalog_url, encoder.embed([query]).patch[0], "patch")
+        assert_same_ranking(patch_hits, expected[:3])
         assert hits[0].metadata["width"] == 640 and hits[0].path.startswith(("a/", "b/"))
 
 
@@ -112,28 +117,28 @@ def test_search_equals_brute_force(library_root, encoder):
     (Filters(min_pixels=300_000), lambda r: r.width * r.height >= 300_000),
     (Filters(max_bytes=10**9, min_bytes=1), lambda r: True),
 ])
-def test_filtered_search_is_exact_over_the_filtered_set(library_root, encoder, filters, keep):
+def test_filtered_search_is_exact_over_the_filtered_set(library_root, encoder, filters, keep, catalog_url):
     vector = encoder.embed([synthetic_photo(300, 300, seed=11)]).cls[0]
-    with Library.open(library_root) as library, LibrarySearch(library) as lib:
+    with Library.open(library_root, url=catalog_url) as library, LibrarySearch(library) as lib:
         hits = lib.search(vector, k=20, filters=filters)
-        expected = brute_force(library_root, lib.vectors_for(vector, "cls")[0], "cls", keep)
+        expected = brute_force(library_root, catalog_url, lib.vectors_for(vector, "cls")[0], "cls", keep)
     assert len(hits) == len(expected) > 0
     assert_same_ranking(hits, expected)
 
 
-def test_both_kinds_average_the_two_similarities(library_root, encoder):
+def test_both_kinds_average_the_two_similarities(library_root, encoder, catalog_url):
     query = synthetic_photo(400, 300, seed=5)
     out = encoder.embed([query])
-    with Library.open(library_root) as library, LibrarySearch(library, encoder) as lib:
+    with Library.open(library_root, url=catalog_url) as library, LibrarySearch(library, encoder) as lib:
         hits = lib.search(query, k=3, kind="both")
-    cls = dict(brute_force(library_root, out.cls[0], "cls"))
-    patch = dict(brute_force(library_root, out.patch[0], "patch"))
+    cls = dict(brute_force(library_root, catalog_url, out.cls[0], "cls"))
+    patch = dict(brute_force(library_root, catalog_url, out.patch[0], "patch"))
     both = sorted(((cls[i] + patch[i]) / 2, i) for i in cls)[::-1][:3]
     assert_same_ranking(hits, [(i, s) for s, i in both])
 
 
-def test_similar_excludes_itself_and_finds_copies(library_root):
-    with Library.open(library_root) as library, LibrarySearch(library) as lib:
+def test_similar_excludes_itself_and_finds_copies(library_root, catalog_url):
+    with Library.open(library_root, url=catalog_url) as library, LibrarySearch(library) as lib:
         hits = lib.similar(library_root / "a/p0.jpg", k=3)
         assert hits[0].path == "b/p0-copy.jpg" and hits[0].score > 0.999
         assert all(h.path != "a/p0.jpg" for h in hits)
@@ -142,16 +147,16 @@ def test_similar_excludes_itself_and_finds_copies(library_root):
             lib.similar("a/missing.jpg")
 
 
-def test_deleted_rows_never_come_back(library_root, encoder):
-    with Library.open(library_root) as library, LibrarySearch(library, encoder) as lib:
+def test_deleted_rows_never_come_back(library_root, encoder, catalog_url):
+    with Library.open(library_root, url=catalog_url) as library, LibrarySearch(library, encoder) as lib:
         target = lib.similar("a/p0.jpg", k=1)[0]
         with lib.library.catalog.session() as s, s.begin():
             s.execute(delete(ImageRow).where(ImageRow.id == target.id))  # a concurrent run removed it
         assert target.id not in [h.id for h in lib.similar("a/p0.jpg", k=5)]
 
 
-def test_query_errors(library_root):
-    with Library.open(library_root) as library, LibrarySearch(library) as lib:
+def test_query_errors(library_root, catalog_url):
+    with Library.open(library_root, url=catalog_url) as library, LibrarySearch(library) as lib:
         with pytest.raises(QueryError, match="has 3 dimensions"):
             lib.search(np.ones(3, np.float32))
         with pytest.raises(QueryError, match="need the library's model"):
@@ -160,8 +165,8 @@ def test_query_errors(library_root):
             lib.search(library_root / ".dinoseek" / "lock")
 
 
-def test_batch_search(library_root, encoder):
-    with Library.open(library_root) as library, LibrarySearch(library, encoder) as lib:
+def test_batch_search(library_root, encoder, catalog_url):
+    with Library.open(library_root, url=catalog_url) as library, LibrarySearch(library, encoder) as lib:
         vectors = encoder.embed([synthetic_photo(300, 200, seed=s) for s in (1, 2)]).cls
         batch = lib.search_batch(vectors, k=4)
         assert batch[1] == lib.search(vectors[1], k=4)
@@ -172,7 +177,7 @@ def _local_time(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def test_groups_keep_rules_and_no_chaining(tmp_path, encoder):
+def test_groups_keep_rules_and_no_chaining(tmp_path, encoder, catalog_url):
     root = tmp_path / "photos"
     make_library_photos(root)
     # Byte copies are decided by the earlier modification time (a copy is never older than what it
@@ -180,9 +185,9 @@ def test_groups_keep_rules_and_no_chaining(tmp_path, encoder):
     older, newer = 1_600_000_000 * 10**9, 1_600_000_060 * 10**9
     os.utime(root / "b/p0-copy.jpg", ns=(older, older))
     os.utime(root / "a/p0.jpg", ns=(newer, newer))
-    with Library.open(root, write=True, create=True) as library:
+    with Library.open(root, url=catalog_url, write=True, create=True) as library:
         run_index(library, encoder, Options(workers=0))
-    with Library.open(root) as library:
+    with Library.open(root, url=catalog_url) as library:
         groups = find_duplicates(library, threshold=THRESHOLD)
         by_keeper = {g.keeper.path: g for g in groups}
         assert sorted(sorted(m.path for m in g.members) for g in groups) == [
@@ -232,9 +237,9 @@ def tree_hashes(root):
 
 
 @pytest.mark.parametrize("action", ["move", "hardlink", "symlink"])
-def test_apply_then_undo_restores_byte_identical_files(library_root, action):
+def test_apply_then_undo_restores_byte_identical_files(library_root, action, catalog_url):
     before = tree_hashes(library_root)
-    with Library.open(library_root, write=True) as library:
+    with Library.open(library_root, url=catalog_url, write=True) as library:
         groups = find_duplicates(library, threshold=THRESHOLD)
         result = apply(library, groups, action)
         assert len(result.done) == 3 and not result.skipped
@@ -255,8 +260,8 @@ def test_apply_then_undo_restores_byte_identical_files(library_root, action):
     assert not any(os.path.islink(library_root / p) for p in before)
 
 
-def test_changed_file_skips_its_group_only(library_root):
-    with Library.open(library_root, write=True) as library:
+def test_changed_file_skips_its_group_only(library_root, catalog_url):
+    with Library.open(library_root, url=catalog_url, write=True) as library:
         groups = find_duplicates(library, threshold=THRESHOLD)
         with open(library_root / "b/p1-small.jpg", "ab") as f:
             f.write(b"edited after the plan")
@@ -266,8 +271,8 @@ def test_changed_file_skips_its_group_only(library_root):
     assert (library_root / "b/p1-small.jpg").exists()
 
 
-def test_quarantine_name_collisions_never_overwrite(library_root):
-    with Library.open(library_root, write=True) as library:
+def test_quarantine_name_collisions_never_overwrite(library_root, catalog_url):
+    with Library.open(library_root, url=catalog_url, write=True) as library:
         groups = find_duplicates(library, threshold=THRESHOLD)
         quarantine = library.folder / "quarantine"
         (quarantine / "b").mkdir(parents=True)
@@ -279,10 +284,10 @@ def test_quarantine_name_collisions_never_overwrite(library_root):
     assert (library_root / "b/p0-copy.jpg").read_bytes() == (library_root / "a/p0.jpg").read_bytes()
 
 
-def test_undo_after_a_kill_mid_step(library_root):
+def test_undo_after_a_kill_mid_step(library_root, catalog_url):
     """Kill between the two halves of a move (hard link made, original not yet unlinked), then undo."""
     before = tree_hashes(library_root)
-    with Library.open(library_root, write=True) as library:
+    with Library.open(library_root, url=catalog_url, write=True) as library:
         groups = find_duplicates(library, threshold=THRESHOLD)
         result = apply(library, groups[:1], "move")
         step = result.done[0]
@@ -295,9 +300,9 @@ def test_undo_after_a_kill_mid_step(library_root):
     assert tree_hashes(library_root) == before
 
 
-def test_an_index_run_between_apply_and_undo_keeps_the_moved_files_rows(library_root, encoder):
+def test_an_index_run_between_apply_and_undo_keeps_the_moved_files_rows(library_root, encoder, catalog_url):
     """Rows of quarantined files stay until undo or purge: undo needs no re-embedding afterwards."""
-    with Library.open(library_root, write=True) as library:
+    with Library.open(library_root, url=catalog_url, write=True) as library:
         result = apply(library, find_duplicates(library, threshold=THRESHOLD), "move")
         counts = run_index(library, encoder, Options(workers=0))  # the moved files are not at their paths
         assert counts["deleted"] == 0 and library.info()["counts"]["quarantined"] == 3
@@ -307,8 +312,8 @@ def test_an_index_run_between_apply_and_undo_keeps_the_moved_files_rows(library_
         assert counts["embedded"] == 0 and library.info()["counts"] == {"embedded": 11}
 
 
-def test_reports(library_root):
-    with Library.open(library_root) as library:
+def test_reports(library_root, catalog_url):
+    with Library.open(library_root, url=catalog_url) as library:
         groups = find_duplicates(library, threshold=THRESHOLD)
     data = json.loads(to_json(groups))
     assert data["files_to_act_on"] == 3 and data["groups"][0]["members"][0]["sha256"]
@@ -320,7 +325,7 @@ def test_reports(library_root):
 
 
 @pytest.mark.slow
-def test_crops_group_only_with_patch_token_reranking(tmp_path, small_folder):
+def test_crops_group_only_with_patch_token_reranking(tmp_path, small_folder, catalog_url):
     """On full-size ViT-S (random weights) a 50% crop has CLS cosine ~0.88 to its source, below
     unrelated pairs (~0.95), while its patch tokens match at ~0.955 (unrelated: <= 0.935)."""
     encoder = Encoder.from_pretrained(small_folder, precision="fp32")
@@ -329,7 +334,7 @@ def test_crops_group_only_with_patch_token_reranking(tmp_path, small_folder):
     for i in range(5):
         synthetic_photo(800, 600, seed=20 + i).save(root / f"p{i}.png")
     Image.open(root / "p0.png").crop((100, 100, 500, 400)).save(root / "p0-crop.png")
-    with Library.open(root, write=True, create=True) as library:
+    with Library.open(root, url=catalog_url, write=True, create=True) as library:
         run_index(library, encoder, Options(workers=0))
         plain = find_duplicates(library, threshold=0.945)
         reranked = find_duplicates(library, threshold=0.945, crop_encoder=encoder, candidate_threshold=0.8)
@@ -340,14 +345,14 @@ def test_crops_group_only_with_patch_token_reranking(tmp_path, small_folder):
     assert crop_groups[0].keeper.path == "p0.png" and crop_groups[0].min_similarity >= 0.945
 
 
-def test_large_exact_libraries_find_pairs_through_a_temporary_ivf(library_root, monkeypatch):
+def test_large_exact_libraries_find_pairs_through_a_temporary_ivf(library_root, monkeypatch, catalog_url):
     import dinoseek.retrieval.dedup as dedup
 
     monkeypatch.setenv("DINOSEEK_TORCH_SEARCH", "off")  # FAISS's path (on CUDA without faiss-gpu torch searches)
-    with Library.open(library_root) as library:
+    with Library.open(library_root, url=catalog_url) as library:
         exact = find_duplicates(library, threshold=THRESHOLD)
     monkeypatch.setattr(dedup, "EXACT_PAIRS_MAX", 5)
-    with Library.open(library_root) as library:
+    with Library.open(library_root, url=catalog_url) as library:
         index = dedup.candidate_index(library, "cls")
         assert index.factory.startswith("IVF") and index.count == 11  # not the library's Flat index
         assert library.indexes == {}  # which was never loaded
@@ -355,41 +360,42 @@ def test_large_exact_libraries_find_pairs_through_a_temporary_ivf(library_root, 
     assert [[m.id for m in g.members] for g in approximate] == [[m.id for m in g.members] for g in exact]
 
 
-def test_a_search_closes_only_the_library_it_owns(library_root, monkeypatch):
+def test_a_search_closes_only_the_library_it_owns(library_root, monkeypatch, catalog_url):
     from dinoseek.indexer.errors import LibraryLockedError
     from dinoseek.retrieval.api import open_library
 
-    with Library.open(library_root, write=True) as library:
+    with Library.open(library_root, url=catalog_url, write=True) as library:
         with LibrarySearch(library) as lib:  # handed a library: the caller's to close
             assert lib.similar("a/p0.jpg", k=1)
         with pytest.raises(LibraryLockedError):  # the writer lock is still held...
-            Library.open(library_root, write=True)
+            Library.open(library_root, url=catalog_url, write=True)
         assert library.manifest() is not None  # ...and the catalog still answers
     closed = []
     real_close = Library.close
     monkeypatch.setattr(Library, "close", lambda self: (closed.append(self), real_close(self)))
-    with open_library(library_root) as lib:  # opened it: closes it
+    with open_library(library_root, url=catalog_url) as lib:  # opened it: closes it
         assert lib.similar("a/p0.jpg", k=1)
     assert closed == [lib.library]
 
 
-def test_large_filtered_sets_go_through_a_faiss_id_selector(library_root, encoder, monkeypatch):
+def test_large_filtered_sets_go_through_a_faiss_id_selector(library_root, encoder, monkeypatch, catalog_url):
     import dinoseek.retrieval.api as api
 
     vector = encoder.embed([synthetic_photo(300, 300, seed=11)]).cls[0]
     monkeypatch.setattr(api, "EXACT_FILTER_LIMIT", 0)  # force the FAISS path
-    with Library.open(library_root) as library, LibrarySearch(library) as lib:
+    with Library.open(library_root, url=catalog_url) as library, LibrarySearch(library) as lib:
         hits = lib.search(vector, k=20, folder="b")
-        expected = brute_force(library_root, lib.vectors_for(vector, "cls")[0], "cls", lambda r: r.folder == "b")
+        expected = brute_force(library_root, catalog_url, lib.vectors_for(vector, "cls")[0], "cls",
+                               lambda r: r.folder == "b")
     assert len(hits) == len(expected) == 7
     assert_same_ranking(hits, expected)
 
 
-def test_a_keeper_reached_through_a_swapped_folder_symlink_is_never_moved(library_root):
+def test_a_keeper_reached_through_a_swapped_folder_symlink_is_never_moved(library_root, catalog_url):
     """After indexing, b/ is replaced by a symlink to a/: b/p0-copy.jpg would be a/p0.jpg itself."""
     import shutil
 
-    with Library.open(library_root, write=True) as library:
+    with Library.open(library_root, url=catalog_url, write=True) as library:
         groups = find_duplicates(library, exact_only=True)
         (library_root / "a/p0-copy.jpg").write_bytes((library_root / "b/p0-copy.jpg").read_bytes())
         shutil.rmtree(library_root / "b")
@@ -399,8 +405,8 @@ def test_a_keeper_reached_through_a_swapped_folder_symlink_is_never_moved(librar
     assert (library_root / "a/p0.jpg").exists()
 
 
-def test_hard_links_to_the_keeper_are_not_duplicates_to_free(library_root):
-    with Library.open(library_root, write=True) as library:
+def test_hard_links_to_the_keeper_are_not_duplicates_to_free(library_root, catalog_url):
+    with Library.open(library_root, url=catalog_url, write=True) as library:
         groups = find_duplicates(library, exact_only=True)
         copy = library_root / "b/p0-copy.jpg"
         copy.unlink()
@@ -409,14 +415,14 @@ def test_hard_links_to_the_keeper_are_not_duplicates_to_free(library_root):
     assert result.done == [] and "is the kept file itself" in result.skipped[0][1]
 
 
-def test_failed_link_puts_the_file_back(library_root, monkeypatch):
+def test_failed_link_puts_the_file_back(library_root, monkeypatch, catalog_url):
     import dinoseek.retrieval.actions as actions
 
     def no_links(*args):
         raise OSError(95, "Operation not supported")
 
     before = tree_hashes(library_root)
-    with Library.open(library_root, write=True) as library:
+    with Library.open(library_root, url=catalog_url, write=True) as library:
         groups = find_duplicates(library, threshold=THRESHOLD)
         monkeypatch.setattr(actions.os, "symlink", no_links)
         # The CLI adds that `dinoseek undo` restores them.
@@ -425,14 +431,14 @@ def test_failed_link_puts_the_file_back(library_root, monkeypatch):
     assert tree_hashes(library_root) == before
 
 
-def test_quarantine_inside_the_photo_folder_is_refused(library_root):
-    with Library.open(library_root, write=True) as library:
+def test_quarantine_inside_the_photo_folder_is_refused(library_root, catalog_url):
+    with Library.open(library_root, url=catalog_url, write=True) as library:
         with pytest.raises(ValueError, match="inside the photo folder"):
             apply(library, find_duplicates(library, threshold=THRESHOLD), "move", str(library_root / "dups"))
 
 
-def test_undo_keeps_a_quarantined_copy_whose_original_was_replaced(library_root):
-    with Library.open(library_root, write=True) as library:
+def test_undo_keeps_a_quarantined_copy_whose_original_was_replaced(library_root, catalog_url):
+    with Library.open(library_root, url=catalog_url, write=True) as library:
         result = apply(library, find_duplicates(library, threshold=THRESHOLD), "move")
         step = result.done[0]
         step.src.write_bytes(b"a new file the user saved at the old name")
@@ -442,9 +448,9 @@ def test_undo_keeps_a_quarantined_copy_whose_original_was_replaced(library_root)
         assert "undone" not in result.journal.read_text()
 
 
-def test_torn_last_journal_line_is_tolerated(library_root):
+def test_torn_last_journal_line_is_tolerated(library_root, catalog_url):
     before = tree_hashes(library_root)
-    with Library.open(library_root, write=True) as library:
+    with Library.open(library_root, url=catalog_url, write=True) as library:
         result = apply(library, find_duplicates(library, threshold=THRESHOLD), "move")
         with open(result.journal, "a") as f:
             f.write('{"type": "intent", "step": 9, "op": "mo')  # power loss mid-write
@@ -452,14 +458,14 @@ def test_torn_last_journal_line_is_tolerated(library_root):
     assert tree_hashes(library_root) == before
 
 
-def test_odd_byte_names_are_moved_and_restored(tmp_path, encoder):
+def test_odd_byte_names_are_moved_and_restored(tmp_path, encoder, catalog_url):
     root = tmp_path / "photos"
     root.mkdir()
     synthetic_photo(300, 200, seed=1).save(root / "a.jpg")
     odd = os.fsdecode(b"caf\xe9.jpg")
     (root / odd).write_bytes((root / "a.jpg").read_bytes())
     before = tree_hashes(root)
-    with Library.open(root, write=True, create=True) as library:
+    with Library.open(root, url=catalog_url, write=True, create=True) as library:
         run_index(library, encoder, Options(workers=0))
         result = apply(library, find_duplicates(library, exact_only=True), "move")
         assert len(result.done) == 1
@@ -467,8 +473,8 @@ def test_odd_byte_names_are_moved_and_restored(tmp_path, encoder):
     assert tree_hashes(root) == before
 
 
-def test_protect_accepts_absolute_and_dotted_paths_and_checks_them(library_root):
-    with Library.open(library_root) as library:
+def test_protect_accepts_absolute_and_dotted_paths_and_checks_them(library_root, catalog_url):
+    with Library.open(library_root, url=catalog_url) as library:
         for spelling in (str(library_root / "b"), "./b", "b/"):
             groups = find_duplicates(library, threshold=THRESHOLD, protected=(spelling,), order=("resolution",))
             assert {g.keeper.path for g in groups} == {"b/p0-copy.jpg", "b/p1-small.jpg", "b/p2-reencoded.jpg"}
@@ -478,7 +484,7 @@ def test_protect_accepts_absolute_and_dotted_paths_and_checks_them(library_root)
             find_duplicates(library, protected=("/",))
 
 
-def test_calibration_does_not_count_the_librarys_own_duplicates_as_false_positives(tmp_path, encoder):
+def test_calibration_does_not_count_the_librarys_own_duplicates_as_false_positives(tmp_path, encoder, catalog_url):
     """Two byte copies in the library: a copy altered from one matches the other exactly as well."""
     from dinoseek.retrieval.calibrate import calibrate
 
@@ -487,7 +493,7 @@ def test_calibration_does_not_count_the_librarys_own_duplicates_as_false_positiv
     for i in range(3):
         synthetic_photo(640, 480, seed=40 + i).save(root / f"p{i}.jpg", quality=92)
     (root / "p0-backup.jpg").write_bytes((root / "p0.jpg").read_bytes())
-    with Library.open(root, write=True, create=True) as library:
+    with Library.open(root, url=catalog_url, write=True, create=True) as library:
         run_index(library, encoder, Options(workers=0))
         table, _, used = calibrate(library, encoder, sample=4)
     assert used == 4
