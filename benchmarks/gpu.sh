@@ -31,7 +31,7 @@ step() {
     local name=$1 limit=$2 started=$SECONDS
     shift 2
     log "== $name: $*"
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | grep --line-buffered -v -E "Warning|warn\(" | tee "$OUT/$name.txt" >>"$OUT/gpu.log"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.txt" >>"$OUT/gpu.log"
     log "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started)) s"
 }
 

@@ -147,9 +147,13 @@ def limit_aspect(image: Image.Image) -> Image.Image:
     return image
 
 
-def open_header(data: bytes) -> Image.Image:
-    """Parse the header only; pixel data is not decoded yet."""
+def open_header(data: bytes, *, in_thread: bool = False) -> Image.Image:
+    """Parse the header only; pixel data is not decoded yet. `in_thread`: called from a thread, where
+    `warnings.catch_warnings` (which swaps the process-wide filter list) is not safe; the caller has
+    installed the same filters once instead (gpu_jpeg.quiet_header_warnings)."""
     try:
+        if in_thread:
+            return Image.open(io.BytesIO(data))
         with warnings.catch_warnings():
             # Pillow warns from 89.5 MP and refuses from 179 MP; the explicit check after opening
             # applies our own limit, so the warning is not an error here.

@@ -3,9 +3,13 @@ its CPU decode workers.
 
 A file takes this path only when the result can match the CPU path's (`decode.read_image` +
 `InputSpec.pixels`): a plain baseline/progressive JPEG (RGB or grey) that ends with its end-of-image
-marker, within the pixel and aspect limits, whose header and EXIF parse. Everything else (CMYK,
-MPO, a truncated or damaged file, another format named .jpg, a decoder error) is handed back to the
-CPU path, which decodes it or records why not exactly as it always has.
+marker, within the pixel and aspect limits (and under GPU_MAX_PIXELS), whose header and EXIF
+parse. Everything else (CMYK, MPO, a truncated file, damaged headers, another format named .jpg, a
+decoder error) is handed back to the CPU path, which decodes it or records why not exactly as it
+always has. nvjpeg itself reports no error for a damaged entropy-coded stream (measured: a
+truncated file decodes without one), so the end-of-image marker is what keeps truncated files off
+this path; a file damaged in its middle that still ends with the marker is embedded as nvjpeg
+decodes it, where Pillow might have refused it.
 
 On the device the CPU path is mimicked step by step: Pillow's draft decodes at a DCT scale 1/s
 (s = 8, 4, 2 or 1, both sides kept >= decode_side); at 1/8 each output pixel is its 8x8 block's DC
@@ -47,6 +51,9 @@ DECODE_CHOICES = ("auto", "cpu", "gpu")
 # goes back to the CPU path, which records it as today).
 JPEG_SUFFIXES = (b".jpg", b".jpeg", b".jpe", b".jfif")
 _SOI, _EOI = b"\xff\xd8\xff", b"\xff\xd9"
+# Larger JPEGs go to the CPU path: a batch is decoded at full size on the encoder's GPU (32 x 50 MP x
+# 3 bytes is 4.8 GB), and the CPU's draft decoding never holds the full-size pixels at all.
+GPU_MAX_PIXELS = 50_000_000
 _TRANSPOSES = {  # EXIF orientation -> what ImageOps.exif_transpose does, on (..., H, W) tensors
     2: lambda x: x.flip(-1),  # FLIP_LEFT_RIGHT
     3: lambda x: x.flip(-2, -1),  # ROTATE_180
@@ -99,7 +106,7 @@ def read_jpeg(path: str | bytes | os.PathLike, spec: InputSpec, *, max_pixels: i
     if not data.startswith(_SOI) or not data[-64:].rstrip(b"\x00").endswith(_EOI):
         return None
     try:
-        image = open_header(data)
+        image = open_header(data, in_thread=True)
         exif = image.getexif()  # what exif_transpose reads; a corrupt block: the CPU path decides
         orientation = int(exif.get(0x0112, 1))
     except Exception:
@@ -108,7 +115,7 @@ def read_jpeg(path: str | bytes | os.PathLike, spec: InputSpec, *, max_pixels: i
     # Progressive files have one tile too; several would mean Pillow's draft does nothing.
     if image.format != "JPEG" or image.mode not in ("RGB", "L") or len(image.tile) != 1:
         return None
-    if width * height > max_pixels:
+    if width * height > min(max_pixels, GPU_MAX_PIXELS):
         return None
     scale = draft_scale(width, height, spec.decode_side)
     w, h = -(-width // scale), -(-height // scale)

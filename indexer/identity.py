@@ -49,7 +49,8 @@ def write_library_id(folder: Path, library_id: str) -> None:
     os.replace(temp, folder / ID_FILE)
 
 
-def check_identity(catalog: Catalog, folder: Path, root: Path, *, may_write: bool, where: str) -> str | None:
+def check_identity(catalog: Catalog, folder: Path, root: Path, *, may_write: bool, where: str,
+                   catalog_in_folder: bool = False) -> str | None:
     """Check that the library folder and the catalog belong to one library, and return its id.
 
     `may_write` (writers and creating opens) gives a catalog without an id a new one, writes the
@@ -61,6 +62,12 @@ def check_identity(catalog: Catalog, folder: Path, root: Path, *, may_write: boo
     recorded = catalog.library_identity()
     root_bytes = os.fsencode(str(root))
     if recorded is None:
+        if in_folder is not None and catalog_in_folder:
+            # The folder's own SQLite catalog, from before revision 0008 (restored from its migration
+            # backup, or downgraded): one library whatever it records. It learns the folder's id.
+            if may_write:
+                catalog.record_library(in_folder, root_bytes)
+            return in_folder
         if in_folder is not None:
             # A folder made for another catalog (or whose catalog was lost) with a new, empty one.
             raise LibraryMismatchError(

@@ -133,7 +133,8 @@ class Library:
                 raise NeedsUpgradeError(f"the catalog in {folder} was made by an older dinoseek and needs an upgrade, "
                                         f"which only a writer applies (it keeps a backup)", root)
             where = catalog_file or catalog.engine.url.render_as_string(hide_password=True)
-            library_id = check_identity(catalog, folder, root, may_write=write or create, where=str(where))
+            library_id = check_identity(catalog, folder, root, may_write=write or create, where=str(where),
+                                        catalog_in_folder=catalog_file is not None)
         except BaseException:
             if catalog_lock is not None:
                 catalog_lock.release()

@@ -272,7 +272,9 @@ def _decode_with_workers(root: bytes, queue: collections.deque, options: Options
         # unopened is what keeps this from blocking.
         yield from _drain(_InProcess(), {}, queue, 1, None, call_args, lane)
         return
-    context = multiprocessing.get_context(worker_start_method())
+    context = multiprocessing.get_context(worker_start_method(threads=lane is not None))
+    if context.get_start_method() == "forkserver":
+        context.set_forkserver_preload([__name__])  # the workers' code, imported once by the server
     window = max(options.workers * 4, options.batch_size)
     while True:
         pool = cf.ProcessPoolExecutor(options.workers, mp_context=context, initializer=_worker_init)
@@ -457,6 +459,8 @@ class _JpegLane:
             else:
                 self.ready.append((task, result))
         for future in [f for f in self.decoding if f.done()]:
+            if future not in self.decoding:  # _stop() below handed its files to the CPU path already
+                continue
             files = self.decoding.pop(future)
             self.started.pop(future, None)
             try:
@@ -505,10 +509,15 @@ class _JpegLane:
         self.gpu.shutdown(wait=5.0)  # a decode under way finishes before the process moves on
 
 
-def worker_start_method() -> str:
+def worker_start_method(threads: bool = False) -> str:
     """fork on Linux: workers start instantly and only run Pillow/numpy code (never torch's thread
-    pools). Elsewhere (macOS) forking a process that loaded torch and Apple's frameworks is unsafe."""
-    return "fork" if sys.platform == "linux" else "spawn"
+    pools). Elsewhere (macOS) forking a process that loaded torch and Apple's frameworks is unsafe.
+    With `threads` (the GPU JPEG lane's readers and decoder run while the pool starts, and restarts
+    after a crash) forking could copy a lock one of them holds into the child: forkserver forks the
+    workers from a clean single-threaded server instead."""
+    if sys.platform != "linux":
+        return "spawn"
+    return "forkserver" if threads else "fork"
 
 
 def _worker_init() -> None:

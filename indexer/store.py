@@ -138,7 +138,7 @@ class VectorIndex:
         (CUDA without faiss-gpu), else None: the caller searches with FAISS. A copy that cannot be
         made or fails (out of GPU memory even in the smallest blocks) is logged once and dropped
         until the index changes: FAISS on the CPU answers meanwhile."""
-        device = torch_search.search_device(gpu_available())
+        device = torch_search.search_device(gpu_available(), self.count)
         if device is None or self.count == 0 or not self.is_exact():
             return None
         with self._gpu_lock:

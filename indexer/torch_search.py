@@ -36,6 +36,9 @@ from .errors import InvalidArgumentError
 log = logging.getLogger(__name__)
 
 ENV = "DINOSEEK_TORCH_SEARCH"
+# Under this many vectors `auto` searches a library's exact index with FAISS on the CPU (dedup, which
+# compares every pair, still runs on the GPU).
+AUTO_MIN_VECTORS = 50_000
 SETTINGS = ("auto", "cuda", "cpu", "off")
 
 RESCORE_EXTRA = 16  # candidates beyond k taken on float16 scores, all re-scored in float32
@@ -52,13 +55,15 @@ PAIR_ROWS = 1 << 16  # range-search candidates re-scored at a time (each gathers
 PAD_SCORE = np.float32(-np.finfo(np.float32).max)  # what FAISS pads inner-product results with
 
 
-def search_device(faiss_gpu: bool) -> torch.device | None:
+def search_device(faiss_gpu: bool, count: int | None = None) -> torch.device | None:
     """The device exact searches run on through torch, or None for FAISS. `faiss_gpu`: whether
-    faiss-gpu and a GPU are present (then FAISS's GPU indexes are used, unless the setting is `cuda`)."""
+    faiss-gpu and a GPU are present (then FAISS's GPU indexes are used, unless the setting is `cuda`).
+    `count`: the vectors of the index to search; under AUTO_MIN_VECTORS `auto` leaves it to FAISS on
+    the CPU, which answers a query there in about a millisecond, before CUDA has even started."""
     setting = os.environ.get(ENV, "").strip().lower() or "auto"
     if setting not in SETTINGS:
         raise InvalidArgumentError(f"{ENV} must be one of {', '.join(SETTINGS)}, got {setting!r}")
-    if setting == "off" or (setting == "auto" and faiss_gpu):
+    if setting == "off" or (setting == "auto" and (faiss_gpu or (count is not None and count < AUTO_MIN_VECTORS))):
         return None
     if setting == "cpu":
         return torch.device("cpu")
@@ -190,7 +195,7 @@ class TorchExactIndex:
         lowered = self._lowered(queries)
         best = positions = None
         for start, tile in self._tiles(tile_rows):
-            scores = lowered @ tile.T  # (B, T)
+            scores = lowered @ tile.to(lowered.dtype).T  # (B, T); a too-long query upcasts the tile
             top, where = torch.topk(scores, min(fetch, scores.shape[1]), dim=1)
             where = where + start
             if best is not None:  # merge with the best of the tiles before
@@ -216,7 +221,7 @@ class TorchExactIndex:
         floor = radius - (FP16_SLACK if lowered.dtype == torch.float16 else FP32_SLACK)
         rows, positions = [], []
         for start, tile in self._tiles(tile_rows):
-            r, c = torch.nonzero(lowered @ tile.T >= floor, as_tuple=True)  # candidates, row by row
+            r, c = torch.nonzero(lowered @ tile.to(lowered.dtype).T >= floor, as_tuple=True)  # candidates, row by row
             rows.append(r)
             positions.append(c + start)
         rows, positions = torch.cat(rows), torch.cat(positions)

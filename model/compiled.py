@@ -132,6 +132,9 @@ class CompiledViT:
 
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
         pixels = self.vit.check_pixels(pixel_values)  # bad input is the caller's error, not a compile failure
+        if pixels.shape[0] < self.min_batch or not self.active:
+            with torch.inference_mode():  # eager: nothing shared, concurrent small batches (queries) need no lock
+                return self.vit(pixels)
         with torch.inference_mode(), self._lock:
             bucket = self._bucket(pixels)
             if bucket is None:

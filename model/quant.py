@@ -14,8 +14,8 @@ Which matmul runs, per device:
   The first half-precision CUDA forward of each layer runs it on the real input and checks it
   against dequantize + GEMM; where the op is missing, raises, cannot take the shape, or disagrees,
   that layer keeps dequantize + GEMM (logged once). Both are then timed on that input and the
-  faster is kept (INT4_CHOICE): at indexing batches that is dequantize + GEMM, measured 6x faster
-  on an H200. float32 inputs always dequantize.
+  faster is kept (INT4_CHOICE): at indexing batches that should be dequantize + GEMM (tinygemm took 6x
+  the bf16 GEMM's time on an H200). float32 inputs always dequantize.
 - CUDA, int8: dequantize + cuBLAS GEMM. torch's CUDA `_weight_int8pack_mm` (aten/native/cuda/
   int8mm.cu) is a scalar kernel (one thread per output element, fp32 FMAs, no tensor cores): at
   ViT batches (256 x 257 tokens x 384 -> 1536) it would be far slower than a tensor-core GEMM,
@@ -118,6 +118,9 @@ class Int4Linear(nn.Module):
         # Half-precision inputs only: float32 (GPTQ calibration, an explicit fp32 run) stays exact.
         if kernel is not None and x.dtype in (torch.bfloat16, torch.float16) and x.numel():
             if self.kernel is None or self._kernel_device != x.device:
+                if INT4_CHOICE == "fastest" and x.numel() // self.in_features < INT4_TIMING_ROWS:
+                    # Too few rows to time on (a one-image query): decided on the first batch-sized input.
+                    return F.linear(x, self.dequantized(x.dtype), self.bias)
                 return self._choose_kernel(kernel, x)
             if self.kernel == kernel.name:
                 return self._kernel_forward(kernel, x)
@@ -196,6 +199,8 @@ INT4_KERNEL_TOLERANCE = 0.02
 # ViT batches (257 rows per image) the tensor-core GEMM on weights dequantized once per call wins.
 # "kernel": whenever it is correct (tests that check the kernel itself).
 INT4_CHOICE = "fastest"
+# Rows (images x tokens) an input needs for the choice to be made on it: 16 images of 257 tokens.
+INT4_TIMING_ROWS = 4096
 # tinygemm launches one CUDA block per 16 input rows in grid.z, which is at most 65535; it also
 # indexes its input and output with int32 (row * in_features), so launches stay under 2**31 elements.
 INT4_KERNEL_MAX_ROWS = 65535 * 16

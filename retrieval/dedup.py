@@ -12,11 +12,12 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
 from dinoseek.indexer.library import Library
 from dinoseek.indexer.paths import under_root
 from dinoseek.indexer.store import VectorIndex, gpu_available, ivf_lists, trained_ivf_flat, training_sample
-from dinoseek.indexer.torch_search import TorchExactIndex, search_device
+from dinoseek.indexer.torch_search import RESIDENT_FRACTION, TorchExactIndex, search_device
 from dinoseek.indexer.tuning import DEDUP_BLOCK, DEDUP_NPROBE, EXACT_PAIRS_MAX
 from dinoseek.model import Embedder
 from dinoseek.model.progress import progress
@@ -289,10 +290,17 @@ def candidate_index(library: Library, kind: str, block: int = DEDUP_BLOCK) -> Ve
 def _torch_candidate_index(library: Library, kind: str, block: int, device) -> TorchExactIndex | None:
     """The catalog's vectors in a torch exact index on `device`, read block by block; None (logged)
     where they cannot be put there (out of GPU memory): the FAISS candidate index is used instead."""
+    record = library.index_set.record(kind)
+    if device.type == "cuda" and record is not None:
+        # Only where the vectors stay on the GPU: streamed from the host, every query block would copy
+        # all of them again, and the bounded-memory IVF path is the better one.
+        free, _ = torch.cuda.mem_get_info(device)
+        if record.count * library.dim() * 2 > RESIDENT_FRACTION * free:
+            log.info("duplicate search stays on FAISS: %d vectors do not fit in %s's free memory", record.count, device)
+            return None
     ids, vectors = [], []
     # float16 on the GPU anyway (the catalog's own precision: nothing lost), half the host memory meanwhile
     dtype = np.float16 if device.type == "cuda" else np.float32
-    record = library.index_set.record(kind)
     with progress(record.count if record else None, "dedup: search index", unit="images") as step:
         for block_ids, block_vectors in library.catalog.vector_blocks(kind, block):
             ids.append(block_ids)
@@ -302,8 +310,9 @@ def _torch_candidate_index(library: Library, kind: str, block: int, device) -> T
         return None  # nothing embedded: the library's index answers (empty) as before
     try:
         return TorchExactIndex(np.concatenate(ids), np.concatenate(vectors), device)
-    except RuntimeError as e:
-        log.warning("duplicate search stays on FAISS: the vectors do not fit on %s: %s", device, str(e).splitlines()[0])
+    except (RuntimeError, MemoryError) as e:
+        log.warning("duplicate search stays on FAISS: the vectors do not fit on %s: %s", device,
+                    (str(e).splitlines() or [type(e).__name__])[0])
         return None
 
 

@@ -379,7 +379,7 @@ def test_decode_workers_also_run_when_started_by_spawn(tmp_path, tiny_folder, mo
     from dinoseek.indexer.library import Library
     from dinoseek.model import Encoder
 
-    monkeypatch.setattr(pipeline, "worker_start_method", lambda: "spawn")
+    monkeypatch.setattr(pipeline, "worker_start_method", lambda threads=False: "spawn")
     make_library_photos(tmp_path / "photos")
     encoder = Encoder.from_pretrained(tiny_folder, precision="fp32")
     with Library.open(tmp_path / "photos", url=catalog_url, write=True, create=True) as library:

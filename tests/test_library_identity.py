@@ -135,6 +135,21 @@ def test_an_sqlite_library_folder_with_another_librarys_id_is_refused(tmp_path, 
     assert "belongs to library" in result.output and "catalog.sqlite to library" in result.output
 
 
+def test_an_sqlite_catalog_from_before_the_identity_learns_its_folders_id(tmp_path, encoder):
+    """The folder's own catalog restored from before revision 0008 (its migration backup) is still
+    that folder's library: it opens, and the next writer records the folder's id in it."""
+    root = photos(tmp_path / "photos")
+    with Library.open(root, write=True, create=True) as library:
+        run_index(library, encoder, Options(workers=0))
+        library_id = library.library_id
+        with library.catalog.engine.begin() as connection:
+            connection.exec_driver_sql("DELETE FROM library")  # as a catalog made before 0008 is
+    with Library.open(root) as reader:
+        assert reader.library_id == library_id and reader.info()["total"] == 3
+    with Library.open(root, write=True) as writer:
+        assert writer.catalog.library_identity() == (library_id, os.fsencode(str(root)))
+
+
 @pytest.mark.parametrize("content", [b"", b"not an id\n", b"\xff" * 40])
 def test_a_damaged_library_id_file_is_refused_in_one_line(tmp_path, encoder, catalog_url, content):
     root = photos(tmp_path / "photos", seeds=[0])

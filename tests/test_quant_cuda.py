@@ -54,6 +54,10 @@ def test_int4_layers_keep_the_kernel_only_where_it_is_faster(monkeypatch, caplog
     monkeypatch.setattr(quant, "INT4_CHOICE", "fastest")
     monkeypatch.setattr(quant, "_logged", set())
     monkeypatch.setitem(quant.INT4_KERNELS, "cpu", quant.TINYGEMM_CPU)
+    monkeypatch.setattr(quant, "INT4_TIMING_ROWS", 4)
+    few = random_int4_layer(seed=3)
+    few(torch.randn(3, 256, dtype=torch.bfloat16))
+    assert few.kernel is None  # too few rows to decide on: dequantized, decided later
     x = torch.randn(4, 256, dtype=torch.bfloat16)
     timings = iter([3.0, 1.0, 1.0, 2.0])  # (kernel, dequantize) ms for the first layer, then the second
     monkeypatch.setattr(quant, "_milliseconds", lambda fn, device: next(timings))

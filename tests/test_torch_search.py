@@ -119,6 +119,18 @@ def test_float16_products_give_faiss_results_once_re_scored(data):
                            threshold, near=atol)
 
 
+def test_a_query_too_long_for_float16_is_answered_in_float32():
+    """An un-normalised query (norm > 16) cannot be lowered to float16: the products run in float32,
+    with FAISS's results, rather than failing (which would send every later search to FAISS)."""
+    vectors = random_vectors(500, 32).astype(np.float16).astype(np.float32)  # as stored: catalog-like
+    ids = np.arange(len(vectors), dtype=np.int64)
+    index = TorchExactIndex(ids, vectors, "cpu", half=True)
+    queries = vectors[:5] * 100  # norm 100
+    reference = faiss_flat(ids, vectors)
+    assert_same_top_k(index.search(queries, 10), reference.search(queries, 10), atol=1e-3)
+    assert_same_ranges(index.range_search(queries, 30.0), reference.range_search(queries, 30.0), 30.0, near=1e-3)
+
+
 def test_k_larger_than_the_index_pads_like_faiss():
     vectors = random_vectors(5, 16)
     ids = np.arange(10, 15, dtype=np.int64)
@@ -209,7 +221,11 @@ def test_setting_chooses_the_device_and_faiss_gpu_wins_in_auto(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     assert search_device(faiss_gpu=False) == torch.device("cuda", 0)
     assert search_device(faiss_gpu=True) is None  # faiss-gpu's own GPU indexes
+    # small indexes: FAISS on the CPU answers before CUDA has started
+    assert search_device(faiss_gpu=False, count=torch_search.AUTO_MIN_VECTORS - 1) is None
+    assert search_device(faiss_gpu=False, count=torch_search.AUTO_MIN_VECTORS) == torch.device("cuda", 0)
     monkeypatch.setenv(ENV, "cuda")
+    assert search_device(faiss_gpu=False, count=10) == torch.device("cuda", 0)
     assert search_device(faiss_gpu=True) == torch.device("cuda", 0)
     monkeypatch.setenv(ENV, "off")
     assert search_device(faiss_gpu=False) is None
