@@ -131,7 +131,7 @@ def test_ray_local_gives_the_library_a_local_run_gives(tmp_path, tiny_folder):
 
 
 @needs_ray
-def test_a_ray_start_cluster_addressed_by_host_and_port(tmp_path, tiny_folder):
+def test_a_ray_start_cluster_addressed_by_host_and_port(tmp_path, tiny_folder, monkeypatch):
     """A real cluster (`ray start --head`, its own port and temp dir, loopback only), reached with
     `--ray 127.0.0.1:PORT`: the same rows as a local run."""
     root = tmp_path / "photos"
@@ -139,7 +139,10 @@ def test_a_ray_start_cluster_addressed_by_host_and_port(tmp_path, tiny_folder):
     local = tmp_path / "local-library"
     result = invoke(*index_args(root, tiny_folder, "--workers", 0, "--library", local))
     assert result.exit_code == 0, result.output
-    with ray_cluster(cpus=2) as address:
+    cluster = ray_cluster(cpus=2)
+    for name, value in cluster.auth.items():
+        monkeypatch.setenv(name, value)
+    with cluster as address:
         result = invoke(*index_args(root, tiny_folder, "--ray", address))
     assert result.exit_code == 0, result.output
     assert_same_library(catalog_rows(root), catalog_rows(root, local))
@@ -319,6 +322,9 @@ class ray_cluster:
 
     def __init__(self, cpus: int) -> None:
         self.cpus = cpus
+        # Token authentication (Ray's default) with a token of this cluster's own, which the driver
+        # (this process: the caller sets `auth` in its environment) presents.
+        self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}
 
     def __enter__(self) -> str:
         ray = Path(sys.executable).with_name("ray")
@@ -328,11 +334,11 @@ class ray_cluster:
         command = [str(ray), "start", "--head", "--block", f"--port={port}", f"--temp-dir={self.temp_dir}",
                    "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus}", "--num-gpus=0",
                    "--include-dashboard=false", "--disable-usage-stats",
-                   f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+                   f"--dashboard-agent-listen-port={_free_port()}",
                    f"--metrics-export-port={_free_port()}", f"--min-worker-port={port + 1}",
                    f"--max-worker-port={port + 200}"]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **RAY_ENV}, start_new_session=True)
+                                        env={**os.environ, **RAY_ENV, **self.auth}, start_new_session=True)
         try:
             wait_for(lambda: True if _listening(port) else None, self.process, "the cluster's GCS port", 90)
         except BaseException:
@@ -343,9 +349,9 @@ class ray_cluster:
     def __exit__(self, *exc) -> None:
         started = descendants(self.process.pid)
         if self.process.poll() is None:
-            self.process.terminate()
+            self.process.send_signal(signal.SIGINT)  # `--block` stops its processes on Ctrl-C (SIGTERM: not soon)
             try:
-                self.process.wait(timeout=30)
+                self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 pass
         stop_tree(self.process, started)
