@@ -61,3 +61,11 @@ class ModelMismatchError(LibraryError):
 
 class SweepRefusedError(IndexerError):
     """A run would mark most of the library deleted (unmounted disk?) and was stopped."""
+
+
+class RayUnavailableError(IndexerError):
+    """`--ray` was asked for but Ray is not installed (it is an optional extra)."""
+
+
+class RayClusterError(IndexerError):
+    """The Ray cluster could not be reached, or a distributed run failed on it."""

@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -47,7 +48,10 @@ from .library import Library, check_placement
 from .plan import Plan, Task, make_plan, path_rank, set_aside, sweep_decision
 from .scan import scan
 
-__all__ = ["Decoded", "Failed", "IndexInterrupted", "Moved", "Options", "Progress", "Task",
+if TYPE_CHECKING:
+    from .ray_executor import RayOptions
+
+__all__ = ["Decoded", "Embedded", "Failed", "IndexInterrupted", "Moved", "Options", "Progress", "Task",
            "heif_available", "run_index"]
 
 log = logging.getLogger(__name__)
@@ -71,6 +75,9 @@ class Options:
     # A batch decoder to use instead of what `decode` picks (tests hand in one made with Pillow).
     jpeg_decoder: BatchDecoder | None = None
     gpu_batch: int = 32  # JPEGs per batched GPU decode
+    # Decode and embed on a Ray cluster instead of here (indexer.ray_executor.RayOptions); the
+    # catalog and the indexes are still written by this process alone. None: a local run.
+    ray: RayOptions | None = None
 
 
 @dataclass
@@ -97,6 +104,16 @@ class Decoded:
     pixels: np.ndarray  # (size, size, 3) uint8, ready for the encoder
 
 
+@dataclass(frozen=True, eq=False)
+class Embedded:
+    """A file decoded and embedded elsewhere (a Ray worker): its columns and both vectors."""
+
+    task: Task
+    meta: dict
+    cls: np.ndarray  # (D,) float32, unit norm
+    patch: np.ndarray  # (D,) float32, unit norm
+
+
 @dataclass(frozen=True)
 class Moved:
     """A file whose bytes the catalog already has vectors for (moved, or put back): not decoded."""
@@ -113,6 +130,8 @@ class Failed:
 
 
 DecodeResult = Decoded | Moved | Failed
+# What an executor hands the writer: a local run's decoded pixels, or vectors made on a cluster.
+Result = DecodeResult | Embedded
 
 
 def _decode_task(root: bytes, task: Task, spec: InputSpec, moved_hashes: frozenset) -> DecodeResult:
@@ -141,9 +160,21 @@ def run_index(
     on_progress: Callable[[Progress], None] | None = None,
 ) -> dict:
     """Bring the library up to date with its root folder; returns the run's counts."""
+    if options.ray is not None:
+        from .ray_executor import connected
+
+        # Connected (or a runtime started) before anything changes: an unreachable cluster, or no
+        # Ray installed, fails here with the library untouched. JPEGs are decoded by Ray's CPU tasks.
+        with connected(options.ray):
+            return _run(library, encoder, dataclasses.replace(options, decode="cpu", jpeg_decoder=None), on_progress)
     if options.jpeg_decoder is None:  # before anything changes: `decode="gpu"` may be impossible here
         decoder = jpeg_decoder_for(options.decode, getattr(encoder, "device", None))
         options = dataclasses.replace(options, jpeg_decoder=decoder, decode="cpu" if decoder is None else "gpu")
+    return _run(library, encoder, options, on_progress)
+
+
+def _run(library: Library, encoder: Embedder, options: Options,
+         on_progress: Callable[[Progress], None] | None) -> dict:
     _prepare(library, encoder)
     root = os.fsencode(library.root)
     existing = library.catalog.file_states()
@@ -194,10 +225,20 @@ def _execute(plan: Plan, root: bytes, library: Library, encoder: Embedder, optio
     moved_from = dict(plan.moved_from)  # each old path is matched once
     reported = Progress(total=len(plan.to_read), counts=writer.counts)
     last_checkpoint = time.monotonic()
+    if options.ray is None:
+        results = _decoded(root, list(plan.to_read), encoder, options, plan.known_hashes)
+    else:
+        from .ray_executor import EncoderRecipe, ray_results
+
+        # The workers build the encoder from what the library recorded (bound by _prepare), at
+        # this run's precision, and check its weights' sha256 against the library's.
+        recipe = EncoderRecipe(library.manifest(), os.fspath(library.root), encoder.manifest()["precision"])
+        results = ray_results(root, list(plan.to_read), recipe, encoder.input_spec, options, plan.known_hashes)
     with progress(len(plan.to_read), "index", unit="images") as step:
-        for result in _decoded(root, list(plan.to_read), encoder, options, plan.known_hashes):
+        for result in results:
             if isinstance(result, Moved) and not _match_move(result, plan.returned, moved_from, writer):
-                # a second new copy of one moved file: it needs vectors of its own
+                # a second new copy of one moved file: it needs vectors of its own (rare: on a
+                # Ray run too it is decoded and embedded here, by this process's encoder)
                 result = _decode_task(root, result.task, encoder.input_spec, frozenset())
             writer.record(result)
             reported.done += 1
@@ -541,23 +582,31 @@ class _BatchWriter:
     def __init__(self, library: Library, encoder: Embedder, run_id: int, existing: dict, counts: dict, batch_size: int) -> None:
         self.library, self.encoder, self.run_id, self.batch_size = library, encoder, run_id, batch_size
         self.existing, self.counts = existing, counts
-        self.images: list[tuple[bytes, np.ndarray, dict]] = []
+        # (path, pixels to embed or None, columns, (cls, patch) made elsewhere or None)
+        self.images: list[tuple[bytes, np.ndarray | None, dict, tuple[np.ndarray, np.ndarray] | None]] = []
         self.rows: list[dict] = []  # failure rows waiting for the next commit
         self.moves: list[tuple[bytes, bytes, dict]] = []
         self.restores: list[tuple[bytes, dict]] = []  # quarantined rows whose file is back, unchanged
         # The plan's files handed over (`unsaved`) and committed (`saved`): what Ctrl-C reports.
         self.unsaved = self.saved = 0
 
-    def image(self, rel: bytes, pixels: np.ndarray, meta: dict) -> None:
-        self.images.append((rel, pixels, meta))
+    def image(self, rel: bytes, pixels: np.ndarray | None, meta: dict,
+              vectors: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """An image joins the batch: its pixels (embedded at the flush), or its (cls, patch)
+        vectors when they were computed elsewhere (a Ray worker)."""
+        self.images.append((rel, pixels, meta, vectors))
         if len(self.images) >= self.batch_size:
             self.flush()
 
-    def record(self, result: DecodeResult) -> None:
-        """A decoded image joins the batch, a failure becomes a row; a Moved one was matched already."""
+    def record(self, result: Result) -> None:
+        """A decoded or embedded image joins the batch, a failure becomes a row; a Moved one was
+        matched already."""
         if isinstance(result, Decoded):
             self.unsaved += 1  # before image(): a full batch is committed, this file with it
             self.image(result.task.rel, result.pixels, result.meta)
+        elif isinstance(result, Embedded):
+            self.unsaved += 1
+            self.image(result.task.rel, None, result.meta, (result.cls, result.patch))
         elif isinstance(result, Failed):
             self.unsaved += 1
             self.failure(result.task.rel, result.status, result.reason, result.task)
@@ -579,13 +628,22 @@ class _BatchWriter:
         self.counts["restored"] += 1
         self.unsaved += 1
 
+    def _vectors(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(cls, patch) of each image of the batch: those with pixels embedded here, in one call."""
+        local = [i for i, (_, pixels, _, _) in enumerate(self.images) if pixels is not None]
+        vectors = [v for _, _, _, v in self.images]
+        if local:
+            out = self.encoder.embed_pixels(np.stack([self.images[i][1] for i in local]))  # (B, S, S, 3) uint8
+            for i, cls_vec, patch_vec in zip(local, out.cls, out.patch):
+                vectors[i] = (cls_vec, patch_vec)
+        return vectors
+
     def flush(self) -> None:
         if not (self.images or self.rows or self.moves or self.restores):
             return
         new_rows = list(self.rows)
         if self.images:
-            vectors = self.encoder.embed_pixels(np.stack([p for _, p, _ in self.images]))  # (B, S, S, 3) uint8
-            for (rel, _, meta), cls_vec, patch_vec in zip(self.images, vectors.cls, vectors.patch):
+            for (rel, _, meta, _), (cls_vec, patch_vec) in zip(self.images, self._vectors()):
                 new_rows.append(_row(rel, status=EMBEDDED, run_id=self.run_id, **meta,
                                      cls=blob_from_vector(cls_vec), patch=blob_from_vector(patch_vec)))
             self.counts["embedded"] += len(self.images)

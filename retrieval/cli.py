@@ -382,9 +382,17 @@ def library_options(func=None, *, find: bool = True):
 @click.option("--decode", "decode", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
               help="Where JPEGs are decoded: gpu = in batches with nvjpeg (needs torchvision) beside the CPU "
                    "workers; auto = gpu when the encoder runs on CUDA and that works, else cpu.")
+@click.option("--ray", "ray_address", metavar="local|auto|ADDRESS", default=None,
+              help="Decode and embed on Ray (pip install 'dinoseek[ray]'): local = a runtime started on this "
+                   "machine; auto or HOST:PORT = an existing cluster, whose nodes all see ROOT at the same path.")
+@click.option("--ray-cpus", type=click.IntRange(1, 4096), default=None,
+              help="With --ray local: the CPUs the runtime may use [default: all].")
+@click.option("--ray-actors", type=click.IntRange(1, 4096), default=None,
+              help="With --ray: encoder actors [default: one per GPU of the cluster; without GPUs, one per 8 CPUs].")
 @_translate_errors
 def index(root, library_dir, url, model_name, weights, device, precision, workers, batch_size, index_choice, mode,
-          size, include, exclude, follow_symlinks, allow_mass_delete, checkpoint_seconds, decode):
+          size, include, exclude, follow_symlinks, allow_mass_delete, checkpoint_seconds, decode, ray_address,
+          ray_cpus, ray_actors):
     """Index the photos under ROOT: new and changed files are embedded, removed ones dropped.
 
     \b
@@ -409,6 +417,18 @@ def index(root, library_dir, url, model_name, weights, device, precision, worker
     if workers is not None:
         options.workers = workers
     check_settings(device=device, precision=precision)
+    if ray_address is not None:
+        from dinoseek.indexer.ray_executor import RayOptions, require_ray
+
+        if decode == "gpu":
+            raise click.UsageError("--decode gpu runs beside local decode workers; with --ray, Ray's CPU tasks decode")
+        if ray_cpus is not None and ray_address != "local":
+            raise click.UsageError("--ray-cpus sizes a runtime started here: it needs --ray local")
+        require_ray()  # before the library is touched: one line saying how to install it
+        options.ray = RayOptions(ray_address, cpus=ray_cpus, actors=ray_actors)
+        decode = "cpu"
+    elif ray_cpus is not None or ray_actors is not None:
+        raise click.UsageError("--ray-cpus and --ray-actors need --ray")
     if decode != "cpu":  # before the library is touched: --decode gpu may be impossible here
         from dinoseek.indexer.gpu_jpeg import jpeg_decoder_for
         from dinoseek.model.precision import resolve_device
@@ -427,6 +447,8 @@ def index(root, library_dir, url, model_name, weights, device, precision, worker
         return encoder
 
     again = _rerun("index", root, library_dir, url, model_name, weights)
+    if ray_address is not None:  # resumed the way it ran
+        again += f" --ray {shlex.quote(ray_address)}"
     try:
         library, encoder = open_for_indexing(root, model_for, folder=library_dir, url=url, index_choice=index_choice)
         with library:
