@@ -87,7 +87,7 @@ def require_ray():
         import ray
         import ray.data  # noqa: F401 - the extra is ray[data]: plain `ray` lacks pyarrow and pandas
     except ImportError as e:
-        raise RayUnavailableError(f"--ray needs Ray, which is not installed: {INSTALL_HINT}") from e
+        raise RayUnavailableError(f"running on Ray needs Ray, which is not installed: {INSTALL_HINT}") from e
     return ray
 
 

@@ -218,7 +218,7 @@ def test_without_ray_the_flag_is_a_one_line_error(tmp_path, tiny_folder, monkeyp
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when not installed
     result = invoke(*index_args(root, tiny_folder, "--ray", "local"))
     assert result.exit_code == 1, repr(result.exception)
-    assert result.output == "Error: --ray needs Ray, which is not installed: pip install 'dinoseek[ray]'\n"
+    assert result.output == "Error: running on Ray needs Ray, which is not installed: pip install 'dinoseek[ray]'\n"
     assert not (root / ".dinoseek").exists()  # refused before anything was made
     import dinoseek.indexer.pipeline  # noqa: F401 - the project itself imports without Ray
     import dinoseek.indexer.ray_executor  # noqa: F401
