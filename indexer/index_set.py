@@ -81,17 +81,18 @@ class IndexSet:
         return {kind: (records.get(kind), self.read(kind, records.get(kind), full_check=True)) for kind in KINDS}
 
     # ---- load, reconcile, rebuild, save -------------------------------------------------------
-    def load(self, kinds: tuple[str, ...] = KINDS) -> dict[str, VectorIndex]:
+    def load(self, kinds: tuple[str, ...] = KINDS, *, full_check: bool = False) -> dict[str, VectorIndex]:
         """Each kind's index, checked against the catalog: damaged ones rebuilt, stale ones reconciled.
 
-        Writers save what they repaired; readers keep the repair in memory.
+        Writers save what they repaired; readers keep the repair in memory. `full_check` hashes
+        on-disk lists files too (verify --repair), which an ordinary open does not (see read).
         """
         dim = self.catalog.dim()
         catalog_ids = self.catalog.embedded_ids()
         records = self.catalog.index_records()
         for kind in kinds:
             record = records.get(kind)
-            index = self.read(kind, record)
+            index = self.read(kind, record, full_check=full_check)
             if index is not None and (index.dim != dim or index.count != record.count):
                 log.warning("%s index does not match its record (dim/count): rebuilding", kind)
                 index = None

@@ -174,6 +174,8 @@ def test_altered_lists_contents_fail_verify_by_checksum(on_disk_library):
 
 
 def test_builds_stream_the_catalog_and_never_read_a_whole_kind(tmp_path, large, monkeypatch):
+    # Training samples are TRAIN_PER_LIST per list: a quarter of this small library per kind.
+    monkeypatch.setattr(store, "TRAIN_PER_LIST", 16)
     make_library(tmp_path, clustered(N))
     blocks_asked, original_vectors, original_blocks = [], Catalog.vectors, Catalog.vector_blocks
 
