@@ -2,7 +2,8 @@
 
 An exact index holds every vector as float32 plus its id twice (IndexIDMap2's list and reverse
 map), ~1.6 KB per image at 384-d: 7.7 GB per kind at 5M. Whether that is fine depends on the
-machine, so the budget is derived from it: half the memory available when the index is built
+machine, so the budget is derived from it: a quarter of the memory available when the index is built
+(each kind has its own index: both exact, they take half)
 (/proc/meminfo MemAvailable; the physical memory where that is unknown), or DINOSEEK_INDEX_MEMORY
 (bytes, or a number with K/M/G/T) where the user says so.
 """
@@ -15,7 +16,7 @@ import re
 from .errors import InvalidArgumentError
 
 ENV = "DINOSEEK_INDEX_MEMORY"
-AVAILABLE_SHARE = 0.5  # the other half: the other kind's index, the catalog, the encoder, the OS cache
+AVAILABLE_SHARE = 0.25  # per kind; the other half: the catalog, the encoder, blocks, the OS cache
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 

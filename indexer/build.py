@@ -127,7 +127,12 @@ def tune_nprobe(index: VectorIndex, probe: Probe) -> tuple[int, float]:
 
 
 def _flat(source, requested: str) -> VectorIndex:
-    index = VectorIndex(faiss.IndexIDMap2(faiss.IndexFlatIP(source.dim)), "Flat", requested, None, source.count)
+    inner = faiss.IndexFlatIP(source.dim)
+    # Reserve the whole array once (resize keeps the capacity when shrunk back): appended block by
+    # block, std::vector doubling would copy it at each growth, twice the index at the last one.
+    inner.codes.resize(source.count * inner.code_size)
+    inner.codes.resize(0)
+    index = VectorIndex(faiss.IndexIDMap2(inner), "Flat", requested, None, source.count)
     for ids, vectors in source.blocks():
         index.add(ids, vectors)
     return index

@@ -228,7 +228,9 @@ class IndexSet:
                     problems.append(f"{kind}: no index file recorded for {len(catalog_ids)} embedded images")
                 continue
             if index is None:
-                problems.append(f"{kind}: {self.path(kind, record.checksum).name} is missing or fails its checksum")
+                lists = (f" (or its lists file {ondisk.lists_path(self.folder, kind, record.generation).name})"
+                         if record.lists_bytes is not None else "")
+                problems.append(f"{kind}: {self.path(kind, record.checksum).name}{lists} is missing or fails its checksum")
                 continue
             ids = index.ids()
             stale, missing = np.setdiff1d(ids, catalog_ids), np.setdiff1d(catalog_ids, ids)

@@ -12,7 +12,7 @@ PQ_FROM = 2_000_000  # from here on, 8-bit scalar quantization costs too much me
 TARGET_RECALL = 0.95  # nprobe is raised until recall@10 against exact search reaches this...
 MIN_AUTO_RECALL = 0.9  # an auto IVF-PQ index below this recall tries IVF-SQ8, then exact search...
 FLAT_FALLBACK_MAX = 5_000_000  # ...while the library is this small AND the exact index fits the
-# memory budget (indexer.budget: half the available RAM, or DINOSEEK_INDEX_MEMORY)
+# memory budget (indexer.budget: a quarter of the available RAM per kind, or DINOSEEK_INDEX_MEMORY)
 MAX_PROBE_FRACTION = 8  # ...or until it scans 1/8 of the lists: beyond that the vectors do not
 # cluster (random data) and IVF has stopped paying off; the recall reached is logged.
 
