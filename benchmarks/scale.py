@@ -3,6 +3,8 @@
     python benchmarks/scale.py --n 1000000 --data clustered --keep /tmp/scale-1m-clustered
     python benchmarks/scale.py --n 1000000 --data uniform --keep /tmp/scale-1m-uniform
     python benchmarks/scale.py --n 5000000 --data clustered --keep /tmp/scale-5m-clustered --skip-dedup
+    python benchmarks/scale.py --n 1000000 --data clustered --keep /tmp/scale-1m-clustered \
+        --index IVF4096,PQ96x8 --on-disk-from 0 --skip-dedup     # the on-disk IVF-PQ path at 1M
 
 Both vector kinds (cls and patch, the same synthetic vectors), 384-d. `clustered` is a mixture of
 Gaussians like real embeddings (synthetic_library.clustered_chunk); `uniform` is random unit
@@ -46,11 +48,14 @@ def chunk_of(data: str, dim: int):
     return lambda lo, hi: uniform_chunk(lo, hi, dim)
 
 
-def phase_index(root: Path) -> dict:
+def phase_index(root: Path, choice: str | None, on_disk_from: int | None) -> dict:
+    from dinoseek.indexer import build
     from dinoseek.indexer.library import Library
 
+    if on_disk_from is not None:
+        build.ONDISK_FROM = on_disk_from
     start = time.perf_counter()
-    with Library.open(root, write=True) as library:
+    with Library.open(root, write=True, index_choice=choice) as library:
         indexes = library.load_indexes()
         built = {kind: (index.factory, index.nprobe, index.lists is not None) for kind, index in indexes.items()}
         on_disk = sum(p.stat().st_size for p in library.folder.glob("*.ivfdata"))
@@ -93,6 +98,8 @@ def phase_dedup(root: Path) -> dict:
 def run_phase(args, phase: str, timeout: float | None) -> dict | None:
     command = [sys.executable, __file__, "--phase", phase, "--n", str(args.n), "--dim", str(args.dim),
                "--data", args.data, "--keep", str(args.keep)]
+    command += ["--index", args.index] if args.index else []
+    command += ["--on-disk-from", str(args.on_disk_from)] if args.on_disk_from is not None else []
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -111,6 +118,9 @@ def main() -> None:
     parser.add_argument("--data", choices=("clustered", "uniform"), default="clustered")
     parser.add_argument("--keep", type=Path, required=True, help="Library folder, made once and reused.")
     parser.add_argument("--skip-dedup", action="store_true")
+    parser.add_argument("--index", help="A FAISS factory string instead of auto (rebuilds a kept library's indexes).")
+    parser.add_argument("--on-disk-from", type=int, help="Put IVF lists on disk from this many vectors "
+                        "(default: indexer.tuning.ONDISK_FROM), e.g. to measure the on-disk path at 1M.")
     parser.add_argument("--phase-timeout", type=float, default=None, help="Seconds per phase (default: none).")
     parser.add_argument("--phase", choices=("catalog", "index", "search", "dedup"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -122,7 +132,7 @@ def main() -> None:
         print(json.dumps({}))
         return
     if args.phase:
-        result = {"index": lambda: phase_index(root), "search": lambda: phase_search(root, args.n, args.dim, args.data),
+        result = {"index": lambda: phase_index(root, args.index, args.on_disk_from), "search": lambda: phase_search(root, args.n, args.dim, args.data),
                   "dedup": lambda: phase_dedup(root)}[args.phase]()
         print(json.dumps(result))
         return
