@@ -101,7 +101,7 @@ def run_phase(args, phase: str, timeout: float | None) -> dict | None:
     command += ["--index", args.index] if args.index else []
     command += ["--on-disk-from", str(args.on_disk_from)] if args.on_disk_from is not None else []
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         print(f"# {phase}: stopped after {timeout:.0f}s", flush=True)
         return None

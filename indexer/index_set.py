@@ -21,8 +21,8 @@ from .build import CatalogSource, build_streamed
 from .catalog import KINDS, IndexFileRow
 from .catalog_gateway import Catalog
 from .errors import LibraryError
-from .tuning import BUILD_BLOCK
 from .store import VectorIndex, auto_factory, max_index_bytes, read_index, write_atomic
+from .tuning import BUILD_BLOCK
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from dinoseek.indexer.catalog import EMBEDDED, ImageRow, path_digest
 from dinoseek.indexer.catalog_gateway import Catalog
 from dinoseek.indexer.errors import InvalidArgumentError
 from dinoseek.indexer.library import Library
-from dinoseek.indexer.ondisk import TRAILER, MAGIC
+from dinoseek.indexer.ondisk import MAGIC, TRAILER
 
 N, DIM = 3000, 32
 MANIFEST = {"arch": {"synthetic": True}, "weights_sha256": "synthetic", "preprocess": {"mode": "crop", "size": 224},
