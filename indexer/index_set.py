@@ -117,7 +117,10 @@ class IndexSet:
         dim = self.catalog.dim() or 1
         requested = self.choice or (record.requested if record else "auto")
         source = CatalogSource(self.catalog, kind, np.sort(self.catalog.embedded_ids()), dim)
-        generation = (record.generation if record else 0) + 1
+        # Past the recorded generation and the one the loaded index may have moved to since (its
+        # lists file is still mapped until the new index replaces it: never reuse its name).
+        loaded = self.loaded.get(kind)
+        generation = max(record.generation if record else 0, loaded.lists.generation if loaded and loaded.lists else 0) + 1
 
         def lists_for() -> ondisk.ListsFile:
             return ondisk.ListsFile(ondisk.lists_path(self.folder, kind, generation), generation, checkpointed=False)

@@ -250,3 +250,14 @@ def test_budget_is_read_from_the_environment_or_the_machine(monkeypatch):
     with pytest.raises(InvalidArgumentError, match="DINOSEEK_INDEX_MEMORY must be a size like 4G"):
         budget.memory_budget()
     assert budget.exact_index_bytes(5_000_000, 384) / 1e9 == pytest.approx(7.92, abs=0.01)
+
+
+def test_a_rebuild_after_changes_never_reuses_the_open_lists_file(on_disk_library):
+    root, vectors = on_disk_library
+    with Library.open(root, write=True, index_choice="IVF16,PQ16x8") as writer:
+        index = writer.load_indexes()["cls"]
+        index.remove([1])  # now mapped on generation 2, not yet recorded
+        assert index.lists.generation == 2
+        rebuilt = writer.index_set._build("cls", writer.index_set.record("cls"))
+        assert rebuilt.lists.generation == 3 and rebuilt.count == N
+        assert index.count == N - 1 and 1 not in set(index.ids().tolist())  # the open one is intact
