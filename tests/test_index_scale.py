@@ -253,7 +253,7 @@ def test_budget_is_read_from_the_environment_or_the_machine(monkeypatch):
 
 
 def test_a_rebuild_after_changes_never_reuses_the_open_lists_file(on_disk_library):
-    root, vectors = on_disk_library
+    root, _ = on_disk_library
     with Library.open(root, write=True, index_choice="IVF16,PQ16x8") as writer:
         index = writer.load_indexes()["cls"]
         index.remove([1])  # now mapped on generation 2, not yet recorded
