@@ -10,7 +10,6 @@ blocks (indexer.build): no kind's whole matrix is ever in memory.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from .build import CatalogSource, build_streamed
 from .catalog import KINDS, IndexFileRow
 from .catalog_gateway import Catalog
 from .errors import LibraryError
-from .store import VectorIndex, auto_factory, max_index_bytes, read_index, write_atomic
+from .store import VectorIndex, auto_factory, max_index_bytes, read_index, write_index_atomic
 from .tuning import BUILD_BLOCK
 
 log = logging.getLogger(__name__)
@@ -166,10 +165,7 @@ class IndexSet:
         lists = index.lists
         if lists is not None and not lists.checkpointed:
             ondisk.checkpoint(index.index, lists)  # synced, trailer, size and sha256 (ondisk's rule)
-        data = index.serialize()
-        checksum = hashlib.sha256(data).hexdigest()
-        path = self.path(kind, checksum)
-        write_atomic(path, data)
+        path, checksum = write_index_atomic(index.index, self.folder, kind, lambda digest: self.path(kind, digest))
         # On-disk lists: the record's generation is the lists file's. In memory: one more than before.
         generation = lists.generation if lists else (record.generation if record else 0) + 1
         self.catalog.record_index_file(kind, factory=index.factory, requested=index.requested, nprobe=index.nprobe,

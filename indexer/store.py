@@ -21,7 +21,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from dinoseek.model.files import FileTooLargeError, NotRegularFileError, read_regular
+from dinoseek.model.files import FileTooLargeError, NotRegularFileError, open_regular
 
 from . import ondisk, torch_search
 from .budget import exact_fits
@@ -308,6 +308,27 @@ def build_index(factory: str, dim: int, vectors: np.ndarray, ids: np.ndarray, *,
     return build_streamed(factory, ArraySource(ids, vectors, dim), requested=requested)
 
 
+def write_index_atomic(index: faiss.Index, folder: Path, kind: str, name_for) -> tuple[Path, str]:
+    """Write `index` to a temp file (streamed by faiss: no bytes copy of it in memory), fsync it,
+    and rename it to name_for(its sha256); returns (that path, the sha256)."""
+    tmp = folder / f".{kind}.new.faiss.{os.getpid()}.tmp"  # a name remove_temp_files recognises
+    faiss.write_index(index, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+        digest = hashlib.sha256()
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    checksum = digest.hexdigest()
+    path = name_for(checksum)
+    os.replace(tmp, path)
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return path, checksum
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write data to path via temp file + fsync + rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -344,18 +365,28 @@ def read_index(path: Path, checksum: str, *, max_bytes: int | None = None,
     block the reader and a link to /dev/zero would be read until memory runs out. Such a file is
     treated like a damaged one (the caller rebuilds from the catalog), with a warning naming it.
     """
+    # Hashed, then read by faiss from the same descriptor in chunks: never a bytes copy of the
+    # whole file beside the index (three copies of a 1.5 GB exact index at once, before).
     try:
-        data = read_regular(path, max_bytes=max_bytes, follow_symlinks=False)
+        with open_regular(path, max_bytes=max_bytes, follow_symlinks=False) as f:
+            digest, size = hashlib.sha256(), 0
+            while chunk := f.read(1 << 22):
+                size += len(chunk)
+                if max_bytes is not None and size > max_bytes:
+                    return None  # grew while being read
+                digest.update(chunk)
+            if digest.hexdigest() != checksum:
+                return None
+            f.seek(0)
+            try:
+                index = faiss.read_index(faiss.PyCallbackIOReader(f.read, 1 << 22),
+                                         faiss.IO_FLAG_SKIP_IVF_DATA if on_disk else 0)
+            except RuntimeError:
+                return None
     except (NotRegularFileError, FileTooLargeError) as e:
         log.warning("%s %s: not read", path.name, e.strerror)
         return None
     except OSError:
-        return None
-    if hashlib.sha256(data).hexdigest() != checksum:
-        return None
-    try:
-        index = ondisk.deserialize(data, skip_lists=on_disk)
-    except RuntimeError:
         return None
     # read_index already returns the concrete class; a second downcast would make a proxy that
     # does not own the index, which is then freed under it.
