@@ -120,6 +120,10 @@ class IndexFileRow(Base):
     dim: Mapped[int] = mapped_column(Integer)
     checksum: Mapped[str] = mapped_column(String(64))  # sha256 of the file, which is named after it
     trained_on: Mapped[int] = mapped_column(BigInteger, default=0)  # library size when trained
+    # bumped on every checkpoint; for on-disk lists, the generation in their file's name and trailer
+    generation: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    lists_bytes: Mapped[int | None] = mapped_column(BigInteger)  # on-disk lists file size (None: in memory)
+    lists_checksum: Mapped[str | None] = mapped_column(String(64))  # its sha256, checked by verify
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

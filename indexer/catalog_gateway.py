@@ -588,10 +588,12 @@ class Catalog:
             return {r.kind: r for r in s.scalars(select(IndexFileRow))}
 
     def record_index_file(self, kind: str, *, factory: str, requested: str, nprobe: int | None, count: int,
-                          dim: int, checksum: str, trained_on: int) -> None:
+                          dim: int, checksum: str, trained_on: int, generation: int = 0,
+                          lists_bytes: int | None = None, lists_checksum: str | None = None) -> None:
         with self.session() as s, s.begin():
             s.merge(IndexFileRow(kind=kind, factory=factory, requested=requested, auto=int(requested == "auto"),
-                                 nprobe=nprobe, count=count, dim=dim, checksum=checksum, trained_on=trained_on))
+                                 nprobe=nprobe, count=count, dim=dim, checksum=checksum, trained_on=trained_on,
+                                 generation=generation, lists_bytes=lists_bytes, lists_checksum=lists_checksum))
 
     # ---- reporting and checking ---------------------------------------------------------------
     def summary(self) -> tuple[dict[str, int], list[dict], RunRow | None]:

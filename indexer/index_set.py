@@ -1,22 +1,27 @@
 """The set of FAISS indexes of a library, one per vector kind: load, reconcile, rebuild, save, check.
 
 Index files are derived, checkpointed copies of the catalog's vectors. Each is named after its
-sha256, which the catalog records (with count, dim and how it was built) once the file is safely
-written; on load a missing, damaged or stale file is rebuilt or reconciled from the catalog.
+sha256, which the catalog records (with count, dim, generation and how it was built) once the file
+is safely written; on load a missing, damaged or stale file is rebuilt or reconciled from the catalog.
+Large IVF indexes keep their lists in a second file, mapped rather than read, with its own rule
+(size and generation on open, sha256 on verify: see indexer.ondisk). Builds stream the catalog in
+blocks (indexer.build): no kind's whole matrix is ever in memory.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
 import numpy as np
 
+from . import ondisk
+from .build import CatalogSource, build_streamed
 from .catalog import KINDS, IndexFileRow
 from .catalog_gateway import Catalog
 from .errors import LibraryError
-from .store import VectorIndex, auto_factory, build_index, max_index_bytes, read_index, write_atomic
+from .store import VectorIndex, auto_factory, max_index_bytes, read_index, write_index_atomic
+from .tuning import BUILD_BLOCK
 
 log = logging.getLogger(__name__)
 
@@ -44,33 +49,49 @@ class IndexSet:
         record = self.record(kind)
         return self.path(kind, record.checksum) if record else None
 
-    def read(self, kind: str, record: IndexFileRow | None) -> VectorIndex | None:
-        """The checkpoint `record` describes, if its file is there and matches its checksum."""
+    def read(self, kind: str, record: IndexFileRow | None, *, full_check: bool = False) -> VectorIndex | None:
+        """The checkpoint `record` describes, if its file is there and matches its checksum, and its
+        lists file (if any) passes the on-disk rule; `full_check` also hashes the lists file."""
         if record is None:
             return None
+        on_disk = record.lists_bytes is not None
         loaded = read_index(self.path(kind, record.checksum), record.checksum,
-                            max_bytes=max_index_bytes(record.count, record.dim))
+                            max_bytes=max_index_bytes(record.count, record.dim), on_disk=on_disk)
         if loaded is None:
             return None
-        return VectorIndex(loaded, record.factory, record.requested, record.nprobe, record.trained_on)
+        lists = None
+        if on_disk:
+            lists = ondisk.ListsFile(ondisk.lists_path(self.folder, kind, record.generation), record.generation,
+                                     checkpointed=True, size=record.lists_bytes, checksum=record.lists_checksum or "")
+            problem = ondisk.lists_problem(ondisk.ondisk_lists(loaded), lists.path, record.generation,
+                                           record.lists_bytes)
+            if problem is None and full_check and ondisk.file_sha256(lists.path) != record.lists_checksum:
+                problem = "sha256 differs from the checkpoint's"
+            if problem is not None:
+                log.warning("%s: %s", lists.path.name, problem)
+                return None
+            # Read-only even for writers: the first change moves to a copy (VectorIndex._before_write).
+            ondisk.open_lists(loaded, lists.path, writable=False)
+        return VectorIndex(loaded, record.factory, record.requested, record.nprobe, record.trained_on, lists=lists)
 
     def read_files(self) -> dict[str, tuple[IndexFileRow | None, VectorIndex | None]]:
         """kind -> (record, its file as it is on disk or None): for checks, nothing repaired."""
         records = self.catalog.index_records()
-        return {kind: (records.get(kind), self.read(kind, records.get(kind))) for kind in KINDS}
+        return {kind: (records.get(kind), self.read(kind, records.get(kind), full_check=True)) for kind in KINDS}
 
     # ---- load, reconcile, rebuild, save -------------------------------------------------------
-    def load(self, kinds: tuple[str, ...] = KINDS) -> dict[str, VectorIndex]:
+    def load(self, kinds: tuple[str, ...] = KINDS, *, full_check: bool = False) -> dict[str, VectorIndex]:
         """Each kind's index, checked against the catalog: damaged ones rebuilt, stale ones reconciled.
 
-        Writers save what they repaired; readers keep the repair in memory.
+        Writers save what they repaired; readers keep the repair in memory. `full_check` hashes
+        on-disk lists files too (verify --repair), which an ordinary open does not (see read).
         """
         dim = self.catalog.dim()
         catalog_ids = self.catalog.embedded_ids()
         records = self.catalog.index_records()
         for kind in kinds:
             record = records.get(kind)
-            index = self.read(kind, record)
+            index = self.read(kind, record, full_check=full_check)
             if index is not None and (index.dim != dim or index.count != record.count):
                 log.warning("%s index does not match its record (dim/count): rebuilding", kind)
                 index = None
@@ -90,11 +111,21 @@ class IndexSet:
         return self.loaded
 
     def _build(self, kind: str, record: IndexFileRow | None) -> VectorIndex:
-        ids, vectors = self.catalog.vectors(kind)
+        """A new index of the catalog's vectors, streamed in blocks (indexer.build); its lists file,
+        if it needs one, is the generation after the last recorded one (never the recorded file)."""
         dim = self.catalog.dim() or 1
         requested = self.choice or (record.requested if record else "auto")
-        factory = auto_factory(len(ids), dim) if requested == "auto" else requested
-        return build_index(factory, dim, vectors.reshape(-1, dim), ids, requested=requested)
+        source = CatalogSource(self.catalog, kind, np.sort(self.catalog.embedded_ids()), dim)
+        # Past the recorded generation and the one the loaded index may have moved to since (its
+        # lists file is still mapped until the new index replaces it: never reuse its name).
+        loaded = self.loaded.get(kind)
+        generation = max(record.generation if record else 0, loaded.lists.generation if loaded and loaded.lists else 0) + 1
+
+        def lists_for() -> ondisk.ListsFile:
+            return ondisk.ListsFile(ondisk.lists_path(self.folder, kind, generation), generation, checkpointed=False)
+
+        return build_streamed(requested, source, requested=requested,
+                              lists_for=lists_for if self.writable else None)
 
     def _reconcile(self, kind: str, index: VectorIndex, catalog_ids: np.ndarray) -> bool:
         """Make the index hold exactly the catalog's embedded ids; True if anything changed."""
@@ -105,8 +136,9 @@ class IndexSet:
             return False
         log.info("%s index: reconciling (%d stale, %d missing)", kind, len(extra), len(missing))
         index.remove(extra)
-        ids, vectors = self.catalog.vectors(kind, missing)
-        index.add(ids, vectors)
+        for start in range(0, len(missing), BUILD_BLOCK):  # a long-missing library is read a block at a time
+            ids, vectors = self.catalog.vectors(kind, missing[start:start + BUILD_BLOCK])
+            index.add(ids, vectors)
         return True
 
     def rebuild_if_outgrown(self) -> None:
@@ -118,8 +150,7 @@ class IndexSet:
                 continue
             if index.requested == "auto" and index.count < 2 * index.trained_on:
                 continue  # auto rebuilds (and retrains) only once the library has doubled since
-            ids, vectors = self.catalog.vectors(kind)
-            rebuilt = build_index(wanted, index.dim, vectors, ids, requested=index.requested)
+            rebuilt = self._build(kind, self.record(kind))  # auto's choice (with its fallbacks), or the request
             if rebuilt.factory != index.factory:
                 log.info("%s index: %d vectors, %s -> %s", kind, index.count, index.factory, rebuilt.factory)
                 self.loaded[kind] = rebuilt
@@ -130,16 +161,24 @@ class IndexSet:
         if not self.writable:
             raise LibraryError("library opened read-only")
         index = self.loaded[kind]
-        data = index.serialize()
-        checksum = hashlib.sha256(data).hexdigest()
-        path = self.path(kind, checksum)
-        write_atomic(path, data)
+        record = self.record(kind)
+        lists = index.lists
+        if lists is not None and not lists.checkpointed:
+            ondisk.checkpoint(index.index, lists)  # synced, trailer, size and sha256 (ondisk's rule)
+        path, checksum = write_index_atomic(index.index, self.folder, kind, lambda digest: self.path(kind, digest))
+        # On-disk lists: the record's generation is the lists file's. In memory: one more than before.
+        generation = lists.generation if lists else (record.generation if record else 0) + 1
         self.catalog.record_index_file(kind, factory=index.factory, requested=index.requested, nprobe=index.nprobe,
                                        count=index.count, dim=index.dim, checksum=checksum,
-                                       trained_on=index.trained_on)
+                                       trained_on=index.trained_on, generation=generation,
+                                       lists_bytes=lists.size if lists else None,
+                                       lists_checksum=lists.checksum if lists else None)
         for old in self.folder.glob(f"{kind}.*.faiss"):
             if old != path:
                 old.unlink(missing_ok=True)
+        for old in self.folder.glob(f"{kind}.g*.ivfdata"):
+            if lists is None or old != lists.path:
+                old.unlink(missing_ok=True)  # a reader that has one mapped keeps it until it closes
 
     def sync(self) -> None:
         """Bring the indexes in line with the catalog after statuses changed outside an index run
@@ -173,7 +212,7 @@ class IndexSet:
                 "requested": record.requested if record else None,
                 "vectors": record.count if record else 0,
                 "nprobe": record.nprobe if record else None,
-                "bytes": path.stat().st_size if path.exists() else 0,
+                "bytes": (path.stat().st_size if path.exists() else 0) + ((record.lists_bytes or 0) if record else 0),
             }
         return out
 
@@ -188,7 +227,9 @@ class IndexSet:
                     problems.append(f"{kind}: no index file recorded for {len(catalog_ids)} embedded images")
                 continue
             if index is None:
-                problems.append(f"{kind}: {self.path(kind, record.checksum).name} is missing or fails its checksum")
+                lists = (f" (or its lists file {ondisk.lists_path(self.folder, kind, record.generation).name})"
+                         if record.lists_bytes is not None else "")
+                problems.append(f"{kind}: {self.path(kind, record.checksum).name}{lists} is missing or fails its checksum")
                 continue
             ids = index.ids()
             stale, missing = np.setdiff1d(ids, catalog_ids), np.setdiff1d(catalog_ids, ids)

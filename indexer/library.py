@@ -300,7 +300,7 @@ class Library:
         if damaged:
             log.warning("%d damaged rows dropped: their files are indexed again by the next run", len(damaged))
             self.delete_rows(list(damaged))
-        self.load_indexes()
+        self.index_set.load(full_check=True)  # on-disk lists whose sha256 fails are rebuilt too
         return len(damaged)
 
 

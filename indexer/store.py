@@ -7,6 +7,7 @@ truncated, bit-flipped or left from another state is recognised on open and rebu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -20,12 +21,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from dinoseek.model.files import FileTooLargeError, NotRegularFileError, read_regular
+from dinoseek.model.files import FileTooLargeError, NotRegularFileError, open_regular
 
-from . import torch_search
+from . import ondisk, torch_search
+from .budget import exact_fits
 from .errors import InvalidArgumentError
-from .tuning import (FLAT_FALLBACK_MAX, FLAT_LIMIT, MAX_PROBE_FRACTION, MIN_AUTO_RECALL, PQ_FROM, TARGET_RECALL,
-                     TRAIN_PER_LIST)
+from .tuning import FLAT_LIMIT, PQ_FROM, TRAIN_PER_LIST
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,9 @@ def ivf_lists(count: int) -> int:
 
 
 def auto_factory(count: int, dim: int) -> str:
-    """Exact search for small libraries; IVF with SQ8, then PQ as they grow (inner product)."""
-    if count <= FLAT_LIMIT:
+    """Exact search for small libraries (within the memory budget, see indexer.budget); IVF with
+    SQ8, then PQ as they grow (inner product)."""
+    if count <= FLAT_LIMIT and exact_fits(count, dim):
         return "Flat"
     nlist = ivf_lists(count)
     if count < PQ_FROM:
@@ -56,14 +58,19 @@ def gpu_available() -> bool:
 
 @dataclass
 class VectorIndex:
-    """A FAISS index wrapped in IndexIDMap2, plus how it was built."""
+    """A FAISS index whose ids are catalog row ids, plus how it was built.
 
-    index: faiss.IndexIDMap2
+    Flat and SQ indexes are wrapped in IndexIDMap2. IVF indexes store the row ids in their lists
+    themselves: IndexIDMap2 renumbers its id list on remove_ids as if positions shifted (true for
+    Flat only), so over IVF it returned wrong ids after the first removal."""
+
+    index: faiss.IndexIDMap2 | faiss.IndexIVF
     factory: str  # what was built
     requested: str  # "auto" or the factory string asked for (built once there is enough to train)
     nprobe: int | None
     trained_on: int
     version: int = 0  # bumped on every add/remove, so a GPU copy is refreshed when stale
+    lists: ondisk.ListsFile | None = None  # the IVF lists file, for an index whose lists live on disk
     # (version, GPU index or this index, GPU resources): the copy searches use, made on first need.
     _gpu: tuple | None = field(default=None, init=False, repr=False, compare=False)
     # FAISS GPU indexes must not be searched from several threads at once (the server's threadpool
@@ -81,18 +88,39 @@ class VectorIndex:
     def dim(self) -> int:
         return self.index.d
 
+    @property
+    def inner(self) -> faiss.Index:
+        """The index that holds the vectors (the one IndexIDMap2 wraps, or the IVF index itself)."""
+        return faiss.downcast_index(self.index.index) if isinstance(self.index, faiss.IndexIDMap2) else self.index
+
     def ids(self) -> np.ndarray:
-        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        if isinstance(self.index, faiss.IndexIDMap2):
+            return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        lists = self.index.invlists
+        parts = [faiss.rev_swig_ptr(lists.get_ids(no), lists.list_size(no)).copy()
+                 for no in range(lists.nlist) if lists.list_size(no)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids):
+            self._before_write()
             self.version += 1
-            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
+            with ondisk.quiet_stdout() if self.lists else contextlib.nullcontext():
+                self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
+                                        np.asarray(ids, dtype=np.int64))
 
     def remove(self, ids) -> int:
         ids = np.asarray(list(ids), dtype=np.int64)
+        if not len(ids):
+            return 0
+        self._before_write()
         self.version += 1
-        return int(self.index.remove_ids(faiss.IDSelectorBatch(ids))) if len(ids) else 0
+        return int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
+
+    def _before_write(self) -> None:
+        """A checkpointed lists file is never changed: move to a copy of it first (see indexer.ondisk)."""
+        if self.lists is not None and self.lists.checkpointed:
+            self.index, self.lists = ondisk.next_generation(self.index, self.lists)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of the k best inner products; ids are catalog row ids (-1 pads)."""
@@ -119,7 +147,7 @@ class VectorIndex:
         if found is not None:
             return found
         if self.nprobe:
-            params = faiss.SearchParametersIVF(nprobe=min(nprobe or self.nprobe, faiss.extract_index_ivf(self.index.index).nlist))
+            params = faiss.SearchParametersIVF(nprobe=min(nprobe or self.nprobe, faiss.extract_index_ivf(self.inner).nlist))
             return self.index.range_search(queries, threshold, params=params)
         return self.index.range_search(queries, threshold)
 
@@ -128,7 +156,7 @@ class VectorIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
         if self.nprobe:
-            params = faiss.SearchParametersIVF(sel=selector, nprobe=faiss.extract_index_ivf(self.index.index).nlist)
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=faiss.extract_index_ivf(self.inner).nlist)
         else:
             params = faiss.SearchParameters(sel=selector)
         return self.index.search(queries, k, params=params)
@@ -171,8 +199,8 @@ class VectorIndex:
     def _searchable(self):
         """The GPU copy of the index where faiss-gpu and CUDA are present (made once), else itself.
         With a GPU, call it holding _gpu_lock (see search)."""
-        if not gpu_available() or self.count == 0:
-            return self.index
+        if not gpu_available() or self.count == 0 or self.lists is not None:
+            return self.index  # on-disk lists stay on disk: a GPU copy would load them whole
         cached = self._gpu
         if cached is None or cached[0] != self.version:
             try:
@@ -187,7 +215,7 @@ class VectorIndex:
     def is_exact(self) -> bool:
         """Whether the index stores the vectors themselves (Flat): it then holds a float32 copy of
         every stored vector that `reconstruct` returns exactly."""
-        return isinstance(faiss.downcast_index(self.index.index), faiss.IndexFlat)
+        return isinstance(self.inner, faiss.IndexFlat)
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """(n, dim) float32: the stored vectors of `ids`, which must all be in the index."""
@@ -273,53 +301,32 @@ def trained_ivf_flat(dim: int, nlist: int, sample: np.ndarray, *, nprobe: int, r
 
 
 def build_index(factory: str, dim: int, vectors: np.ndarray, ids: np.ndarray, *, requested: str) -> VectorIndex:
-    """Create, train (on a sample) and fill an index; tune nprobe for IVF indexes."""
-    inner = check_factory(factory, dim)
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if not inner.is_trained:
-        nlist = inner.nlist if isinstance(inner, faiss.IndexIVF) else 0
-        needed = _min_training(inner)
-        if len(vectors) < needed:
-            # Too few vectors to train yet: exact search until the library has grown enough.
-            log.info("%s needs %d vectors to train, have %d: using Flat for now", factory, needed, len(vectors))
-            return build_index("Flat", dim, vectors, ids, requested=requested)
-        inner.train(vectors[training_sample(len(vectors), nlist, needed)])
-    index = faiss.IndexIDMap2(inner)
-    result = VectorIndex(index, factory, requested, None, len(vectors))
-    result.add(ids, vectors)
-    if "IVF" in factory:
-        result.nprobe, recall = tune_nprobe(result, vectors)
-        if requested == "auto" and recall < MIN_AUTO_RECALL and len(vectors) <= FLAT_FALLBACK_MAX:
-            # auto never trades away this much recall: exact search is slower but right.
-            log.warning("%s reaches recall@10 %.2f only; auto uses exact search instead", factory, recall)
-            return build_index("Flat", dim, vectors, ids, requested=requested)
-    return result
+    """Create, train (on a sample) and fill an index from arrays in memory; tune nprobe for IVF
+    indexes. Libraries build from the catalog block by block instead (indexer.build)."""
+    from .build import ArraySource, build_streamed  # build imports this module
+
+    return build_streamed(factory, ArraySource(ids, vectors, dim), requested=requested)
 
 
-def tune_nprobe(index: VectorIndex, vectors: np.ndarray, queries: int = 200, k: int = 10) -> tuple[int, float]:
-    """(nprobe, recall@k): the smallest power-of-two nprobe whose recall against exact search
-    reaches TARGET_RECALL, or the largest tried."""
-    rng = np.random.default_rng(1)
-    sample = vectors[rng.choice(len(vectors), min(queries, len(vectors)), replace=False)]
-    exact = faiss.IndexFlatIP(vectors.shape[1])
-    exact.add(vectors)
-    _, truth = exact.search(sample, k)
-    ivf = faiss.extract_index_ivf(index.index.index)
-    positions = faiss.vector_to_array(index.index.id_map)
-    limit = max(1, ivf.nlist // MAX_PROBE_FRACTION)
-    nprobe = 1
-    while True:
-        index.nprobe = nprobe
-        _, found = index.search(sample, k)
-        # Ids are row ids; exact results are positions in `vectors`: map them through the id map.
-        recall = np.mean([len(set(f) & set(positions[t])) / k for f, t in zip(found, truth)])
-        if recall >= TARGET_RECALL:
-            return nprobe, float(recall)
-        if nprobe >= limit:
-            log.warning("IVF recall@%d only %.2f at nprobe %d of %d lists: the vectors barely cluster",
-                        k, recall, nprobe, ivf.nlist)
-            return nprobe, float(recall)
-        nprobe = min(nprobe * 2, limit)
+def write_index_atomic(index: faiss.Index, folder: Path, kind: str, name_for) -> tuple[Path, str]:
+    """Write `index` to a temp file (streamed by faiss: no bytes copy of it in memory), fsync it,
+    and rename it to name_for(its sha256); returns (that path, the sha256)."""
+    tmp = folder / f".{kind}.new.faiss.{os.getpid()}.tmp"  # a name remove_temp_files recognises
+    faiss.write_index(index, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+        digest = hashlib.sha256()
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    checksum = digest.hexdigest()
+    path = name_for(checksum)
+    os.replace(tmp, path)
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return path, checksum
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -347,29 +354,50 @@ def max_index_bytes(count: int, dim: int) -> int:
     return 2 * count * (4 * dim + 16) + (1 << 20) * 4 * dim
 
 
-def read_index(path: Path, checksum: str, *, max_bytes: int | None = None) -> faiss.IndexIDMap2 | None:
+def read_index(path: Path, checksum: str, *, max_bytes: int | None = None,
+               on_disk: bool = False) -> faiss.IndexIDMap2 | faiss.IndexIVF | None:
     """The index at path if its bytes match `checksum`, else None (missing, truncated, corrupt).
+
+    With `on_disk` (the record names a lists file) the IVF lists are described but not mapped: the
+    caller checks the lists file first (indexer.ondisk.lists_problem) and then maps it.
 
     The path must be a regular file, not a symlink, of at most `max_bytes`: a FIFO put there would
     block the reader and a link to /dev/zero would be read until memory runs out. Such a file is
     treated like a damaged one (the caller rebuilds from the catalog), with a warning naming it.
     """
+    # Hashed, then read by faiss from the same descriptor in chunks: never a bytes copy of the
+    # whole file beside the index (three copies of a 1.5 GB exact index at once, before).
     try:
-        data = read_regular(path, max_bytes=max_bytes, follow_symlinks=False)
+        with open_regular(path, max_bytes=max_bytes, follow_symlinks=False) as f:
+            digest, size = hashlib.sha256(), 0
+            while chunk := f.read(1 << 22):
+                size += len(chunk)
+                if max_bytes is not None and size > max_bytes:
+                    return None  # grew while being read
+                digest.update(chunk)
+            if digest.hexdigest() != checksum:
+                return None
+            f.seek(0)
+            try:
+                index = faiss.read_index(faiss.PyCallbackIOReader(f.read, 1 << 22),
+                                         faiss.IO_FLAG_SKIP_IVF_DATA if on_disk else 0)
+            except RuntimeError:
+                return None
     except (NotRegularFileError, FileTooLargeError) as e:
         log.warning("%s %s: not read", path.name, e.strerror)
         return None
     except OSError:
         return None
-    if hashlib.sha256(data).hexdigest() != checksum:
+    # read_index already returns the concrete class; a second downcast would make a proxy that
+    # does not own the index, which is then freed under it.
+    if on_disk != (ondisk.ondisk_lists(index) is not None):
         return None
-    try:
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-    except RuntimeError:
-        return None
-    # deserialize_index already returns the concrete class; a second downcast would make a proxy
-    # that does not own the index, which is then freed under it.
-    return index if isinstance(index, faiss.IndexIDMap2) else None
+    if isinstance(index, faiss.IndexIDMap2):
+        if isinstance(faiss.downcast_index(index.index), faiss.IndexIVF):
+            log.warning("%s: an IVF index in IndexIDMap2 (before ids moved into the lists): rebuilding", path.name)
+            return None
+        return index
+    return index if isinstance(index, faiss.IndexIVF) else None
 
 
 def remove_temp_files(folder: Path) -> int:

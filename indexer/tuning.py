@@ -10,10 +10,21 @@ TRAIN_PER_LIST = 64  # k-means training points per IVF list: quality plateaus we
 FLAT_LIMIT = 50_000  # exact search up to here: ~1.5 ms/query for 384-d at this size
 PQ_FROM = 2_000_000  # from here on, 8-bit scalar quantization costs too much memory: use PQ
 TARGET_RECALL = 0.95  # nprobe is raised until recall@10 against exact search reaches this...
-MIN_AUTO_RECALL = 0.9  # an auto IVF index below this recall falls back to exact search...
-FLAT_FALLBACK_MAX = 5_000_000  # ...while the library is small enough for it (7.7 GB at 384-d)
+MIN_AUTO_RECALL = 0.9  # an auto IVF-PQ index below this recall tries IVF-SQ8, then exact search...
+FLAT_FALLBACK_MAX = 5_000_000  # ...while the library is this small AND the exact index fits the
+# memory budget (indexer.budget: a quarter of the available RAM per kind, or DINOSEEK_INDEX_MEMORY)
 MAX_PROBE_FRACTION = 8  # ...or until it scans 1/8 of the lists: beyond that the vectors do not
 # cluster (random data) and IVF has stopped paying off; the recall reached is logged.
+
+# Building in bounded memory (indexer.build, indexer.ondisk)
+BUILD_BLOCK = 65_536  # vectors read from the catalog at a time (100 MB of float32 at 384-d)
+TUNE_QUERIES = 200  # sampled queries for nprobe tuning; their exact top-k comes from streaming blocks
+# IVF indexes of at least this many vectors keep their inverted lists in a file on disk, memory-mapped
+# (faiss OnDiskInvertedLists): search touches only the lists it probes, not the whole library.
+ONDISK_FROM = PQ_FROM
+# While building an on-disk index, vectors are encoded into an in-memory shard of this many and
+# then appended to the file, so the build holds one shard of codes, never the whole library's.
+ONDISK_SHARD = 1_000_000
 
 # Searching (retrieval.api)
 # Filtered searches over at most this many images are brute force over the catalog's vectors

@@ -215,7 +215,7 @@ def score_margin(index: VectorIndex | TorchExactIndex) -> float:
     """
     if isinstance(index, TorchExactIndex):
         return FLAT_MARGIN
-    inner = faiss.downcast_index(index.index.index)
+    inner = index.inner
     if isinstance(inner, (faiss.IndexScalarQuantizer, faiss.IndexIVFScalarQuantizer)):
         return SQ_MARGIN
     if isinstance(inner, (faiss.IndexFlat, faiss.IndexIVFFlat)):

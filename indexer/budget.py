@@ -1,0 +1,59 @@
+"""How much memory an exact (Flat) index may take: `auto` never picks one above this budget.
+
+An exact index holds every vector as float32 plus its id twice (IndexIDMap2's list and reverse
+map), ~1.6 KB per image at 384-d: 7.7 GB per kind at 5M. Whether that is fine depends on the
+machine, so the budget is derived from it: a quarter of the memory available when the index is built
+(each kind has its own index: both exact, they take half)
+(/proc/meminfo MemAvailable; the physical memory where that is unknown), or DINOSEEK_INDEX_MEMORY
+(bytes, or a number with K/M/G/T) where the user says so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from .errors import InvalidArgumentError
+
+ENV = "DINOSEEK_INDEX_MEMORY"
+AVAILABLE_SHARE = 0.25  # per kind; the other half: the catalog, the encoder, blocks, the OS cache
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """'4G', '512M', '1500000000' -> bytes; InvalidArgumentError otherwise."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise InvalidArgumentError(f"{ENV} must be a size like 4G or 512M or a number of bytes, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def available_bytes() -> int:
+    """Memory the kernel says can be used without swapping (MemAvailable), else physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_budget() -> int:
+    """Bytes one exact index may take (see the module docstring); read on every call, so a test or
+    a user can change DINOSEEK_INDEX_MEMORY between builds."""
+    configured = os.environ.get(ENV)
+    if configured:
+        return parse_bytes(configured)
+    return int(available_bytes() * AVAILABLE_SHARE)
+
+
+def exact_index_bytes(count: int, dim: int) -> int:
+    """Resident size of an exact IndexIDMap2(Flat) of `count` vectors: float32 vectors, the id list
+    (8 B) and the reverse map (an unordered_map node and bucket, ~40 B)."""
+    return count * (4 * dim + 48)
+
+
+def exact_fits(count: int, dim: int, budget: int | None = None) -> bool:
+    return exact_index_bytes(count, dim) <= (memory_budget() if budget is None else budget)

@@ -1,0 +1,184 @@
+"""IVF inverted lists in a file on disk, memory-mapped (faiss OnDiskInvertedLists).
+
+A large IVF index keeps only its trained parts (centroids, codebooks) and the lists' table of
+contents in its checkpoint (`<kind>.<sha>.faiss`, read whole and checksummed like every index); the
+codes and ids live in `<kind>.g<generation>.ivfdata` beside it, mapped, so a search reads the pages
+of the lists it probes and memory follows nprobe, not the library.
+
+Integrity rule for the lists file (it is opened by path, never read whole on open):
+- At checkpoint: the file is flushed, a 16-byte trailer (b"DSIVFGEN" + the generation, uint64 LE)
+  appended and fsynced; its size, sha256 and generation are recorded in the catalog's index_files
+  row in the same write as the checkpoint's own checksum. The file name carries the generation.
+- On open: the file must be a regular file (not a symlink), its size must equal the recorded size
+  and the table of contents' length plus the trailer, and the trailer must name the recorded
+  generation. Any disagreement (missing, truncated, grown, another generation) and the index is
+  rebuilt from the catalog, like a damaged checkpoint. The sha256 is checked by `verify`, which
+  reads the file through, not on every open.
+- A checkpointed generation is never written again: the first change after opening (add or remove)
+  copies it to generation + 1 and changes the copy, so a writer killed mid-change leaves the
+  recorded generation intact. Old generations are deleted once the catalog points past them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"DSIVFGEN"
+TRAILER = struct.Struct("<8sQ")  # magic, generation
+
+
+@dataclass
+class ListsFile:
+    """The on-disk lists an index has open: which file, which generation, and whether that file is a
+    recorded checkpoint (then it must not be written: copy first, see VectorIndex.add/remove)."""
+
+    path: Path
+    generation: int
+    checkpointed: bool
+    size: int = 0  # bytes on disk with the trailer, once checkpointed
+    checksum: str = ""  # sha256 of the file with the trailer, once checkpointed
+
+
+def lists_path(folder: Path, kind: str, generation: int) -> Path:
+    return folder / f"{kind}.g{generation:06d}.ivfdata"
+
+
+def ondisk_lists(ivf: faiss.Index) -> faiss.OnDiskInvertedLists | None:
+    if not isinstance(ivf, faiss.IndexIVF):
+        return None
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    return lists if isinstance(lists, faiss.OnDiskInvertedLists) else None
+
+
+@contextlib.contextmanager
+def quiet_stdout():
+    """faiss printf()s "resizing <file> to N bytes" to stdout whenever on-disk lists grow; stdout
+    belongs to the CLI (--json output), so fd 1 points to /dev/null meanwhile (C buffers flushed
+    before it is restored, so nothing leaks out later)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        yield
+    finally:
+        ctypes.CDLL(None).fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+
+
+def _append_shard(shard: faiss.ArrayInvertedLists, target: faiss.OnDiskInvertedLists) -> None:
+    for no in range(shard.nlist):
+        n = shard.list_size(no)
+        if n:
+            target.add_entries(no, n, shard.get_ids(no), shard.get_codes(no))
+    shard.reset()
+
+
+def fill_on_disk(ivf: faiss.IndexIVF, blocks, lists: ListsFile, shard_size: int) -> None:
+    """Fill a trained, empty IVF index (ids are catalog row ids) from (ids, vectors) blocks, its
+    lists written to `lists.path`: vectors are encoded into the in-memory lists, moved to the file every
+    `shard_size` vectors, and the index then switched to the file's lists."""
+    target = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(lists.path))
+    total = 0
+    with quiet_stdout():
+        target.update_totsize(max(4096, ivf.code_size + 8))  # creates the file: an empty index is still a file
+        shard = faiss.downcast_InvertedLists(ivf.invlists)
+        for ids, vectors in blocks:
+            ivf.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
+            total += len(ids)
+            if ivf.ntotal >= shard_size:
+                _append_shard(shard, target)
+                ivf.ntotal = 0
+        _append_shard(shard, target)
+    ivf.replace_invlists(target, True)
+    target.this.disown()  # the index owns it now
+    ivf.ntotal = total
+
+
+def checkpoint(ivf: faiss.IndexIVF, lists: ListsFile) -> None:
+    """Make `lists` a checkpoint: contents synced, the generation trailer appended, size and sha256
+    taken (see the module docstring). Call before serializing the index that points to it."""
+    od = ondisk_lists(ivf)
+    with open(lists.path, "r+b") as f:
+        f.truncate(od.totsize)  # a trailer from the generation it was copied from goes first
+        f.seek(od.totsize)
+        f.write(TRAILER.pack(MAGIC, lists.generation))
+        f.flush()
+        os.fsync(f.fileno())  # also writes back the pages faiss changed through its shared mapping
+    lists.size = os.path.getsize(lists.path)
+    lists.checksum = file_sha256(lists.path)
+    lists.checkpointed = True
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def deserialize(data: bytes, *, skip_lists: bool) -> faiss.Index:
+    """A serialized index; with skip_lists, on-disk lists are described but not mapped yet, so a
+    damaged lists file is never touched before open_lists has checked it."""
+    reader = faiss.VectorIOReader()
+    faiss.copy_array_to_vector(np.frombuffer(data, dtype=np.uint8), reader.data)
+    return faiss.read_index(reader, faiss.IO_FLAG_SKIP_IVF_DATA if skip_lists else 0)
+
+
+def lists_problem(od: faiss.OnDiskInvertedLists, path: Path, generation: int, size: int | None) -> str | None:
+    """Why the lists file at `path` cannot be the one recorded (see the integrity rule), or None."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return "missing"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if size is None or info.st_size != size or info.st_size != od.totsize + TRAILER.size:
+        return f"{info.st_size} bytes, expected {size}"
+    with open(path, "rb") as f:
+        f.seek(od.totsize)
+        magic, found = TRAILER.unpack(f.read(TRAILER.size))
+    if magic != MAGIC or found != generation:
+        return f"generation {found if magic == MAGIC else 'unknown'}, expected {generation}"
+    return None
+
+
+def open_lists(ivf: faiss.IndexIVF, path: Path, *, writable: bool) -> None:
+    """Map the (checked) lists file at `path` for `ivf`, read-only unless `writable`."""
+    od = ondisk_lists(ivf)
+    od.filename = str(path)
+    od.read_only = not writable
+    od.do_mmap()
+
+
+def next_generation(ivf: faiss.IndexIVF, lists: ListsFile) -> tuple[faiss.IndexIVF, ListsFile]:
+    """A writable copy of a checkpointed lists file as generation + 1, and the index mapped on it.
+
+    The copy is a new file (a kill meanwhile leaves the recorded one as it was); the index is
+    re-read from its own metadata so that the old mapping is released with the old object."""
+    kind = lists.path.name.split(".")[0]
+    new = ListsFile(lists_path(lists.path.parent, kind, lists.generation + 1), lists.generation + 1, checkpointed=False)
+    totsize = ondisk_lists(ivf).totsize
+    shutil.copyfile(lists.path, new.path)  # copy_file_range: a reflink where the filesystem can
+    os.truncate(new.path, totsize)  # drop the old trailer
+    copy = deserialize(faiss.serialize_index(ivf).tobytes(), skip_lists=True)
+    open_lists(copy, new.path, writable=True)
+    return copy, new

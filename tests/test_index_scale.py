@@ -1,0 +1,263 @@
+"""Indexes bigger than memory: on-disk IVF lists (build, search, add, remove, reopen, integrity),
+builds that stream the catalog in blocks, and auto's memory budget. Small N, with the size
+thresholds lowered so the large-library paths run."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+from sqlalchemy import insert
+
+from dinoseek.indexer import budget, build, store
+from dinoseek.indexer.catalog import EMBEDDED, ImageRow, path_digest
+from dinoseek.indexer.catalog_gateway import Catalog
+from dinoseek.indexer.errors import InvalidArgumentError
+from dinoseek.indexer.library import Library
+from dinoseek.indexer.ondisk import MAGIC, TRAILER
+
+N, DIM = 3000, 32
+MANIFEST = {"arch": {"synthetic": True}, "weights_sha256": "synthetic", "preprocess": {"mode": "crop", "size": 224},
+            "precision": "fp32", "dim": DIM}
+
+
+def clustered(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((32, DIM)).astype(np.float32)
+    x = centres[rng.integers(0, 32, n)] / np.sqrt(DIM) + 0.05 * rng.standard_normal((n, DIM)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16).astype(np.float32)
+
+
+def uniform(n: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16).astype(np.float32)
+
+
+def make_library(root, vectors: np.ndarray) -> None:
+    with Library.open(root, write=True, create=True) as library:
+        library.bind_model(MANIFEST)
+        blobs = vectors.astype(np.float16)
+        with library.catalog.engine.begin() as connection:
+            connection.execute(insert(ImageRow), [
+                {"path": b"%d.jpg" % i, "path_sha256": path_digest(b"%d.jpg" % i), "path_text": f"{i}.jpg",
+                 "folder": "", "size": 1, "mtime_ns": 0, "sha256": f"{i:064x}", "status": EMBEDDED,
+                 "cls": blobs[i].tobytes(), "patch": blobs[i].tobytes()} for i in range(len(vectors))])
+
+
+@pytest.fixture
+def large(monkeypatch):
+    """Thresholds lowered: IVF lists go on disk from 1000 vectors, built in shards of 700 from
+    blocks of 500, so a 3000-row library takes every large-library path."""
+    monkeypatch.setattr(build, "ONDISK_FROM", 1000)
+    monkeypatch.setattr(build, "ONDISK_SHARD", 700)
+    monkeypatch.setattr(build, "BUILD_BLOCK", 500)
+    monkeypatch.setattr(store, "FLAT_LIMIT", 100)
+
+
+@pytest.fixture
+def on_disk_library(tmp_path, large):
+    vectors = clustered(N)
+    make_library(tmp_path, vectors)
+    with Library.open(tmp_path, write=True, index_choice="IVF16,PQ16x8") as library:
+        library.load_indexes()
+    return tmp_path, vectors
+
+
+def lists_files(root) -> list[str]:
+    return sorted(p.name for p in (root / ".dinoseek").glob("*.ivfdata"))
+
+
+def self_found(index, vectors: np.ndarray, ids: np.ndarray) -> float:
+    """Share of stored vectors found among their own 10 nearest (ids = row ids = position + 1)."""
+    index.nprobe = 16
+    _, found = index.search(vectors[ids - 1], 10)
+    return float(np.mean([i in row for i, row in zip(ids.tolist(), found.tolist())]))
+
+
+def test_on_disk_index_builds_searches_adds_removes_and_reopens(on_disk_library, capfd):
+    root, vectors = on_disk_library
+    assert lists_files(root) == ["cls.g000001.ivfdata", "patch.g000001.ivfdata"]
+    with Library.open(root) as reader:
+        index = reader.load_indexes()["cls"]
+        record = reader.index_set.record("cls")
+        assert index.lists is not None and index.lists.generation == record.generation == 1
+        assert record.lists_bytes == os.path.getsize(index.lists.path) and record.lists_checksum
+        assert sorted(index.ids().tolist()) == list(range(1, N + 1))  # row ids are stored in the lists
+        assert self_found(index, vectors, np.arange(1, 201)) >= 0.9
+    with Library.open(root, write=True) as writer:
+        index = writer.load_indexes()["cls"]
+        assert index.remove([5, 6, 7, 999_999]) == 3
+        assert index.lists.generation == 2 and not index.lists.checkpointed  # a copy is changed, not gen 1
+        assert os.path.exists(root / ".dinoseek" / "cls.g000001.ivfdata")
+        index.add(np.array([5]), vectors[4:5])
+        _, found = index.search(vectors[5:7], 10)
+        assert not {6, 7} & set(found.ravel().tolist())  # removed ids are never returned
+        writer.index_set.save("cls")
+    assert capfd.readouterr().out == ""  # faiss's "resizing ..." printf never reaches stdout
+    assert lists_files(root) == ["cls.g000002.ivfdata", "patch.g000001.ivfdata"]  # gen 1 gone once recorded
+    with Library.open(root) as reader:
+        index = reader.index_set.read("cls", reader.index_set.record("cls"))
+        ids = set(index.ids().tolist())
+        assert index.count == N - 2 and 5 in ids and not {6, 7} & ids
+        assert self_found(index, vectors, np.array([5, 100, 2000])) == 1.0
+
+
+def test_a_later_run_reconciles_the_on_disk_index_into_a_new_generation(on_disk_library):
+    root, _ = on_disk_library
+    with Library.open(root, write=True) as writer:
+        writer.catalog.delete_rows([10, 11])
+        writer.load_indexes()  # reconciled against the catalog and saved
+        assert writer.index_set.record("cls").generation == 2
+    with Library.open(root) as reader:
+        assert reader.verify() == []
+
+
+def damage_truncate(path, generation):
+    os.truncate(path, os.path.getsize(path) - 100)
+
+
+def damage_grow(path, generation):
+    with open(path, "ab") as f:
+        f.write(b"\0" * 4096)
+
+
+def damage_generation(path, generation):
+    """Another generation's file in its place: same size, its own trailer."""
+    with open(path, "r+b") as f:
+        f.seek(-TRAILER.size, os.SEEK_END)
+        f.write(TRAILER.pack(MAGIC, generation + 7))
+
+
+def damage_missing(path, generation):
+    path.unlink()
+
+
+def damage_symlink(path, generation):
+    moved = path.with_name("elsewhere")
+    path.rename(moved)
+    path.symlink_to(moved)
+
+
+@pytest.mark.parametrize("damage", [damage_truncate, damage_grow, damage_generation, damage_missing, damage_symlink])
+def test_damaged_lists_file_is_rebuilt_from_the_catalog(on_disk_library, damage, caplog):
+    root, vectors = on_disk_library
+    path = root / ".dinoseek" / "cls.g000001.ivfdata"
+    damage(path, 1)
+    with Library.open(root) as reader:  # never mapped: a truncated mapping would crash the reader (SIGBUS)
+        assert reader.index_set.read("cls", reader.index_set.record("cls")) is None
+        assert any("cls" in p for p in reader.verify())
+    with caplog.at_level(logging.WARNING), Library.open(root, write=True) as writer:
+        index = writer.load_indexes()["cls"]
+        assert "cls.g000001.ivfdata" in caplog.text and "rebuilding from the catalog" in caplog.text
+        assert index.lists.generation == 2 and sorted(index.ids().tolist()) == list(range(1, N + 1))
+    with Library.open(root) as reader:
+        assert reader.verify() == [] and reader.index_set.record("cls").generation == 2
+        assert self_found(reader.load_indexes()["cls"], vectors, np.arange(1, 101)) >= 0.9
+
+
+def test_altered_lists_contents_fail_verify_by_checksum(on_disk_library):
+    root, _ = on_disk_library
+    path = root / ".dinoseek" / "cls.g000001.ivfdata"
+    with open(path, "r+b") as f:  # same size, same trailer: only the sha256 can tell
+        f.seek(64)
+        byte = f.read(1)
+        f.seek(64)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with Library.open(root) as reader:
+        assert reader.load_indexes()["cls"].lists is not None  # an ordinary open checks size and generation only
+        assert any(p.startswith("cls:") and "cls.g000001.ivfdata" in p for p in reader.verify())
+    with Library.open(root, write=True) as writer:
+        writer.repair()
+    with Library.open(root) as reader:
+        assert reader.verify() == []
+
+
+def test_builds_stream_the_catalog_and_never_read_a_whole_kind(tmp_path, large, monkeypatch):
+    # Training samples are TRAIN_PER_LIST per list: a quarter of this small library per kind.
+    monkeypatch.setattr(store, "TRAIN_PER_LIST", 16)
+    make_library(tmp_path, clustered(N))
+    blocks_asked, original_vectors, original_blocks = [], Catalog.vectors, Catalog.vector_blocks
+
+    def vectors(self, kind, ids=None):
+        # Samples (training, tuning queries, reconcile blocks) are fine; the whole kind is not.
+        if ids is None or len(ids) > N // 2:
+            raise AssertionError(f"{kind}: {N if ids is None else len(ids)} vectors read at once")
+        return original_vectors(self, kind, ids)
+
+    def vector_blocks(self, kind, block):
+        blocks_asked.append(block)
+        return original_blocks(self, kind, block)
+
+    monkeypatch.setattr(Catalog, "vectors", vectors)
+    monkeypatch.setattr(Catalog, "vector_blocks", vector_blocks)
+    for choice in ("auto", "IVF16,SQ8", "IVF16,PQ16x8", "Flat"):
+        blocks_asked.clear()
+        with Library.open(tmp_path, write=True, index_choice=choice) as library:
+            index = library.load_indexes()["cls"]
+            assert index.count == N and (choice == "auto" or index.factory == choice)
+        assert blocks_asked and set(blocks_asked) == {500}, choice
+
+
+def test_exact_top_k_by_blocks_equals_brute_force():
+    vectors, queries = uniform(2000), uniform(30, seed=5)
+    ids = np.arange(2000, dtype=np.int64) * 7 + 3
+    blocks = ((ids[i:i + 300], vectors[i:i + 300]) for i in range(0, 2000, 300))
+    found = build.exact_top_k(queries, blocks, 10)
+    truth = ids[np.argsort(-(queries @ vectors.T), axis=1)[:, :10]]
+    assert all(set(f) == set(t) for f, t in zip(found.tolist(), truth.tolist()))
+
+
+def test_ivf_indexes_return_the_right_ids_after_removal():
+    """IndexIDMap2 over IVF renumbered its id list on removal as if positions shifted: wrong ids."""
+    vectors = clustered(4000)
+    ids = np.arange(100, 4100, dtype=np.int64)
+    index = store.build_index("IVF8,Flat", DIM, vectors, ids, requested="IVF8,Flat")
+    index.remove(np.arange(100, 600))
+    index.nprobe = 8
+    _, found = index.search(vectors[1500:1510], 1)
+    assert found[:, 0].tolist() == list(range(1600, 1610))
+
+
+def test_auto_falls_back_to_exact_only_within_the_memory_budget(tmp_path, large, monkeypatch, caplog):
+    monkeypatch.setattr(store, "PQ_FROM", 1000)  # auto's first choice is IVF-PQ
+    make_library(tmp_path, uniform(N))  # random vectors: no IVF index reaches the recall auto wants
+    monkeypatch.setenv(budget.ENV, "1G")
+    with caplog.at_level(logging.WARNING), Library.open(tmp_path, write=True) as library:
+        assert library.load_indexes()["cls"].factory == "Flat"
+    assert ",PQ8x8 reaches recall@10" in caplog.text and "auto tries IVF" in caplog.text  # PQ, then SQ8, then exact
+    caplog.clear()
+    monkeypatch.setenv(budget.ENV, "100K")  # an exact index of 3000 x 32 needs 528 kB
+    with caplog.at_level(logging.WARNING), Library.open(tmp_path, write=True, index_choice="auto") as library:
+        library.index_set.loaded.clear()
+        for path in (tmp_path / ".dinoseek").glob("*.faiss"):
+            path.unlink()  # force a rebuild under the new budget
+        index = library.load_indexes()["cls"]
+    assert index.factory.startswith("IVF") and "over the 0.0 GB budget" in caplog.text
+    assert store.auto_factory(50, DIM) == "Flat"
+    monkeypatch.setenv(budget.ENV, "1K")
+    assert store.auto_factory(50, DIM) != "Flat"  # not even a small exact index above the budget
+
+
+def test_budget_is_read_from_the_environment_or_the_machine(monkeypatch):
+    monkeypatch.delenv(budget.ENV, raising=False)
+    assert 0 < budget.memory_budget() <= budget.available_bytes()
+    monkeypatch.setenv(budget.ENV, "1.5G")
+    assert budget.memory_budget() == int(1.5 * (1 << 30))
+    assert budget.parse_bytes("512M") == 512 << 20 and budget.parse_bytes("1000") == 1000
+    monkeypatch.setenv(budget.ENV, "lots")
+    with pytest.raises(InvalidArgumentError, match="DINOSEEK_INDEX_MEMORY must be a size like 4G"):
+        budget.memory_budget()
+    assert budget.exact_index_bytes(5_000_000, 384) / 1e9 == pytest.approx(7.92, abs=0.01)
+
+
+def test_a_rebuild_after_changes_never_reuses_the_open_lists_file(on_disk_library):
+    root, _ = on_disk_library
+    with Library.open(root, write=True, index_choice="IVF16,PQ16x8") as writer:
+        index = writer.load_indexes()["cls"]
+        index.remove([1])  # now mapped on generation 2, not yet recorded
+        assert index.lists.generation == 2
+        rebuilt = writer.index_set._build("cls", writer.index_set.record("cls"))
+        assert rebuilt.lists.generation == 3 and rebuilt.count == N
+        assert index.count == N - 1 and 1 not in set(index.ids().tolist())  # the open one is intact
