@@ -88,40 +88,28 @@ class Server:
 
     def create_database(self) -> str:
         """A new, empty database; returns its URL."""
-        from sqlalchemy import create_engine
-
         name = f"t_{uuid.uuid4().hex[:12]}"
-        engine = create_engine(self.url(), isolation_level="AUTOCOMMIT")
-        try:
-            with engine.connect() as connection:
-                connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        finally:
-            engine.dispose()
+        self._admin(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
     def copy_database(self, url: str) -> str:
         """A new database holding a copy of `url`'s (PostgreSQL's TEMPLATE: nobody may be connected
         to it meanwhile); returns its URL."""
-        from sqlalchemy import create_engine
-
         name = f"t_{uuid.uuid4().hex[:12]}"
-        source = database_name(url)
-        engine = create_engine(self.url(), isolation_level="AUTOCOMMIT")
-        try:
-            with engine.connect() as connection:
-                connection.exec_driver_sql(f'CREATE DATABASE "{name}" TEMPLATE "{source}"')
-        finally:
-            engine.dispose()
+        self._admin(f'CREATE DATABASE "{name}" TEMPLATE "{database_name(url)}"')
         return self.url(name)
 
     def drop_database(self, url: str) -> None:
+        self._admin(f'DROP DATABASE IF EXISTS "{database_name(url)}" WITH (FORCE)')
+
+    def _admin(self, statement: str) -> None:
+        """One statement outside a transaction (CREATE/DROP DATABASE cannot run in one)."""
         from sqlalchemy import create_engine
 
-        name = database_name(url)
         engine = create_engine(self.url(), isolation_level="AUTOCOMMIT")
         try:
             with engine.connect() as connection:
-                connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                connection.exec_driver_sql(statement)
         finally:
             engine.dispose()
 

@@ -109,10 +109,16 @@ def test_float16_products_give_faiss_results_once_re_scored(data):
     ids = np.arange(len(vectors), dtype=np.int64) + 1
     queries = unit(vectors[::30] + 0.05 * np.random.default_rng(3).standard_normal((100, 64)))
     index = TorchExactIndex(ids, vectors, "cpu", half=True, tile_rows=1000)
+    assert_float16_index_matches_faiss(index, ids, vectors, queries, data, ks=(1, 10, 50))
+
+
+def assert_float16_index_matches_faiss(index, ids, vectors, queries, data: str, ks) -> None:
+    """float16-exact stored vectors (clustered, as the catalog's) come out with FAISS's scores once
+    re-scored; float32 ones within 1e-3 (ties may swap)."""
     assert index.dtype == torch.float16
     reference = faiss_flat(ids, vectors)
     atol = 1e-5 if data == "clustered" else TIE
-    for k in (1, 10, 50):
+    for k in ks:
         assert_same_top_k(index.search(queries, k), reference.search(queries, k), atol=atol)
     for threshold in (0.5, 0.9):
         assert_same_ranges(index.range_search(queries, threshold), reference.range_search(queries, threshold),
@@ -358,15 +364,7 @@ def test_cuda_fp16_search_equals_faiss_except_ties(data, resident):
     ids = np.arange(len(vectors), dtype=np.int64) * 3 + 1
     queries = unit(vectors[::40] + 0.05 * np.random.default_rng(2).standard_normal((500, 384)))
     index = TorchExactIndex(ids, vectors, "cuda", resident=resident, tile_rows=3001)
-    assert index.dtype == torch.float16
-    reference = faiss_flat(ids, vectors)
-    # float16-exact stored vectors (clustered, as the catalog's) are re-scored exactly; float32 ones within 1e-3
-    atol = 1e-5 if data == "clustered" else TIE
-    for k in (1, 10, 100):
-        assert_same_top_k(index.search(queries, k), reference.search(queries, k), atol=atol)
-    for threshold in (0.5, 0.9):
-        assert_same_ranges(index.range_search(queries, threshold), reference.range_search(queries, threshold),
-                           threshold, near=atol)
+    assert_float16_index_matches_faiss(index, ids, vectors, queries, data, ks=(1, 10, 100))
 
 
 @pytest.mark.gpu
