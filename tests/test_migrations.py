@@ -226,3 +226,38 @@ def test_a_0007_catalog_gains_a_library_identity_from_its_first_writer(tmp_path,
     if catalog_url is None:
         backup = sqlite3.connect(tmp_path / ".dinoseek/catalog.sqlite.bak-0007")
         assert "library" not in {name for (name,) in backup.execute("select name from sqlite_master")}
+
+
+def test_a_0008_library_keeps_its_index_checkpoints_through_revision_0009(tmp_path, tiny_folder, catalog_url):
+    """Revision 0009 records each checkpoint's generation and on-disk lists; a library indexed before
+    it (its catalog taken back to 0008, index files in place) opens with its checkpoints as they were,
+    generation 0 and no lists file, without a rebuild, and searches (on both backends)."""
+    from test_retrieval import make_library_photos
+
+    from dinoseek.indexer.catalog import IndexFileRow
+    from dinoseek.indexer.pipeline import Options, run_index
+    from dinoseek.model import Encoder
+
+    root = tmp_path / "photos"
+    make_library_photos(root)
+    with Library.open(root, url=catalog_url, write=True, create=True) as library:
+        run_index(library, Encoder.from_pretrained(tiny_folder, precision="fp32"), Options(workers=0))
+        with library.catalog.session() as session:
+            before = {r.kind: (r.factory, r.count, r.checksum) for r in session.query(IndexFileRow)}
+        with library.catalog.engine.begin() as connection:
+            config = migrate._config()
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0008")
+    files = {p.name: p.stat().st_mtime_ns for p in (root / ".dinoseek").glob("*.faiss")}
+    assert set(before) == {"cls", "patch"} and len(files) == 2
+    with Library.open(root, url=catalog_url, write=True) as library:
+        assert migrate.current_revision(library.catalog.engine) == "0009"
+        indexes = library.load_indexes()
+        with library.catalog.session() as session:
+            rows = {r.kind: r for r in session.query(IndexFileRow)}
+        assert {k: (r.factory, r.count, r.checksum) for k, r in rows.items()} == before  # not rebuilt
+        assert all(r.generation == 0 and r.lists_bytes is None and r.lists_checksum is None for r in rows.values())
+        _, vectors = library.catalog.vectors("cls")
+        scores, _ = indexes["cls"].search(vectors[:1], 1)
+        assert scores[0, 0] > 0.99  # an image finds itself
+    assert {p.name: p.stat().st_mtime_ns for p in (root / ".dinoseek").glob("*.faiss")} == files
