@@ -69,3 +69,9 @@ class RayUnavailableError(IndexerError):
 
 class RayClusterError(IndexerError):
     """The Ray cluster could not be reached, or a distributed run failed on it."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line for a one-line message (its type where it has no text)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

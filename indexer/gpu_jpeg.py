@@ -42,7 +42,7 @@ from PIL import Image
 from dinoseek.model.preprocess import RESIZE_SHORT, InputSpec, shortest_edge_size
 
 from .decode import MAX_ASPECT, MAX_PIXELS, exif_fields, open_header, read_file
-from .errors import IndexerError
+from .errors import IndexerError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def gpu_decode_problem(device: torch.device | str) -> str | None:
     try:
         decoder = nvjpeg_decoder(device)
     except Exception as e:
-        return (f"torchvision is not usable ({type(e).__name__}: {_first_line(e)}); "
+        return (f"torchvision is not usable ({type(e).__name__}: {first_line(e)}); "
                 f"install the build matching torch {torch.__version__}: pip install torchvision")
     buffer = io.BytesIO()
     Image.new("RGB", (16, 16), (200, 100, 50)).save(buffer, "JPEG")
@@ -232,7 +232,7 @@ def gpu_decode_problem(device: torch.device | str) -> str | None:
         if tuple(probe.shape) != (3, 16, 16):
             return f"torchvision's CUDA decode_jpeg returned shape {tuple(probe.shape)} for a 16x16 JPEG"
     except Exception as e:
-        return f"torchvision cannot decode JPEGs on {device} ({type(e).__name__}: {_first_line(e)})"
+        return f"torchvision cannot decode JPEGs on {device} ({type(e).__name__}: {first_line(e)})"
     return None
 
 
@@ -253,10 +253,6 @@ def jpeg_decoder_for(choice: str, device: torch.device | str | None) -> BatchDec
     log.debug("JPEGs decoded on the CPU: %s", problem)
     return None
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def quiet_header_warnings() -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dinoseek.model.files import sha256_file
+
 from . import ondisk
 from .build import CatalogSource, build_streamed
 from .catalog import KINDS, IndexFileRow
@@ -65,7 +67,7 @@ class IndexSet:
                                      checkpointed=True, size=record.lists_bytes, checksum=record.lists_checksum or "")
             problem = ondisk.lists_problem(ondisk.ondisk_lists(loaded), lists.path, record.generation,
                                            record.lists_bytes)
-            if problem is None and full_check and ondisk.file_sha256(lists.path) != record.lists_checksum:
+            if problem is None and full_check and sha256_file(lists.path) != record.lists_checksum:
                 problem = "sha256 differs from the checkpoint's"
             if problem is not None:
                 log.warning("%s: %s", lists.path.name, problem)
@@ -151,10 +153,11 @@ class IndexSet:
             if index.requested == "auto" and index.count < 2 * index.trained_on:
                 continue  # auto rebuilds (and retrains) only once the library has doubled since
             rebuilt = self._build(kind, self.record(kind))  # auto's choice (with its fallbacks), or the request
-            if rebuilt.factory != index.factory:
-                log.info("%s index: %d vectors, %s -> %s", kind, index.count, index.factory, rebuilt.factory)
-                self.loaded[kind] = rebuilt
-                self.save(kind)
+            # Kept even where auto fell back to the same factory: it is trained on the grown library
+            # (so the next run does not rebuild again), and its lists file must not be left unused.
+            log.info("%s index: %d vectors, %s -> %s", kind, index.count, index.factory, rebuilt.factory)
+            self.loaded[kind] = rebuilt
+            self.save(kind)
 
     def save(self, kind: str) -> None:
         """Checkpoint one index: a new file, then the catalog pointing to it, then old files removed."""

@@ -115,7 +115,8 @@ class CatalogLock:
             connection.execute(text("SELECT set_config('application_name', :name, false)"), {"name": name})
             connection.commit()  # the lock is the session's: it outlives this transaction
         except BaseException:
-            connection.close()
+            # Never back into the pool: its session may hold the lock (the pool only rolls back).
+            connection.invalidate()
             raise
         return cls(connection)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import logging
 import os
 import shutil
@@ -35,6 +34,8 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+
+from dinoseek.model.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -123,16 +124,8 @@ def checkpoint(ivf: faiss.IndexIVF, lists: ListsFile) -> None:
         f.flush()
         os.fsync(f.fileno())  # also writes back the pages faiss changed through its shared mapping
     lists.size = os.path.getsize(lists.path)
-    lists.checksum = file_sha256(lists.path)
+    lists.checksum = sha256_file(lists.path)
     lists.checkpointed = True
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def deserialize(data: bytes, *, skip_lists: bool) -> faiss.Index:

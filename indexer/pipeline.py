@@ -294,9 +294,7 @@ def _decoded(root: bytes, tasks: list[Task], encoder: Embedder, options: Options
     (retried next run) and a fresh pool decodes the rest.
     """
     args = (encoder.input_spec, moved)
-    decoder = options.jpeg_decoder
-    if decoder is None and options.decode != "cpu":
-        decoder = jpeg_decoder_for(options.decode, getattr(encoder, "device", None))
+    decoder = options.jpeg_decoder  # run_index chose it (`decode`)
     queue = collections.deque(tasks)
     lane = _JpegLane(root, queue, decoder, encoder.input_spec, moved, options) if decoder is not None else None
     try:

@@ -37,7 +37,7 @@ import numpy as np
 
 from dinoseek.model import InputSpec
 
-from .errors import ModelMismatchError, RayClusterError, RayUnavailableError
+from .errors import ModelMismatchError, RayClusterError, RayUnavailableError, first_line
 from .pipeline import Decoded, Embedded, Options, Result, Task, _decode_task
 
 __all__ = ["EncoderRecipe", "RayOptions", "connected", "ray_results", "require_ray"]
@@ -111,7 +111,9 @@ def connected(options: RayOptions) -> Iterator[None]:
         else:
             ray.init(address=options.address, **settings)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
+        with contextlib.suppress(Exception):  # whatever part of a local runtime did start
+            ray.shutdown()
         raise RayClusterError(f"could not start or reach the Ray cluster {options.address!r}: {reason}") from e
     try:
         _quiet_ray_data()
@@ -162,7 +164,7 @@ def ray_results(root: bytes, tasks: list[Task], recipe: EncoderRecipe, spec: Inp
     except ray.exceptions.RayError as e:
         # Retries spent (a file that kills every decoder, an actor that cannot start): one line;
         # what was committed stays, and the same command resumes after the cause is fixed.
-        raise RayClusterError(f"the Ray run failed: {_first_line(e)}") from e
+        raise RayClusterError(f"the Ray run failed: {_last_line(e)}") from e
 
 
 def _stages(ray, dataset, settings: RayOptions, options: Options, actors: int, actor_resources: dict, device: str,
@@ -235,7 +237,7 @@ class _EncodeBatch:
         return {"result": batch["result"], "embedded": decoded, "cls": cls_vecs, "patch": patch_vecs}
 
 
-def _first_line(error: BaseException) -> str:
+def _last_line(error: BaseException) -> str:
     """The last meaningful line of a Ray error (its message carries the remote traceback)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__

@@ -25,7 +25,7 @@ from dinoseek.model.files import FileTooLargeError, NotRegularFileError, open_re
 
 from . import ondisk, torch_search
 from .budget import exact_fits
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, first_line
 from .tuning import FLAT_LIMIT, PQ_FROM, TRAIN_PER_LIST
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ class VectorIndex:
                 return search(exact)
             except RuntimeError as e:
                 log.warning("exact search on %s failed, FAISS on the CPU takes over: %s", device,
-                            str(e).splitlines()[0])
+                            first_line(e))
                 self._torch = (self._torch[0], None)
                 return None
 
@@ -192,7 +192,7 @@ class VectorIndex:
                 vectors = self.index.index.reconstruct_n(0, self.count)
                 self._torch = (key, torch_search.TorchExactIndex(self.ids(), vectors, device))
             except RuntimeError as e:
-                log.warning("exact search stays on FAISS: no copy on %s: %s", device, str(e).splitlines()[0])
+                log.warning("exact search stays on FAISS: no copy on %s: %s", device, first_line(e))
                 self._torch = (key, None)
         return self._torch[1]
 

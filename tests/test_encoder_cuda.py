@@ -56,7 +56,7 @@ def eager(vit, x: torch.Tensor) -> torch.Tensor:
 def test_auto_compile_on_cpu_is_the_eager_model(tiny_folder):
     auto = Encoder.from_pretrained(tiny_folder, precision="fp32")
     off = Encoder.from_pretrained(tiny_folder, precision="fp32", compile=False)
-    assert auto.compiled is False
+    assert auto.compiled is False and auto._compiled_vit is None  # nothing compiled, nothing to fall back from
     x = preprocess(PHOTOS[:3])
     with torch.inference_mode():
         assert torch.equal(auto.hidden_states(x), auto.vit(x))
