@@ -1,7 +1,8 @@
-"""How much memory an exact (Flat) index may take: `auto` never picks one above this budget.
+"""How much memory an exact index may take: `auto` never picks one above this budget.
 
-An exact index holds every vector as float32 plus its id twice (IndexIDMap2's list and reverse
-map), ~1.6 KB per image at 384-d: 7.7 GB per kind at 5M. Whether that is fine depends on the
+An exact index holds every vector (float32 in a Flat index, float16 in auto's large exact index,
+SQfp16) plus its id twice (IndexIDMap2's list and reverse map): at 384-d ~1.6 KB per image in Flat,
+7.9 GB per kind at 5M, and ~0.8 KB in SQfp16, 4.1 GB. Whether that is fine depends on the
 machine, so the budget is derived from it: a quarter of the memory available when the index is built
 (each kind has its own index: both exact, they take half)
 (/proc/meminfo MemAvailable; the physical memory where that is unknown), or DINOSEEK_INDEX_MEMORY
@@ -49,11 +50,12 @@ def memory_budget() -> int:
     return int(available_bytes() * AVAILABLE_SHARE)
 
 
-def exact_index_bytes(count: int, dim: int) -> int:
-    """Resident size of an exact IndexIDMap2(Flat) of `count` vectors: float32 vectors, the id list
-    (8 B) and the reverse map (an unordered_map node and bucket, ~40 B)."""
-    return count * (4 * dim + 48)
+def exact_index_bytes(count: int, dim: int, value_bytes: int = 4) -> int:
+    """Resident size of an exact IndexIDMap2 of `count` vectors: the vectors (`value_bytes` per
+    value: 4 for Flat, 2 for SQfp16), the id list (8 B) and the reverse map (an unordered_map node
+    and bucket, ~40 B)."""
+    return count * (value_bytes * dim + 48)
 
 
-def exact_fits(count: int, dim: int, budget: int | None = None) -> bool:
-    return exact_index_bytes(count, dim) <= (memory_budget() if budget is None else budget)
+def exact_fits(count: int, dim: int, budget: int | None = None, value_bytes: int = 4) -> bool:
+    return exact_index_bytes(count, dim, value_bytes) <= (memory_budget() if budget is None else budget)

@@ -18,8 +18,8 @@ import numpy as np
 
 from . import ondisk
 from .budget import exact_fits, exact_index_bytes, memory_budget
-from .store import VectorIndex, _min_training, auto_factory, check_factory, training_sample
-from .tuning import (BUILD_BLOCK, FLAT_FALLBACK_MAX, MAX_PROBE_FRACTION, MIN_AUTO_RECALL, ONDISK_FROM, ONDISK_SHARD,
+from .store import VectorIndex, _min_training, auto_factory, check_factory, is_exact_index, training_sample
+from .tuning import (BUILD_BLOCK, EXACT_FALLBACK, FLAT_FALLBACK_MAX, MAX_PROBE_FRACTION, MIN_AUTO_RECALL, ONDISK_FROM, ONDISK_SHARD,
                      TARGET_RECALL, TUNE_QUERIES)
 
 log = logging.getLogger(__name__)
@@ -127,20 +127,29 @@ def tune_nprobe(index: VectorIndex, probe: Probe) -> tuple[int, float]:
 
 
 def _flat(source, requested: str) -> VectorIndex:
-    inner = faiss.IndexFlatIP(source.dim)
+    return _exact(faiss.IndexFlatIP(source.dim), "Flat", source, requested)
+
+
+def _exact(inner: faiss.IndexFlatCodes, factory: str, source, requested: str) -> VectorIndex:
+    """An exact index (Flat, or SQfp16: the catalog's float16 values as they are) filled by blocks."""
     # Reserve the whole array once (resize keeps the capacity when shrunk back): appended block by
     # block, std::vector doubling would copy it at each growth, twice the index at the last one.
     inner.codes.resize(source.count * inner.code_size)
     inner.codes.resize(0)
-    index = VectorIndex(faiss.IndexIDMap2(inner), "Flat", requested, None, source.count)
+    index = VectorIndex(faiss.IndexIDMap2(inner), factory, requested, None, source.count)
     for ids, vectors in source.blocks():
         index.add(ids, vectors)
     return index
 
 
-def _trial(factory: str, source, *, requested: str, lists_for, probe: Probe | None) -> tuple[VectorIndex, float]:
-    """(index, recall@10 or 1.0 for exact) of one factory, trained on a sample and filled by blocks."""
+def _trial(factory: str, source, *, requested: str, lists_for, probe: Probe | None,
+           centroids: np.ndarray | None = None) -> tuple[VectorIndex, float]:
+    """(index, recall@10 or 1.0 for exact) of one factory, trained on a sample and filled by blocks.
+    `centroids`: an earlier trial's IVF centroids for the same lists (the same k-means on the same
+    sample would give them again): the coarse quantizer starts from them instead of training."""
     inner = check_factory(factory, source.dim)
+    if centroids is not None and isinstance(inner, faiss.IndexIVF) and inner.nlist == len(centroids):
+        inner.quantizer.add(centroids)  # a quantizer holding nlist vectors is not trained again
     if not inner.is_trained:
         needed = _min_training(inner)
         if source.count < needed:
@@ -157,7 +166,9 @@ def _trial(factory: str, source, *, requested: str, lists_for, probe: Probe | No
         inner.train(np.ascontiguousarray(sample, dtype=np.float32))
         del sample
     if not isinstance(inner, faiss.IndexIVF):
-        return _flat(source, requested) if factory == "Flat" else _filled(inner, factory, source, requested), 1.0
+        if isinstance(inner, faiss.IndexFlatCodes) and is_exact_index(inner):
+            return _exact(inner, factory, source, requested), 1.0
+        return _filled(inner, factory, source, requested), 1.0
     index = VectorIndex(inner, factory, requested, None, source.count)
     if lists_for is not None and source.count >= ONDISK_FROM:
         index.lists = lists_for()
@@ -174,6 +185,11 @@ def _filled(inner: faiss.Index, factory: str, source, requested: str) -> VectorI
     for ids, vectors in source.blocks():
         index.add(ids, vectors)
     return index
+
+
+def _centroids(index: VectorIndex) -> np.ndarray:
+    quantizer = faiss.extract_index_ivf(index.inner).quantizer
+    return quantizer.reconstruct_n(0, quantizer.ntotal)
 
 
 def _discard(index: VectorIndex) -> None:
@@ -208,19 +224,23 @@ def _build_auto(source, *, requested: str, lists_for) -> VectorIndex:
     if ",PQ" in factory:
         sq8 = factory.split(",")[0] + ",SQ8"
         log.warning("%s reaches recall@10 %.2f only; auto tries %s", factory, recall, sq8)
+        centroids = _centroids(index)
         _discard(index)
         index = None  # released before the next trial is built
-        index, recall = _trial(sq8, source, requested=requested, lists_for=lists_for, probe=probe)
+        index, recall = _trial(sq8, source, requested=requested, lists_for=lists_for, probe=probe,
+                               centroids=centroids)
         if recall >= MIN_AUTO_RECALL:
             return index
     budget = memory_budget()
-    if count <= FLAT_FALLBACK_MAX and exact_fits(count, dim, budget):
+    if count <= FLAT_FALLBACK_MAX and exact_fits(count, dim, budget, value_bytes=2):
         # auto never trades away this much recall when exact search fits: slower but right.
-        log.warning("%s reaches recall@10 %.2f only; auto uses exact search instead", index.factory, recall)
+        log.warning("%s reaches recall@10 %.2f only; auto uses exact search (%s) instead", index.factory, recall,
+                    EXACT_FALLBACK)
         _discard(index)
         index = None
-        return _flat(source, requested)
+        return _exact(faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT),
+                      EXACT_FALLBACK, source, requested)
     log.warning("%s reaches recall@10 %.2f only; exact search would need %.1f GB, over the %.1f GB budget "
                 "(set DINOSEEK_INDEX_MEMORY to raise it): keeping %s", index.factory, recall,
-                exact_index_bytes(count, dim) / 1e9, budget / 1e9, index.factory)
+                exact_index_bytes(count, dim, value_bytes=2) / 1e9, budget / 1e9, index.factory)
     return index

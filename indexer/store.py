@@ -50,6 +50,13 @@ def auto_factory(count: int, dim: int) -> str:
     return f"IVF{nlist},PQ{m}x8"
 
 
+def is_exact_index(inner: faiss.Index) -> bool:
+    """Flat, or a scalar quantizer to float16: the catalog's vectors are float16, so SQfp16 keeps
+    them bit for bit and its search is exact."""
+    return isinstance(inner, faiss.IndexFlat) or (
+        isinstance(inner, faiss.IndexScalarQuantizer) and inner.sq.qtype == faiss.ScalarQuantizer.QT_fp16)
+
+
 @functools.cache
 def gpu_available() -> bool:
     """faiss-gpu with a CUDA device (asked once: search calls it on every query)."""
@@ -162,7 +169,7 @@ class VectorIndex:
         return self.index.search(queries, k, params=params)
 
     def _through_torch(self, search):
-        """search(the torch copy) for a Flat index where torch_search.search_device names a device
+        """search(the torch copy) for an exact index where torch_search.search_device names a device
         (CUDA without faiss-gpu), else None: the caller searches with FAISS. A copy that cannot be
         made or fails (out of GPU memory even in the smallest blocks) is logged once and dropped
         until the index changes: FAISS on the CPU answers meanwhile."""
@@ -182,7 +189,7 @@ class VectorIndex:
                 return None
 
     def _torch_exact(self, device):
-        """The torch copy of this Flat index's vectors on `device`, made on first need and remade
+        """The torch copy of this exact index's vectors on `device`, made on first need and remade
         when the index changed (version); None where it could not be made. Hold _gpu_lock."""
         key = (self.version, device)
         if self._torch is None or self._torch[0] != key:
@@ -213,9 +220,9 @@ class VectorIndex:
         return cached[1]
 
     def is_exact(self) -> bool:
-        """Whether the index stores the vectors themselves (Flat): it then holds a float32 copy of
-        every stored vector that `reconstruct` returns exactly."""
-        return isinstance(self.inner, faiss.IndexFlat)
+        """Whether the index stores the vectors themselves (Flat, SQfp16): `reconstruct` then returns
+        every stored vector exactly as the catalog holds it."""
+        return is_exact_index(self.inner)
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """(n, dim) float32: the stored vectors of `ids`, which must all be in the index."""

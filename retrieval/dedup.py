@@ -205,7 +205,7 @@ def groups_from_links(library: Library, linked: list[tuple[list[int], float]],
 def score_margin(index: VectorIndex | TorchExactIndex) -> float:
     """How far below the threshold to look for candidates in `index`, by how far its scores can be off.
 
-    Flat and IVF-Flat hold the catalog's float16 vectors as they are, not re-normalised: each norm is
+    Flat, SQfp16 and IVF-Flat hold the catalog's float16 vectors as they are, not re-normalised: each norm is
     off by up to 2^-11 (float16 rounding), so their inner product can fall ~1e-3 below the exact
     cosine and a pair just above the threshold would be missed: 0.002. SQ8 errs by ~0.002 on unit
     vectors (measured, 128 and 384 dimensions): 0.01. PQ and RaBitQ err by up to ~0.1 on clustered
@@ -217,10 +217,10 @@ def score_margin(index: VectorIndex | TorchExactIndex) -> float:
     if isinstance(index, TorchExactIndex):
         return FLAT_MARGIN
     inner = index.inner
+    if index.is_exact() or isinstance(inner, faiss.IndexIVFFlat):
+        return FLAT_MARGIN
     if isinstance(inner, (faiss.IndexScalarQuantizer, faiss.IndexIVFScalarQuantizer)):
         return SQ_MARGIN
-    if isinstance(inner, (faiss.IndexFlat, faiss.IndexIVFFlat)):
-        return FLAT_MARGIN
     return PQ_MARGIN
 
 

@@ -225,10 +225,10 @@ def test_auto_falls_back_to_exact_only_within_the_memory_budget(tmp_path, large,
     make_library(tmp_path, uniform(N))  # random vectors: no IVF index reaches the recall auto wants
     monkeypatch.setenv(budget.ENV, "1G")
     with caplog.at_level(logging.WARNING), Library.open(tmp_path, write=True) as library:
-        assert library.load_indexes()["cls"].factory == "Flat"
+        assert library.load_indexes()["cls"].factory == "SQfp16"
     assert ",PQ8x8 reaches recall@10" in caplog.text and "auto tries IVF" in caplog.text  # PQ, then SQ8, then exact
     caplog.clear()
-    monkeypatch.setenv(budget.ENV, "100K")  # an exact index of 3000 x 32 needs 528 kB
+    monkeypatch.setenv(budget.ENV, "100K")  # an exact float16 index of 3000 x 32 needs 336 kB
     with caplog.at_level(logging.WARNING), Library.open(tmp_path, write=True, index_choice="auto") as library:
         library.index_set.loaded.clear()
         for path in (tmp_path / ".dinoseek").glob("*.faiss"):
@@ -250,6 +250,41 @@ def test_budget_is_read_from_the_environment_or_the_machine(monkeypatch):
     with pytest.raises(InvalidArgumentError, match="DINOSEEK_INDEX_MEMORY must be a size like 4G"):
         budget.memory_budget()
     assert budget.exact_index_bytes(5_000_000, 384) / 1e9 == pytest.approx(7.92, abs=0.01)
+    assert budget.exact_index_bytes(5_000_000, 384, value_bytes=2) / 1e9 == pytest.approx(4.08, abs=0.01)
+
+
+def test_the_exact_fallback_keeps_the_catalog_values_in_half_the_memory(tmp_path, large, monkeypatch):
+    """auto's exact fallback (SQfp16) finds what Flat finds, scores, ties and all, and stores
+    every float16 catalog value bit for bit, in half of Flat's bytes; dedup treats it as exact."""
+    from dinoseek.retrieval.dedup import FLAT_MARGIN, score_margin
+
+    monkeypatch.setattr(store, "PQ_FROM", 1000)
+    vectors = uniform(N)
+    make_library(tmp_path, vectors)
+    with Library.open(tmp_path, write=True) as library:
+        fallback = library.load_indexes()["cls"]
+    ids = np.arange(1, N + 1)  # catalog row ids, in insertion order
+    flat = store.build_index("Flat", DIM, vectors, ids, requested="Flat")
+    assert fallback.factory == "SQfp16" and fallback.is_exact() and fallback.count == N
+    assert fallback.inner.code_size * 2 == flat.inner.code_size
+    assert np.array_equal(fallback.reconstruct(ids[::7]), vectors[::7])
+    queries = uniform(40, seed=9)
+    for (d1, i1), (d2, i2) in [(flat.search(queries, 10), fallback.search(queries, 10)),
+                               (flat.search_subset(queries, 5, ids[::3]), fallback.search_subset(queries, 5, ids[::3]))]:
+        assert np.array_equal(i1, i2) and np.allclose(d1, d2, atol=1e-6)
+    assert score_margin(fallback) == FLAT_MARGIN
+
+
+def test_a_second_ivf_trial_starts_from_the_first_ones_centroids(large):
+    """auto's IVF-SQ8 trial after a failed IVF-PQ one reuses its coarse quantizer (same lists, same
+    sample: k-means would find the same centroids) instead of training it again."""
+    source = build.ArraySource(np.arange(N), clustered(N), DIM)
+    centroids = uniform(16, seed=3)  # not what k-means would find: proves they are taken as given
+    index, recall = build._trial("IVF16,SQ8", source, requested="auto", lists_for=None, probe=None,
+                                 centroids=centroids)
+    assert np.array_equal(build._centroids(index), centroids) and index.count == N and recall > 0
+    fresh, _ = build._trial("IVF16,SQ8", source, requested="auto", lists_for=None, probe=None)
+    assert not np.array_equal(build._centroids(fresh), centroids)
 
 
 def test_a_rebuild_after_changes_never_reuses_the_open_lists_file(on_disk_library):
