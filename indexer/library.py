@@ -94,7 +94,8 @@ class Library:
         """Open (or with create=True, make) the library of photo folder `root`.
 
         write=True takes the writer lock (a second writer gets LibraryLockedError); readers never
-        block. Pending migrations are applied; temp files of a killed writer are removed.
+        block. create=True implies write=True: making a library (and upgrading or adopting its
+        catalog) is writing, and must not race a writer. Pending migrations are applied; temp files of a killed writer are removed.
         `index_choice` is --index: "auto" or a FAISS factory string the indexes are rebuilt with (None: as recorded).
 
         A catalog that is not a regular SQLite file, fails SQLite's quick check (writers), or is
@@ -104,6 +105,7 @@ class Library:
         """
         root = Path(root).expanduser().resolve()  # "~/Pictures" from Python as from a shell
         folder = Path(folder).expanduser().resolve() if folder else root / DEFAULT_FOLDER
+        write = write or create
         catalog_file = None if url else folder / CATALOG_NAME
         if create:
             check_placement(root, folder)
@@ -116,16 +118,16 @@ class Library:
             folder.mkdir(parents=True, exist_ok=True)
             made = (new_folders, frozenset(os.listdir(folder)))
         writable = os.access(folder, os.W_OK)
-        if (write or create) and not writable:
+        if write and not writable:
             raise LibraryError(f"{folder} is read-only: indexing, applying dedup plans, undo and repair need to write "
                                f"there (reading, searching, dedup plans and verifying work)")
         lock = WriterLock.take(folder) if write else None
         catalog = catalog_lock = None
         try:
-            catalog = _open_catalog(url, catalog_file, writable=writable, check=write or create)
+            catalog = _open_catalog(url, catalog_file, writable=writable, check=write)
             # Before any migration: two machines must not upgrade one PostgreSQL catalog at once.
             catalog_lock = CatalogLock.take(catalog.engine) if write else None
-            if write or create:
+            if write:
                 migrate.upgrade(catalog.engine, catalog_file)
                 remove_temp_files(folder)
                 catalog.close_interrupted_runs()
@@ -133,7 +135,7 @@ class Library:
                 raise NeedsUpgradeError(f"the catalog in {folder} was made by an older dinoseek and needs an upgrade, "
                                         f"which only a writer applies (it keeps a backup)", root)
             where = catalog_file or catalog.engine.url.render_as_string(hide_password=True)
-            library_id = check_identity(catalog, folder, root, may_write=write or create, where=str(where),
+            library_id = check_identity(catalog, folder, root, may_write=write, where=str(where),
                                         catalog_in_folder=catalog_file is not None)
         except BaseException:
             if catalog_lock is not None:

@@ -21,9 +21,11 @@ def test_a_second_writer_of_one_postgresql_catalog_is_refused_naming_the_first(t
     with Library.open(first_root, url=postgres_url, write=True, create=True):
         with pytest.raises(LibraryLockedError, match=rf"being written by dinoseek writer pid {os.getpid()} on "):
             Library.open(second_root, url=postgres_url, write=True, create=True)
-        with Library.open(second_root, url=postgres_url, create=True) as reader:  # readers never wait
+        with Library.open(first_root, url=postgres_url) as reader:  # readers never wait
             assert reader.info()["total"] == 0
-    with Library.open(second_root, url=postgres_url, write=True):  # released on close
+        with pytest.raises(LibraryLockedError):  # making a library is writing: create=True waits its turn
+            Library.open(second_root, url=postgres_url, create=True)
+    with Library.open(second_root, url=postgres_url, write=True, create=True):  # released on close
         pass
 
 
