@@ -168,13 +168,19 @@ def test_a_killed_encoder_worker_has_its_batch_retried(tmp_path, tiny_folder):
         actor = wait_for(lambda: next(iter(processes_of(driver.pid, "_EncodeBatch")), None), driver, "encoder actor")
         wait_for(lambda: embedded_rows(root) >= 4 or None, driver, "a first committed batch")
         started = descendants(driver.pid)
+        before = set(processes_of(driver.pid, "_EncodeBatch"))
         os.kill(actor, signal.SIGKILL)
         killed_at = embedded_rows(root)
+        # Ray restarts the actor: a new encoder process (an actor starts in seconds, the rest of the
+        # run takes longer, so it is seen before the driver ends).
+        restarted = wait_for(lambda: next(iter(set(processes_of(driver.pid, "_EncodeBatch")) - before), None),
+                             driver, "a restarted encoder actor")
         output = driver.communicate(timeout=240)[0].decode(errors="replace")
     finally:
         stop_tree(driver, started)
     assert driver.returncode == 0, output[-3000:]
     assert killed_at < len(embedded), "the run ended before the kill: nothing was tested"
+    assert restarted != actor and not alive(actor)
     assert f"{len(embedded)} embedded" in output
     assert_complete(root, embedded)
 
