@@ -243,7 +243,7 @@ _SUPPORTED_INDEXES = tuple(
         "IndexIVFPQ", "IndexIVFPQFastScan", "IndexIVFRaBitQ",
     ) if hasattr(faiss, name)
 )
-_SUPPORTED_HINT = "use auto, Flat, SQ8, or IVF<n>,Flat / IVF<n>,SQ8 / IVF<n>,PQ<m>"
+_SUPPORTED_HINT = "use auto, Flat, SQfp16, SQ8, or IVF<n>,Flat / IVF<n>,SQ8 / IVF<n>,PQ<m>"
 
 
 def check_factory(factory: str, dim: int) -> faiss.Index:
