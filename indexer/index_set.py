@@ -74,7 +74,8 @@ class IndexSet:
                 return None
             # Read-only even for writers: the first change moves to a copy (VectorIndex._before_write).
             ondisk.open_lists(loaded, lists.path, writable=False)
-        return VectorIndex(loaded, record.factory, record.requested, record.nprobe, record.trained_on, lists=lists)
+        return VectorIndex(loaded, record.factory, record.requested, record.nprobe, record.trained_on, lists=lists,
+                           saved_version=0)
 
     def read_files(self) -> dict[str, tuple[IndexFileRow | None, VectorIndex | None]]:
         """kind -> (record, its file as it is on disk or None): for checks, nothing repaired."""
@@ -159,6 +160,18 @@ class IndexSet:
             self.loaded[kind] = rebuilt
             self.save(kind)
 
+    def checkpoint(self, *, periodic: bool = False) -> None:
+        """Save every loaded index that changed since the catalog's record of it.
+
+        `periodic` (the timer during an index run) leaves out indexes whose lists are on disk: their
+        checkpoint hashes the whole lists file and the next change copies it (indexer.ondisk), GBs
+        a minute for a large library. They are saved at the run's end; after a kill the recorded
+        generation is reconciled with the rows committed since, which the catalog holds."""
+        for kind, index in self.loaded.items():
+            if index.saved_version == index.version or (periodic and index.lists is not None):
+                continue
+            self.save(kind)
+
     def save(self, kind: str) -> None:
         """Checkpoint one index: a new file, then the catalog pointing to it, then old files removed."""
         if not self.writable:
@@ -176,6 +189,7 @@ class IndexSet:
                                        trained_on=index.trained_on, generation=generation,
                                        lists_bytes=lists.size if lists else None,
                                        lists_checksum=lists.checksum if lists else None)
+        index.saved_version = index.version
         for old in self.folder.glob(f"{kind}.*.faiss"):
             if old != path:
                 old.unlink(missing_ok=True)

@@ -199,7 +199,7 @@ def _run(library: Library, encoder: Embedder, options: Options,
         library.delete_rows(ids)
         counts["deleted"] = len(ids)
         library.index_set.rebuild_if_outgrown()
-        _save_indexes(library)
+        library.index_set.checkpoint()
         _finish(library, run_id, "finished", counts)
     except KeyboardInterrupt as e:
         _finish(library, run_id, "failed", counts)
@@ -247,7 +247,7 @@ def _execute(plan: Plan, root: bytes, library: Library, encoder: Embedder, optio
                 on_progress(reported)
             if time.monotonic() - last_checkpoint > options.checkpoint_seconds:
                 writer.flush()
-                _save_indexes(library)
+                library.index_set.checkpoint(periodic=True)
                 last_checkpoint = time.monotonic()
     return set(plan.moved_from.values()) - set(moved_from.values())
 
@@ -265,11 +265,6 @@ def _match_move(result: Moved, returned: Mapping[bytes, str], moved_from: dict[s
         return False
     writer.move(old_path, rel, result.meta)
     return True
-
-
-def _save_indexes(library: Library) -> None:
-    for index_kind in library.indexes:
-        library.index_set.save(index_kind)
 
 
 def retry_statuses() -> frozenset[str]:

@@ -77,6 +77,7 @@ class VectorIndex:
     nprobe: int | None
     trained_on: int
     version: int = 0  # bumped on every add/remove, so a GPU copy is refreshed when stale
+    saved_version: int | None = None  # the version the catalog's record holds (None: never saved)
     lists: ondisk.ListsFile | None = None  # the IVF lists file, for an index whose lists live on disk
     # (version, GPU index or this index, GPU resources): the copy searches use, made on first need.
     _gpu: tuple | None = field(default=None, init=False, repr=False, compare=False)

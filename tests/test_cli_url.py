@@ -111,3 +111,40 @@ def test_each_command_names_a_missing_library_folder_with_a_url(tmp_path, postgr
     else:
         assert result.exit_code == 1 and len(result.output.splitlines()) == 1, result.output
         assert result.output.startswith("Error: no library at") and "Traceback" not in result.output
+
+
+def test_serve_with_a_url_answers_from_the_postgresql_catalog(tmp_path, tiny_folder, postgres_url):
+    """`dinoseek serve --url`, as a user starts it: the page's API reads the PostgreSQL catalog (and
+    the FAISS files in the library folder), and Ctrl-C stops it."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+    from dinoseek.retrieval.api import open_library
+
+    root = tmp_path / "photos"
+    make_library_photos(root)
+    model = ("--weights", tiny_folder, "--precision", "fp32")
+    ok("index", root, "--url", postgres_url, *model, "--workers", 0)
+    server = subprocess.Popen([sys.executable, "-m", "dinoseek.retrieval.cli", "serve", str(root), "--url", postgres_url,
+                               "--port", "0", *map(str, model)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "DINOSEEK_PROGRESS": "off"})
+    try:
+        first = server.stdout.readline()
+        found = re.search(r"http://127\.0\.0\.1:\d+", first)
+        assert found, first + server.stdout.read()
+        base = found.group(0)
+        info = httpx.get(f"{base}/api/info", timeout=30).json()
+        assert info["total"] == 11 and info["counts"]["embedded"] == 11
+        with open_library(root, url=postgres_url) as lib:
+            row = lib.search(lib.row_vector(1, "cls")[1], k=3)
+        hits = httpx.get(f"{base}/api/search", params={"id": 1, "k": 3}, timeout=30).json()["hits"]
+        assert [(h["id"], h["path"]) for h in hits] == [(h.id, h.path) for h in row] and len(hits) == 3
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0 and "stopped" in server.stdout.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()

@@ -296,3 +296,37 @@ def test_a_rebuild_after_changes_never_reuses_the_open_lists_file(on_disk_librar
         rebuilt = writer.index_set._build("cls", writer.index_set.record("cls"))
         assert rebuilt.lists.generation == 3 and rebuilt.count == N
         assert index.count == N - 1 and 1 not in set(index.ids().tolist())  # the open one is intact
+
+
+def test_periodic_checkpoints_leave_on_disk_lists_and_unchanged_indexes_alone(on_disk_library, monkeypatch):
+    """The timer's checkpoint during a run skips on-disk indexes (hashing and then copying the lists
+    file each minute) and rewrites no unchanged index; the run's last checkpoint saves what changed,
+    and a run killed before it is made whole from the catalog on the next open."""
+    root, vectors = on_disk_library
+    more = clustered(200, seed=4)
+    with Library.open(root, write=True) as writer:
+        indexes = writer.load_indexes()
+        record = writer.index_set.record("cls")
+        files = {p.name: p.stat().st_ino for p in (root / ".dinoseek").glob("*.faiss")}
+        lists_checkpoints, original = [], store.ondisk.checkpoint
+        monkeypatch.setattr(store.ondisk, "checkpoint", lambda *a: lists_checkpoints.append(a) or original(*a))
+        with writer.catalog.engine.begin() as connection:  # a batch the run commits...
+            connection.execute(insert(ImageRow), [
+                {"path": b"new%d.jpg" % i, "path_sha256": path_digest(b"new%d.jpg" % i), "path_text": f"new{i}.jpg",
+                 "folder": "", "size": 1, "mtime_ns": 0, "sha256": f"{N + i:064x}", "status": EMBEDDED,
+                 "cls": more[i].astype(np.float16).tobytes(), "patch": more[i].astype(np.float16).tobytes()}
+                for i in range(len(more))])
+        new_ids = np.arange(N + 1, N + 1 + len(more))
+        indexes["cls"].add(new_ids, more)  # ...and adds to one kind's index
+        writer.index_set.checkpoint(periodic=True)
+        after = writer.index_set.record("cls")
+        assert not lists_checkpoints and (after.checksum, after.generation) == (record.checksum, record.generation)
+        assert {p.name: p.stat().st_ino for p in (root / ".dinoseek").glob("*.faiss")} == files
+        # killed here: the recorded generation is intact, the catalog has the new rows
+    with Library.open(root, write=True) as writer:
+        index = writer.load_indexes()["cls"]
+        assert index.count == N + len(more) and index.lists.generation > record.generation
+        saved = {p.name: p.stat().st_ino for p in (root / ".dinoseek").glob("*.faiss")}
+        writer.index_set.checkpoint()  # both reconciled and saved on load: nothing left to write
+        assert {p.name: p.stat().st_ino for p in (root / ".dinoseek").glob("*.faiss")} == saved
+    assert self_found(index, np.concatenate([vectors, more]), new_ids) > 0.9
