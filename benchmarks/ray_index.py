@@ -97,7 +97,7 @@ def main() -> None:
     from encoder import reference_model  # benchmarks/encoder.py
     from index import make_collection  # benchmarks/index.py
 
-    from dinoseek.indexer.ray_executor import CPU_ACTOR_THREADS
+    from dinoseek.indexer.ray_executor import RayOptions, _actor_plan
     from dinoseek.model.preprocess import InputSpec
 
     with tempfile.TemporaryDirectory(prefix="ray-bench") as tmp:
@@ -125,14 +125,14 @@ def main() -> None:
         print(f"Ray overhead: {100 * (run['ray'] / run['local'] - 1):+.0f}% on the run, "
               f"{100 * (wall['ray'] / wall['local'] - 1):+.0f}% on the wall (goal on one node: <= +15%)")
 
-        actor_threads = max(1, min(CPU_ACTOR_THREADS, args.cpus // 2))
+        actors, reserved, _, actor_threads = _actor_plan(RayOptions("local"), {"CPU": args.cpus})
         decode = per_core_decode_rate(paths, InputSpec("crop", 224))
         actor = per_actor_rate(tmp / "weights", actor_threads, args.batch)
         print()
         print(f"measured here: decoding {decode:.1f} 12 MP JPEGs/s per core; one CPU encoder actor "
-              f"({actor_threads} thread(s), batch {args.batch}, fp32) {actor:.1f} images/s")
-        cpu_node = min(actor, (args.cpus - actor_threads) * decode)
-        print(f"this machine on Ray ({args.cpus} CPUs: 1 CPU actor, the rest decoding): at most "
+              f"({actor_threads} thread(s), batch {args.batch}, fp32) {actor:.1f} images/s alone")
+        cpu_node = min(actors * actor, (args.cpus - actors * reserved["num_cpus"]) * decode)
+        print(f"this machine on Ray ({args.cpus} CPUs: {actors} CPU actor(s), the rest decoding): at most "
               f"{cpu_node * 3600:,.0f} images/hour")
         decoders = args.gpu_node_cores - args.gpus_per_node  # one CPU per GPU actor
         gpu_decode, gpu_embed = decoders * decode, args.gpus_per_node * H200_VITS_FP16

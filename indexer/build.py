@@ -19,8 +19,8 @@ import numpy as np
 from . import ondisk
 from .budget import exact_fits, exact_index_bytes, memory_budget
 from .store import VectorIndex, _min_training, auto_factory, check_factory, is_exact_index, training_sample
-from .tuning import (BUILD_BLOCK, EXACT_FALLBACK, FLAT_FALLBACK_MAX, MAX_PROBE_FRACTION, MIN_AUTO_RECALL, ONDISK_FROM, ONDISK_SHARD,
-                     TARGET_RECALL, TUNE_QUERIES)
+from .tuning import (BUILD_BLOCK, EXACT_FALLBACK, FLAT_FALLBACK_MAX, MAX_PROBE_FRACTION, MIN_AUTO_RECALL,
+                     ONDISK_FROM, ONDISK_SHARD, TARGET_RECALL, TUNE_QUERIES)
 
 log = logging.getLogger(__name__)
 

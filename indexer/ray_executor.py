@@ -51,7 +51,11 @@ MAX_DECODE_RETRIES = 3
 # A batch whose encoder actor dies is retried on the restarted actor this many times. The actor
 # itself is restarted without limit (Ray Data's default): on a long run, nodes come and go.
 MAX_BATCH_RETRIES = 3
-# CPU actors: at most this many torch threads each; half the cluster's CPUs embed, half decode.
+# CPU actors: each reserves at most this many CPUs; half the cluster's CPUs are reserved for
+# embedding, half for decoding. An actor runs twice its reservation in torch threads: decoding and
+# embedding take turns on a core (as the local pipeline's encoder uses every core beside its decode
+# workers), and a 1-thread actor on a 2-core machine left the other core idle whenever decoding
+# kept up.
 CPU_ACTOR_THREADS = 4
 
 
@@ -144,7 +148,7 @@ def ray_results(root: bytes, tasks: list[Task], recipe: EncoderRecipe, spec: Inp
 
     settings = options.ray
     assert settings is not None, "ray_results runs a Ray run's tasks"
-    actors, actor_resources, device = _actor_plan(settings, ray.cluster_resources())
+    actors, actor_resources, device, threads = _actor_plan(settings, ray.cluster_resources())
     log.info("embedding on Ray: %d encoder actor(s) on %s", actors, device)
     items = [{"task": pickle.dumps(task)} for task in tasks]  # bytes paths: pickled, never re-encoded
     blocks = max(1, -(-len(items) // settings.decode_batch))
@@ -153,8 +157,8 @@ def ray_results(root: bytes, tasks: list[Task], recipe: EncoderRecipe, spec: Inp
         # Retry limits are remote args, which recent Ray deprecates with no replacement yet (its
         # own actor pool still documents `map_batches(..., max_restarts=...)`); Ray >= 2.9 takes them.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        dataset = _stages(ray, dataset, settings, options, actors, actor_resources, device, root, spec, moved,
-                          recipe)
+        dataset = _stages(ray, dataset, settings, options, actors, actor_resources, device, threads, root, spec,
+                          moved, recipe)
     try:
         for batch in dataset.iter_batches(batch_format="numpy", batch_size=None):
             for blob, embedded, cls_vec, patch_vec in zip(batch["result"], batch["embedded"], batch["cls"],
@@ -168,28 +172,27 @@ def ray_results(root: bytes, tasks: list[Task], recipe: EncoderRecipe, spec: Inp
 
 
 def _stages(ray, dataset, settings: RayOptions, options: Options, actors: int, actor_resources: dict, device: str,
-            root: bytes, spec: InputSpec, moved: frozenset[str], recipe: EncoderRecipe):
+            threads: int, root: bytes, spec: InputSpec, moved: frozenset[str], recipe: EncoderRecipe):
     """decode (CPU tasks) -> embed (the actor pool), lazily: nothing runs until iterated."""
     dataset = dataset.map_batches(_decode_batch, batch_size=settings.decode_batch, batch_format="numpy",
                                   fn_kwargs=dict(root=root, spec=spec, moved=moved),
                                   num_cpus=1, max_retries=MAX_DECODE_RETRIES)
     return dataset.map_batches(_EncodeBatch, batch_size=options.batch_size, batch_format="numpy",
-                               fn_constructor_kwargs=dict(recipe=recipe, device=device,
-                                                          threads=int(actor_resources.get("num_cpus", 1))),
+                               fn_constructor_kwargs=dict(recipe=recipe, device=device, threads=threads),
                                compute=ray.data.ActorPoolStrategy(min_size=actors, max_size=actors),
                                max_restarts=-1, max_task_retries=MAX_BATCH_RETRIES, **actor_resources)
 
 
-def _actor_plan(settings: RayOptions, resources: dict) -> tuple[int, dict, str]:
-    """(how many encoder actors, the resources of each, their torch device)."""
+def _actor_plan(settings: RayOptions, resources: dict) -> tuple[int, dict, str, int]:
+    """(how many encoder actors, the resources each reserves, their torch device, their CPU threads)."""
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
     if gpus:
-        return settings.actors or gpus, {"num_gpus": 1, "num_cpus": 1}, "cuda"
-    # No GPU: half of the CPUs embed, in actors of up to CPU_ACTOR_THREADS threads (torch scales
-    # poorly past a few threads on small batches); the other half decodes.
+        return settings.actors or gpus, {"num_gpus": 1, "num_cpus": 1}, "cuda", 1
+    # No GPU: half of the CPUs are reserved for embedding, in actors of up to CPU_ACTOR_THREADS
+    # (torch scales poorly past a few threads on small batches); the other half decodes.
     actors = settings.actors or max(1, cpus // (2 * CPU_ACTOR_THREADS))
-    threads = max(1, min(CPU_ACTOR_THREADS, cpus // (2 * actors)))
-    return actors, {"num_cpus": threads}, "cpu"
+    reserved = max(1, min(CPU_ACTOR_THREADS, cpus // (2 * actors)))
+    return actors, {"num_cpus": reserved}, "cpu", 2 * reserved
 
 
 def _from_items(data, items: list[dict], blocks: int):
@@ -222,7 +225,7 @@ class _EncodeBatch:
         if device == "cpu":
             import torch
 
-            torch.set_num_threads(threads)  # the CPUs Ray reserved for this actor, no more
+            torch.set_num_threads(threads)  # twice the CPUs Ray reserved for it (see _actor_plan)
         self.encoder = recipe.build(device)
         log.info("encoder actor ready (pid %d, %s)", os.getpid(), device)
 

@@ -128,8 +128,8 @@ def test_serve_with_a_url_answers_from_the_postgresql_catalog(tmp_path, tiny_fol
     make_library_photos(root)
     model = ("--weights", tiny_folder, "--precision", "fp32")
     ok("index", root, "--url", postgres_url, *model, "--workers", 0)
-    server = subprocess.Popen([sys.executable, "-m", "dinoseek.retrieval.cli", "serve", str(root), "--url", postgres_url,
-                               "--port", "0", *map(str, model)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    command = [sys.executable, "-m", "dinoseek.retrieval.cli", "serve", str(root), "--url", postgres_url, "--port", "0"]
+    server = subprocess.Popen([*command, *map(str, model)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "DINOSEEK_PROGRESS": "off"})
     try:
         first = server.stdout.readline()
