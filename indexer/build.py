@@ -19,8 +19,8 @@ import numpy as np
 from . import ondisk
 from .budget import exact_fits, exact_index_bytes, memory_budget
 from .store import VectorIndex, _min_training, auto_factory, check_factory, is_exact_index, training_sample
-from .tuning import (BUILD_BLOCK, EXACT_FALLBACK, FLAT_FALLBACK_MAX, MAX_PROBE_FRACTION, MIN_AUTO_RECALL,
-                     ONDISK_FROM, ONDISK_SHARD, TARGET_RECALL, TUNE_QUERIES)
+from .tuning import (BUILD_BLOCK, EXACT_FALLBACK, EXACT_PAIRS_MAX, FLAT_FALLBACK_MAX, MAX_PROBE_FRACTION,
+                     MIN_AUTO_RECALL, ONDISK_FROM, ONDISK_SHARD, TARGET_RECALL, TUNE_QUERIES)
 
 log = logging.getLogger(__name__)
 
@@ -232,15 +232,15 @@ def _build_auto(source, *, requested: str, lists_for) -> VectorIndex:
         if recall >= MIN_AUTO_RECALL:
             return index
     budget = memory_budget()
-    if count <= FLAT_FALLBACK_MAX and exact_fits(count, dim, budget, value_bytes=2):
+    exact = "Flat" if count <= EXACT_PAIRS_MAX else EXACT_FALLBACK
+    value_bytes = 4 if exact == "Flat" else 2
+    if count <= FLAT_FALLBACK_MAX and exact_fits(count, dim, budget, value_bytes):
         # auto never trades away this much recall when exact search fits: slower but right.
-        log.warning("%s reaches recall@10 %.2f only; auto uses exact search (%s) instead", index.factory, recall,
-                    EXACT_FALLBACK)
+        log.warning("%s reaches recall@10 %.2f only; auto uses exact search (%s) instead", index.factory, recall, exact)
         _discard(index)
         index = None
-        return _exact(faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT),
-                      EXACT_FALLBACK, source, requested)
+        return _exact(check_factory(exact, dim), exact, source, requested)
     log.warning("%s reaches recall@10 %.2f only; exact search would need %.1f GB, over the %.1f GB budget "
                 "(set DINOSEEK_INDEX_MEMORY to raise it): keeping %s", index.factory, recall,
-                exact_index_bytes(count, dim, value_bytes=2) / 1e9, budget / 1e9, index.factory)
+                exact_index_bytes(count, dim, value_bytes) / 1e9, budget / 1e9, index.factory)
     return index

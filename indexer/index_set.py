@@ -64,7 +64,8 @@ class IndexSet:
         lists = None
         if on_disk:
             lists = ondisk.ListsFile(ondisk.lists_path(self.folder, kind, record.generation), record.generation,
-                                     checkpointed=True, size=record.lists_bytes, checksum=record.lists_checksum or "")
+                                     checkpointed=True, size=record.lists_bytes, checksum=record.lists_checksum or "",
+                                     read_only=not self.writable)
             problem = ondisk.lists_problem(ondisk.ondisk_lists(loaded), lists.path, record.generation,
                                            record.lists_bytes)
             if problem is None and full_check and sha256_file(lists.path) != record.lists_checksum:

@@ -53,6 +53,7 @@ class ListsFile:
     checkpointed: bool
     size: int = 0  # bytes on disk with the trailer, once checkpointed
     checksum: str = ""  # sha256 of the file with the trailer, once checkpointed
+    read_only: bool = False  # opened by a reader: never copied either (see indexer.reader_changes)
 
 
 def lists_path(folder: Path, kind: str, generation: int) -> Path:

@@ -52,10 +52,10 @@ MAX_DECODE_RETRIES = 3
 # itself is restarted without limit (Ray Data's default): on a long run, nodes come and go.
 MAX_BATCH_RETRIES = 3
 # CPU actors: each reserves at most this many CPUs; half the cluster's CPUs are reserved for
-# embedding, half for decoding. An actor runs twice its reservation in torch threads: decoding and
-# embedding take turns on a core (as the local pipeline's encoder uses every core beside its decode
-# workers), and a 1-thread actor on a 2-core machine left the other core idle whenever decoding
-# kept up.
+# embedding, half for decoding. An actor that reserves a single CPU runs 2 torch threads: on a
+# 2-core machine a 1-thread actor left the other core idle whenever decoding kept up (as the local
+# pipeline's encoder uses every core beside its decode worker). Larger actors keep their count:
+# oversubscribing many cores is unmeasured.
 CPU_ACTOR_THREADS = 4
 
 
@@ -192,7 +192,7 @@ def _actor_plan(settings: RayOptions, resources: dict) -> tuple[int, dict, str, 
     # (torch scales poorly past a few threads on small batches); the other half decodes.
     actors = settings.actors or max(1, cpus // (2 * CPU_ACTOR_THREADS))
     reserved = max(1, min(CPU_ACTOR_THREADS, cpus // (2 * actors)))
-    return actors, {"num_cpus": reserved}, "cpu", 2 * reserved
+    return actors, {"num_cpus": reserved}, "cpu", 2 if reserved == 1 else reserved
 
 
 def _from_items(data, items: list[dict], blocks: int):
@@ -225,7 +225,7 @@ class _EncodeBatch:
         if device == "cpu":
             import torch
 
-            torch.set_num_threads(threads)  # twice the CPUs Ray reserved for it (see _actor_plan)
+            torch.set_num_threads(threads)  # see _actor_plan
         self.encoder = recipe.build(device)
         log.info("encoder actor ready (pid %d, %s)", os.getpid(), device)
 

@@ -26,6 +26,7 @@ from dinoseek.model.files import FileTooLargeError, NotRegularFileError, open_re
 from . import ondisk, torch_search
 from .budget import exact_fits
 from .errors import InvalidArgumentError, first_line
+from .reader_changes import ReaderChanges
 from .tuning import FLAT_LIMIT, PQ_FROM, TRAIN_PER_LIST
 
 log = logging.getLogger(__name__)
@@ -87,10 +88,12 @@ class VectorIndex:
     # ((version, device), torch_search.TorchExactIndex or None where making it failed): the copy exact
     # searches go through on a CUDA machine without faiss-gpu (see _torch_exact); also under _gpu_lock.
     _torch: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    # A reader's changes to on-disk lists it must not write (indexer.reader_changes), made on first change.
+    _side: ReaderChanges | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def count(self) -> int:
-        return self.index.ntotal
+        return self.index.ntotal + (self._side.delta if self._side else 0)
 
     @property
     def dim(self) -> int:
@@ -104,6 +107,11 @@ class VectorIndex:
     def ids(self) -> np.ndarray:
         if isinstance(self.index, faiss.IndexIDMap2):
             return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        if self._side is not None:
+            return self._side.ids()
+        return self._stored_ids()
+
+    def _stored_ids(self) -> np.ndarray:
         lists = self.index.invlists
         parts = [faiss.rev_swig_ptr(lists.get_ids(no), lists.list_size(no)).copy()
                  for no in range(lists.nlist) if lists.list_size(no)]
@@ -113,6 +121,9 @@ class VectorIndex:
         if len(ids):
             self._before_write()
             self.version += 1
+            if self._side is not None:
+                self._side.add(ids, vectors)
+                return
             with ondisk.quiet_stdout() if self.lists else contextlib.nullcontext():
                 self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
                                         np.asarray(ids, dtype=np.int64))
@@ -123,11 +134,20 @@ class VectorIndex:
             return 0
         self._before_write()
         self.version += 1
+        if self._side is not None:
+            return self._side.remove(ids)
         return int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
 
     def _before_write(self) -> None:
-        """A checkpointed lists file is never changed: move to a copy of it first (see indexer.ondisk)."""
-        if self.lists is not None and self.lists.checkpointed:
+        """A checkpointed lists file is never changed. A writer moves to a copy of it first (see
+        indexer.ondisk); a reader must not write in the library folder at all (that copy's name may be
+        the writer's live file), so its changes are kept in memory beside the file (indexer.reader_changes)."""
+        if self.lists is None or not self.lists.checkpointed:
+            return
+        if self.lists.read_only:
+            if self._side is None:
+                self._side = ReaderChanges(self.index, self._stored_ids())
+        else:
             self.index, self.lists = ondisk.next_generation(self.index, self.lists)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,6 +162,8 @@ class VectorIndex:
             return self._search(self._searchable(), queries, k)
 
     def _search(self, index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._side is not None:
+            return self._side.search(self.index, queries, k, self.nprobe)
         if self.nprobe:
             params = faiss.SearchParametersIVF(nprobe=self.nprobe)
             return index.search(queries, k, params=params)
@@ -155,13 +177,17 @@ class VectorIndex:
         if found is not None:
             return found
         if self.nprobe:
-            params = faiss.SearchParametersIVF(nprobe=min(nprobe or self.nprobe, faiss.extract_index_ivf(self.inner).nlist))
-            return self.index.range_search(queries, threshold, params=params)
+            nprobe = min(nprobe or self.nprobe, faiss.extract_index_ivf(self.inner).nlist)
+            if self._side is not None:
+                return self._side.range_search(self.index, queries, threshold, nprobe)
+            return self.index.range_search(queries, threshold, params=faiss.SearchParametersIVF(nprobe=nprobe))
         return self.index.range_search(queries, threshold)
 
     def search_subset(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Search among the ids in `allowed` only (FAISS id selector; IVF probes every list it needs)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self._side is not None:
+            return self._side.search(self.index, queries, k, faiss.extract_index_ivf(self.inner).nlist, allowed)
         selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
         if self.nprobe:
             params = faiss.SearchParametersIVF(sel=selector, nprobe=faiss.extract_index_ivf(self.inner).nlist)
@@ -174,7 +200,10 @@ class VectorIndex:
         (CUDA without faiss-gpu), else None: the caller searches with FAISS. A copy that cannot be
         made or fails (out of GPU memory even in the smallest blocks) is logged once and dropped
         until the index changes: FAISS on the CPU answers meanwhile."""
-        device = torch_search.search_device(gpu_available(), self.count)
+        # faiss-gpu's copy of SQfp16 is a float16 GPU index that neither keeps float32 products nor
+        # re-scores; torch re-scores in float32, so SQfp16 goes through torch even beside faiss-gpu.
+        faiss_gpu_exact = gpu_available() and isinstance(self.inner, faiss.IndexFlat)
+        device = torch_search.search_device(faiss_gpu_exact, self.count)
         if device is None or self.count == 0 or not self.is_exact():
             return None
         with self._gpu_lock:
@@ -197,7 +226,10 @@ class VectorIndex:
             self._torch = None  # let go of the stale copy's GPU memory first
             try:
                 # The flat index's positions line up with the id map, so row i has id ids()[i].
-                vectors = self.index.index.reconstruct_n(0, self.count)
+                # SQfp16's codes are the float16 vectors: viewed as they are, never a float32 copy.
+                inner = self.inner
+                vectors = (faiss.vector_to_array(inner.codes).view(np.float16).reshape(-1, self.dim)
+                           if isinstance(inner, faiss.IndexScalarQuantizer) else inner.reconstruct_n(0, self.count))
                 self._torch = (key, torch_search.TorchExactIndex(self.ids(), vectors, device))
             except RuntimeError as e:
                 log.warning("exact search stays on FAISS: no copy on %s: %s", device, first_line(e))
@@ -209,6 +241,8 @@ class VectorIndex:
         With a GPU, call it holding _gpu_lock (see search)."""
         if not gpu_available() or self.count == 0 or self.lists is not None:
             return self.index  # on-disk lists stay on disk: a GPU copy would load them whole
+        if self.is_exact() and not isinstance(self.inner, faiss.IndexFlat):
+            return self.index  # SQfp16 where torch could not take it: a float16 GPU copy would not be exact
         cached = self._gpu
         if cached is None or cached[0] != self.version:
             try:

@@ -16,6 +16,8 @@ FLAT_FALLBACK_MAX = 5_000_000  # ...while the library is this small AND the exac
 # That fallback stores each vector as float16 (FAISS SQfp16), exactly the value the catalog holds,
 # so its results are Flat's in half the memory (0.8 GB per kind at 1M x 384). It scans single queries
 # faster than Flat (34 vs 145 ms at 1M, 2 cores) and batches slower (no BLAS: 45 vs 237 queries/s).
+# Up to EXACT_PAIRS_MAX (below) the fallback stays Flat: dedup range-searches the library's own
+# index at that size, where BLAS matters and the memory does not (160 MB per kind at 100k).
 EXACT_FALLBACK = "SQfp16"
 MAX_PROBE_FRACTION = 8  # ...or until it scans 1/8 of the lists: beyond that the vectors do not
 # cluster (random data) and IVF has stopped paying off; the recall reached is logged.

@@ -378,7 +378,8 @@ def library_options(func=None, *, find: bool = True):
 @click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links (loop-safe).")
 @click.option("--allow-mass-delete", is_flag=True, help="Let a run drop more than half of the library.")
 @click.option("--checkpoint-seconds", type=_Float(0, 7 * 86400), default=60.0, show_default=True,
-              help="How often the FAISS files are checkpointed during a run.")
+              help="How often the FAISS files are checkpointed during a run (indexes with lists on "
+                   "disk: at the run's end only).")
 @click.option("--decode", "decode", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
               help="Where JPEGs are decoded: gpu = in batches with nvjpeg (needs torchvision) beside the CPU "
                    "workers; auto = gpu when the encoder runs on CUDA and that works, else cpu.")

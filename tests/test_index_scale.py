@@ -49,7 +49,9 @@ def make_library(root, vectors: np.ndarray) -> None:
 @pytest.fixture
 def large(monkeypatch):
     """Thresholds lowered: IVF lists go on disk from 1000 vectors, built in shards of 700 from
-    blocks of 500, so a 3000-row library takes every large-library path."""
+    blocks of 500, auto's exact fallback is float16 from 1000, so a 3000-row library takes every
+    large-library path."""
+    monkeypatch.setattr(build, "EXACT_PAIRS_MAX", 1000)
     monkeypatch.setattr(build, "ONDISK_FROM", 1000)
     monkeypatch.setattr(build, "ONDISK_SHARD", 700)
     monkeypatch.setattr(build, "BUILD_BLOCK", 500)
@@ -112,6 +114,50 @@ def test_a_later_run_reconciles_the_on_disk_index_into_a_new_generation(on_disk_
         assert writer.index_set.record("cls").generation == 2
     with Library.open(root) as reader:
         assert reader.verify() == []
+
+
+def folder_state(root) -> dict:
+    return {p.name: (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns)
+            for p in (root / ".dinoseek").iterdir() if not p.name.startswith("catalog.sqlite")}
+
+
+def test_a_reader_brings_an_on_disk_index_in_line_without_writing_in_the_folder(on_disk_library):
+    """A reader that finds the catalog ahead of the on-disk index (a writer's run under way: rows
+    added and deleted since its checkpoint) answers as the reconciled index would, and writes
+    nothing in the library folder: the next generation's name is the writer's live file."""
+    root, vectors = on_disk_library
+    more = clustered(300, seed=7)
+    new_ids = np.arange(N + 1, N + 1 + len(more))
+    with Library.open(root, write=True) as writer:  # the run's catalog side, no checkpoint yet
+        with writer.catalog.engine.begin() as connection:
+            connection.execute(insert(ImageRow), [
+                {"path": b"new%d.jpg" % i, "path_sha256": path_digest(b"new%d.jpg" % i), "path_text": f"new{i}.jpg",
+                 "folder": "", "size": 1, "mtime_ns": 0, "sha256": f"{N + 1 + i:064x}", "status": EMBEDDED,
+                 "cls": more[i].astype(np.float16).tobytes(), "patch": more[i].astype(np.float16).tobytes()}
+                for i in range(len(more))])
+        writer.catalog.delete_rows([1, 2, 3])
+        live = root / ".dinoseek" / "cls.g000002.ivfdata"
+        live.write_bytes(b"the writer's next generation")  # what a reader's copy once overwrote
+        before = folder_state(root)
+        with Library.open(root) as reader:
+            index = reader.load_indexes()["cls"]
+            assert folder_state(root) == before and live.read_bytes() == b"the writer's next generation"
+            expected = np.concatenate([np.arange(4, N + 1), new_ids])
+            assert index.count == len(expected) and np.array_equal(np.sort(index.ids()), expected)
+            everything = np.concatenate([vectors, more])
+            assert self_found(index, everything, new_ids[::10]) >= 0.9
+            _, found = index.search(vectors[:3], 10)
+            assert not {1, 2, 3} & set(found.ravel().tolist())
+            lims, scores, ids = index.range_search(everything[[0, N + 5]], 0.8, nprobe=16)  # PQ: scores approximate
+            assert N + 6 in ids[lims[1]:lims[2]].tolist() and 1 not in ids.tolist()
+            assert np.all(scores >= 0.8) and lims[0] == 0 and lims[2] == len(ids)
+            exact_lims, _, exact_ids = store.build_index("Flat", DIM, np.delete(everything, [0, 1, 2], 0), expected,
+                                                         requested="Flat").range_search(everything[[0, N + 5]], 0.95)
+            assert set(exact_ids[exact_lims[1]:].tolist()) <= set(ids[lims[1]:].tolist())
+            _, found = index.search_subset(more[:2], 3, np.array([2, N + 1, N + 2, 50]))
+            assert set(found.ravel().tolist()) <= {N + 1, N + 2, 50}
+            assert found[0, 0] == N + 1 and found[1, 0] == N + 2
+        assert folder_state(root) == before
 
 
 def damage_truncate(path, generation):
@@ -274,6 +320,12 @@ def test_the_exact_fallback_keeps_the_catalog_values_in_half_the_memory(tmp_path
                                (flat.search_subset(queries, 5, subset), fallback.search_subset(queries, 5, subset))]:
         assert np.array_equal(i1, i2) and np.allclose(d1, d2, atol=1e-6)
     assert score_margin(fallback) == FLAT_MARGIN
+    monkeypatch.setattr(build, "EXACT_PAIRS_MAX", N)  # where dedup searches the library's own index: BLAS
+    with Library.open(tmp_path, write=True, index_choice="auto") as library:
+        library.index_set.loaded.clear()
+        for path in (tmp_path / ".dinoseek").glob("*.faiss"):
+            path.unlink()
+        assert library.load_indexes()["cls"].factory == "Flat"
 
 
 def test_a_second_ivf_trial_starts_from_the_first_ones_centroids(large):
@@ -286,6 +338,16 @@ def test_a_second_ivf_trial_starts_from_the_first_ones_centroids(large):
     assert np.array_equal(build._centroids(index), centroids) and index.count == N and recall > 0
     fresh, _ = build._trial("IVF16,SQ8", source, requested="auto", lists_for=None, probe=None)
     assert not np.array_equal(build._centroids(fresh), centroids)
+
+
+def test_auto_hands_the_pq_trials_centroids_to_its_sq8_trial(large, monkeypatch):
+    monkeypatch.setattr(store, "PQ_FROM", 1000)  # auto's first choice is IVF-PQ, which random vectors fail
+    trials, real = [], build._trial
+    monkeypatch.setattr(build, "_trial", lambda factory, *a, **k: trials.append((factory, k.get("centroids")))
+                        or real(factory, *a, **k))
+    build.build_streamed("auto", build.ArraySource(np.arange(N), uniform(N), DIM), requested="auto")
+    (pq, none), (sq8, handed) = trials
+    assert ",PQ" in pq and none is None and sq8.endswith(",SQ8") and handed is not None and len(handed) == 64
 
 
 def test_a_rebuild_after_changes_never_reuses_the_open_lists_file(on_disk_library):
@@ -330,4 +392,9 @@ def test_periodic_checkpoints_leave_on_disk_lists_and_unchanged_indexes_alone(on
         saved = {p.name: p.stat().st_ino for p in (root / ".dinoseek").glob("*.faiss")}
         writer.index_set.checkpoint()  # both reconciled and saved on load: nothing left to write
         assert {p.name: p.stat().st_ino for p in (root / ".dinoseek").glob("*.faiss")} == saved
+        generation = index.lists.generation
+        lists_checkpoints.clear()
+        index.remove(new_ids[:5])  # a change at the run's end: its checkpoint is not periodic
+        writer.index_set.checkpoint()
+        assert len(lists_checkpoints) == 1 and writer.index_set.record("cls").generation == generation + 1
     assert self_found(index, np.concatenate([vectors, more]), new_ids) > 0.9

@@ -125,6 +125,8 @@ def test_second_writer_is_refused(collection, encoder, catalog_url):
     with Library.open(root, url=catalog_url, write=True, create=True):
         with pytest.raises(LibraryLockedError, match=f"being written by pid {os.getpid()}"):
             Library.open(root, url=catalog_url, write=True)
+        with pytest.raises(LibraryLockedError):  # making (or upgrading, adopting) a library is writing too
+            Library.open(root, url=catalog_url, create=True)
         with Library.open(root, url=catalog_url) as reader:  # readers are never blocked
             assert reader.info()["total"] == 0
 

@@ -386,14 +386,14 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_encoder_actors_reserve_half_the_cpus_and_run_twice_that_in_threads():
-    """Without GPUs half the CPUs are reserved for embedding (the rest decode); each actor runs
-    twice its reservation in torch threads, as decoding and embedding take turns on a core. With
-    GPUs: one actor per GPU, one CPU and one thread each (the GPU embeds)."""
+def test_encoder_actors_reserve_half_the_cpus():
+    """Without GPUs half the CPUs are reserved for embedding (the rest decode); an actor of one CPU
+    runs two threads, as decoding and embedding take turns on a core. With GPUs: one actor per GPU,
+    one CPU and one thread each (the GPU embeds)."""
     from dinoseek.indexer.ray_executor import RayOptions, _actor_plan
 
     local = RayOptions("local")
     assert _actor_plan(local, {"CPU": 2}) == (1, {"num_cpus": 1}, "cpu", 2)
-    assert _actor_plan(local, {"CPU": 16}) == (2, {"num_cpus": 4}, "cpu", 8)
-    assert _actor_plan(RayOptions("local", actors=4), {"CPU": 16}) == (4, {"num_cpus": 2}, "cpu", 4)
+    assert _actor_plan(local, {"CPU": 16}) == (2, {"num_cpus": 4}, "cpu", 4)
+    assert _actor_plan(RayOptions("local", actors=4), {"CPU": 16}) == (4, {"num_cpus": 2}, "cpu", 2)
     assert _actor_plan(local, {"CPU": 32, "GPU": 2}) == (2, {"num_gpus": 1, "num_cpus": 1}, "cuda", 1)

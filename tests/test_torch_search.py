@@ -243,13 +243,16 @@ def test_setting_chooses_the_device_and_faiss_gpu_wins_in_auto(monkeypatch):
         search_device(faiss_gpu=False)
 
 
-def test_flat_vector_index_searches_through_torch_and_refreshes_after_changes(torch_on_cpu, monkeypatch):
-    vectors = clustered_vectors(600, 32)
+@pytest.mark.parametrize("factory", ["Flat", "SQfp16"])
+def test_exact_vector_index_searches_through_torch_and_refreshes_after_changes(torch_on_cpu, monkeypatch, factory):
+    """Flat, and SQfp16 (auto's large exact index) handed over as its float16 codes, no float32 copy."""
+    vectors = clustered_vectors(600, 32).astype(np.float16).astype(np.float32)  # the catalog's values
     ids = np.arange(600, dtype=np.int64) * 5 + 1
-    index = build_index("Flat", 32, vectors, ids, requested="auto")
-    made = []
+    index = build_index(factory, 32, vectors, ids, requested="auto")
+    made, dtypes = [], set()
     real = torch_search.TorchExactIndex
-    monkeypatch.setattr(torch_search, "TorchExactIndex", lambda *a, **k: made.append(len(a[0])) or real(*a, **k))
+    monkeypatch.setattr(torch_search, "TorchExactIndex",
+                        lambda *a, **k: made.append(len(a[0])) or dtypes.add(a[1].dtype) or real(*a, **k))
     queries = vectors[::10]
     reference = faiss_flat(ids, vectors)
     assert_same_top_k(index.search(queries, 10), reference.search(queries, 10))
@@ -261,11 +264,12 @@ def test_flat_vector_index_searches_through_torch_and_refreshes_after_changes(to
     found = index.search(queries, 10)
     assert made == [600, 400] and not np.isin(found[1], removed).any()
     assert_same_top_k(found, reference.search(queries, 10))
-    extra = random_vectors(5, 32, seed=9)
+    extra = random_vectors(5, 32, seed=9).astype(np.float16).astype(np.float32)
     index.add(np.arange(10_000, 10_005), extra)
     reference.add_with_ids(extra, np.arange(10_000, 10_005))
     assert_same_top_k(index.search(extra, 3), reference.search(extra, 3))
     assert made == [600, 400, 405]
+    assert dtypes == {np.dtype(np.float16 if factory == "SQfp16" else np.float32)}
 
 
 def test_compressed_indexes_stay_on_faiss(torch_on_cpu, monkeypatch):

@@ -66,7 +66,8 @@ def images_token(library: Library) -> tuple:
     """The state candidate pairs depend on, read from the catalog (one snapshot), marks left out:
     rows per status, the highest row id, the last run and its status, the journals' states and each
     index checkpoint. Apply, undo and index runs move it; a row re-embedded in place during an index
-    run moves it at the run's next index checkpoint, or when the run ends."""
+    run moves it at the run's next index checkpoint (for indexes with lists on disk: when the run
+    ends), or when the run ends."""
     with library.catalog.session() as s:
         counts = tuple(sorted(s.execute(select(ImageRow.status, func.count()).group_by(ImageRow.status)).all()))
         highest = s.scalar(select(func.max(ImageRow.id)))
