@@ -109,9 +109,31 @@ def fill_on_disk(ivf: faiss.IndexIVF, blocks, lists: ListsFile, shard_size: int)
                 _append_shard(shard, target)
                 ivf.ntotal = 0
         _append_shard(shard, target)
+        target = _compacted(target, lists.path)
     ivf.replace_invlists(target, True)
     target.this.disown()  # the index owns it now
     ivf.ntotal = total
+
+
+def _compacted(lists: faiss.OnDiskInvertedLists, path: Path) -> faiss.OnDiskInvertedLists:
+    """`lists` copied into a file of exactly their size, which then takes the name `path`.
+
+    Appended shard by shard, each list moved to a slot twice its size whenever it outgrew its own,
+    leaving the old one free: the file held 2.5 times its codes at 5M vectors (4.9 GB of disk for 2 GB
+    of IVF-SQ8 codes, 8.6 GB apparent). The copy is written once, in list order. Its temp name is one
+    remove_temp_files clears after a kill."""
+    tmp = path.with_name(f".{path.name}.faiss.{os.getpid()}.tmp")
+    compact = faiss.OnDiskInvertedLists(lists.nlist, lists.code_size, str(tmp))
+    sources = faiss.InvertedListsPtrVector()
+    sources.push_back(lists)
+    compact.merge_from_multiple(sources.data(), sources.size())
+    # merge_from_multiple sizes the file through update_totsize, which records the whole new space
+    # as a free slot although the lists now fill it: claimed here, or the next add would be written
+    # over them (a reopened file has its free slots computed from the lists, so only this one lies).
+    compact.allocate_slot(compact.totsize)
+    os.replace(tmp, path)  # the mapping follows the file; later growth reopens it by name
+    compact.filename = str(path)
+    return compact
 
 
 def checkpoint(ivf: faiss.IndexIVF, lists: ListsFile) -> None:

@@ -398,3 +398,21 @@ def test_periodic_checkpoints_leave_on_disk_lists_and_unchanged_indexes_alone(on
         writer.index_set.checkpoint()
         assert len(lists_checkpoints) == 1 and writer.index_set.record("cls").generation == generation + 1
     assert self_found(index, np.concatenate([vectors, more]), new_ids) > 0.9
+
+
+def test_a_built_lists_file_holds_exactly_its_lists_and_takes_adds_in_the_same_process(tmp_path, large):
+    """Shards appended one after the other left lists in slots up to twice their size plus the slots
+    they outgrew (2.5x the codes at 5M): the build compacts the file. FAISS's merge marks the whole
+    compacted file free; an add in the same process must not be written over the lists."""
+    from dinoseek.indexer import ondisk
+
+    vectors = clustered(N)
+    source = build.ArraySource(np.arange(1, N + 1), vectors, DIM)
+    lists = ondisk.ListsFile(tmp_path / "cls.g000001.ivfdata", 1, checkpointed=False)
+    index = build.build_streamed("IVF16,SQ8", source, requested="IVF16,SQ8", lists_for=lambda: lists)
+    assert os.path.getsize(lists.path) == N * (index.inner.code_size + 8)
+    assert [p.name for p in tmp_path.iterdir()] == ["cls.g000001.ivfdata"]  # no temp file left
+    more = clustered(500, seed=3)
+    index.add(np.arange(N + 1, N + 501), more)
+    assert sorted(index.ids().tolist()) == list(range(1, N + 501))
+    assert self_found(index, np.concatenate([vectors, more]), np.arange(1, N + 501, 7)) >= 0.95
