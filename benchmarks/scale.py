@@ -14,7 +14,8 @@ Every phase runs in a process of its own, so each peak RSS is that phase's alone
 once, chunk by chunk; not measured), `index` (auto builds both kinds from the catalog and saves
 them), `search` (a reader opens the saved indexes; 1000 fresh queries from the same distribution;
 recall@10 against exact search over the catalog, computed by streaming it in blocks), `dedup`
-(find_duplicates over cls). Each phase reports its peak RSS and its peak anonymous memory (sampled):
+(find_duplicates over cls). Each phase reports its peak RSS and its peak anonymous memory (sampled
+every 0.1 s, Linux only):
 the RSS also counts touched pages of the mapped on-disk lists, page cache the kernel can drop. Each
 phase's figures are also written to KEEP/<phase>.json. The goals of issue 11 are printed beside them.
 """
@@ -51,6 +52,7 @@ class PeakAnonymous:
         import threading
 
         self.peak = 0
+        self._lock = threading.Lock()
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self) -> None:
@@ -59,11 +61,12 @@ class PeakAnonymous:
             time.sleep(0.1)
 
     def now(self) -> int:
+        """The peak so far, this moment included (a lower bound: spikes between samples are missed)."""
         with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    self.peak = max(self.peak, int(line.split()[1]) * 1024)
-        return self.peak
+            current = next((int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:")), 0)
+        with self._lock:
+            self.peak = max(self.peak, current)
+            return self.peak
 
 
 def chunk_of(data: str, dim: int):
@@ -123,6 +126,7 @@ def phase_dedup(root: Path, anon: PeakAnonymous) -> dict:
 
 
 def run_phase(args, phase: str, timeout: float | None) -> dict | None:
+    (args.keep / f"{phase}.json").unlink(missing_ok=True)  # never an earlier run's figures
     command = [sys.executable, __file__, "--phase", phase, "--n", str(args.n), "--dim", str(args.dim),
                "--data", args.data, "--keep", str(args.keep)]
     command += ["--index", args.index] if args.index else []
@@ -183,7 +187,8 @@ def main() -> None:
         kinds = ", ".join(f"{k} {f}{' np' + str(p) if p else ''}{' on disk' if d else ''}"
                           for k, (f, p, d) in index["built"].items())
         print(f"index  : built {kinds} in {index['seconds']:.0f}s; peak RSS {index['rss'] / GB:.2f} GB, "
-              f"anonymous {index['anon'] / GB:.2f} GB (goal < {goal} GB); lists on disk {index['lists_bytes'] / GB:.2f} GB", flush=True)
+              f"anonymous {index['anon'] / GB:.2f} GB (goal < {goal} GB); "
+              f"lists on disk {index['lists_bytes'] / GB:.2f} GB", flush=True)
     search = run_phase(args, "search", args.phase_timeout)
     if search:
         recall_goal = " (goal >= 0.95)" if args.data == "clustered" and args.n >= 5_000_000 else ""
@@ -195,7 +200,8 @@ def main() -> None:
         dedup = run_phase(args, "dedup", args.phase_timeout)
         if dedup:
             print(f"dedup  : {dedup['groups']:,} groups in {dedup['seconds']:.0f}s; "
-                  f"peak RSS {dedup['rss'] / GB:.2f} GB, anonymous {dedup['anon'] / GB:.2f} GB (goal < {goal} GB)", flush=True)
+                  f"peak RSS {dedup['rss'] / GB:.2f} GB, anonymous {dedup['anon'] / GB:.2f} GB "
+                  f"(goal < {goal} GB)", flush=True)
 
 
 if __name__ == "__main__":

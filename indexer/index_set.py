@@ -109,8 +109,9 @@ class IndexSet:
                 if self.writable:
                     self.save(kind)
                 continue
+            changed = self._reconcile(kind, index, catalog_ids)  # before it is published: searches take no lock
             self.loaded[kind] = index
-            if self._reconcile(kind, index, catalog_ids) and self.writable:
+            if changed and self.writable:
                 self.save(kind)
         return self.loaded
 

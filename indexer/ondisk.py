@@ -121,7 +121,11 @@ def _compacted(lists: faiss.OnDiskInvertedLists, path: Path) -> faiss.OnDiskInve
     Appended shard by shard, each list moved to a slot twice its size whenever it outgrew its own,
     leaving the old one free: the file held 2.5 times its codes at 5M vectors (4.9 GB of disk for 2 GB
     of IVF-SQ8 codes, 8.6 GB apparent). The copy is written once, in list order. Its temp name is one
-    remove_temp_files clears after a kill."""
+    remove_temp_files clears after a kill. Every list is then exactly full: the first add to one moves
+    it to a new slot at the end of the file, so an incremental run grows the file again (by doubling
+    its apparent size once, as FAISS grows it)."""
+    if lists.compute_ntotal() == 0:
+        return lists  # nothing to compact (and FAISS cannot map an empty file)
     tmp = path.with_name(f".{path.name}.faiss.{os.getpid()}.tmp")
     compact = faiss.OnDiskInvertedLists(lists.nlist, lists.code_size, str(tmp))
     sources = faiss.InvertedListsPtrVector()
@@ -129,8 +133,10 @@ def _compacted(lists: faiss.OnDiskInvertedLists, path: Path) -> faiss.OnDiskInve
     compact.merge_from_multiple(sources.data(), sources.size())
     # merge_from_multiple sizes the file through update_totsize, which records the whole new space
     # as a free slot although the lists now fill it: claimed here, or the next add would be written
-    # over them (a reopened file has its free slots computed from the lists, so only this one lies).
-    compact.allocate_slot(compact.totsize)
+    # over them (and the free slots are serialized with the index, so a reopen would inherit the lie).
+    size = compact.totsize
+    if compact.allocate_slot(size) != 0 or compact.totsize != size:
+        raise RuntimeError("faiss merged the on-disk lists differently than expected: not compacted")
     os.replace(tmp, path)  # the mapping follows the file; later growth reopens it by name
     compact.filename = str(path)
     return compact

@@ -6,7 +6,8 @@ the next generation's name may be the very file the writer has mapped (a reader'
 overwrote it under the writer). So rows added since the checkpoint go into an in-memory IVF index
 with the same trained quantizer and codec, and rows removed are hidden from the mapped one by an id
 selector. Searches ask both with the same nprobe and merge: the results are those the reconciled
-index would give. Memory: the added rows' codes only.
+index would give. Memory: the added rows' codes, a copy of the quantizer and the stored ids
+(8 bytes a row: 40 MB per kind at 5M).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ class ReaderChanges:
     """Rows added to and removed from a mapped IVF index `ivf` that must stay unwritten."""
 
     def __init__(self, ivf: faiss.IndexIVF, stored_ids: np.ndarray) -> None:
+        if ivf.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise ValueError("reader changes merge inner-product results only")  # best = largest score
         self.added = ondisk.deserialize(faiss.serialize_index(ivf).tobytes(), skip_lists=True)
         lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
         self.added.replace_invlists(lists, True)
@@ -66,7 +69,8 @@ class ReaderChanges:
         from the added rows."""
         parts = [index.range_search(queries, threshold, params=params)
                  for index, params in self._parts(mapped, nprobe, None)]
-        owner = np.concatenate([np.repeat(np.arange(len(queries)), np.diff(lims.astype(np.int64))) for lims, _, _ in parts])
+        owner = np.concatenate([np.repeat(np.arange(len(queries)), np.diff(lims.astype(np.int64)))
+                                for lims, _, _ in parts])
         order = np.argsort(owner, kind="stable")
         counts = np.bincount(owner, minlength=len(queries))
         lims = np.concatenate([[0], np.cumsum(counts)]).astype(parts[0][0].dtype)

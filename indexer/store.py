@@ -163,7 +163,7 @@ class VectorIndex:
 
     def _search(self, index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self._side is not None:
-            return self._side.search(self.index, queries, k, self.nprobe)
+            return self._side.search(self.index, queries, k, self.nprobe or self.index.nprobe)
         if self.nprobe:
             params = faiss.SearchParametersIVF(nprobe=self.nprobe)
             return index.search(queries, k, params=params)
@@ -176,10 +176,11 @@ class VectorIndex:
         found = self._through_torch(lambda exact: exact.range_search(queries, threshold))
         if found is not None:
             return found
+        if self._side is not None:
+            nprobe = min(nprobe or self.nprobe or self.index.nprobe, self.index.nlist)
+            return self._side.range_search(self.index, queries, threshold, nprobe)
         if self.nprobe:
             nprobe = min(nprobe or self.nprobe, faiss.extract_index_ivf(self.inner).nlist)
-            if self._side is not None:
-                return self._side.range_search(self.index, queries, threshold, nprobe)
             return self.index.range_search(queries, threshold, params=faiss.SearchParametersIVF(nprobe=nprobe))
         return self.index.range_search(queries, threshold)
 
@@ -264,6 +265,7 @@ class VectorIndex:
         return self.index.reconstruct_batch(np.asarray(ids, dtype=np.int64))
 
     def serialize(self) -> bytes:
+        assert self._side is None, "a reader's view (mapped lists plus changes in memory) is never saved"
         return faiss.serialize_index(self.index).tobytes()
 
 
