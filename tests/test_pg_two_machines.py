@@ -16,17 +16,22 @@ from sqlalchemy import create_engine, text
 
 PHOTOS = 40
 
-# The indexer, its encoder slowed (a sleep per batch) so that the run outlasts a second process's start.
+# The indexer, its encoder slowed (a sleep per batch); after its first batches it also waits while the
+# file argv[2] exists, so the run outlasts a third process's start however loaded the machine is.
 SLOW_INDEXER = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     from dinoseek.model.encoder import Encoder
-    real = Encoder.embed_pixels
+    real, batches = Encoder.embed_pixels, []
     def slow(self, *args, **kwargs):
         time.sleep(float(sys.argv[1]))
+        batches.append(1)
+        deadline = time.monotonic() + 300
+        while len(batches) > 5 and os.path.exists(sys.argv[2]) and time.monotonic() < deadline:
+            time.sleep(0.05)
         return real(self, *args, **kwargs)
     Encoder.embed_pixels = slow
     from dinoseek.retrieval.cli import main
-    main(sys.argv[2:], prog_name="dinoseek")
+    main(sys.argv[3:], prog_name="dinoseek")
 """)
 
 # The searcher: opens the library afresh for every query (as each `dinoseek search` would), searches
@@ -78,7 +83,9 @@ def test_one_machine_indexes_another_searches_a_third_is_refused(tmp_path, tiny_
                   "--workers", "0", "--batch-size", "1", "--checkpoint-seconds", "0"]
     searcher = subprocess.Popen([sys.executable, "-c", SEARCHER, str(root), postgres_url, str(log), str(stop)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    indexer = subprocess.Popen([sys.executable, "-c", SLOW_INDEXER, "0.15", *index_args],
+    hold = tmp_path / "hold"  # the indexer waits, mid-run, until machine 3 has been answered
+    hold.touch()
+    indexer = subprocess.Popen([sys.executable, "-c", SLOW_INDEXER, "0.15", str(hold), *index_args],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 180
@@ -89,6 +96,7 @@ def test_one_machine_indexes_another_searches_a_third_is_refused(tmp_path, tiny_
         refused = subprocess.run([sys.executable, "-m", "dinoseek.retrieval.cli", *index_args, "--library",
                                   str(tmp_path / "machine3-lib")], capture_output=True, text=True, timeout=180, check=False)
         running = indexer.poll() is None
+        hold.unlink()
         indexed = indexer.communicate(timeout=300)[0]
         stop.touch()
         searched = searcher.communicate(timeout=120)[0]

@@ -336,6 +336,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _free_ports(count: int, avoid: set[int]) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        port = _free_port()
+        if port not in avoid and port not in ports:
+            ports.append(port)
+    return ports
+
+
 class ray_cluster:
     """`ray start --head --block` on 127.0.0.1 with its own ports and temp dir, stopped afterwards.
 
@@ -353,12 +362,13 @@ class ray_cluster:
         # Short: Ray's Unix sockets live under it, and a socket path is limited to ~107 bytes.
         self.temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
         port = _free_port()
+        workers = range(port + 1, port + 201)
+        agent, metrics = _free_ports(2, avoid={port, *workers})  # Ray refuses a port inside the workers' range
         command = [str(ray), "start", "--head", "--block", f"--port={port}", f"--temp-dir={self.temp_dir}",
                    "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus}", "--num-gpus=0",
                    "--include-dashboard=false", "--disable-usage-stats",
-                   f"--dashboard-agent-listen-port={_free_port()}",
-                   f"--metrics-export-port={_free_port()}", f"--min-worker-port={port + 1}",
-                   f"--max-worker-port={port + 200}"]
+                   f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}",
+                   f"--min-worker-port={workers[0]}", f"--max-worker-port={workers[-1]}"]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         env={**os.environ, **RAY_ENV, **self.auth}, start_new_session=True)
         try:
