@@ -127,6 +127,7 @@ class VectorIndex:
             with ondisk.quiet_stdout() if self.lists else contextlib.nullcontext():
                 self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
                                         np.asarray(ids, dtype=np.int64))
+            self._release_pages()
 
     def remove(self, ids) -> int:
         ids = np.asarray(list(ids), dtype=np.int64)
@@ -136,7 +137,15 @@ class VectorIndex:
         self.version += 1
         if self._side is not None:
             return self._side.remove(ids)
-        return int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
+        removed = int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
+        self._release_pages()
+        return removed
+
+    def _release_pages(self) -> None:
+        """An add moves a grown list to a new slot and a remove reads every list's ids: without this,
+        a long incremental run would keep every page of the lists file it touched resident."""
+        if self.lists is not None:
+            ondisk.release_pages(ondisk.ondisk_lists(self.index))
 
     def _before_write(self) -> None:
         """A checkpointed lists file is never changed. A writer moves to a copy of it first (see

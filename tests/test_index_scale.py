@@ -402,8 +402,8 @@ def test_periodic_checkpoints_leave_on_disk_lists_and_unchanged_indexes_alone(on
 
 def test_a_built_lists_file_holds_exactly_its_lists_and_takes_adds_in_the_same_process(tmp_path, large):
     """Shards appended one after the other left lists in slots up to twice their size plus the slots
-    they outgrew (2.5x the codes at 5M): the build compacts the file. FAISS's merge marks the whole
-    compacted file free; an add in the same process must not be written over the lists."""
+    they outgrew (2.5x the codes at 5M): the build compacts the file. FAISS records a new file's
+    space as free; an add in the same process must not be written over the lists."""
     from dinoseek.indexer import ondisk
 
     vectors = clustered(N)
@@ -416,3 +416,71 @@ def test_a_built_lists_file_holds_exactly_its_lists_and_takes_adds_in_the_same_p
     index.add(np.arange(N + 1, N + 501), more)
     assert sorted(index.ids().tolist()) == list(range(1, N + 501))
     assert self_found(index, np.concatenate([vectors, more]), np.arange(1, N + 501, 7)) >= 0.95
+
+
+def list_contents(lists) -> list[tuple[bytes, bytes]]:
+    import faiss
+
+    contents = []
+    for no in range(lists.nlist):
+        n = lists.list_size(no)
+        ids = faiss.rev_swig_ptr(lists.get_ids(no), n).tobytes() if n else b""
+        codes = faiss.rev_swig_ptr(lists.get_codes(no), n * lists.code_size).tobytes() if n else b""
+        contents.append((ids, codes))
+    return contents
+
+
+def test_compaction_keeps_every_list_byte_for_byte_while_releasing_pages(tmp_path, monkeypatch):
+    """Lists appended in shards (moved to bigger slots as they grow) are copied into an exactly sized
+    file with the same ids and codes in every list, empty lists included, releasing pages as it goes."""
+    import faiss
+
+    from dinoseek.indexer import ondisk
+
+    released = []
+    monkeypatch.setattr(ondisk, "RELEASE_EVERY", 4096)
+    real_release = ondisk.release_pages
+    monkeypatch.setattr(ondisk, "release_pages", lambda lists: (released.append(lists.filename), real_release(lists)))
+    rng = np.random.default_rng(0)
+    target = faiss.OnDiskInvertedLists(64, 12, str(tmp_path / "l.ivfdata"))
+    with ondisk.quiet_stdout():
+        target.update_totsize(4096)
+        for _ in range(5):  # shards: lists 0, 7, 14, ... stay empty
+            shard = faiss.ArrayInvertedLists(64, 12)
+            for no in range(64):
+                n = 0 if no % 7 == 0 else int(rng.integers(1, 40))
+                if n:
+                    shard.add_entries(no, n, faiss.swig_ptr(rng.integers(0, 1 << 40, n)),
+                                      faiss.swig_ptr(rng.integers(0, 256, n * 12).astype(np.uint8)))
+            ondisk._append_shard(shard, target)
+        before = list_contents(target)
+        compact = ondisk._compacted(target, tmp_path / "l.ivfdata")
+    assert list_contents(compact) == before
+    assert os.path.getsize(tmp_path / "l.ivfdata") == sum(len(ids) + len(codes) for ids, codes in before)
+    assert sum(".tmp" in name for name in released) > 1  # the copy released its pages on the way
+
+
+def resident_file_kb() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads resident memory from Linux's /proc")
+def test_releasing_pages_of_mapped_lists_drops_them_from_memory_and_keeps_their_contents(tmp_path):
+    import faiss
+
+    from dinoseek.indexer import ondisk
+
+    lists = faiss.OnDiskInvertedLists(1, 1024, str(tmp_path / "l.ivfdata"))
+    with ondisk.quiet_stdout():
+        lists.update_totsize(64 << 20)
+    mapped = ondisk._mapped(lists)
+    before = resident_file_kb()
+    mapped[::4096] = 7  # dirty every page through the mapping
+    assert resident_file_kb() - before > 60_000
+    ondisk.release_pages(lists)
+    assert resident_file_kb() - before < 8_000
+    assert (mapped[::4096] == 7).all() and (mapped[1::4096] == 0).all()  # dirty pages kept, not zeroed
+    with open(tmp_path / "l.ivfdata", "rb") as f:
+        f.seek(12345 * 4096)
+        assert f.read(2) == b"\x07\x00"
