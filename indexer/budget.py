@@ -50,12 +50,15 @@ def memory_budget() -> int:
     return int(available_bytes() * AVAILABLE_SHARE)
 
 
-def exact_index_bytes(count: int, dim: int, value_bytes: int = 4) -> int:
-    """Resident size of an exact IndexIDMap2 of `count` vectors: the vectors (`value_bytes` per
-    value: 4 for Flat, 2 for SQfp16), the id list (8 B) and the reverse map (an unordered_map node
+VALUE_BYTES = {"Flat": 4, "SQfp16": 2}  # bytes per stored value of the exact index factories auto builds
+
+
+def exact_index_bytes(count: int, dim: int, factory: str = "Flat") -> int:
+    """Resident size of an exact IndexIDMap2 (`factory`: Flat or SQfp16) of `count` vectors: the
+    vectors (VALUE_BYTES per value), the id list (8 B) and the reverse map (an unordered_map node
     and bucket, ~40 B)."""
-    return count * (value_bytes * dim + 48)
+    return count * (VALUE_BYTES[factory] * dim + 48)
 
 
-def exact_fits(count: int, dim: int, budget: int | None = None, value_bytes: int = 4) -> bool:
-    return exact_index_bytes(count, dim, value_bytes) <= (memory_budget() if budget is None else budget)
+def exact_fits(count: int, dim: int, budget: int | None = None, factory: str = "Flat") -> bool:
+    return exact_index_bytes(count, dim, factory) <= (memory_budget() if budget is None else budget)

@@ -233,8 +233,7 @@ def _build_auto(source, *, requested: str, lists_for) -> VectorIndex:
             return index
     budget = memory_budget()
     exact = "Flat" if count <= EXACT_PAIRS_MAX else EXACT_FALLBACK
-    value_bytes = 4 if exact == "Flat" else 2
-    if count <= FLAT_FALLBACK_MAX and exact_fits(count, dim, budget, value_bytes):
+    if count <= FLAT_FALLBACK_MAX and exact_fits(count, dim, budget, exact):
         # auto never trades away this much recall when exact search fits: slower but right.
         log.warning("%s reaches recall@10 %.2f only; auto uses exact search (%s) instead", index.factory, recall, exact)
         _discard(index)
@@ -242,5 +241,5 @@ def _build_auto(source, *, requested: str, lists_for) -> VectorIndex:
         return _exact(check_factory(exact, dim), exact, source, requested)
     log.warning("%s reaches recall@10 %.2f only; exact search would need %.1f GB, over the %.1f GB budget "
                 "(set DINOSEEK_INDEX_MEMORY to raise it): keeping %s", index.factory, recall,
-                exact_index_bytes(count, dim, value_bytes) / 1e9, budget / 1e9, index.factory)
+                exact_index_bytes(count, dim, exact) / 1e9, budget / 1e9, index.factory)
     return index

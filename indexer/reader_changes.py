@@ -6,11 +6,13 @@ the next generation's name may be the very file the writer has mapped (a reader'
 overwrote it under the writer). So rows added since the checkpoint go into an in-memory IVF index
 with the same trained quantizer and codec, and rows removed are hidden from the mapped one by an id
 selector. Searches ask both with the same nprobe and merge: the results are those the reconciled
-index would give. Memory: the added rows' codes, a copy of the quantizer and the stored ids
-(8 bytes a row: 40 MB per kind at 5M).
+index would give. Memory: the added rows' codes, a copy of the quantizer and, once a row is
+removed, the stored ids (8 bytes a row: 40 MB per kind at 5M).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import faiss
 import numpy as np
@@ -21,7 +23,7 @@ from . import ondisk
 class ReaderChanges:
     """Rows added to and removed from a mapped IVF index `ivf` that must stay unwritten."""
 
-    def __init__(self, ivf: faiss.IndexIVF, stored_ids: np.ndarray) -> None:
+    def __init__(self, ivf: faiss.IndexIVF, stored_ids: Callable[[], np.ndarray]) -> None:
         if ivf.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ValueError("reader changes merge inner-product results only")  # best = largest score
         self.added = ondisk.deserialize(faiss.serialize_index(ivf).tobytes(), skip_lists=True)
@@ -29,7 +31,8 @@ class ReaderChanges:
         self.added.replace_invlists(lists, True)
         lists.this.disown()  # the index owns it now
         self.added.ntotal = 0
-        self.stored = np.sort(stored_ids)  # the ids in the mapped lists (they never change)
+        self._read_stored = stored_ids  # the ids in the mapped lists (they never change)...
+        self._stored: np.ndarray | None = None  # ...read and sorted on the first remove
         self.hidden = np.zeros(0, np.int64)  # of those, the ones removed
 
     @property
@@ -38,7 +41,8 @@ class ReaderChanges:
         return self.added.ntotal - len(self.hidden)
 
     def ids(self) -> np.ndarray:
-        parts = [np.setdiff1d(self.stored, self.hidden, assume_unique=True)]
+        stored = self._read_stored() if self._stored is None else self._stored
+        parts = [np.setdiff1d(stored, self.hidden, assume_unique=True) if len(self.hidden) else stored]
         lists = self.added.invlists
         parts += [faiss.rev_swig_ptr(lists.get_ids(no), lists.list_size(no)).copy()
                   for no in range(lists.nlist) if lists.list_size(no)]
@@ -49,7 +53,9 @@ class ReaderChanges:
 
     def remove(self, ids: np.ndarray) -> int:
         removed = int(self.added.remove_ids(faiss.IDSelectorBatch(ids)))
-        stored = np.intersect1d(ids, self.stored)
+        if self._stored is None:
+            self._stored = np.sort(self._read_stored())
+        stored = np.intersect1d(ids, self._stored)
         newly = np.setdiff1d(stored, self.hidden, assume_unique=True)
         self.hidden = np.union1d(self.hidden, newly)
         return removed + len(newly)
@@ -80,7 +86,7 @@ class ReaderChanges:
         """(index, search parameters) of the mapped part (removed rows hidden) and the added part."""
         visible = None if allowed is None else np.asarray(allowed, dtype=np.int64)
         if visible is not None:
-            mapped_selector = faiss.IDSelectorBatch(np.setdiff1d(visible, self.hidden))
+            mapped_selector = faiss.IDSelectorBatch(np.setdiff1d(visible, self.hidden) if len(self.hidden) else visible)
         elif len(self.hidden):
             mapped_selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(self.hidden))
         else:

@@ -155,7 +155,7 @@ class VectorIndex:
             return
         if self.lists.read_only:
             if self._side is None:
-                self._side = ReaderChanges(self.index, self._stored_ids())
+                self._side = ReaderChanges(self.index, self._stored_ids)
         else:
             self.index, self.lists = ondisk.next_generation(self.index, self.lists)
 
@@ -210,9 +210,7 @@ class VectorIndex:
         (CUDA without faiss-gpu), else None: the caller searches with FAISS. A copy that cannot be
         made or fails (out of GPU memory even in the smallest blocks) is logged once and dropped
         until the index changes: FAISS on the CPU answers meanwhile."""
-        # faiss-gpu's copy of SQfp16 is a float16 GPU index that neither keeps float32 products nor
-        # re-scores; torch re-scores in float32, so SQfp16 goes through torch even beside faiss-gpu.
-        faiss_gpu_exact = gpu_available() and isinstance(self.inner, faiss.IndexFlat)
+        faiss_gpu_exact = gpu_available() and self._exact_on_faiss_gpu()
         device = torch_search.search_device(faiss_gpu_exact, self.count)
         if device is None or self.count == 0 or not self.is_exact():
             return None
@@ -251,8 +249,8 @@ class VectorIndex:
         With a GPU, call it holding _gpu_lock (see search)."""
         if not gpu_available() or self.count == 0 or self.lists is not None:
             return self.index  # on-disk lists stay on disk: a GPU copy would load them whole
-        if self.is_exact() and not isinstance(self.inner, faiss.IndexFlat):
-            return self.index  # SQfp16 where torch could not take it: a float16 GPU copy would not be exact
+        if self.is_exact() and not self._exact_on_faiss_gpu():
+            return self.index  # SQfp16 where torch could not take it
         cached = self._gpu
         if cached is None or cached[0] != self.version:
             try:
@@ -263,6 +261,12 @@ class VectorIndex:
                 cached = (self.version, self.index, None)
             self._gpu = cached
         return cached[1]
+
+    def _exact_on_faiss_gpu(self) -> bool:
+        """Whether faiss-gpu's copy of this index searches as exactly as it does: Flat's does. Its copy
+        of SQfp16 is a float16 GPU index that neither keeps float32 products nor re-scores, so SQfp16
+        goes through torch (which re-scores in float32) even beside faiss-gpu, else stays on the CPU."""
+        return isinstance(self.inner, faiss.IndexFlat)
 
     def is_exact(self) -> bool:
         """Whether the index stores the vectors themselves (Flat, SQfp16): `reconstruct` then returns

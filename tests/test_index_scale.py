@@ -296,7 +296,7 @@ def test_budget_is_read_from_the_environment_or_the_machine(monkeypatch):
     with pytest.raises(InvalidArgumentError, match="DINOSEEK_INDEX_MEMORY must be a size like 4G"):
         budget.memory_budget()
     assert budget.exact_index_bytes(5_000_000, 384) / 1e9 == pytest.approx(7.92, abs=0.01)
-    assert budget.exact_index_bytes(5_000_000, 384, value_bytes=2) / 1e9 == pytest.approx(4.08, abs=0.01)
+    assert budget.exact_index_bytes(5_000_000, 384, "SQfp16") / 1e9 == pytest.approx(4.08, abs=0.01)
 
 
 def test_the_exact_fallback_keeps_the_catalog_values_in_half_the_memory(tmp_path, large, monkeypatch):

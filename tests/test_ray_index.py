@@ -155,14 +155,21 @@ def test_a_ray_start_cluster_addressed_by_host_and_port(tmp_path, tiny_folder):
 
 # ---- faults -----------------------------------------------------------------------------------
 
+def start_driver(root, tiny_folder, *, bulk: int, output) -> tuple[subprocess.Popen, set[bytes]]:
+    """Photos made under `root` (see make_photos) and `index --ray local` started on them in batches
+    of 2, its own session (stop_tree ends what it started), stdout and stderr to `output`."""
+    embedded = make_photos(root, bulk=bulk)
+    driver = subprocess.Popen(cli_command(root, tiny_folder, "--batch-size", 2), stdout=output,
+                              stderr=subprocess.STDOUT, env={**os.environ, **RAY_ENV}, start_new_session=True)
+    return driver, embedded
+
+
 @needs_ray
 def test_a_killed_encoder_worker_has_its_batch_retried(tmp_path, tiny_folder):
     """SIGKILL the encoder actor's process (found by pid among the driver's descendants) while
     the run is under way: Ray restarts it, the batch is retried, the run finishes complete."""
     root = tmp_path / "photos"
-    embedded = make_photos(root, bulk=150)
-    driver = subprocess.Popen(cli_command(root, tiny_folder, "--batch-size", 2), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, env={**os.environ, **RAY_ENV}, start_new_session=True)
+    driver, embedded = start_driver(root, tiny_folder, bulk=150, output=subprocess.PIPE)
     started = set()
     try:
         actor = wait_for(lambda: next(iter(processes_of(driver.pid, "_EncodeBatch")), None), driver, "encoder actor")
@@ -190,9 +197,7 @@ def test_a_killed_driver_is_resumed_by_running_the_command_again(tmp_path, tiny_
     """SIGKILL the driver (which started the local runtime) mid-run: its Ray processes go with it;
     the same command run again finishes with exactly one row and one vector per image."""
     root = tmp_path / "photos"
-    embedded = make_photos(root, bulk=100)
-    driver = subprocess.Popen(cli_command(root, tiny_folder, "--batch-size", 2), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env={**os.environ, **RAY_ENV}, start_new_session=True)
+    driver, embedded = start_driver(root, tiny_folder, bulk=100, output=subprocess.DEVNULL)
     started = set()
     try:
         wait_for(lambda: embedded_rows(root) >= 4 or None, driver, "a first committed batch")
