@@ -125,67 +125,66 @@ def _mapped(lists: faiss.OnDiskInvertedLists) -> np.ndarray:
 def release_pages(lists: faiss.OnDiskInvertedLists) -> None:
     """Drop this process's pages of the lists' mapping (resident memory), keeping the data.
 
-    The mapping is shared, so MADV_DONTNEED only unmaps the pages: their contents (dirty ones
-    included) stay in the page cache and the file, and the next access maps them again. Without it
-    every page a build touched counted in its resident memory until the end (6.3 GB of 7.8 GB at 5M)."""
+    The mapping is shared, so MADV_DONTNEED only unmaps the pages: their contents (written ones
+    included) stay in the page cache, written back to the file as usual (at the latest by the
+    checkpoint's fsync), and the next access maps them again. Without it every page a build touched
+    counted in its resident memory until the end (6.3 GB of 7.8 GB at 5M)."""
     if lists.ptr is None or not lists.totsize or not hasattr(mmap, "MADV_DONTNEED"):
         return
-    libc = ctypes.CDLL(None, use_errno=True)
     address = _mapped(lists).ctypes.data
-    if libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(lists.totsize), mmap.MADV_DONTNEED) != 0:
+    if _LIBC.madvise(ctypes.c_void_p(address), ctypes.c_size_t(lists.totsize), mmap.MADV_DONTNEED) != 0:
         log.debug("madvise on %s: %s", lists.filename, os.strerror(ctypes.get_errno()))  # only a hint
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
 RELEASE_EVERY = 256 << 20  # bytes copied between two release_pages while compacting
 
 
 def _compacted(lists: faiss.OnDiskInvertedLists, path: Path) -> faiss.OnDiskInvertedLists:
     """`lists` copied into a file of exactly their size, which then takes the name `path`.
 
-    Appended shard by shard, each list moved to a slot twice its size whenever it outgrew its own,
-    leaving the old one free: the file held 2.5 times its codes at 5M vectors (4.9 GB of disk for 2 GB
-    of IVF-SQ8 codes, 8.6 GB apparent). The copy is written once, in list order, each list's slot
-    exactly its size (FAISS's layout: the codes, then the ids); pages of both files are released
-    every RELEASE_EVERY bytes, so the copy's resident memory stays flat (merge_from_multiple, one
-    call, touched both files whole). Its temp name is one remove_temp_files clears after a kill.
-    Every list is then exactly full: the first add to one moves it to a new slot at the end of the
-    file, so an incremental run grows the file again (by doubling its apparent size once, as FAISS
-    grows it)."""
+    Appended shard by shard, a list that outgrows its slot moves to a new one (a power of two of
+    entries) at the end of the file, and FAISS reuses little of the old: the file held 2.5 times its
+    codes at 5M vectors (4.9 GB of disk for 2 GB of IVF-SQ8 codes, 8.6 GB apparent). The copy is
+    written once, in list order, each list's slot exactly its size (set_all_lists_sizes: FAISS's
+    layout, the codes then the ids); pages of both files are released every RELEASE_EVERY bytes, so
+    the copy's resident memory stays flat (merge_from_multiple, one call, touched both files whole).
+    Its temp name is one remove_temp_files clears after a kill. Every list is then exactly full: the
+    first add to one moves it to a new slot at the end of the file, so an incremental run grows the
+    file again."""
     total = lists.compute_ntotal()
     if total == 0:
         return lists  # nothing to compact (and FAISS cannot map an empty file)
     code_size = lists.code_size
-    tmp = path.with_name(f".{path.name}.faiss.{os.getpid()}.tmp")
-    compact = faiss.OnDiskInvertedLists(lists.nlist, code_size, str(tmp))
+    sizes = np.array([lists.list_size(no) for no in range(lists.nlist)], dtype=np.uint64)
     size = total * (code_size + 8)
-    compact.update_totsize(size)  # the new file, recorded as one free slot...
-    if compact.allocate_slot(size) != 0:  # ...that the lists now fill
-        raise RuntimeError("faiss sized the compacted lists file differently than expected")
-    source, target = _mapped(lists), _mapped(compact)
-    table = faiss.OnDiskOneListVector()
-    offset = copied = 0
-    for no in range(lists.nlist):
-        old, new = lists.lists.at(no), faiss.OnDiskOneList()  # an empty list keeps no slot
-        if old.size:
-            codes, ids = old.size * code_size, old.size * 8
-            target[offset : offset + codes] = source[old.offset : old.offset + codes]
-            at = old.offset + old.capacity * code_size
-            target[offset + codes : offset + codes + ids] = source[at : at + ids]
-            new.size = new.capacity = old.size
-            new.offset = offset
-            offset += codes + ids
-            copied += codes + ids
-        table.push_back(new)
-        if copied >= RELEASE_EVERY:
-            release_pages(lists)
-            release_pages(compact)
-            copied = 0
-    if offset != size:
-        raise RuntimeError("the on-disk lists hold other sizes than they report: not compacted")
-    compact.lists.swap(table)
-    release_pages(lists)
-    release_pages(compact)
-    os.replace(tmp, path)  # the mapping follows the file; later growth reopens it by name
+    tmp = path.with_name(f".{path.name}.faiss.{os.getpid()}.tmp")
+    try:
+        compact = faiss.OnDiskInvertedLists(lists.nlist, code_size, str(tmp))
+        compact.update_totsize(size)  # the new file (sparse), recorded as one free slot...
+        if compact.allocate_slot(size) != 0:  # ...that the lists now fill
+            raise RuntimeError("faiss sized the compacted lists file differently than expected")
+        if hasattr(os, "posix_fallocate"):  # a full disk: an OSError here, not SIGBUS in the copy
+            with open(tmp, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, size)
+        compact.set_all_lists_sizes(faiss.swig_ptr(sizes))
+        copied = 0
+        for no, n in enumerate(sizes.tolist()):
+            if n:
+                codes = n * code_size
+                faiss.rev_swig_ptr(compact.get_codes(no), codes)[:] = faiss.rev_swig_ptr(lists.get_codes(no), codes)
+                faiss.rev_swig_ptr(compact.get_ids(no), n)[:] = faiss.rev_swig_ptr(lists.get_ids(no), n)
+                copied += codes + 8 * n
+            if copied >= RELEASE_EVERY:
+                release_pages(lists)
+                release_pages(compact)
+                copied = 0
+        release_pages(lists)
+        release_pages(compact)
+        os.replace(tmp, path)  # the mapping follows the file; later growth reopens it by name
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     compact.filename = str(path)
     return compact
 

@@ -7,7 +7,7 @@ overwrote it under the writer). So rows added since the checkpoint go into an in
 with the same trained quantizer and codec, and rows removed are hidden from the mapped one by an id
 selector. Searches ask both with the same nprobe and merge: the results are those the reconciled
 index would give. Memory: the added rows' codes, a copy of the quantizer and, once a row is
-removed, the stored ids (8 bytes a row: 40 MB per kind at 5M).
+removed or ids() asked, the stored ids (8 bytes a row: 40 MB per kind at 5M).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class ReaderChanges:
         lists.this.disown()  # the index owns it now
         self.added.ntotal = 0
         self._read_stored = stored_ids  # the ids in the mapped lists (they never change)...
-        self._stored: np.ndarray | None = None  # ...read and sorted on the first remove
+        self._stored: np.ndarray | None = None  # ...read on first need: ids() or a remove
         self.hidden = np.zeros(0, np.int64)  # of those, the ones removed
 
     @property
@@ -41,7 +41,7 @@ class ReaderChanges:
         return self.added.ntotal - len(self.hidden)
 
     def ids(self) -> np.ndarray:
-        stored = self._read_stored() if self._stored is None else self._stored
+        stored = self._stored_ids()
         parts = [np.setdiff1d(stored, self.hidden, assume_unique=True) if len(self.hidden) else stored]
         lists = self.added.invlists
         parts += [faiss.rev_swig_ptr(lists.get_ids(no), lists.list_size(no)).copy()
@@ -53,12 +53,15 @@ class ReaderChanges:
 
     def remove(self, ids: np.ndarray) -> int:
         removed = int(self.added.remove_ids(faiss.IDSelectorBatch(ids)))
-        if self._stored is None:
-            self._stored = np.sort(self._read_stored())
-        stored = np.intersect1d(ids, self._stored)
+        stored = np.intersect1d(ids, self._stored_ids())
         newly = np.setdiff1d(stored, self.hidden, assume_unique=True)
         self.hidden = np.union1d(self.hidden, newly)
         return removed + len(newly)
+
+    def _stored_ids(self) -> np.ndarray:
+        if self._stored is None:
+            self._stored = self._read_stored()
+        return self._stored
 
     def search(self, mapped: faiss.IndexIVF, queries: np.ndarray, k: int, nprobe: int,
                allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -160,6 +160,23 @@ def test_a_reader_brings_an_on_disk_index_in_line_without_writing_in_the_folder(
         assert folder_state(root) == before
 
 
+def test_a_reader_that_only_sees_added_rows_never_copies_the_stored_ids(on_disk_library):
+    """The stored ids (8 bytes a row) are read by a reader's changes only to hide removed rows."""
+    root, vectors = on_disk_library
+    more = clustered(20, seed=9)
+    with Library.open(root, write=True) as writer:
+        with writer.catalog.engine.begin() as connection:
+            connection.execute(insert(ImageRow), [
+                {"path": b"add%d.jpg" % i, "path_sha256": path_digest(b"add%d.jpg" % i), "path_text": f"add{i}.jpg",
+                 "folder": "", "size": 1, "mtime_ns": 0, "sha256": f"{N + 1 + i:064x}", "status": EMBEDDED,
+                 "cls": more[i].astype(np.float16).tobytes(), "patch": more[i].astype(np.float16).tobytes()}
+                for i in range(len(more))])
+        with Library.open(root) as reader:
+            index = reader.load_indexes()["cls"]
+            assert index.count == N + len(more) and index._side._stored is None
+            assert self_found(index, np.concatenate([vectors, more]), np.arange(N + 1, N + 21)) >= 0.9
+
+
 def damage_truncate(path, generation):
     os.truncate(path, os.path.getsize(path) - 100)
 
@@ -458,11 +475,22 @@ def test_compaction_keeps_every_list_byte_for_byte_while_releasing_pages(tmp_pat
     assert list_contents(compact) == before
     assert os.path.getsize(tmp_path / "l.ivfdata") == sum(len(ids) + len(codes) for ids, codes in before)
     assert sum(".tmp" in name for name in released) > 1  # the copy released its pages on the way
+    assert [p.name for p in tmp_path.iterdir()] == ["l.ivfdata"]
+    with ondisk.quiet_stdout():
+        end = compact.totsize
+        assert compact.allocate_slot(1) == end  # no space left marked free: a new slot goes at the end
+        new_ids, new_codes = np.arange(5, dtype=np.int64), np.full(5 * 12, 9, np.uint8)
+        compact.add_entries(0, 5, faiss.swig_ptr(new_ids), faiss.swig_ptr(new_codes))  # into an empty list
+        compact.resize(1, 0)  # a list emptied
+    after = list_contents(compact)
+    assert after[0] == (new_ids.tobytes(), new_codes.tobytes()) and after[1] == (b"", b"")
+    assert after[2:] == before[2:]
 
 
 def resident_file_kb() -> int:
     with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))
+        # a mapped file's pages count as RssFile, or as RssShmem where the file is on tmpfs
+        return sum(int(line.split()[1]) for line in status if line.startswith(("RssFile:", "RssShmem:")))
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads resident memory from Linux's /proc")
