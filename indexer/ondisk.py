@@ -38,6 +38,8 @@ import numpy as np
 
 from dinoseek.model.files import sha256_file
 
+from .tuning import LIST_HEADROOM
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"DSIVFGEN"
@@ -140,41 +142,53 @@ _LIBC = ctypes.CDLL(None, use_errno=True)
 RELEASE_EVERY = 256 << 20  # bytes copied between two release_pages while compacting
 
 
+def _slot_capacity(size: int) -> int:
+    """Entries a compacted list's slot holds: its size plus headroom (see tuning.LIST_HEADROOM)."""
+    return size + max(size // LIST_HEADROOM, 8) if size else 0
+
+
 def _compacted(lists: faiss.OnDiskInvertedLists, path: Path) -> faiss.OnDiskInvertedLists:
-    """`lists` copied into a file of exactly their size, which then takes the name `path`.
+    """`lists` copied into a file sized to them, which then takes the name `path`.
 
     Appended shard by shard, a list that outgrows its slot moves to a new one (a power of two of
     entries) at the end of the file, and FAISS reuses little of the old: the file held 2.5 times its
     codes at 5M vectors (4.9 GB of disk for 2 GB of IVF-SQ8 codes, 8.6 GB apparent). The copy is
-    written once, in list order, each list's slot exactly its size (set_all_lists_sizes: FAISS's
-    layout, the codes then the ids); pages of both files are released every RELEASE_EVERY bytes, so
-    the copy's resident memory stays flat (merge_from_multiple, one call, touched both files whole).
-    Its temp name is one remove_temp_files clears after a kill. Every list is then exactly full: the
-    first add to one moves it to a new slot at the end of the file, so an incremental run grows the
-    file again."""
+    written once, in list order, each list in a slot of its size plus headroom (_slot_capacity), in
+    FAISS's layout (the codes, then the ids at capacity x code_size); pages of both files are
+    released every RELEASE_EVERY bytes, so the copy's resident memory stays flat
+    (merge_from_multiple, one call, touched both files whole). Its temp name is one
+    remove_temp_files clears after a kill."""
     total = lists.compute_ntotal()
     if total == 0:
         return lists  # nothing to compact (and FAISS cannot map an empty file)
-    code_size = lists.code_size
-    sizes = np.array([lists.list_size(no) for no in range(lists.nlist)], dtype=np.uint64)
-    size = total * (code_size + 8)
+    entry = lists.code_size + 8
+    table = faiss.OnDiskOneListVector()
+    size = 0
+    for no in range(lists.nlist):
+        one = faiss.OnDiskOneList()  # an empty list keeps no slot
+        one.size = lists.list_size(no)
+        if one.size:
+            one.capacity, one.offset = _slot_capacity(one.size), size
+            size += one.capacity * entry
+        table.push_back(one)
     tmp = path.with_name(f".{path.name}.faiss.{os.getpid()}.tmp")
     try:
-        compact = faiss.OnDiskInvertedLists(lists.nlist, code_size, str(tmp))
+        compact = faiss.OnDiskInvertedLists(lists.nlist, lists.code_size, str(tmp))
         compact.update_totsize(size)  # the new file (sparse), recorded as one free slot...
         if compact.allocate_slot(size) != 0:  # ...that the lists now fill
             raise RuntimeError("faiss sized the compacted lists file differently than expected")
         if hasattr(os, "posix_fallocate"):  # a full disk: an OSError here, not SIGBUS in the copy
             with open(tmp, "r+b") as f:
                 os.posix_fallocate(f.fileno(), 0, size)
-        compact.set_all_lists_sizes(faiss.swig_ptr(sizes))
+        compact.lists.swap(table)
         copied = 0
-        for no, n in enumerate(sizes.tolist()):
+        for no in range(lists.nlist):
+            n = lists.list_size(no)
             if n:
-                codes = n * code_size
+                codes = n * lists.code_size
                 faiss.rev_swig_ptr(compact.get_codes(no), codes)[:] = faiss.rev_swig_ptr(lists.get_codes(no), codes)
                 faiss.rev_swig_ptr(compact.get_ids(no), n)[:] = faiss.rev_swig_ptr(lists.get_ids(no), n)
-                copied += codes + 8 * n
+                copied += n * entry
             if copied >= RELEASE_EVERY:
                 release_pages(lists)
                 release_pages(compact)

@@ -31,6 +31,11 @@ ONDISK_FROM = PQ_FROM
 # While building an on-disk index, vectors are encoded into an in-memory shard of this many and
 # then appended to the file, so the build holds one shard of codes, never the whole library's.
 ONDISK_SHARD = 1_000_000
+# The build then copies the lists into a file sized to them, each list's slot 1/LIST_HEADROOM larger
+# than the list (at least 8 entries): a later run that adds up to that share to a list writes in
+# place. Without headroom every list the first incremental run touched moved to a new slot (up to
+# twice its entries) at the end of the file, leaving its old slot behind: GBs per run at 5M.
+LIST_HEADROOM = 8
 
 # Searching (retrieval.api)
 # Filtered searches over at most this many images are brute force over the catalog's vectors

@@ -417,7 +417,7 @@ def test_periodic_checkpoints_leave_on_disk_lists_and_unchanged_indexes_alone(on
     assert self_found(index, np.concatenate([vectors, more]), new_ids) > 0.9
 
 
-def test_a_built_lists_file_holds_exactly_its_lists_and_takes_adds_in_the_same_process(tmp_path, large):
+def test_a_built_lists_file_holds_its_lists_with_headroom_and_takes_adds_in_the_same_process(tmp_path, large):
     """Shards appended one after the other left lists in slots up to twice their size plus the slots
     they outgrew (2.5x the codes at 5M): the build compacts the file. FAISS records a new file's
     space as free; an add in the same process must not be written over the lists."""
@@ -427,7 +427,10 @@ def test_a_built_lists_file_holds_exactly_its_lists_and_takes_adds_in_the_same_p
     source = build.ArraySource(np.arange(1, N + 1), vectors, DIM)
     lists = ondisk.ListsFile(tmp_path / "cls.g000001.ivfdata", 1, checkpointed=False)
     index = build.build_streamed("IVF16,SQ8", source, requested="IVF16,SQ8", lists_for=lambda: lists)
-    assert os.path.getsize(lists.path) == N * (index.inner.code_size + 8)
+    inner = ondisk.ondisk_lists(index.inner)
+    capacities = [ondisk._slot_capacity(inner.list_size(no)) for no in range(inner.nlist)]
+    assert os.path.getsize(lists.path) == sum(capacities) * (index.inner.code_size + 8)
+    assert sum(capacities) <= N * 1.2
     assert [p.name for p in tmp_path.iterdir()] == ["cls.g000001.ivfdata"]  # no temp file left
     more = clustered(500, seed=3)
     index.add(np.arange(N + 1, N + 501), more)
@@ -448,8 +451,9 @@ def list_contents(lists) -> list[tuple[bytes, bytes]]:
 
 
 def test_compaction_keeps_every_list_byte_for_byte_while_releasing_pages(tmp_path, monkeypatch):
-    """Lists appended in shards (moved to bigger slots as they grow) are copied into an exactly sized
-    file with the same ids and codes in every list, empty lists included, releasing pages as it goes."""
+    """Lists appended in shards (moved to bigger slots as they grow) are copied into a file sized to
+    them with the same ids and codes in every list, empty lists included, releasing pages as it goes;
+    a list then takes a few more entries in place, and an empty one a new slot."""
     import faiss
 
     from dinoseek.indexer import ondisk
@@ -472,19 +476,24 @@ def test_compaction_keeps_every_list_byte_for_byte_while_releasing_pages(tmp_pat
             ondisk._append_shard(shard, target)
         before = list_contents(target)
         compact = ondisk._compacted(target, tmp_path / "l.ivfdata")
+    compact_offset_2 = compact.lists.at(2).offset
     assert list_contents(compact) == before
-    assert os.path.getsize(tmp_path / "l.ivfdata") == sum(len(ids) + len(codes) for ids, codes in before)
+    sizes = [len(ids) // 8 for ids, _ in before]
+    assert os.path.getsize(tmp_path / "l.ivfdata") == sum(ondisk._slot_capacity(n) for n in sizes) * 20
     assert sum(".tmp" in name for name in released) > 1  # the copy released its pages on the way
     assert [p.name for p in tmp_path.iterdir()] == ["l.ivfdata"]
+    new_ids, new_codes = np.arange(5, dtype=np.int64), np.full(5 * 12, 9, np.uint8)
     with ondisk.quiet_stdout():
         end = compact.totsize
+        compact.add_entries(2, 5, faiss.swig_ptr(new_ids), faiss.swig_ptr(new_codes))  # within its headroom
+        assert compact.totsize == end and compact.lists.at(2).offset == compact_offset_2
         assert compact.allocate_slot(1) == end  # no space left marked free: a new slot goes at the end
-        new_ids, new_codes = np.arange(5, dtype=np.int64), np.full(5 * 12, 9, np.uint8)
         compact.add_entries(0, 5, faiss.swig_ptr(new_ids), faiss.swig_ptr(new_codes))  # into an empty list
         compact.resize(1, 0)  # a list emptied
     after = list_contents(compact)
     assert after[0] == (new_ids.tobytes(), new_codes.tobytes()) and after[1] == (b"", b"")
-    assert after[2:] == before[2:]
+    assert after[2] == (before[2][0] + new_ids.tobytes(), before[2][1] + new_codes.tobytes())
+    assert after[3:] == before[3:]
 
 
 def resident_file_kb() -> int:
