@@ -170,7 +170,7 @@ def _trial(factory: str, source, *, requested: str, lists_for, probe: Probe | No
             return _exact(inner, factory, source, requested), 1.0
         return _filled(inner, factory, source, requested), 1.0
     index = VectorIndex(inner, factory, requested, None, source.count)
-    if lists_for is not None and source.count >= ONDISK_FROM:
+    if lists_for is not None and source.count >= ONDISK_FROM and lists_fit_on_disk(inner):
         index.lists = lists_for()
         ondisk.fill_on_disk(inner, source.blocks(), index.lists, ONDISK_SHARD)
     else:
@@ -178,6 +178,14 @@ def _trial(factory: str, source, *, requested: str, lists_for, probe: Probe | No
             index.add(ids, vectors)
     index.nprobe, recall = tune_nprobe(index, probe or sample_probe(source))
     return index, recall
+
+
+def lists_fit_on_disk(ivf: faiss.IndexIVF) -> bool:
+    """Whether FAISS's on-disk lists can hold this index's lists. FastScan's cannot: they pack codes
+    in blocks of 32 vectors, and on-disk lists copy code_size bytes per vector (a last partial block
+    is cut short: wrong results). Their 4-bit codes are small, so they stay in memory (PQ96x4fs:
+    56 B a vector with its id, 280 MB per kind at 5M)."""
+    return not isinstance(ivf, faiss.IndexIVFFastScan)
 
 
 def _filled(inner: faiss.Index, factory: str, source, requested: str) -> VectorIndex:

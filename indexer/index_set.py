@@ -18,7 +18,7 @@ import numpy as np
 from dinoseek.model.files import sha256_file
 
 from . import ondisk
-from .build import CatalogSource, build_streamed
+from .build import CatalogSource, build_streamed, lists_fit_on_disk
 from .catalog import KINDS, IndexFileRow
 from .catalog_gateway import Catalog
 from .errors import LibraryError
@@ -68,6 +68,8 @@ class IndexSet:
                                      read_only=not self.writable)
             problem = ondisk.lists_problem(ondisk.ondisk_lists(loaded), lists.path, record.generation,
                                            record.lists_bytes)
+            if problem is None and not lists_fit_on_disk(loaded):
+                problem = "FastScan lists on disk, as an earlier version built them: their results were wrong"
             if problem is None and full_check and sha256_file(lists.path) != record.lists_checksum:
                 problem = "sha256 differs from the checkpoint's"
             if problem is not None:

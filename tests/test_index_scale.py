@@ -521,3 +521,38 @@ def test_releasing_pages_of_mapped_lists_drops_them_from_memory_and_keeps_their_
     with open(tmp_path / "l.ivfdata", "rb") as f:
         f.seek(12345 * 4096)
         assert f.read(2) == b"\x07\x00"
+
+
+def test_fastscan_lists_stay_in_memory_and_match_an_index_built_in_one_go(tmp_path, large):
+    """IVF-PQ FastScan packs its codes in blocks of 32, which on-disk lists cannot hold: its lists stay
+    in memory however large the library, with the results of the same index built without a lists file."""
+    import faiss
+
+    from dinoseek.indexer import ondisk
+
+    vectors = clustered(N)
+    source = build.ArraySource(np.arange(1, N + 1), vectors, DIM)
+    lists = ondisk.ListsFile(tmp_path / "cls.g000001.ivfdata", 1, checkpointed=False)
+    index = build.build_streamed("IVF16,PQ8x4fs", source, requested="IVF16,PQ8x4fs", lists_for=lambda: lists)
+    assert index.lists is None and not lists.path.exists()
+    reference = build.build_streamed("IVF16,PQ8x4fs", source, requested="IVF16,PQ8x4fs")  # the same seeded training
+    params = faiss.SearchParametersIVF(nprobe=16)
+    assert np.array_equal(index.inner.search(vectors[:200], 10, params=params)[1],
+                          reference.inner.search(vectors[:200], 10, params=params)[1])
+
+
+def test_fastscan_lists_an_earlier_version_put_on_disk_are_rebuilt_in_memory(tmp_path, large, monkeypatch, caplog):
+    vectors = clustered(N)
+    make_library(tmp_path, vectors)
+    monkeypatch.setattr(build, "lists_fit_on_disk", lambda ivf: True)  # as earlier versions built them
+    with Library.open(tmp_path, write=True, index_choice="IVF16,PQ8x4fs") as library:
+        library.load_indexes()
+    assert lists_files(tmp_path) == ["cls.g000001.ivfdata", "patch.g000001.ivfdata"]
+    monkeypatch.undo()
+    with caplog.at_level(logging.WARNING), Library.open(tmp_path, write=True) as library:
+        index = library.load_indexes()["cls"]
+        assert index.lists is None and index.count == N and index.factory == "IVF16,PQ8x4fs"
+        source = build.ArraySource(np.arange(1, N + 1), vectors, DIM)
+        reference = build.build_streamed("IVF16,PQ8x4fs", source, requested="IVF16,PQ8x4fs")
+        assert np.array_equal(index.search(vectors[:200], 10)[1], reference.search(vectors[:200], 10)[1])
+    assert "FastScan lists on disk" in caplog.text and lists_files(tmp_path) == []
