@@ -177,6 +177,7 @@ def _trial(factory: str, source, *, requested: str, lists_for, probe: Probe | No
         for ids, vectors in source.blocks():
             index.add(ids, vectors)
     index.nprobe, recall = tune_nprobe(index, probe or sample_probe(source))
+    index.release_pages()
     return index, recall
 
 

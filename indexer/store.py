@@ -127,7 +127,7 @@ class VectorIndex:
             with ondisk.quiet_stdout() if self.lists else contextlib.nullcontext():
                 self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
                                         np.asarray(ids, dtype=np.int64))
-            self._release_pages()
+            self.release_pages()
 
     def remove(self, ids) -> int:
         ids = np.asarray(list(ids), dtype=np.int64)
@@ -138,12 +138,14 @@ class VectorIndex:
         if self._side is not None:
             return self._side.remove(ids)
         removed = int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
-        self._release_pages()
+        self.release_pages()
         return removed
 
-    def _release_pages(self) -> None:
-        """An add moves a grown list to a new slot and a remove reads every list's ids: without this,
-        a long incremental run would keep every page of the lists file it touched resident."""
+    def release_pages(self) -> None:
+        """Drop the process's pages of the on-disk lists (ondisk.release_pages); nothing in memory.
+        An add moves a grown list to a new slot, a remove reads every list's ids, nprobe tuning
+        scans many lists: without this, every page they touched stayed resident (a build's second
+        kind ran beside the first one's tuning pages)."""
         if self.lists is not None:
             ondisk.release_pages(ondisk.ondisk_lists(self.index))
 
