@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import mmap
 import os
@@ -143,8 +144,9 @@ RELEASE_EVERY = 256 << 20  # bytes copied between two release_pages while compac
 
 
 def _slot_capacity(size: int) -> int:
-    """Entries a compacted list's slot holds: its size plus headroom (see tuning.LIST_HEADROOM)."""
-    return size + max(size // LIST_HEADROOM, 8) if size else 0
+    """Entries a compacted list's slot holds: its size plus headroom (see tuning.LIST_HEADROOM), at
+    most size + 1 extra: FAISS keeps a list in its slot only while it fills more than half of it."""
+    return size + min(max(size // LIST_HEADROOM, 8), size + 1) if size else 0
 
 
 def _compacted(lists: faiss.OnDiskInvertedLists, path: Path) -> faiss.OnDiskInvertedLists:
@@ -156,7 +158,9 @@ def _compacted(lists: faiss.OnDiskInvertedLists, path: Path) -> faiss.OnDiskInve
     written once, in list order, each list in a slot of its size plus headroom (_slot_capacity), in
     FAISS's layout (the codes, then the ids at capacity x code_size); pages of both files are
     released every RELEASE_EVERY bytes, so the copy's resident memory stays flat
-    (merge_from_multiple, one call, touched both files whole). Its temp name is one
+    (merge_from_multiple, one call, touched both files whole). The file ends in a free tail of
+    1/LIST_HEADROOM of the lists (sparse until used) where lists that outgrow their slot move: with
+    no free space, FAISS would double the file at the first move. Its temp name is one
     remove_temp_files clears after a kill."""
     total = lists.compute_ntotal()
     if total == 0:
@@ -174,8 +178,8 @@ def _compacted(lists: faiss.OnDiskInvertedLists, path: Path) -> faiss.OnDiskInve
     tmp = path.with_name(f".{path.name}.faiss.{os.getpid()}.tmp")
     try:
         compact = faiss.OnDiskInvertedLists(lists.nlist, lists.code_size, str(tmp))
-        compact.update_totsize(size)  # the new file (sparse), recorded as one free slot...
-        if compact.allocate_slot(size) != 0:  # ...that the lists now fill
+        compact.update_totsize(size + size // LIST_HEADROOM)  # the new file (sparse), one free slot...
+        if compact.allocate_slot(size) != 0:  # ...that the lists now fill, but for the tail
             raise RuntimeError("faiss sized the compacted lists file differently than expected")
         if hasattr(os, "posix_fallocate"):  # a full disk: an OSError here, not SIGBUS in the copy
             with open(tmp, "r+b") as f:
@@ -252,6 +256,28 @@ def open_lists(ivf: faiss.IndexIVF, path: Path, *, writable: bool) -> None:
     od.do_mmap()
 
 
+def _copy_file(source: Path, target: Path) -> None:
+    """`source` copied to a new file `target` by copy_file_range where the kernel has it: the
+    filesystem shares the blocks where it can (a reflink on XFS, Btrfs: no data written), else copies
+    them in the kernel. shutil.copyfile (sendfile on Linux) writes every byte, GBs per incremental
+    run at 5M; it is the fallback where copy_file_range is refused."""
+    if hasattr(os, "copy_file_range"):
+        try:
+            with open(source, "rb") as src, open(target, "wb") as dst:
+                left = os.fstat(src.fileno()).st_size
+                while left > 0:
+                    copied = os.copy_file_range(src.fileno(), dst.fileno(), left)
+                    if copied == 0:
+                        raise OSError(errno.EIO, "copy_file_range stopped short")
+                    left -= copied
+            return
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EIO):
+                raise
+            log.debug("copy_file_range refused (%s): copying %s by reading it", e, source.name)
+    shutil.copyfile(source, target)
+
+
 def next_generation(ivf: faiss.IndexIVF, lists: ListsFile) -> tuple[faiss.IndexIVF, ListsFile]:
     """A writable copy of a checkpointed lists file as generation + 1, and the index mapped on it.
 
@@ -260,7 +286,7 @@ def next_generation(ivf: faiss.IndexIVF, lists: ListsFile) -> tuple[faiss.IndexI
     kind = lists.path.name.split(".")[0]
     new = ListsFile(lists_path(lists.path.parent, kind, lists.generation + 1), lists.generation + 1, checkpointed=False)
     totsize = ondisk_lists(ivf).totsize
-    shutil.copyfile(lists.path, new.path)  # copy_file_range: a reflink where the filesystem can
+    _copy_file(lists.path, new.path)
     os.truncate(new.path, totsize)  # drop the old trailer
     copy = deserialize(faiss.serialize_index(ivf).tobytes(), skip_lists=True)
     open_lists(copy, new.path, writable=True)

@@ -32,9 +32,10 @@ ONDISK_FROM = PQ_FROM
 # then appended to the file, so the build holds one shard of codes, never the whole library's.
 ONDISK_SHARD = 1_000_000
 # The build then copies the lists into a file sized to them, each list's slot 1/LIST_HEADROOM larger
-# than the list (at least 8 entries): a later run that adds up to that share to a list writes in
-# place. Without headroom every list the first incremental run touched moved to a new slot (up to
-# twice its entries) at the end of the file, leaving its old slot behind: GBs per run at 5M.
+# than the list (at least 8 entries where the list has that many): a later run that adds up to that
+# share to a list writes in place. A list that outgrows its slot moves to a new one (up to twice its
+# entries) in a free tail of 1/LIST_HEADROOM of the file, then at the end of the file, which FAISS
+# doubles whenever no free space fits.
 LIST_HEADROOM = 8
 
 # Searching (retrieval.api)

@@ -7,11 +7,12 @@ from __future__ import annotations
 import logging
 import os
 
+import faiss
 import numpy as np
 import pytest
 from sqlalchemy import insert
 
-from dinoseek.indexer import budget, build, store
+from dinoseek.indexer import budget, build, ondisk, store
 from dinoseek.indexer.catalog import EMBEDDED, ImageRow, path_digest
 from dinoseek.indexer.catalog_gateway import Catalog
 from dinoseek.indexer.errors import InvalidArgumentError
@@ -104,6 +105,26 @@ def test_on_disk_index_builds_searches_adds_removes_and_reopens(on_disk_library,
         ids = set(index.ids().tolist())
         assert index.count == N - 2 and 5 in ids and not {6, 7} & ids
         assert self_found(index, vectors, np.array([5, 100, 2000])) == 1.0
+
+
+def test_a_later_run_adds_to_a_list_in_place_within_its_headroom(on_disk_library):
+    """A new run (a new process: the index reopened, its lists copied to the next generation) adds
+    a few vectors to one list: it stays in its slot and the file does not grow."""
+    root, vectors = on_disk_library
+    with Library.open(root, write=True) as writer:
+        index = writer.load_indexes()["cls"]
+        before = ondisk.ondisk_lists(index.inner)  # released with the index the first change replaces
+        size, offsets = before.totsize, [before.lists.at(no).offset for no in range(before.nlist)]
+        _, assigned = faiss.extract_index_ivf(index.inner).quantizer.search(vectors[:1], 1)
+        target = int(assigned[0, 0])
+        target_size = before.list_size(target)
+        index.add(np.arange(N + 1, N + 4), np.repeat(vectors[:1], 3, axis=0))  # three copies: one list
+        after = ondisk.ondisk_lists(index.inner)
+        assert index.lists.generation == 2 and after.totsize == size
+        assert [after.lists.at(no).offset for no in range(after.nlist)] == offsets
+        assert after.list_size(target) == target_size + 3
+        writer.index_set.save("cls")
+    assert os.path.getsize(root / ".dinoseek" / "cls.g000002.ivfdata") == size + TRAILER.size
 
 
 def test_a_later_run_reconciles_the_on_disk_index_into_a_new_generation(on_disk_library):
@@ -429,7 +450,9 @@ def test_a_built_lists_file_holds_its_lists_with_headroom_and_takes_adds_in_the_
     index = build.build_streamed("IVF16,SQ8", source, requested="IVF16,SQ8", lists_for=lambda: lists)
     inner = ondisk.ondisk_lists(index.inner)
     capacities = [ondisk._slot_capacity(inner.list_size(no)) for no in range(inner.nlist)]
-    assert os.path.getsize(lists.path) == sum(capacities) * (index.inner.code_size + 8)
+    assert [inner.lists.at(no).capacity for no in range(inner.nlist)] == capacities  # what FAISS holds
+    lists_bytes = sum(capacities) * (index.inner.code_size + 8)
+    assert os.path.getsize(lists.path) == lists_bytes + lists_bytes // 8  # and the free tail
     assert sum(capacities) <= N * 1.2
     assert [p.name for p in tmp_path.iterdir()] == ["cls.g000001.ivfdata"]  # no temp file left
     more = clustered(500, seed=3)
@@ -478,8 +501,8 @@ def test_compaction_keeps_every_list_byte_for_byte_while_releasing_pages(tmp_pat
         compact = ondisk._compacted(target, tmp_path / "l.ivfdata")
     compact_offset_2 = compact.lists.at(2).offset
     assert list_contents(compact) == before
-    sizes = [len(ids) // 8 for ids, _ in before]
-    assert os.path.getsize(tmp_path / "l.ivfdata") == sum(ondisk._slot_capacity(n) for n in sizes) * 20
+    lists_bytes = sum(ondisk._slot_capacity(len(ids) // 8) for ids, _ in before) * 20
+    assert os.path.getsize(tmp_path / "l.ivfdata") == lists_bytes + lists_bytes // 8
     assert sum(".tmp" in name for name in released) > 1  # the copy released its pages on the way
     assert [p.name for p in tmp_path.iterdir()] == ["l.ivfdata"]
     new_ids, new_codes = np.arange(5, dtype=np.int64), np.full(5 * 12, 9, np.uint8)
@@ -487,8 +510,8 @@ def test_compaction_keeps_every_list_byte_for_byte_while_releasing_pages(tmp_pat
         end = compact.totsize
         compact.add_entries(2, 5, faiss.swig_ptr(new_ids), faiss.swig_ptr(new_codes))  # within its headroom
         assert compact.totsize == end and compact.lists.at(2).offset == compact_offset_2
-        assert compact.allocate_slot(1) == end  # no space left marked free: a new slot goes at the end
-        compact.add_entries(0, 5, faiss.swig_ptr(new_ids), faiss.swig_ptr(new_codes))  # into an empty list
+        compact.add_entries(0, 5, faiss.swig_ptr(new_ids), faiss.swig_ptr(new_codes))  # into an empty list...
+        assert compact.lists.at(0).offset == lists_bytes and compact.totsize == end  # ...takes the free tail
         compact.resize(1, 0)  # a list emptied
     after = list_contents(compact)
     assert after[0] == (new_ids.tobytes(), new_codes.tobytes()) and after[1] == (b"", b"")
