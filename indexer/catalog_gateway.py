@@ -266,6 +266,13 @@ class Catalog:
         with self.session() as s, s.begin():
             s.add(LibraryRow(id=1, library_id=library_id, root=root))
 
+    def sample_files(self, count: int) -> list[Row]:
+        """(path, size, mtime_ns) of up to `count` embedded rows, the first catalogued: enough to tell
+        whether a photo folder is the one this catalog describes (indexer.identity)."""
+        with self.session() as s:
+            return list(s.execute(select(ImageRow.path, ImageRow.size, ImageRow.mtime_ns)
+                                  .where(ImageRow.status == EMBEDDED).order_by(ImageRow.id).limit(count)))
+
     def record_root(self, root: bytes) -> None:
         """The photo folder the library was opened from now (another mount path of it)."""
         with self.session() as s, s.begin():

@@ -49,6 +49,24 @@ def write_library_id(folder: Path, library_id: str) -> None:
     os.replace(temp, folder / ID_FILE)
 
 
+SAMPLE_FILES = 50  # catalogued files looked for when a folder without a library id claims a catalog
+
+
+def shows_catalogued_files(catalog: Catalog, root: Path) -> bool:
+    """Whether `root` is the photo folder the catalog describes, mounted at another path: one of its
+    first catalogued files is there with the same size and modification time (a copy made without
+    keeping times, or another folder, has none). A catalog with no embedded file: nothing to lose."""
+    sample = catalog.sample_files(SAMPLE_FILES)
+    for path, size, mtime_ns in sample:
+        try:
+            info = os.stat(os.path.join(os.fsencode(str(root)), path))  # as the scan sees it
+        except OSError:
+            continue
+        if info.st_size == size and info.st_mtime_ns == mtime_ns:
+            return True
+    return not sample
+
+
 def check_identity(catalog: Catalog, folder: Path, root: Path, *, may_write: bool, where: str,
                    catalog_in_folder: bool = False) -> str | None:
     """Check that the library folder and the catalog belong to one library, and return its id.
@@ -87,6 +105,14 @@ def check_identity(catalog: Catalog, folder: Path, root: Path, *, may_write: boo
             f"with photos at {os.fsdecode(last_root)}); give the library folder of that catalog, or the catalog "
             f"of this folder")
     if in_folder is None and may_write:
+        if last_root != root_bytes and not catalog_in_folder and not shows_catalogued_files(catalog, root):
+            # Another photo folder with this catalog's URL: adopting it would re-embed its files into
+            # this library's catalog and then try to sweep the rows of the real one.
+            raise LibraryMismatchError(
+                f"the catalog {where} belongs to library {library_id}, last used with photos at "
+                f"{os.fsdecode(last_root)}, and {root} holds none of its catalogued files as they were (name, size, "
+                f"time), nor does {folder} hold a library id: a new library needs its own catalog (another database); "
+                f"for that library's photos mounted here, give its library folder as mounted here (--library)")
         write_library_id(folder, library_id)
         log.warning("library folder %s had no library id: it is now library %s's (last used with photos at %s)",
                     folder, library_id, os.fsdecode(last_root))

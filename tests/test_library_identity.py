@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -122,6 +123,29 @@ def test_a_new_folder_for_an_existing_catalog_becomes_that_librarys(tmp_path, en
             assert library.verify() == [] and library.info()["counts"] == {"embedded": 3}
     assert f"library folder {other_folder} had no library id: it is now library {library_id}'s" in caplog.text
     assert folder_library_id(other_folder) == library_id
+
+
+def test_another_photo_folder_cannot_claim_an_existing_catalog(tmp_path, encoder, tiny_folder, postgres_url):
+    """A folder without a library id at another path, given the URL of an existing catalog: if none
+    of the catalog's files are there as they were, it is another folder (adopting it would re-embed
+    its files into this library); with them there (the same photos mounted elsewhere) it is adopted."""
+    root = photos(tmp_path / "photos")
+    with Library.open(root, url=postgres_url, write=True, create=True) as library:
+        run_index(library, encoder, Options(workers=0))
+        library_id = library.library_id
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for photo in root.glob("*.jpg"):
+        shutil.copyfile(photo, copies / photo.name)  # the same names and bytes, new times
+    with pytest.raises(LibraryMismatchError, match="holds none of its catalogued files as they were"):
+        Library.open(copies, url=postgres_url, write=True, create=True)
+    assert not (copies / ".dinoseek").exists()  # nothing left behind
+    result = invoke("index", copies, *url_args(postgres_url), "--weights", tiny_folder)
+    assert result.exit_code == 1 and "a new library needs its own catalog" in result.output
+    mounted = tmp_path / "mounted"
+    shutil.copytree(root, mounted, ignore=shutil.ignore_patterns(".dinoseek"))  # times kept, as a mount shows them
+    with Library.open(mounted, url=postgres_url, write=True, create=True) as library:
+        assert library.library_id == library_id and library.info()["counts"] == {"embedded": 3}
 
 
 def test_an_sqlite_library_folder_with_another_librarys_id_is_refused(tmp_path, encoder):
