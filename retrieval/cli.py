@@ -28,6 +28,9 @@ from dinoseek.retrieval.keep import DEFAULT_ORDER
 
 # Every message and line built from file names is escaped by the one function the library uses too.
 _shown = printable
+URL_ENV = "DINOSEEK_URL"
+URL_HELP = (f"SQLAlchemy URL of the catalog (e.g. postgresql+psycopg://USER:PASSWORD@HOST/DB) instead of the "
+            f"library's SQLite file; default: ${URL_ENV}.")
 
 
 class _Float(click.FloatRange):
@@ -349,7 +352,7 @@ def library_options(func=None, *, find: bool = True):
         click.argument("root", type=click.Path(file_okay=False, path_type=Path), default=None, required=False),
         click.option("--library", "library_dir", type=click.Path(file_okay=False, path_type=Path),
                      help="Library folder (default: ROOT/.dinoseek)."),
-        click.option("--url", help="SQLAlchemy URL of the catalog instead of the library's SQLite file."),
+        click.option("--url", envvar=URL_ENV, help=URL_HELP),
     ]
     if find:
         func = _found_root("ROOT")(func)
@@ -468,14 +471,30 @@ def index(root, library_dir, url, model_name, weights, device, precision, worker
         click.echo(f"`dinoseek info {_root_arg(root)}` lists the files not embedded, with the reason for each")
 
 
+def _url_from_environment() -> bool:
+    context = click.get_current_context(silent=True)
+    return context is not None and context.get_parameter_source("url") == click.core.ParameterSource.ENVIRONMENT
+
+
+def _hide_password(url: str) -> str:
+    """`url` as a command line may show it: the password as ***."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
 def _rerun(command: str, root, library_dir, url, model_name: str | None, weights) -> str:
     """`dinoseek COMMAND ROOT` with the options the user gave to pick the library and the model,
     shell-quoted: the command line that does it again."""
     words = ["dinoseek", command, _root_arg(root)]
     if library_dir is not None:
         words += ["--library", _root_arg(library_dir)]
-    if url is not None:
-        words += ["--url", shlex.quote(_shown(url))]
+    if url is not None and not _url_from_environment():
+        words += ["--url", shlex.quote(_shown(_hide_password(url)))]
     if weights is not None:
         words += ["--weights", _root_arg(weights)]
     elif model_name is not None:
@@ -599,7 +618,7 @@ def _print_hits(hits, as_json: bool) -> None:
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path),
               help="The indexed photo folder [default: the nearest folder with a library, from here upwards].")
 @click.option("--library", "library_dir", type=click.Path(file_okay=False, path_type=Path), help="Library folder.")
-@click.option("--url", help="SQLAlchemy URL of the catalog.")
+@click.option("--url", envvar=URL_ENV, help=URL_HELP)
 @model_options
 @click.option("-k", "--top", "k", type=_TOP_K, default=10, show_default=True, help="Number of results.")
 @click.option("--kind", type=click.Choice(["cls", "patch", "both"]), default="cls", show_default=True,
@@ -628,7 +647,7 @@ def search(image, root, library_dir, url, model_name, weights, device, precision
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path),
               help="The indexed photo folder [default: the nearest folder with a library, from here upwards].")
 @click.option("--library", "library_dir", type=click.Path(file_okay=False, path_type=Path), help="Library folder.")
-@click.option("--url", help="SQLAlchemy URL of the catalog.")
+@click.option("--url", envvar=URL_ENV, help=URL_HELP)
 @click.option("-k", "--top", "k", type=_TOP_K, default=10, show_default=True, help="Number of results.")
 @click.option("--kind", type=click.Choice(["cls", "patch", "both"]), default="cls", show_default=True)
 @filter_options
@@ -654,7 +673,7 @@ def similar(path, root, library_dir, url, k, kind, as_json, **filters):
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path),
               help="The indexed photo folder [default: the nearest folder with a library, from here upwards].")
 @click.option("--library", "library_dir", type=click.Path(file_okay=False, path_type=Path), help="Library folder.")
-@click.option("--url", help="SQLAlchemy URL of the catalog.")
+@click.option("--url", envvar=URL_ENV, help=URL_HELP)
 @click.option("--remove", is_flag=True, help="Remove the marks instead: dedup may group these photos again.")
 @_found_root("--root")
 @_translate_errors
@@ -824,7 +843,7 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, order, protected,
                 else:
                     with_sidecars = f" (with {len(result.sidecars)} sidecars)" if result.sidecars else ""
                     click.echo(f"{len(result.done)} files {actions.PAST[action]}{with_sidecars}; journal "
-                               f"{_shown(result.journal)} (undo: `dinoseek undo {_root_arg(root)}`)")
+                               f"{_shown(result.journal)} (undo: `{_rerun('undo', root, library_dir, url, None, None)}`)")
     except actions.ApplyInterrupted as e:
         _report_skips(e.result)
         raise _Interrupted(_apply_interrupted(e, action, _rerun("undo", root, library_dir, url, None, None))) from None

@@ -192,3 +192,21 @@ def test_a_failed_first_run_leaves_no_library_id_behind(tmp_path, catalog_url):
     with pytest.raises(RuntimeError), Library.open(root, url=catalog_url, write=True, create=True):
         raise RuntimeError("the model could not be loaded")
     assert not (root / ".dinoseek").exists()
+
+
+def test_the_catalog_url_can_come_from_the_environment_and_is_suggested_when_missing(tmp_path, encoder, postgres_url):
+    root = photos(tmp_path / "photos")
+    with Library.open(root, url=postgres_url, write=True, create=True) as library:
+        run_index(library, encoder, Options(workers=0))
+    result = CliRunner().invoke(main, ["info", str(root), "--json"], env={"DINOSEEK_URL": postgres_url})
+    assert result.exit_code == 0 and '"embedded": 3' in result.output
+    forgot = CliRunner().invoke(main, ["info", str(root)], env={"DINOSEEK_URL": None})
+    assert forgot.exit_code == 1 and "if its catalog is on a database server, give its --url" in forgot.output
+
+
+def test_a_command_line_shown_to_the_user_hides_the_catalog_password():
+    from dinoseek.retrieval.cli import _hide_password
+
+    assert _hide_password("postgresql+psycopg://me:s3cret@db.example/photos") == \
+        "postgresql+psycopg://me:***@db.example/photos"
+    assert _hide_password("sqlite:////tmp/c.sqlite") == "sqlite:////tmp/c.sqlite"
