@@ -154,7 +154,9 @@ def _trial(factory: str, source, *, requested: str, lists_for, probe: Probe | No
         needed = _min_training(inner)
         if source.count < needed:
             # Too few vectors to train yet: exact search until the library has grown enough.
-            log.info("%s needs %d vectors to train, have %d: using Flat for now", factory, needed, source.count)
+            # Said aloud where the user asked for this index; auto's own choice grows into it quietly.
+            log.log(logging.INFO if requested == "auto" else logging.WARNING,
+                    "%s needs %d vectors to train, have %d: using Flat for now", factory, needed, source.count)
             return _flat(source, requested), 1.0
         nlist = inner.nlist if isinstance(inner, faiss.IndexIVF) else 0
         if hasattr(inner, "do_polysemous_training"):

@@ -45,6 +45,10 @@ __all__ = ["EncoderRecipe", "RayOptions", "connected", "ray_results", "require_r
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'dinoseek[ray]'"
+# `ray start` (Ray 2.5x on) turns token authentication on, and a driver without the token fails with
+# a bare "Failed to connect" (the reason only in Ray's log lines).
+AUTH_HINT = ("; if the cluster uses token authentication (what `ray start` does by default), set RAY_AUTH_MODE=token "
+             "here and its token (RAY_AUTH_TOKEN, or ~/.ray/auth_token as on the head node)")
 # A file that kills its decode worker (a crashing codec, out of memory) is tried this many more
 # times, then the run stops with Ray's error. Ray Data's default (-1) would retry it forever.
 MAX_DECODE_RETRIES = 3
@@ -118,6 +122,8 @@ def connected(options: RayOptions) -> Iterator[None]:
         reason = first_line(e)
         with contextlib.suppress(Exception):  # whatever part of a local runtime did start
             ray.shutdown()
+        if options.address != "local" and os.environ.get("RAY_AUTH_MODE") != "token":
+            reason += AUTH_HINT
         raise RayClusterError(f"could not start or reach the Ray cluster {options.address!r}: {reason}") from e
     try:
         _quiet_ray_data()

@@ -525,9 +525,11 @@ def info(root, library_dir, url, as_json):
         click.echo(f"  {status:<13}{count}")
     model = data["model"]
     if model:
-        arch = model["arch"]
-        click.echo(f"model: ViT {arch['embed_dim']}-d, {arch['depth']} blocks, {arch['num_registers']} registers, "
-                   f"{model['precision']}, weights sha256 {model['weights_sha256'][:12]}")
+        arch = model.get("arch") or {}
+        shape = (f"ViT {arch['embed_dim']}-d, {arch['depth']} blocks, {arch['num_registers']} registers"
+                 if {"embed_dim", "depth", "num_registers"} <= arch.keys() else f"{model.get('dim', '?')}-d vectors")
+        click.echo(f"model: {shape}, {model.get('precision', '?')}, "
+                   f"weights sha256 {str(model.get('weights_sha256', '?'))[:12]}")
     for kind, idx in data["indexes"].items():
         click.echo(f"index {kind}: {_shown(idx['factory'])}, {idx['vectors']} vectors, {idx['bytes'] / 1e6:.1f} MB")
     for error in data["errors"]:

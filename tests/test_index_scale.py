@@ -579,3 +579,24 @@ def test_fastscan_lists_an_earlier_version_put_on_disk_are_rebuilt_in_memory(tmp
         reference = build.build_streamed("IVF16,PQ8x4fs", source, requested="IVF16,PQ8x4fs")
         assert np.array_equal(index.search(vectors[:200], 10)[1], reference.search(vectors[:200], 10)[1])
     assert "FastScan lists on disk" in caplog.text and lists_files(tmp_path) == []
+
+
+def test_an_index_asked_for_that_cannot_train_yet_says_so_aloud(caplog):
+    source = build.ArraySource(np.arange(1, 101), clustered(100), DIM)
+    with caplog.at_level(logging.INFO, logger="dinoseek.indexer.build"):
+        index = build.build_streamed("IVF16,PQ8", source, requested="IVF16,PQ8")
+    assert index.factory == "Flat"
+    [record] = [r for r in caplog.records if "using Flat for now" in r.getMessage()]
+    assert record.levelno == logging.WARNING and "IVF16,PQ8 needs" in record.getMessage()
+
+
+def test_info_shows_a_library_whose_manifest_lacks_the_architecture(tmp_path):
+    """Libraries made from bare vectors (the benchmarks' synthetic ones) record no ViT shape."""
+    from click.testing import CliRunner
+
+    from dinoseek.retrieval.cli import main
+
+    make_library(tmp_path, clustered(50))
+    result = CliRunner().invoke(main, ["info", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert f"model: {DIM}-d vectors, fp32" in result.output

@@ -241,6 +241,28 @@ def test_ray_only_options_need_ray(tmp_path, tiny_folder):
     assert result.exit_code == 2 and "it needs --ray local" in result.output
 
 
+@needs_ray
+def test_a_cluster_that_refuses_the_driver_says_how_to_authenticate(monkeypatch):
+    """Ray's own error for a missing token is a bare "Failed to connect" (the cause only in its log)."""
+    import ray
+
+    from dinoseek.indexer.errors import RayClusterError
+    from dinoseek.indexer.ray_executor import RayOptions, connected
+
+    def refuse(*args, **kwargs):
+        raise ConnectionError("Failed to connect to Ray cluster at 192.0.2.2:6379")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(RayClusterError, match="set RAY_AUTH_MODE=token here and its token"), \
+            connected(RayOptions("192.0.2.2:6379")):
+        pass
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the token was given: no hint
+    with pytest.raises(RayClusterError) as refused, connected(RayOptions("192.0.2.2:6379")):
+        pass
+    assert "RAY_AUTH_MODE" not in str(refused.value)
+
+
 # ---- helpers: processes, clusters -------------------------------------------------------------
 
 def cli_command(root, weights, *extra, ray: str = "local") -> list[str]:
