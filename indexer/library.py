@@ -324,12 +324,18 @@ def open_for_indexing(
     try:
         library = Library.open(root, folder=folder, url=url, write=True, index_choice=index_choice)
     except NotIndexedError:
-        prepared = prepare(None)
-        return Library.open(root, folder=folder, url=url, write=True, create=True, index_choice=index_choice), prepared
+        if url is None:
+            prepared = prepare(None)
+            return Library.open(root, folder=folder, url=url, write=True, create=True, index_choice=index_choice), prepared
+        # A database catalog may hold the library already (a new machine's library folder for it):
+        # its manifest names the model, so it is opened before the model is prepared.
+        library = Library.open(root, folder=folder, url=url, write=True, create=True, index_choice=index_choice)
     try:
         return library, prepare(library.manifest())
     except BaseException:
         library.close()
+        if library._made is not None:
+            library._discard()  # the folder this open made, as it was before
         raise
 
 

@@ -210,3 +210,15 @@ def test_a_command_line_shown_to_the_user_hides_the_catalog_password():
     assert _hide_password("postgresql+psycopg://me:s3cret@db.example/photos") == \
         "postgresql+psycopg://me:***@db.example/photos"
     assert _hide_password("sqlite:////tmp/c.sqlite") == "sqlite:////tmp/c.sqlite"
+
+
+def test_a_new_library_folder_for_a_shared_catalog_indexes_with_the_recorded_model(tmp_path, tiny_folder,
+                                                                                  postgres_url):
+    """No --model or --weights: the model is the one the catalog records, not the default one."""
+    root = photos(tmp_path / "photos")
+    first = invoke("index", root, *url_args(postgres_url), "--weights", tiny_folder)
+    assert first.exit_code == 0, first.output
+    (root / "p9.jpg").write_bytes((root / "p0.jpg").read_bytes()[:-1] + b"\xd9")  # a new photo
+    result = invoke("index", root, "--library", tmp_path / "machine-b", *url_args(postgres_url))
+    assert result.exit_code == 0, result.output
+    assert "1 embedded" in result.output and folder_library_id(tmp_path / "machine-b") is not None
