@@ -142,6 +142,17 @@ def folder_state(root) -> dict:
             for p in (root / ".dinoseek").iterdir() if not p.name.startswith("catalog.sqlite")}
 
 
+def catalogue_rows(library, vectors: np.ndarray, name: str) -> None:
+    """Embedded rows for `vectors` (ids N + 1 on) written into the catalog only, as a run's catalog
+    side does before its next checkpoint."""
+    with library.catalog.engine.begin() as connection:
+        connection.execute(insert(ImageRow), [
+            {"path": f"{name}{i}.jpg".encode(), "path_sha256": path_digest(f"{name}{i}.jpg".encode()),
+             "path_text": f"{name}{i}.jpg", "folder": "", "size": 1, "mtime_ns": 0, "sha256": f"{N + 1 + i:064x}",
+             "status": EMBEDDED, "cls": vector.astype(np.float16).tobytes(), "patch": vector.astype(np.float16).tobytes()}
+            for i, vector in enumerate(vectors)])
+
+
 def test_a_reader_brings_an_on_disk_index_in_line_without_writing_in_the_folder(on_disk_library):
     """A reader that finds the catalog ahead of the on-disk index (a writer's run under way: rows
     added and deleted since its checkpoint) answers as the reconciled index would, and writes
@@ -150,12 +161,7 @@ def test_a_reader_brings_an_on_disk_index_in_line_without_writing_in_the_folder(
     more = clustered(300, seed=7)
     new_ids = np.arange(N + 1, N + 1 + len(more))
     with Library.open(root, write=True) as writer:  # the run's catalog side, no checkpoint yet
-        with writer.catalog.engine.begin() as connection:
-            connection.execute(insert(ImageRow), [
-                {"path": b"new%d.jpg" % i, "path_sha256": path_digest(b"new%d.jpg" % i), "path_text": f"new{i}.jpg",
-                 "folder": "", "size": 1, "mtime_ns": 0, "sha256": f"{N + 1 + i:064x}", "status": EMBEDDED,
-                 "cls": more[i].astype(np.float16).tobytes(), "patch": more[i].astype(np.float16).tobytes()}
-                for i in range(len(more))])
+        catalogue_rows(writer, more, "new")
         writer.catalog.delete_rows([1, 2, 3])
         live = root / ".dinoseek" / "cls.g000002.ivfdata"
         live.write_bytes(b"the writer's next generation")  # what a reader's copy once overwrote
@@ -186,12 +192,7 @@ def test_a_reader_that_only_sees_added_rows_never_copies_the_stored_ids(on_disk_
     root, vectors = on_disk_library
     more = clustered(20, seed=9)
     with Library.open(root, write=True) as writer:
-        with writer.catalog.engine.begin() as connection:
-            connection.execute(insert(ImageRow), [
-                {"path": b"add%d.jpg" % i, "path_sha256": path_digest(b"add%d.jpg" % i), "path_text": f"add{i}.jpg",
-                 "folder": "", "size": 1, "mtime_ns": 0, "sha256": f"{N + 1 + i:064x}", "status": EMBEDDED,
-                 "cls": more[i].astype(np.float16).tobytes(), "patch": more[i].astype(np.float16).tobytes()}
-                for i in range(len(more))])
+        catalogue_rows(writer, more, "add")
         with Library.open(root) as reader:
             index = reader.load_indexes()["cls"]
             assert index.count == N + len(more) and index._side._stored is None
