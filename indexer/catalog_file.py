@@ -37,8 +37,8 @@ def catalog_present(folder: Path, catalog_file: Path) -> bool:
         traces = sorted({p.name for pattern in LIBRARY_TRACES for p in folder.glob(pattern)})
         if traces:
             raise LibraryError(f"{catalog_file} is missing or empty, but {folder} holds a library "
-                               f"({', '.join(traces)}); if its catalog is on a database server, give its --url "
-                               f"(or set DINOSEEK_URL); otherwise {restore_hint(catalog_file)}")
+                               f"({', '.join(traces)}); if its catalog is on a database server, open it with that "
+                               f"catalog's URL; otherwise {restore_hint(catalog_file)}")
         return False  # a new library (or a first run killed before its first write)
     try:
         st = os.stat(catalog_file)

@@ -112,7 +112,7 @@ def check_identity(catalog: Catalog, folder: Path, root: Path, *, may_write: boo
                 f"the catalog {where} belongs to library {library_id}, last used with photos at "
                 f"{os.fsdecode(last_root)}, and {root} holds none of its catalogued files as they were (name, size, "
                 f"time), nor does {folder} hold a library id: a new library needs its own catalog (another database); "
-                f"for that library's photos mounted here, give its library folder as mounted here (--library)")
+                f"for that library's photos mounted here, give its library folder as mounted here")
         write_library_id(folder, library_id)
         log.warning("library folder %s had no library id: it is now library %s's (last used with photos at %s)",
                     folder, library_id, os.fsdecode(last_root))

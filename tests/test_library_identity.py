@@ -201,7 +201,7 @@ def test_the_catalog_url_can_come_from_the_environment_and_is_suggested_when_mis
     result = CliRunner().invoke(main, ["info", str(root), "--json"], env={"DINOSEEK_URL": postgres_url})
     assert result.exit_code == 0 and '"embedded": 3' in result.output
     forgot = CliRunner().invoke(main, ["info", str(root)], env={"DINOSEEK_URL": None})
-    assert forgot.exit_code == 1 and "if its catalog is on a database server, give its --url" in forgot.output
+    assert forgot.exit_code == 1 and "if its catalog is on a database server, open it with that catalog's URL" in forgot.output
 
 
 def test_a_command_line_shown_to_the_user_hides_the_catalog_password():
