@@ -50,19 +50,20 @@ def write_library_id(folder: Path, library_id: str) -> None:
 
 
 SAMPLE_FILES = 50  # catalogued files looked for when a folder without a library id claims a catalog
+MTIME_SLACK_NS = 2_000_000_000  # network and FAT mounts show times rounded (FAT: to 2 s)
 
 
 def shows_catalogued_files(catalog: Catalog, root: Path) -> bool:
     """Whether `root` is the photo folder the catalog describes, mounted at another path: one of its
-    first catalogued files is there with the same size and modification time (a copy made without
-    keeping times, or another folder, has none). A catalog with no embedded file: nothing to lose."""
+    first catalogued files is there with the same size and modification time, give or take a mount's
+    rounding (a copy made without keeping times, or another folder, has none). A catalog with no embedded file: nothing to lose."""
     sample = catalog.sample_files(SAMPLE_FILES)
     for path, size, mtime_ns in sample:
         try:
             info = os.stat(os.path.join(os.fsencode(str(root)), path))  # as the scan sees it
         except OSError:
             continue
-        if info.st_size == size and info.st_mtime_ns == mtime_ns:
+        if info.st_size == size and abs(info.st_mtime_ns - mtime_ns) <= MTIME_SLACK_NS:
             return True
     return not sample
 

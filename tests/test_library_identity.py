@@ -137,6 +137,8 @@ def test_another_photo_folder_cannot_claim_an_existing_catalog(tmp_path, encoder
     copies.mkdir()
     for photo in root.glob("*.jpg"):
         shutil.copyfile(photo, copies / photo.name)  # the same names and bytes, new times
+        later = photo.stat().st_mtime + 60
+        os.utime(copies / photo.name, (later, later))
     with pytest.raises(LibraryMismatchError, match="holds none of its catalogued files as they were"):
         Library.open(copies, url=postgres_url, write=True, create=True)
     assert not (copies / ".dinoseek").exists()  # nothing left behind
