@@ -59,7 +59,14 @@ def read_regular(path: str | bytes | os.PathLike, *, max_bytes: int | None = Non
     with open_regular(path, max_bytes=max_bytes, follow_symlinks=follow_symlinks) as f:
         if max_bytes is None:
             return f.read()
-        data = f.read(max_bytes + 1)
+        # read(n) allocates n bytes before reading: asking for the cap (1 GiB for photos) cost a
+        # 1 GiB mapping per file, twice the time of reading and hashing a 12 MP JPEG, and worse
+        # across threads. The size fstat gives is asked for instead, plus one byte to see whether
+        # the file has grown; if it has, reading goes on up to the cap.
+        expected = min(os.fstat(f.fileno()).st_size, max_bytes)
+        data = f.read(expected + 1)
+        if len(data) > expected:
+            data += f.read(max_bytes + 1 - len(data))
     if len(data) > max_bytes:
         raise FileTooLargeError(errno.EFBIG, f"grew beyond the {max_bytes:,}-byte limit while being read", path)
     return data

@@ -104,6 +104,64 @@ def test_oversized_photo_is_refused_unread(tmp_path, monkeypatch):
     assert MAX_FILE_BYTES == 1 << 30  # the real cap is untouched
 
 
+class _RecordingReads:
+    """A file object that records the sizes its reads ask for, and runs `before_read` first."""
+
+    def __init__(self, f, asked: list, before_read) -> None:
+        self._f, self._asked, self._before_read = f, asked, before_read
+
+    def read(self, n=-1):
+        if not self._asked:
+            self._before_read()
+        self._asked.append(n)
+        return self._f.read(n)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def _record_reads(monkeypatch, before_read=lambda: None) -> list:
+    """The sizes read_regular's reads ask for; `before_read` runs once the file is open and
+    stat'ed, just before its first read."""
+    import dinoseek.model.files as files
+
+    real_open, asked = files.open_regular, []
+    monkeypatch.setattr(files, "open_regular", lambda path, **kw: _RecordingReads(real_open(path, **kw), asked, before_read))
+    return asked
+
+
+def test_photo_read_asks_for_its_size_not_the_cap(tmp_path, monkeypatch):
+    # read(n) allocates n bytes first: asking for the 1 GiB cap cost a 1 GiB mapping per photo.
+    path = tmp_path / "p.jpg"
+    synthetic_photo(64, 48).save(path)
+    asked = _record_reads(monkeypatch)
+    decoded = read_image(path)
+    assert decoded.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert asked and all(0 < n <= path.stat().st_size + 1 for n in asked)
+
+
+@pytest.mark.parametrize("grows_by, cap, whole", [(30, 100, True), (60, 100, False)])
+def test_file_growing_while_read_is_read_on_up_to_the_cap(tmp_path, monkeypatch, grows_by, cap, whole):
+    from dinoseek.model.files import FileTooLargeError, read_regular
+
+    path = tmp_path / "journal.json"
+    path.write_bytes(b"x" * 50)
+    with path.open("ab") as appender:
+        asked = _record_reads(monkeypatch, lambda: (appender.write(b"y" * grows_by), appender.flush()))
+        if whole:
+            assert read_regular(path, max_bytes=cap) == b"x" * 50 + b"y" * grows_by
+        else:
+            with pytest.raises(FileTooLargeError, match=f"grew beyond the {cap}-byte limit"):
+                read_regular(path, max_bytes=cap)
+    assert asked[0] == 51 and sum(n for n in asked if n > 0) <= cap + 1  # never more than the cap
+
+
 def _swap_for_fifo_after_scan(monkeypatch, victim: Path):
     """The scan sees `victim` as a regular photo; then, before decoding, it becomes a FIFO."""
     import dinoseek.indexer.pipeline as pipeline
