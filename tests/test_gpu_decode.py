@@ -172,6 +172,41 @@ def test_device_geometry_agrees_with_the_cpu_draft_path(tmp_path, tiny_folder, s
     check_agrees_with_cpu_path(awkward_jpegs(tmp_path / "photos"), PillowBatchDecoder(), encoder, spec)
 
 
+def one_camera_jpegs(folder) -> list:
+    """A camera's photos: one sensor size in several orientations, plus a photo of another size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, (w, h, orientation) in enumerate([(1600, 1200, 1), (1600, 1200, 6), (1600, 1200, 1), (1600, 1200, 3),
+                                             (1600, 1200, 8), (1200, 1600, 1), (1001, 777, 1)]):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        synthetic_photo(w, h, seed=k).save(folder / f"{k}.jpg", quality=90, exif=exif)
+        paths.append(folder / f"{k}.jpg")
+    return paths
+
+
+def check_grouped_as_each_alone(paths, decoder, spec, monkeypatch) -> None:
+    """decode_batch resizes the images of one reduced size together: one geometry call per size,
+    and the very pixels each image gets alone."""
+    import dinoseek.indexer.gpu_jpeg as gpu_jpeg
+
+    files = [read_jpeg(p, spec) for p in paths]
+    alone = [gpu_jpeg.jpeg_pixels(image, f.orientation, f.scale, spec).cpu().numpy()
+             for f, image in zip(files, decoder([f.data for f in files]))]
+    batches = []
+    real_geometry = gpu_jpeg._geometry
+    monkeypatch.setattr(gpu_jpeg, "_geometry", lambda x, spec: batches.append(len(x)) or real_geometry(x, spec))
+    got = decode_batch(files, decoder, spec)
+    assert sorted(batches) == [1, 3, 3]  # upright and upside down; turned either way (and the portrait); the other
+    for name, ours, theirs in zip([p.name for p in paths], got, alone):
+        assert np.array_equal(ours, theirs), name
+
+
+@pytest.mark.parametrize("spec", [InputSpec("crop", 224), InputSpec("full", 252)], ids=["crop224", "full252"])
+def test_photos_of_one_size_are_resized_together_as_each_alone(tmp_path, monkeypatch, spec):
+    check_grouped_as_each_alone(one_camera_jpegs(tmp_path), PillowBatchDecoder(), spec, monkeypatch)
+
+
 def test_read_jpeg_meta_is_the_cpu_paths(tmp_path):
     from collection import _exif_rotated
 
@@ -305,6 +340,30 @@ def test_decode_gpu_without_cuda_is_a_one_line_error(tmp_path, tiny_folder, enco
     assert ok.exit_code == 0, ok.output
 
 
+def test_nvjpeg_gets_the_files_bytes_uncopied(tmp_path, monkeypatch):
+    """What the nvjpeg wrapper hands torchvision (faked here): each file's bytes as a 1-D uint8
+    tensor over the bytes themselves (no copy per file), RGB, onto the encoder's device; silently."""
+    import types
+    import warnings
+
+    from dinoseek.indexer.gpu_jpeg import nvjpeg_decoder
+
+    calls = []
+    io_module = types.SimpleNamespace(ImageReadMode=types.SimpleNamespace(RGB="RGB"),
+                                      decode_jpeg=lambda inputs, mode, device: calls.append((inputs, mode, device)) or [])
+    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(io=io_module))
+    monkeypatch.setitem(sys.modules, "torchvision.io", io_module)
+    datas = [b"\xff\xd8\xff" + bytes(range(200)), b"\xff\xd8\xff" * 50]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nvjpeg_decoder(torch.device("cpu"))(datas)
+    ((inputs, mode, device),) = calls
+    assert (mode, device) == ("RGB", torch.device("cpu"))
+    for tensor, data in zip(inputs, datas):
+        assert tensor.dtype == torch.uint8 and tensor.ndim == 1 and bytes(tensor.numpy()) == data
+        assert tensor.data_ptr() == np.frombuffer(data, np.uint8).ctypes.data  # the bytes object's own buffer
+
+
 def test_importing_the_project_never_needs_torchvision():
     code = ("import sys; sys.modules['torchvision'] = None\n"
             "import dinoseek.indexer.pipeline, dinoseek.indexer.gpu_jpeg, dinoseek.retrieval.cli\n"
@@ -333,6 +392,15 @@ def test_nvjpeg_vectors_agree_with_the_cpu_path(tmp_path, tiny_folder, spec):
     encoder = Encoder.from_pretrained(tiny_folder, precision="fp32", device="cuda", mode=spec.mode, size=spec.size)
     check_agrees_with_cpu_path(awkward_jpegs(tmp_path / "photos"), nvjpeg_decoder(torch.device("cuda")), encoder,
                                spec)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_photos_of_one_size_are_resized_together_as_each_alone_on_cuda(tmp_path, monkeypatch):
+    from dinoseek.indexer.gpu_jpeg import nvjpeg_decoder
+
+    check_grouped_as_each_alone(one_camera_jpegs(tmp_path), nvjpeg_decoder(torch.device("cuda")), InputSpec(),
+                                monkeypatch)
 
 
 @pytest.mark.gpu
