@@ -3,7 +3,8 @@
 #   1. the `gpu`-marked tests (encoder parity on CUDA, int8/int4 kernels, nvjpeg vs PIL, GPU search);
 #   2. the encoder: ours (eager and compiled) vs transformers' Dinov2Model (sdpa), fp16 batch 256,
 #      small/base/large, then bf16/int8/int4 on small;
-#   3. indexing 12 MP JPEGs end to end: PIL workers, nvjpeg, both (needs faiss/sqlalchemy/alembic);
+#   3. indexing 12 MP JPEGs: reading and hashing alone; the GPU lane stage by stage; PIL workers,
+#      nvjpeg, both; end to end (needs faiss/sqlalchemy/alembic);
 #   4. search and dedup at 1M x 384 through torch on the GPU (and faiss where it has a GPU build).
 #
 #     OUT=results bash benchmarks/gpu.sh            # all steps
@@ -53,6 +54,7 @@ if wanted encoder; then
         --precisions bf16 int8 int4 --warmup 2 --repeats 7
 fi
 if wanted index; then
+    step read 60 python3 benchmarks/read.py --files 64 --threads 1 4 16
     step index 180 python3 benchmarks/index.py --device cuda --precision fp16 --batch 128 --workers 14 \
         --sizes 512 2048 --gpu-batch 32
 fi

@@ -125,7 +125,8 @@ def measure_decode(paths, workers: int, gpu_batch: int) -> dict:
 
         decode_batch([read_jpeg(paths[0], spec)], decoder, spec)  # nvjpeg's and CUDA's start-up, not timed
         torch.cuda.reset_peak_memory_stats()
-        out["nvjpeg_only"] = _nvjpeg_only(paths, spec, decoder, gpu_batch)
+        out["lane"] = _lane_stages(paths, spec, decoder, gpu_batch)
+        out["nvjpeg_only"] = out["lane"]["pipelined"]
         out["both"] = run(Options(workers=workers, jpeg_decoder=decoder, gpu_batch=gpu_batch))
         out["decode_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -144,15 +145,36 @@ def _nvjpeg():
     return nvjpeg_decoder(torch.device("cuda"))
 
 
-def _nvjpeg_only(paths, spec, decoder, batch: int) -> float:
-    """The GPU path alone: files read, hashed and parsed in 4 threads, decoded `batch` at a time."""
+def _lane_stages(paths, spec, decoder, batch: int) -> dict:
+    """The GPU path alone, stage by stage, on the same files: reading (read, hash, header parse in
+    4 threads), nvjpeg alone (files already read), nvjpeg + the reduction on the GPU + the copy back
+    (`decode_batch`, files already read), and all of it pipelined as the lane runs it (the next
+    batch read while this one decodes). The slowest stage is what to work on."""
     import concurrent.futures as cf
+
+    import torch
 
     from dinoseek.indexer.gpu_jpeg import decode_batch, read_jpeg
 
-    start = time.perf_counter()
-    done = 0
+    out = {}
     with cf.ThreadPoolExecutor(4) as readers:
+        start = time.perf_counter()
+        files = [f for f in readers.map(lambda p: read_jpeg(p, spec), paths) if f is not None]
+        out["read"] = rate(len(paths), time.perf_counter() - start)
+        chunks = [files[i: i + batch] for i in range(0, len(files), batch)]
+        start = time.perf_counter()
+        for chunk in chunks:
+            decoder([f.data for f in chunk])
+        if torch.cuda.is_available():  # (the stand-in decoder of a CPU smoke run is synchronous)
+            torch.cuda.synchronize()
+        out["nvjpeg"] = rate(len(files), time.perf_counter() - start)
+        start = time.perf_counter()
+        for chunk in chunks:
+            decode_batch(chunk, decoder, spec)
+        out["decode_batch"] = rate(len(files), time.perf_counter() - start)
+        del files, chunks
+        start = time.perf_counter()
+        done = 0
         chunks = [paths[i: i + batch] for i in range(0, len(paths), batch)]
         ahead = readers.map(lambda p: read_jpeg(p, spec), chunks[0]) if chunks else iter(())
         for k in range(len(chunks)):
@@ -160,7 +182,8 @@ def _nvjpeg_only(paths, spec, decoder, batch: int) -> float:
             if k + 1 < len(chunks):  # the next batch is read while this one decodes
                 ahead = readers.map(lambda p: read_jpeg(p, spec), chunks[k + 1])
             done += sum(p is not None for p in decode_batch(files, decoder, spec))
-    return rate(done, time.perf_counter() - start)
+        out["pipelined"] = rate(done, time.perf_counter() - start)
+    return out
 
 
 def measure_encoder(weights: Path, precision: str, batch: int, device: str, repeats: int = 4) -> float:
@@ -257,6 +280,9 @@ def main() -> None:
     if "both" in d:
         print(f"{'nvjpeg alone (batch ' + str(args.gpu_batch) + ')':<36}{d['nvjpeg_only']:>10.1f} img/s   "
               f"{d['nvjpeg_only'] / d['decode_limit']:.2f}x workers")
+        for stage, what in (("read", "read, hash, parse (4 threads)"), ("nvjpeg", "nvjpeg only, files read"),
+                            ("decode_batch", "nvjpeg + reduce + copy, files read")):
+            print(f"{'  lane stage: ' + what:<48}{d['lane'][stage]:>10.1f} img/s")
         print(f"{'workers + nvjpeg together':<36}{d['both']:>10.1f} img/s   {d['both'] / d['decode_limit']:.2f}x workers, "
               f"{d['both'] / d['nvjpeg_only']:.2f}x nvjpeg   peak GPU {d['decode_gpu_mb']:.0f} MB")
     else:
