@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import resource
@@ -224,6 +225,9 @@ def child(root: str, weights: str, precision: str, workers: str, batch: str, dev
     side = encoder.input_spec.size
     encoder.embed_pixels(np.zeros((int(batch), side, side, 3), np.uint8))
     warmup = time.perf_counter() - start
+    lane = _LaneSummary()  # where the GPU lane's time went (logged at INFO when it closes)
+    logging.getLogger("dinoseek.indexer.pipeline").addHandler(lane)
+    logging.getLogger("dinoseek.indexer.pipeline").setLevel(logging.INFO)
     with Library.open(root, write=True, create=True) as library:
         start = time.perf_counter()
         counts = run_index(library, encoder, Options(workers=int(workers), batch_size=int(batch), decode=decode))
@@ -235,7 +239,18 @@ def child(root: str, weights: str, precision: str, workers: str, batch: str, dev
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "lane": lane.line,
     }))
+
+
+class _LaneSummary(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.line = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("GPU JPEG decoding:"):
+            self.line = record.getMessage()
 
 
 def main() -> None:
@@ -311,6 +326,8 @@ def main() -> None:
             print(f"{label:<44}{speed:>10.1f} img/s   {ratio}   peak RSS {run['rss_mb']:.0f} MB "
                   f"(workers {run['worker_rss_mb']:.0f} MB){gpu_mb}; encoder warm-up {run['warmup_seconds']:.1f} s "
                   f"before", flush=True)
+            if run.get("lane"):
+                print(f"    {run['lane']}", flush=True)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

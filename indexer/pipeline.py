@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -410,6 +411,28 @@ class _InProcess(cf.Executor):
         return future
 
 
+@dataclass
+class LaneTimes:
+    """Where the GPU JPEG lane's time went in a run, logged when it closes (`index -v`). The
+    decoding thread's busy share of the lane's life says what limits it: near 100%, decoding
+    itself; well below, it waited for reads (short batches) or for the run to take its results."""
+
+    files: int = 0  # decoded on the GPU
+    batches: int = 0
+    short_batches: int = 0  # started with less than a full batch: reads had not kept up (or the last)
+    decoder_seconds: float = 0.0  # in the batch decoder (nvjpeg), in the decoding thread
+    reduce_seconds: float = 0.0  # the reduction, resize and copy back after it, same thread
+    reads: int = 0
+    read_seconds: float = 0.0  # reading, hashing and header parsing, summed over the reader threads
+
+    def summary(self, seconds: float, readers: int) -> str:
+        busy = self.decoder_seconds + self.reduce_seconds
+        return (f"GPU JPEG decoding: {self.files} files in {self.batches} batches ({self.short_batches} short) over "
+                f"{seconds:.1f} s; decoding thread busy {busy / max(seconds, 1e-9):.0%} (decoder "
+                f"{self.decoder_seconds:.1f} s, reduction and copy back {self.reduce_seconds:.1f} s); reads "
+                f"{1000 * self.read_seconds / max(self.reads, 1):.1f} ms a file in {readers} threads")
+
+
 class _JpegLane:
     """JPEGs decoded in batches by a BatchDecoder (nvjpeg on the GPU), beside the CPU workers.
 
@@ -443,12 +466,18 @@ class _JpegLane:
         self.started: dict[cf.Future, float] = {}
         self.crashes = 0
         self.enabled = True
+        self.times, self.times_lock = LaneTimes(), threading.Lock()
+        self.opened, self.done_at = time.monotonic(), None
         quiet_header_warnings()
-        self.readers = DaemonThreads(min(self.READERS, os.cpu_count() or 1), "jpeg-read")
+        self.reader_count = min(self.READERS, os.cpu_count() or 1)
+        self.readers = DaemonThreads(self.reader_count, "jpeg-read")
         self.gpu = DaemonThreads(1, "jpeg-decode")
 
     def busy(self) -> bool:
-        return self.enabled and bool(self.jpegs or self.reading or self.ready or self.decoding)
+        busy = self.enabled and bool(self.jpegs or self.reading or self.ready or self.decoding)
+        if not busy and self.done_at is None:
+            self.done_at = time.monotonic()  # the end of the lane's life, for its times
+        return busy
 
     def futures(self) -> list[cf.Future]:
         return [*self.reading, *self.decoding]
@@ -468,15 +497,39 @@ class _JpegLane:
             self.reading[self.readers.submit(self._read, task)] = task
         while self.ready and len(self.decoding) < 2 and (len(self.ready) >= self.batch or not self.reading):
             files, self.ready = self.ready[: self.batch], self.ready[self.batch:]
-            self.decoding[self.gpu.submit(decode_batch, [f for _, f in files], self.decoder, self.spec)] = files
+            self.times.short_batches += len(files) < self.batch
+            self.decoding[self.gpu.submit(self._decode, [f for _, f in files])] = files
+
+    def _decode(self, files: list[JpegFile]) -> list[np.ndarray | None]:
+        """decode_batch, timed (in the one decoding thread: only it writes these two times)."""
+        started, in_decoder = time.perf_counter(), 0.0
+
+        def decoder(datas: list[bytes]) -> list:
+            nonlocal in_decoder
+            start = time.perf_counter()
+            try:
+                return self.decoder(datas)
+            finally:
+                in_decoder += time.perf_counter() - start
+
+        try:
+            return decode_batch(files, decoder, self.spec)
+        finally:
+            self.times.decoder_seconds += in_decoder
+            self.times.reduce_seconds += time.perf_counter() - started - in_decoder
 
     def _read(self, task: Task) -> JpegFile | Failed | None:
+        started = time.perf_counter()
         try:
             file = read_jpeg(os.path.join(self.root, task.rel), self.spec)
         except DecodeError as e:
             return Failed(task, e.status, e.reason)  # unread: what read_image records for it
         except Exception:
             return None
+        finally:
+            with self.times_lock:
+                self.times.reads += 1
+                self.times.read_seconds += time.perf_counter() - started
         # A known hash (a moved file) is checked by the CPU path, which also decodes it.
         return None if file is None or file.meta["sha256"] in self.moved else file
 
@@ -507,10 +560,12 @@ class _JpegLane:
                 if self.crashes >= self.MAX_CRASHES:
                     self._stop(f"it failed {self.crashes} times")
                 continue
+            self.times.batches += 1
             for (task, file), image in zip(files, pixels):
                 if image is None:
                     self.queue.appendleft(task)
                 else:
+                    self.times.files += 1
                     yield Decoded(task, file.meta, image)
         self._check_clock()
 
@@ -541,6 +596,8 @@ class _JpegLane:
             future.cancel()
         self.readers.shutdown()
         self.gpu.shutdown(wait=5.0)  # a decode under way finishes before the process moves on
+        if self.times.batches:
+            log.info("%s", self.times.summary((self.done_at or time.monotonic()) - self.opened, self.reader_count))
 
 
 def worker_start_method(threads: bool = False) -> str:

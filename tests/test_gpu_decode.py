@@ -312,6 +312,27 @@ def test_moved_files_are_still_matched(tmp_path, encoder):
     assert rows(root)[b"renamed.jpg"].id == before[b"p1.jpg"].id
 
 
+def test_lane_logs_where_its_time_went(tmp_path, encoder, caplog):
+    import re
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(5):
+        synthetic_photo(640, 480, seed=i).save(root / f"p{i}.jpg")
+    decoder = PillowBatchDecoder()
+    with caplog.at_level("INFO", logger="dinoseek.indexer.pipeline"):
+        counts = index(root, encoder, jpeg_decoder=decoder, gpu_batch=2)
+    assert counts["embedded"] == 5 and decoder.decoded == 5
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("GPU JPEG decoding:")]
+    found = re.fullmatch(r"GPU JPEG decoding: 5 files in 3 batches \((\d) short\) over ([\d.]+) s; decoding thread "
+                         r"busy (\d+)% \(decoder ([\d.]+) s, reduction and copy back ([\d.]+) s\); reads "
+                         r"([\d.]+) ms a file in \d threads", line)
+    assert found, line
+    short, seconds, busy, in_decoder, reducing, read_ms = (float(g) for g in found.groups())
+    assert 1 <= short <= 3 and busy <= 100 and read_ms > 0
+    assert in_decoder + reducing <= seconds + 0.2  # one decoding thread, within the lane's life (rounded)
+
+
 def test_auto_uses_the_cpu_where_the_gpu_cannot_decode():
     assert jpeg_decoder_for("cpu", "cpu") is None
     assert jpeg_decoder_for("auto", "cpu") is None
