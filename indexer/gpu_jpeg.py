@@ -133,8 +133,9 @@ def jpeg_pixels(image: torch.Tensor, orientation: int, scale: int, spec: InputSp
 
 
 def _drafted(image: torch.Tensor, orientation: int, scale: int) -> torch.Tensor:
-    """(3, H, W) uint8 as stored -> (1, 3, h, w) float: Pillow's draft reduction, then the EXIF
-    orientation; what `read_image` hands to `spec.pixels`."""
+    """(3, H, W) uint8 as stored -> (1, 3, h, w) uint8: Pillow's draft reduction, then the EXIF
+    orientation; what `read_image` hands to `spec.pixels`. Kept in 8 bits (its values are whole
+    levels) while the rest of its batch is decoded: a quarter of the GPU memory of floats."""
     x = image.unsqueeze(0).float()  # (1, 3, H, W)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)  # grey: Pillow's L -> RGB repeats the channel
@@ -144,13 +145,14 @@ def _drafted(image: torch.Tensor, orientation: int, scale: int) -> torch.Tensor:
         x = F.avg_pool2d(x, scale, ceil_mode=True).round()  # (1, 3, ceil(H/s), ceil(W/s))
     if orientation in _TRANSPOSES:
         x = _TRANSPOSES[orientation](x)
-    return x
+    return x.to(torch.uint8)
 
 
 def _geometry(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
-    """(N, 3, h, w) float holding 8-bit values, images of one size -> (N, size, size, 3) uint8: the
-    InputSpec's resize and crop, as `spec.pixels` does them. Each image is computed on its own (the
-    kernels are per image), so N images of one size take one launch per step instead of N."""
+    """(N, 3, h, w) uint8, images of one size -> (N, size, size, 3) uint8: the InputSpec's resize
+    and crop, as `spec.pixels` does them. Each image is computed on its own (the kernels are per
+    image), so N images of one size take one launch per step instead of N."""
+    x = x.float()
     h, w = x.shape[-2:]
     size = spec.size
     if spec.mode == "crop":
@@ -195,7 +197,10 @@ def decode_batch(files: Sequence[JpegFile], decoder: BatchDecoder, spec: InputSp
     out: list[np.ndarray | None] = [None] * len(files)
     if by_size:
         order = [i for group in by_size.values() for i, _ in group]
-        made = [_geometry(torch.cat([x for _, x in group]), spec) for group in by_size.values()]
+        made = []
+        while by_size:  # each group's reduced images are freed once resized
+            group = by_size.pop(next(iter(by_size)))  # in `order`'s order
+            made.append(_geometry(torch.cat([x for _, x in group]), spec))
         host = torch.cat(made).cpu().numpy()  # one copy back: (B, size, size, 3)
         for i, pixels in zip(order, host):
             out[i] = pixels

@@ -54,8 +54,8 @@ def open_regular(path: str | bytes | os.PathLike, *, max_bytes: int | None = Non
 
 def read_regular(path: str | bytes | os.PathLike, *, max_bytes: int | None = None,
                  follow_symlinks: bool = True) -> bytes:
-    """The whole content of a regular file, never more than `max_bytes` (a file that grows while
-    being read is refused rather than read on)."""
+    """The whole content of a regular file, never more than `max_bytes`: a file that grows while
+    being read is read on up to the cap, and refused (FileTooLargeError) beyond it."""
     with open_regular(path, max_bytes=max_bytes, follow_symlinks=follow_symlinks) as f:
         if max_bytes is None:
             return f.read()
@@ -64,9 +64,12 @@ def read_regular(path: str | bytes | os.PathLike, *, max_bytes: int | None = Non
         # across threads. The size fstat gives is asked for instead, plus one byte to see whether
         # the file has grown; if it has, reading goes on up to the cap.
         expected = min(os.fstat(f.fileno()).st_size, max_bytes)
-        data = f.read(expected + 1)
-        if len(data) > expected:
-            data += f.read(max_bytes + 1 - len(data))
+        chunks = [f.read(expected + 1)]
+        total = len(chunks[0])
+        while total > expected and total <= max_bytes and (chunk := f.read(min(HASH_CHUNK, max_bytes + 1 - total))):
+            chunks.append(chunk)  # grown since: read on in chunks (each read allocates its size)
+            total += len(chunk)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     if len(data) > max_bytes:
         raise FileTooLargeError(errno.EFBIG, f"grew beyond the {max_bytes:,}-byte limit while being read", path)
     return data

@@ -202,9 +202,24 @@ def check_grouped_as_each_alone(paths, decoder, spec, monkeypatch) -> None:
         assert np.array_equal(ours, theirs), name
 
 
-@pytest.mark.parametrize("spec", [InputSpec("crop", 224), InputSpec("full", 252)], ids=["crop224", "full252"])
+@pytest.mark.parametrize("spec", [InputSpec("crop", 224), InputSpec("full", 252), InputSpec("crop", 320)],
+                         ids=["crop224", "full252", "crop320"])
 def test_photos_of_one_size_are_resized_together_as_each_alone(tmp_path, monkeypatch, spec):
     check_grouped_as_each_alone(one_camera_jpegs(tmp_path), PillowBatchDecoder(), spec, monkeypatch)
+
+
+def test_index_benchmark_times_the_lane_stage_by_stage(tmp_path):
+    """benchmarks/index.py's lane breakdown, run with the Pillow stand-in (on an H200 it runs nvjpeg)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+    try:
+        from index import _lane_stages
+    finally:
+        sys.path.pop(0)
+    paths = one_camera_jpegs(tmp_path)
+    decoder = PillowBatchDecoder()
+    stages = _lane_stages(paths, InputSpec(), decoder, 3)
+    assert set(stages) == {"read", "nvjpeg", "decode_batch", "pipelined"} and min(stages.values()) > 0
+    assert decoder.decoded == 3 * len(paths)  # decoder alone, decode_batch, pipelined: every file each time
 
 
 def test_read_jpeg_meta_is_the_cpu_paths(tmp_path):
@@ -363,7 +378,8 @@ def test_decode_gpu_without_cuda_is_a_one_line_error(tmp_path, tiny_folder, enco
 
 def test_nvjpeg_gets_the_files_bytes_uncopied(tmp_path, monkeypatch):
     """What the nvjpeg wrapper hands torchvision (faked here): each file's bytes as a 1-D uint8
-    tensor over the bytes themselves (no copy per file), RGB, onto the encoder's device; silently."""
+    tensor over the bytes themselves (no copy per file), RGB, onto the encoder's device; silently
+    (torch warns about read-only buffers once a process, so this checks only a first call)."""
     import types
     import warnings
 

@@ -105,16 +105,19 @@ def test_oversized_photo_is_refused_unread(tmp_path, monkeypatch):
 
 
 class _RecordingReads:
-    """A file object that records the sizes its reads ask for, and runs `before_read` first."""
+    """A file object that records what its reads ask for (size, bytes read before), and runs
+    `before_read` first."""
 
     def __init__(self, f, asked: list, before_read) -> None:
-        self._f, self._asked, self._before_read = f, asked, before_read
+        self._f, self._asked, self._before_read, self._read = f, asked, before_read, 0
 
     def read(self, n=-1):
         if not self._asked:
             self._before_read()
-        self._asked.append(n)
-        return self._f.read(n)
+        self._asked.append((n, self._read))
+        data = self._f.read(n)
+        self._read += len(data)
+        return data
 
     def __getattr__(self, name):
         return getattr(self._f, name)
@@ -127,8 +130,8 @@ class _RecordingReads:
 
 
 def _record_reads(monkeypatch, before_read=lambda: None) -> list:
-    """The sizes read_regular's reads ask for; `before_read` runs once the file is open and
-    stat'ed, just before its first read."""
+    """What read_regular's reads ask for, (size, bytes read before) each; `before_read` runs once
+    the file is open and stat'ed, just before its first read."""
     import dinoseek.model.files as files
 
     real_open, asked = files.open_regular, []
@@ -143,7 +146,7 @@ def test_photo_read_asks_for_its_size_not_the_cap(tmp_path, monkeypatch):
     asked = _record_reads(monkeypatch)
     decoded = read_image(path)
     assert decoded.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert asked and all(0 < n <= path.stat().st_size + 1 for n in asked)
+    assert asked and all(0 < n <= path.stat().st_size + 1 for n, _ in asked)
 
 
 @pytest.mark.parametrize("grows_by, cap, whole", [(30, 100, True), (60, 100, False)])
@@ -159,7 +162,8 @@ def test_file_growing_while_read_is_read_on_up_to_the_cap(tmp_path, monkeypatch,
         else:
             with pytest.raises(FileTooLargeError, match=f"grew beyond the {cap}-byte limit"):
                 read_regular(path, max_bytes=cap)
-    assert asked[0] == 51 and sum(n for n in asked if n > 0) <= cap + 1  # never more than the cap
+    assert asked[0] == (51, 0)  # the size fstat gave, + 1
+    assert all(0 < n <= cap + 1 - before for n, before in asked)  # never more than the cap in all
 
 
 def _swap_for_fifo_after_scan(monkeypatch, victim: Path):
