@@ -355,10 +355,8 @@ def _drain(pool: cf.Executor, pending: dict, queue: collections.deque, window: i
     started: dict[cf.Future, float] = {}
     poll = None if timeout is None else min(1.0, timeout / 4)
     if lane is not None:
-        poll = min(poll or 1.0, 1.0)  # the lane's own clock is read at each poll
+        poll = min(poll or 1.0, 1.0)  # a safety net: the lane's signal wakes this loop
     while queue or pending or (lane is not None and lane.busy()):
-        if lane is not None:
-            lane.feed()
         while len(pending) < window and (task := queue.popleft() if queue else lane.take() if lane else None):
             try:
                 pending[pool.submit(_decode_task, *call_args(task))] = task
@@ -446,10 +444,17 @@ class _JpegLane:
     handed to the CPU path whole; after MAX_CRASHES, or a read or decode running past the decode
     timeout (its thread cannot be stopped, and is abandoned), the lane stops and the CPU path
     takes every file it held.
+
+    The lane drives itself: its own thread starts reads and decodes as the ones before finish, so
+    the GPU goes on decoding while the run embeds and commits (the run's thread only takes what is
+    done, in `collect`). Everything below `self.lock` is the lane's state; the run's thread touches
+    it only through busy(), take(), futures() and collect(), under the lock, and only it touches
+    the shared queue.
     """
 
     MAX_CRASHES = 2
     READERS = 4
+    POLL = 0.25  # seconds between the lane's looks at its clock while nothing finishes
 
     def __init__(self, root: bytes, queue: collections.deque, decoder: BatchDecoder, spec: InputSpec,
                  moved: frozenset, options: Options) -> None:
@@ -459,34 +464,96 @@ class _JpegLane:
         others = [t for t in queue if not is_jpeg_name(t.rel)]
         queue.clear()
         queue.extend(others)  # the workers start on what only they can decode
+        self.lock = threading.Lock()
         self.jpegs = collections.deque(jpegs)
         self.reading: dict[cf.Future, Task] = {}
         self.ready: list[tuple[Task, JpegFile]] = []
         self.decoding: dict[cf.Future, list[tuple[Task, JpegFile]]] = {}
         self.started: dict[cf.Future, float] = {}
+        self.done: collections.deque[DecodeResult] = collections.deque()  # for the run to take
+        self.handed_back: list[Task] = []  # for the CPU path, in order
+        self.signal: cf.Future = cf.Future()  # set when there is something to collect
         self.crashes = 0
-        self.enabled = True
+        self.enabled, self.closing = True, False
         self.times, self.times_lock = LaneTimes(), threading.Lock()
         self.opened, self.done_at = time.monotonic(), None
         quiet_header_warnings()
         self.reader_count = min(self.READERS, os.cpu_count() or 1)
         self.readers = DaemonThreads(self.reader_count, "jpeg-read")
         self.gpu = DaemonThreads(1, "jpeg-decode")
+        self._feed()  # before the run's thread can take() any: the lane's first reads are its own
+        self.driver = threading.Thread(target=self._drive, name="jpeg-lane", daemon=True)
+        self.driver.start()
 
+    # ---- the run's thread --------------------------------------------------------------------
     def busy(self) -> bool:
-        busy = self.enabled and bool(self.jpegs or self.reading or self.ready or self.decoding)
+        with self.lock:
+            busy = bool(self.done or self.handed_back) or self._holding()
         if not busy and self.done_at is None:
             self.done_at = time.monotonic()  # the end of the lane's life, for its times
         return busy
 
     def futures(self) -> list[cf.Future]:
-        return [*self.reading, *self.decoding]
+        """What the run's thread waits on besides its workers: set when there is a result."""
+        return [self.signal]
 
     def take(self) -> Task | None:
         """A JPEG for a CPU worker (the shared queue is empty)."""
-        return self.jpegs.popleft() if self.enabled and self.jpegs else None
+        with self.lock:
+            return self.jpegs.popleft() if self.enabled and self.jpegs else None
 
-    def feed(self) -> None:
+    def collect(self) -> Iterator[DecodeResult]:
+        """What the lane has finished; the files it hands back go to the front of the shared queue."""
+        with self.lock:
+            if self.signal.done():
+                self.signal = cf.Future()  # before taking: anything added after sets the new one
+            done, self.done = list(self.done), collections.deque()
+            self.queue.extendleft(reversed(self.handed_back))
+            self.handed_back = []
+        yield from done
+
+    def close(self) -> None:
+        with self.lock:
+            self.closing = True
+            for future in [*self.reading, *self.decoding]:
+                future.cancel()
+        self.driver.join(timeout=2 * self.POLL + 1.0)
+        self.readers.shutdown()
+        self.gpu.shutdown(wait=5.0)  # a decode under way finishes before the process moves on
+        if self.times.batches:
+            log.info("%s", self.times.summary((self.done_at or time.monotonic()) - self.opened, self.reader_count))
+
+    # ---- the lane's thread -------------------------------------------------------------------
+    def _drive(self) -> None:
+        try:
+            while True:
+                with self.lock:
+                    if self.closing or not self._holding():
+                        return
+                    waiting = [*self.reading, *self.decoding]
+                if waiting:
+                    cf.wait(waiting, timeout=self.POLL, return_when=cf.FIRST_COMPLETED)
+                else:  # (feeding leaves none only when nothing is held; never spin)
+                    time.sleep(self.POLL)
+                with self.lock:
+                    if self.closing:
+                        return
+                    self._advance()
+                    self._check_clock()
+                    self._feed()
+                    if (self.done or self.handed_back) and not self.signal.done():
+                        self.signal.set_result(None)
+        except BaseException as e:  # a bug here must not leave the run waiting for the lane
+            log.exception("the GPU JPEG lane failed")
+            with self.lock:
+                self._stop(f"{type(e).__name__}: {e}")
+                if not self.signal.done():
+                    self.signal.set_result(None)
+
+    def _holding(self) -> bool:
+        return self.enabled and bool(self.jpegs or self.reading or self.ready or self.decoding)
+
+    def _feed(self) -> None:
         """Start reads while there is room, and a decode when a batch is ready (or nothing more
         will come for a while); two decodes queued, so the GPU never waits for this thread."""
         if not self.enabled:
@@ -499,6 +566,64 @@ class _JpegLane:
             files, self.ready = self.ready[: self.batch], self.ready[self.batch:]
             self.times.short_batches += len(files) < self.batch
             self.decoding[self.gpu.submit(self._decode, [f for _, f in files])] = files
+
+    def _advance(self) -> None:
+        """Finished reads become ready files (or go back, or are recorded as unread); finished
+        decodes become results (or go back)."""
+        for future in [f for f in self.reading if f.done()]:
+            task = self.reading.pop(future)
+            self.started.pop(future, None)
+            result = future.result()
+            if isinstance(result, Failed):
+                self.done.append(result)
+            elif result is None:
+                self.handed_back.append(task)
+            else:
+                self.ready.append((task, result))
+        for future in [f for f in self.decoding if f.done()]:
+            if future not in self.decoding:  # _stop() below handed its files to the CPU path already
+                continue
+            files = self.decoding.pop(future)
+            self.started.pop(future, None)
+            try:
+                pixels = future.result()
+            except Exception as e:
+                self.crashes += 1
+                log.warning("GPU JPEG decoding failed (%s: %s); its %d files go to the CPU decoders",
+                            type(e).__name__, e, len(files))
+                self.handed_back.extend(task for task, _ in files)
+                if self.crashes >= self.MAX_CRASHES:
+                    self._stop(f"it failed {self.crashes} times")
+                continue
+            self.times.batches += 1
+            for (task, file), image in zip(files, pixels):
+                if image is None:
+                    self.handed_back.append(task)
+                else:
+                    self.times.files += 1
+                    self.done.append(Decoded(task, file.meta, image))
+
+    def _check_clock(self) -> None:
+        if self.timeout is None or not self.enabled:
+            return
+        now = time.monotonic()
+        for future in [*self.reading, *self.decoding]:
+            if future not in self.started and future.running():
+                self.started[future] = now
+        if any(now - t > self.timeout for f, t in self.started.items() if not f.done()):
+            self._stop(f"a read or decode took longer than {self.timeout:g} s")
+
+    def _stop(self, why: str) -> None:
+        """Hand every file the lane holds to the CPU path, and take no more."""
+        log.warning("GPU JPEG decoding stopped (%s); the CPU decoders read the rest", why)
+        self.enabled = False
+        held = [*self.reading.values(), *(t for t, _ in self.ready),
+                *(t for files in self.decoding.values() for t, _ in files), *self.jpegs]
+        for future in [*self.reading, *self.decoding]:
+            future.cancel()
+        self.reading, self.ready, self.decoding, self.started = {}, [], {}, {}
+        self.jpegs.clear()
+        self.handed_back.extend(held)
 
     def _decode(self, files: list[JpegFile]) -> list[np.ndarray | None]:
         """decode_batch, timed (in the one decoding thread: only it writes these two times)."""
@@ -532,72 +657,6 @@ class _JpegLane:
                 self.times.read_seconds += time.perf_counter() - started
         # A known hash (a moved file) is checked by the CPU path, which also decodes it.
         return None if file is None or file.meta["sha256"] in self.moved else file
-
-    def collect(self) -> Iterator[DecodeResult]:
-        """Results of finished reads and decodes; files for the CPU path go to the shared queue."""
-        for future in [f for f in self.reading if f.done()]:
-            task = self.reading.pop(future)
-            self.started.pop(future, None)
-            result = future.result()
-            if isinstance(result, Failed):
-                yield result
-            elif result is None:
-                self.queue.appendleft(task)
-            else:
-                self.ready.append((task, result))
-        for future in [f for f in self.decoding if f.done()]:
-            if future not in self.decoding:  # _stop() below handed its files to the CPU path already
-                continue
-            files = self.decoding.pop(future)
-            self.started.pop(future, None)
-            try:
-                pixels = future.result()
-            except Exception as e:
-                self.crashes += 1
-                log.warning("GPU JPEG decoding failed (%s: %s); its %d files go to the CPU decoders",
-                            type(e).__name__, e, len(files))
-                self.queue.extendleft(reversed([task for task, _ in files]))
-                if self.crashes >= self.MAX_CRASHES:
-                    self._stop(f"it failed {self.crashes} times")
-                continue
-            self.times.batches += 1
-            for (task, file), image in zip(files, pixels):
-                if image is None:
-                    self.queue.appendleft(task)
-                else:
-                    self.times.files += 1
-                    yield Decoded(task, file.meta, image)
-        self._check_clock()
-
-    def _check_clock(self) -> None:
-        if self.timeout is None or not self.enabled:
-            return
-        now = time.monotonic()
-        for future in self.futures():
-            if future not in self.started and future.running():
-                self.started[future] = now
-        if any(now - t > self.timeout for f, t in self.started.items() if not f.done()):
-            self._stop(f"a read or decode took longer than {self.timeout:g} s")
-
-    def _stop(self, why: str) -> None:
-        """Hand every file the lane holds to the CPU path, and take no more."""
-        log.warning("GPU JPEG decoding stopped (%s); the CPU decoders read the rest", why)
-        self.enabled = False
-        held = [*self.reading.values(), *(t for t, _ in self.ready),
-                *(t for files in self.decoding.values() for t, _ in files), *self.jpegs]
-        for future in self.futures():
-            future.cancel()
-        self.reading, self.ready, self.decoding, self.started = {}, [], {}, {}
-        self.jpegs.clear()
-        self.queue.extendleft(reversed(held))
-
-    def close(self) -> None:
-        for future in self.futures():
-            future.cancel()
-        self.readers.shutdown()
-        self.gpu.shutdown(wait=5.0)  # a decode under way finishes before the process moves on
-        if self.times.batches:
-            log.info("%s", self.times.summary((self.done_at or time.monotonic()) - self.opened, self.reader_count))
 
 
 def worker_start_method(threads: bool = False) -> str:

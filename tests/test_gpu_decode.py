@@ -327,6 +327,32 @@ def test_moved_files_are_still_matched(tmp_path, encoder):
     assert rows(root)[b"renamed.jpg"].id == before[b"p1.jpg"].id
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_lane_decodes_on_while_the_run_is_busy_elsewhere(tmp_path, workers):
+    """The run stops taking results while it embeds and commits a batch; the GPU lane goes on
+    reading and decoding meanwhile (within its bounds), instead of waiting to be fed."""
+    from dinoseek.indexer.pipeline import _decoded
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(8):
+        synthetic_photo(320, 240, seed=i).save(root / f"p{i}.jpg")
+    decoder = PillowBatchDecoder()
+    spec = InputSpec()
+    embedder = type("DecodeOnly", (), {"input_spec": spec})()
+    tasks = [Task(f"p{i}.jpg".encode(), 0, 0) for i in range(8)]
+    results = _decoded(os.fsencode(root), tasks, embedder, Options(workers=workers, jpeg_decoder=decoder, gpu_batch=2),
+                       frozenset())
+    first = next(results)
+    waited = time.monotonic() + 20
+    while decoder.decoded < 8 and time.monotonic() < waited:  # the run is "embedding": nothing is taken
+        time.sleep(0.05)
+    assert decoder.decoded == 8
+    rest = list(results)
+    assert sorted(r.task.rel for r in [first, *rest]) == sorted(t.rel for t in tasks)
+    assert all(r.pixels is not None for r in [first, *rest])
+
+
 def test_lane_logs_where_its_time_went(tmp_path, encoder, caplog):
     import re
 
