@@ -438,7 +438,8 @@ class _JpegLane:
     shared queue and, once it is empty, from the lane's too, so neither idles. Files are read,
     hashed and their headers parsed in a few threads (hashlib and reads release the GIL), then
     decoded `batch` at a time in one thread. At most `4 * batch` files are between reading and
-    decoding (their bytes are held). Whatever the lane does not take (not really a JPEG, CMYK, a
+    decoding (their bytes are held), and no read or decode starts while `4 * batch` results wait
+    for the run to take them. Whatever the lane does not take (not really a JPEG, CMYK, a
     damaged file, a known hash, a decoder error) goes to the front of the shared queue: the CPU
     path decodes it or records it exactly as without the lane. A batch whose decode raises is
     handed to the CPU path whole; after MAX_CRASHES, or a read or decode running past the decode
@@ -473,6 +474,7 @@ class _JpegLane:
         self.done: collections.deque[DecodeResult] = collections.deque()  # for the run to take
         self.handed_back: list[Task] = []  # for the CPU path, in order
         self.signal: cf.Future = cf.Future()  # set when there is something to collect
+        self.room: cf.Future = cf.Future()  # set when the run has taken results (the lane may go on)
         self.crashes = 0
         self.enabled, self.closing = True, False
         self.times, self.times_lock = LaneTimes(), threading.Lock()
@@ -510,6 +512,8 @@ class _JpegLane:
             done, self.done = list(self.done), collections.deque()
             self.queue.extendleft(reversed(self.handed_back))
             self.handed_back = []
+            if done and not self.room.done():
+                self.room.set_result(None)
         yield from done
 
     def close(self) -> None:
@@ -530,14 +534,13 @@ class _JpegLane:
                 with self.lock:
                     if self.closing or not self._holding():
                         return
-                    waiting = [*self.reading, *self.decoding]
-                if waiting:
-                    cf.wait(waiting, timeout=self.POLL, return_when=cf.FIRST_COMPLETED)
-                else:  # (feeding leaves none only when nothing is held; never spin)
-                    time.sleep(self.POLL)
+                    waiting = [*self.reading, *self.decoding, self.room]
+                cf.wait(waiting, timeout=self.POLL, return_when=cf.FIRST_COMPLETED)
                 with self.lock:
                     if self.closing:
                         return
+                    if self.room.done():
+                        self.room = cf.Future()
                     self._advance()
                     self._check_clock()
                     self._feed()
@@ -556,7 +559,7 @@ class _JpegLane:
     def _feed(self) -> None:
         """Start reads while there is room, and a decode when a batch is ready (or nothing more
         will come for a while); two decodes queued, so the GPU never waits for this thread."""
-        if not self.enabled:
+        if not self.enabled or len(self.done) >= 4 * self.batch:  # the run is busy: results wait enough
             return
         held = lambda: len(self.reading) + len(self.ready) + self.batch * len(self.decoding)
         while self.jpegs and held() < 4 * self.batch:
@@ -573,7 +576,10 @@ class _JpegLane:
         for future in [f for f in self.reading if f.done()]:
             task = self.reading.pop(future)
             self.started.pop(future, None)
-            result = future.result()
+            try:
+                result = future.result()  # _read returns its failures
+            except BaseException:  # noqa: BLE001 - anything else: the CPU path reads the file
+                result = None
             if isinstance(result, Failed):
                 self.done.append(result)
             elif result is None:
@@ -585,8 +591,9 @@ class _JpegLane:
                 continue
             files = self.decoding.pop(future)
             self.started.pop(future, None)
-            try:
-                pixels = future.result()
+            try:  # every file of the batch ends up in exactly one place, whatever raises
+                results = [(task, None if image is None else Decoded(task, file.meta, image))
+                           for (task, file), image in zip(files, future.result(), strict=True)]
             except Exception as e:
                 self.crashes += 1
                 log.warning("GPU JPEG decoding failed (%s: %s); its %d files go to the CPU decoders",
@@ -596,12 +603,12 @@ class _JpegLane:
                     self._stop(f"it failed {self.crashes} times")
                 continue
             self.times.batches += 1
-            for (task, file), image in zip(files, pixels):
-                if image is None:
+            for task, decoded in results:
+                if decoded is None:
                     self.handed_back.append(task)
                 else:
                     self.times.files += 1
-                    self.done.append(Decoded(task, file.meta, image))
+                    self.done.append(decoded)
 
     def _check_clock(self) -> None:
         if self.timeout is None or not self.enabled:

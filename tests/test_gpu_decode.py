@@ -327,30 +327,55 @@ def test_moved_files_are_still_matched(tmp_path, encoder):
     assert rows(root)[b"renamed.jpg"].id == before[b"p1.jpg"].id
 
 
+def lane_run(root, count: int, workers: int, decoder, gpu_batch: int = 2):
+    """`count` small JPEGs in `root`, and the decode results of a run over them (a generator)."""
+    from dinoseek.indexer.pipeline import _decoded
+
+    root.mkdir()
+    for i in range(count):
+        synthetic_photo(160, 120, seed=i).save(root / f"p{i}.jpg")
+    tasks = [Task(f"p{i}.jpg".encode(), 0, 0) for i in range(count)]
+    embedder = type("DecodeOnly", (), {"input_spec": InputSpec()})()
+    options = Options(workers=workers, jpeg_decoder=decoder, gpu_batch=gpu_batch)
+    return tasks, _decoded(os.fsencode(root), tasks, embedder, options, frozenset())
+
+
+def decoded_while_paused(decoder, settle: float = 0.5, limit: float = 20) -> int:
+    """How many files the decoder has decoded once it stops for `settle` seconds (the run pauses)."""
+    last, since, give_up = -1, time.monotonic(), time.monotonic() + limit
+    while time.monotonic() < give_up and (decoder.decoded != last or time.monotonic() - since < settle):
+        if decoder.decoded != last:
+            last, since = decoder.decoded, time.monotonic()
+        time.sleep(0.02)
+    return decoder.decoded
+
+
+def check_every_task_once(tasks, results) -> None:
+    assert sorted(r.task.rel for r in results) == sorted(t.rel for t in tasks)
+    assert all(r.pixels is not None for r in results)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_the_lane_decodes_on_while_the_run_is_busy_elsewhere(tmp_path, workers):
     """The run stops taking results while it embeds and commits a batch; the GPU lane goes on
-    reading and decoding meanwhile (within its bounds), instead of waiting to be fed."""
-    from dinoseek.indexer.pipeline import _decoded
-
-    root = tmp_path / "photos"
-    root.mkdir()
-    for i in range(8):
-        synthetic_photo(320, 240, seed=i).save(root / f"p{i}.jpg")
+    reading and decoding meanwhile, instead of waiting to be fed."""
     decoder = PillowBatchDecoder()
-    spec = InputSpec()
-    embedder = type("DecodeOnly", (), {"input_spec": spec})()
-    tasks = [Task(f"p{i}.jpg".encode(), 0, 0) for i in range(8)]
-    results = _decoded(os.fsencode(root), tasks, embedder, Options(workers=workers, jpeg_decoder=decoder, gpu_batch=2),
-                       frozenset())
+    tasks, results = lane_run(tmp_path / "photos", 8, workers, decoder)
     first = next(results)
-    waited = time.monotonic() + 20
-    while decoder.decoded < 8 and time.monotonic() < waited:  # the run is "embedding": nothing is taken
-        time.sleep(0.05)
-    assert decoder.decoded == 8
-    rest = list(results)
-    assert sorted(r.task.rel for r in [first, *rest]) == sorted(t.rel for t in tasks)
-    assert all(r.pixels is not None for r in [first, *rest])
+    assert decoded_while_paused(decoder) == 8  # every batch, while the run took nothing
+    check_every_task_once(tasks, [first, *results])
+
+
+def test_results_waiting_for_the_run_are_bounded(tmp_path):
+    """...but not without end: once 4 batches of results wait, the lane stops reading and decoding
+    until the run takes them (each holds its pixels), then goes on."""
+    decoder = PillowBatchDecoder()
+    tasks, results = lane_run(tmp_path / "photos", 40, 0, decoder)
+    first = next(results)
+    paused = decoded_while_paused(decoder)
+    assert 8 <= paused <= 8 + 2 * 2 + 2  # 4 batches waiting, 2 decoding, the first taken
+    check_every_task_once(tasks, [first, *results])
+    assert decoder.decoded > paused  # and it went on (the CPU path, idle then, took JPEGs too)
 
 
 def test_lane_logs_where_its_time_went(tmp_path, encoder, caplog):
