@@ -479,6 +479,7 @@ class _JpegLane:
         self.enabled, self.closing = True, False
         self.times, self.times_lock = LaneTimes(), threading.Lock()
         self.opened, self.done_at = time.monotonic(), None
+        self.notes: list[str] = []  # warnings made under the lock, logged by the lane's thread after it
         quiet_header_warnings()
         self.reader_count = min(self.READERS, os.cpu_count() or 1)
         self.readers = DaemonThreads(self.reader_count, "jpeg-read")
@@ -490,10 +491,7 @@ class _JpegLane:
     # ---- the run's thread --------------------------------------------------------------------
     def busy(self) -> bool:
         with self.lock:
-            busy = bool(self.done or self.handed_back) or self._holding()
-        if not busy and self.done_at is None:
-            self.done_at = time.monotonic()  # the end of the lane's life, for its times
-        return busy
+            return bool(self.done or self.handed_back) or self._holding()
 
     def futures(self) -> list[cf.Future]:
         """What the run's thread waits on besides its workers: set when there is a result."""
@@ -533,12 +531,12 @@ class _JpegLane:
             while True:
                 with self.lock:
                     if self.closing or not self._holding():
-                        return
+                        break
                     waiting = [*self.reading, *self.decoding, self.room]
                 cf.wait(waiting, timeout=self.POLL, return_when=cf.FIRST_COMPLETED)
                 with self.lock:
                     if self.closing:
-                        return
+                        break
                     if self.room.done():
                         self.room = cf.Future()
                     self._advance()
@@ -546,12 +544,19 @@ class _JpegLane:
                     self._feed()
                     if (self.done or self.handed_back) and not self.signal.done():
                         self.signal.set_result(None)
+                self._log_notes()  # outside the lock: a slow stderr never holds up the run's thread
         except BaseException as e:  # a bug here must not leave the run waiting for the lane
             log.exception("the GPU JPEG lane failed")
             with self.lock:
                 self._stop(f"{type(e).__name__}: {e}")
                 if not self.signal.done():
                     self.signal.set_result(None)
+        self.done_at = time.monotonic()  # the end of the lane's work, for its times
+        self._log_notes()
+
+    def _log_notes(self) -> None:
+        while self.notes:
+            log.warning("%s", self.notes.pop(0))
 
     def _holding(self) -> bool:
         return self.enabled and bool(self.jpegs or self.reading or self.ready or self.decoding)
@@ -596,8 +601,8 @@ class _JpegLane:
                            for (task, file), image in zip(files, future.result(), strict=True)]
             except Exception as e:
                 self.crashes += 1
-                log.warning("GPU JPEG decoding failed (%s: %s); its %d files go to the CPU decoders",
-                            type(e).__name__, e, len(files))
+                self.notes.append(f"GPU JPEG decoding failed ({type(e).__name__}: {e}); its {len(files)} files go "
+                                  f"to the CPU decoders")
                 self.handed_back.extend(task for task, _ in files)
                 if self.crashes >= self.MAX_CRASHES:
                     self._stop(f"it failed {self.crashes} times")
@@ -622,7 +627,7 @@ class _JpegLane:
 
     def _stop(self, why: str) -> None:
         """Hand every file the lane holds to the CPU path, and take no more."""
-        log.warning("GPU JPEG decoding stopped (%s); the CPU decoders read the rest", why)
+        self.notes.append(f"GPU JPEG decoding stopped ({why}); the CPU decoders read the rest")
         self.enabled = False
         held = [*self.reading.values(), *(t for t, _ in self.ready),
                 *(t for files in self.decoding.values() for t, _ in files), *self.jpegs]
