@@ -60,9 +60,9 @@ def read_regular(path: str | bytes | os.PathLike, *, max_bytes: int | None = Non
         if max_bytes is None:
             return f.read()
         # read(n) allocates n bytes before reading: asking for the cap (1 GiB for photos) cost a
-        # 1 GiB mapping per file, twice the time of reading and hashing a 12 MP JPEG, and worse
-        # across threads. The size fstat gives is asked for instead, plus one byte to see whether
-        # the file has grown; if it has, reading goes on up to the cap.
+        # 1 GiB mapping per file, which made reading and hashing a 12 MP JPEG 1.6x slower (more
+        # across threads; benchmarks/read.py). The size fstat gives is asked for instead, plus one
+        # byte to see whether the file has grown; if it has, reading goes on up to the cap.
         expected = min(os.fstat(f.fileno()).st_size, max_bytes)
         chunks = [f.read(expected + 1)]
         total = len(chunks[0])
