@@ -13,16 +13,22 @@
 #     OUT=results bash benchmarks/gpu.sh tests search  # some steps: tests encoder index search autotune
 #
 # Each step has its own time limit, so one that hangs or fails costs only itself; every line goes to
-# $OUT/gpu.log and each step's output to $OUT/<step>.txt. Needs torch with CUDA and transformers.
+# $OUT/gpu.log and each step's output to $OUT/<step>.txt; the exit status is 1 if any step failed
+# (2 where torch sees no GPU). Needs torch with CUDA and transformers.
 # dinoseek need not be installed: the repository folders are made importable as `dinoseek.*`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results}
-mkdir -p "$OUT"
 STEPS=${*:-tests encoder index search}
-
-namespace=$(mktemp -d)
-mkdir "$namespace/dinoseek"
+if ! python3 -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+    echo "benchmarks/gpu.sh: needs python3 with a CUDA build of torch and a visible GPU" >&2
+    exit 2
+fi
+mkdir -p "$OUT"
+scratch=$(mktemp -d)  # the import namespace and the compile caches; removed at exit
+trap 'rm -rf "$scratch"' EXIT
+namespace=$scratch/namespace
+mkdir -p "$namespace/dinoseek"
 for package in model indexer retrieval migrations; do ln -s "$PWD/$package" "$namespace/dinoseek/$package"; done
 export PYTHONPATH="$namespace:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export DINOSEEK_PROGRESS=0
@@ -30,12 +36,15 @@ export DINOSEEK_PROGRESS=0
 log() { echo "$*" | tee -a "$OUT/gpu.log"; }
 
 # step NAME SECONDS COMMAND...: run with a time limit, output to $OUT/NAME.txt and the log.
+failed=0
 step() {
-    local name=$1 limit=$2 started=$SECONDS
+    local name=$1 limit=$2 started=$SECONDS status
     shift 2
     log "== $name: $*"
     timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.txt" >>"$OUT/gpu.log"
-    log "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started)) s"
+    status=${PIPESTATUS[0]}
+    log "== $name: exit $status after $((SECONDS - started)) s"
+    [[ $status == 0 ]] || failed=$((failed + 1))
 }
 
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -49,7 +58,7 @@ if wanted tests; then
     step gpu-tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider $parallel $(grep -l "mark.gpu" tests/test_*.py)
 fi
 if wanted encoder; then
-    export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)  # a cold cache: "compile s" is a first compile
+    export TORCHINDUCTOR_CACHE_DIR=$scratch/inductor-encoder  # a cold cache: "compile s" is a first compile
     step encoder-fp16 150 python3 benchmarks/encoder.py --device cuda --presets small base large --batch 256 \
         --precisions fp16 --warmup 2 --repeats 7
     step encoder-small 90 python3 benchmarks/encoder.py --device cuda --presets small --batch 256 \
@@ -61,11 +70,12 @@ if wanted index; then
         --sizes 512 2048 --gpu-batch 32
 fi
 if wanted autotune; then
-    export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
+    export TORCHINDUCTOR_CACHE_DIR=$scratch/inductor-autotune
     step encoder-autotune 300 env TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 python3 benchmarks/encoder.py --device cuda \
         --presets base large --batch 256 --precisions fp16 --warmup 2 --repeats 7
 fi
 if wanted search; then
     step search 120 python3 benchmarks/gpu_search.py --n 1000000
 fi
-log "# done after $SECONDS s"
+log "# done after $SECONDS s; $failed step(s) failed"
+exit $((failed > 0))

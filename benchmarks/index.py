@@ -8,8 +8,8 @@ Generates a collection of 12 MP JPEGs (4000 x 3000, in a process pool), builds a
 with random weights, then measures, in this order and on this machine:
   1. full decode vs draft decode (one process) of the same files: the JPEG DCT-scaling speedup;
   2. the decode limit: `--workers` processes decoding + resizing only (Pillow, draft); with CUDA
-     also nvjpeg alone (reader threads + batched GPU decode) and both together (the indexer's
-     mixed pipeline); without CUDA those rows say so;
+     also the GPU path alone (reader threads + batched nvjpeg + reduction; then stage by stage) and
+     both together (the indexer's mixed pipeline); without CUDA those rows say so;
   3. the encoder limit: the encoder alone on preprocessed batches;
   4. end to end: `dinoseek index` on a fresh library, per collection size and per --decode (cpu,
      and gpu where CUDA is), each in its own process so peak RSS (indexer + workers) and peak GPU
@@ -266,12 +266,20 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="Reuse/keep the generated collection in this folder.")
     args = parser.parse_args()
 
+    work = args.keep or Path(tempfile.mkdtemp(prefix="dinoseek-bench-"))
+    try:
+        measure(args, work)
+    finally:  # a failed run (no CUDA, say) leaves no gigabytes of JPEGs behind either
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args, work: Path) -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from encoder import reference_model
 
-    work = args.keep or Path(tempfile.mkdtemp(prefix="dinoseek-bench-"))
     weights = work / "vits14"
     if not (weights / "model.safetensors").exists():
         reference_model("small", weights)
@@ -293,15 +301,15 @@ def main() -> None:
     print(f"{'draft decode (1 process)':<36}{d['draft_decode_1p']:>10.1f} img/s   {d['draft_decode_1p'] / d['full_decode_1p']:.1f}x full")
     print(f"{'decode limit (' + str(args.workers) + ' workers)':<36}{d['decode_limit']:>10.1f} img/s")
     if "both" in d:
-        print(f"{'nvjpeg alone (batch ' + str(args.gpu_batch) + ')':<36}{d['nvjpeg_only']:>10.1f} img/s   "
+        print(f"{'GPU path alone (batch ' + str(args.gpu_batch) + ')':<36}{d['nvjpeg_only']:>10.1f} img/s   "
               f"{d['nvjpeg_only'] / d['decode_limit']:.2f}x workers")
         for stage, what in (("read", "read, hash, parse (4 threads)"), ("nvjpeg", "nvjpeg only, files read"),
                             ("decode_batch", "nvjpeg + reduce + copy, files read")):
             print(f"{'  lane stage: ' + what:<48}{d['lane'][stage]:>10.1f} img/s")
         print(f"{'workers + nvjpeg together':<36}{d['both']:>10.1f} img/s   {d['both'] / d['decode_limit']:.2f}x workers, "
-              f"{d['both'] / d['nvjpeg_only']:.2f}x nvjpeg   peak GPU {d['decode_gpu_mb']:.0f} MB")
+              f"{d['both'] / d['nvjpeg_only']:.2f}x GPU path   peak GPU {d['decode_gpu_mb']:.0f} MB")
     else:
-        print(f"{'nvjpeg alone':<36}{'no CUDA':>10}")
+        print(f"{'GPU path alone':<36}{'no CUDA':>10}")
         print(f"{'workers + nvjpeg together':<36}{'no CUDA':>10}")
     print(f"{'encoder limit':<36}{e:>10.1f} img/s")
     print(f"{'shared-core bound 1/(1/d + 1/e)':<36}{shared:>10.1f} img/s")
@@ -328,8 +336,6 @@ def main() -> None:
                   f"before", flush=True)
             if run.get("lane"):
                 print(f"    {run['lane']}", flush=True)
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
