@@ -276,7 +276,8 @@ def jpeg_decoder_for(choice: str, device: torch.device | str | None) -> BatchDec
         return nvjpeg_decoder(device)
     if choice == "gpu":
         raise GpuDecodeUnavailableError(f"cannot decode JPEGs on the GPU: {problem}")
-    log.debug("JPEGs decoded on the CPU: %s", problem)
+    # Said with -v where the encoder is on a GPU (torchvision missing, say); on a CPU it goes without saying.
+    log.log(logging.INFO if device.type == "cuda" else logging.DEBUG, "JPEGs decoded on the CPU: %s", problem)
     return None
 
 

@@ -399,9 +399,16 @@ def test_lane_logs_where_its_time_went(tmp_path, encoder, caplog):
     assert in_decoder + reducing <= seconds + 0.2  # one decoding thread, within the lane's life (rounded)
 
 
-def test_auto_uses_the_cpu_where_the_gpu_cannot_decode():
-    assert jpeg_decoder_for("cpu", "cpu") is None
-    assert jpeg_decoder_for("auto", "cpu") is None
+def test_auto_uses_the_cpu_where_the_gpu_cannot_decode(caplog, monkeypatch):
+    import dinoseek.indexer.gpu_jpeg as gpu_jpeg
+
+    with caplog.at_level("INFO", logger="dinoseek.indexer.gpu_jpeg"):
+        assert jpeg_decoder_for("cpu", "cpu") is None
+        assert jpeg_decoder_for("auto", "cpu") is None
+        assert not caplog.records  # an encoder on the CPU: nothing to explain
+        monkeypatch.setattr(gpu_jpeg, "gpu_decode_problem", lambda device: "torchvision is not usable (no module)")
+        assert jpeg_decoder_for("auto", "cuda") is None
+    assert [r.getMessage() for r in caplog.records] == ["JPEGs decoded on the CPU: torchvision is not usable (no module)"]
     with pytest.raises(ValueError):
         jpeg_decoder_for("fast", "cpu")
 
