@@ -126,12 +126,6 @@ def read_jpeg(path: str | bytes | os.PathLike, spec: InputSpec, *, max_pixels: i
     return JpegFile(data, meta, orientation if orientation in _TRANSPOSES else 1, scale)
 
 
-def jpeg_pixels(image: torch.Tensor, orientation: int, scale: int, spec: InputSpec) -> torch.Tensor:
-    """A full-size decoded JPEG (3, H, W) uint8 as stored -> (size, size, 3) uint8, on its device,
-    as `read_image` (draft, exif_transpose) then `spec.pixels` make it on the CPU."""
-    return _geometry(_drafted(image, orientation, scale), spec)[0]
-
-
 def _drafted(image: torch.Tensor, orientation: int, scale: int) -> torch.Tensor:
     """(3, H, W) uint8 as stored -> (1, 3, h, w) uint8: Pillow's draft reduction, then the EXIF
     orientation; what `read_image` hands to `spec.pixels`. Kept in 8 bits (its values are whole
@@ -149,9 +143,10 @@ def _drafted(image: torch.Tensor, orientation: int, scale: int) -> torch.Tensor:
 
 
 def _geometry(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
-    """(N, 3, h, w) uint8, images of one size -> (N, size, size, 3) uint8: the InputSpec's resize
-    and crop, as `spec.pixels` does them. Each image is computed on its own (the kernels are per
-    image), so N images of one size take one launch per step instead of N."""
+    """(N, 3, h, w) uint8, images of one size, as `_drafted` made them -> (N, size, size, 3) uint8,
+    on their device: the InputSpec's resize and crop, as `spec.pixels` does them on the CPU. Each
+    image is computed on its own (the kernels are per image), so N images of one size take one
+    launch per step instead of N."""
     x = x.float()
     h, w = x.shape[-2:]
     size = spec.size
@@ -195,14 +190,13 @@ def decode_batch(files: Sequence[JpegFile], decoder: BatchDecoder, spec: InputSp
         by_size.setdefault(tuple(drafted.shape[-2:]), []).append((i, drafted))
         images[i] = None  # the full-size image is freed as soon as it is reduced
     out: list[np.ndarray | None] = [None] * len(files)
-    if by_size:
-        order = [i for group in by_size.values() for i, _ in group]
-        made = []
-        while by_size:  # each group's reduced images are freed once resized
-            group = by_size.pop(next(iter(by_size)))  # in `order`'s order
-            made.append(_geometry(torch.cat([x for _, x in group]), spec))
-        host = torch.cat(made).cpu().numpy()  # one copy back: (B, size, size, 3)
-        for i, pixels in zip(order, host):
+    order, made = [], []
+    for size in list(by_size):
+        group = by_size.pop(size)  # its reduced images are freed once resized
+        order += [i for i, _ in group]
+        made.append(_geometry(torch.cat([x for _, x in group]), spec))
+    if made:
+        for i, pixels in zip(order, torch.cat(made).cpu().numpy()):  # one copy back: (B, size, size, 3)
             out[i] = pixels
     return out
 

@@ -191,8 +191,7 @@ def check_grouped_as_each_alone(paths, decoder, spec, monkeypatch) -> None:
     import dinoseek.indexer.gpu_jpeg as gpu_jpeg
 
     files = [read_jpeg(p, spec) for p in paths]
-    alone = [gpu_jpeg.jpeg_pixels(image, f.orientation, f.scale, spec).cpu().numpy()
-             for f, image in zip(files, decoder([f.data for f in files]))]
+    alone = [decode_batch([f], decoder, spec)[0] for f in files]  # a batch of one: nothing to group with
     batches = []
     real_geometry = gpu_jpeg._geometry
     monkeypatch.setattr(gpu_jpeg, "_geometry", lambda x, spec: batches.append(len(x)) or real_geometry(x, spec))
