@@ -56,7 +56,8 @@ MTIME_SLACK_NS = 2_000_000_000  # network and FAT mounts show times rounded (FAT
 def shows_catalogued_files(catalog: Catalog, root: Path) -> bool:
     """Whether `root` is the photo folder the catalog describes, mounted at another path: one of its
     first catalogued files is there with the same size and modification time, give or take a mount's
-    rounding (a copy made without keeping times, or another folder, has none). A catalog with no embedded file: nothing to lose."""
+    rounding (a copy made without keeping times, or another folder, has none). True for a catalog
+    with no embedded file: there is nothing to lose."""
     sample = catalog.sample_files(SAMPLE_FILES)
     for path, size, mtime_ns in sample:
         try:

@@ -326,7 +326,8 @@ def open_for_indexing(
     except NotIndexedError:
         if url is None:
             prepared = prepare(None)
-            return Library.open(root, folder=folder, url=url, write=True, create=True, index_choice=index_choice), prepared
+            library = Library.open(root, folder=folder, url=url, write=True, create=True, index_choice=index_choice)
+            return library, prepared
         # A database catalog may hold the library already (a new machine's library folder for it):
         # its manifest names the model, so it is opened before the model is prepared.
         library = Library.open(root, folder=folder, url=url, write=True, create=True, index_choice=index_choice)

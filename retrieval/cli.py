@@ -844,8 +844,9 @@ def dedup(root, library_dir, url, threshold, kind, exact_only, order, protected,
                     click.echo(f"0 files {actions.PAST[action]}; nothing to undo")
                 else:
                     with_sidecars = f" (with {len(result.sidecars)} sidecars)" if result.sidecars else ""
+                    undo = _rerun("undo", root, library_dir, url, None, None)
                     click.echo(f"{len(result.done)} files {actions.PAST[action]}{with_sidecars}; journal "
-                               f"{_shown(result.journal)} (undo: `{_rerun('undo', root, library_dir, url, None, None)}`)")
+                               f"{_shown(result.journal)} (undo: `{undo}`)")
     except actions.ApplyInterrupted as e:
         _report_skips(e.result)
         raise _Interrupted(_apply_interrupted(e, action, _rerun("undo", root, library_dir, url, None, None))) from None

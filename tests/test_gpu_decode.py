@@ -407,7 +407,8 @@ def test_auto_uses_the_cpu_where_the_gpu_cannot_decode(caplog, monkeypatch):
         assert not caplog.records  # an encoder on the CPU: nothing to explain
         monkeypatch.setattr(gpu_jpeg, "gpu_decode_problem", lambda device: "torchvision is not usable (no module)")
         assert jpeg_decoder_for("auto", "cuda") is None
-    assert [r.getMessage() for r in caplog.records] == ["JPEGs decoded on the CPU: torchvision is not usable (no module)"]
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["JPEGs decoded on the CPU: torchvision is not usable (no module)"]
     with pytest.raises(ValueError):
         jpeg_decoder_for("fast", "cpu")
 
@@ -443,8 +444,11 @@ def test_nvjpeg_gets_the_files_bytes_uncopied(tmp_path, monkeypatch):
     from dinoseek.indexer.gpu_jpeg import nvjpeg_decoder
 
     calls = []
-    io_module = types.SimpleNamespace(ImageReadMode=types.SimpleNamespace(RGB="RGB"),
-                                      decode_jpeg=lambda inputs, mode, device: calls.append((inputs, mode, device)) or [])
+    def decode_jpeg(inputs, mode, device):
+        calls.append((inputs, mode, device))
+        return []
+
+    io_module = types.SimpleNamespace(ImageReadMode=types.SimpleNamespace(RGB="RGB"), decode_jpeg=decode_jpeg)
     monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(io=io_module))
     monkeypatch.setitem(sys.modules, "torchvision.io", io_module)
     datas = [b"\xff\xd8\xff" + bytes(range(200)), b"\xff\xd8\xff" * 50]

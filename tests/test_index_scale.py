@@ -149,8 +149,8 @@ def catalogue_rows(library, vectors: np.ndarray, name: str) -> None:
         connection.execute(insert(ImageRow), [
             {"path": f"{name}{i}.jpg".encode(), "path_sha256": path_digest(f"{name}{i}.jpg".encode()),
              "path_text": f"{name}{i}.jpg", "folder": "", "size": 1, "mtime_ns": 0, "sha256": f"{N + 1 + i:064x}",
-             "status": EMBEDDED, "cls": vector.astype(np.float16).tobytes(), "patch": vector.astype(np.float16).tobytes()}
-            for i, vector in enumerate(vectors)])
+             "status": EMBEDDED, "cls": blob, "patch": blob}
+            for i, blob in enumerate(vector.astype(np.float16).tobytes() for vector in vectors)])
 
 
 def test_a_reader_brings_an_on_disk_index_in_line_without_writing_in_the_folder(on_disk_library):

@@ -135,7 +135,8 @@ def _record_reads(monkeypatch, before_read=lambda: None) -> list:
     import dinoseek.model.files as files
 
     real_open, asked = files.open_regular, []
-    monkeypatch.setattr(files, "open_regular", lambda path, **kw: _RecordingReads(real_open(path, **kw), asked, before_read))
+    monkeypatch.setattr(files, "open_regular",
+                        lambda path, **kw: _RecordingReads(real_open(path, **kw), asked, before_read))
     return asked
 
 
